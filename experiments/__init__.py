@@ -1,0 +1,3 @@
+"""The papers' experiments as runnable code."""
+
+__all__: list[str] = []

@@ -1,0 +1,46 @@
+"""pyro-moe: Bayesian routing for HuggingFace Mixture-of-Experts models, with Pyro.
+
+Example::
+
+    import pyro_moe
+    handle = pyro_moe.patch_routers(model, {"logits": 2.0}, layers=[1, 2])
+    prediction = pyro_moe.predict(handle, input_ids, attention_mask, answer_token_ids=ids, num_samples=16)
+    handle.unpatch()
+"""
+
+from pyro_moe.errors import (
+    ConfigurationError,
+    LayerSelectionError,
+    NoMoELayersError,
+    PyroMoEError,
+    UnsupportedFamilyError,
+)
+from pyro_moe.families import FAMILIES, RouterFamily, RouterLocation, find_moe_routers, register_family
+from pyro_moe.handlers import PriorMeanMessenger, at_prior_mean
+from pyro_moe.patching import RouterPatch, patch_routers
+from pyro_moe.predictive import RoutedPrediction, last_positions, predict
+from pyro_moe.routing_context import PARTICLE_DIM, TOKEN_DIM, PredictiveMode, routing_context
+
+__all__ = [
+    "FAMILIES",
+    "PARTICLE_DIM",
+    "TOKEN_DIM",
+    "ConfigurationError",
+    "LayerSelectionError",
+    "NoMoELayersError",
+    "PredictiveMode",
+    "PriorMeanMessenger",
+    "PyroMoEError",
+    "RoutedPrediction",
+    "RouterFamily",
+    "RouterLocation",
+    "RouterPatch",
+    "UnsupportedFamilyError",
+    "at_prior_mean",
+    "find_moe_routers",
+    "last_positions",
+    "patch_routers",
+    "predict",
+    "register_family",
+    "routing_context",
+]

@@ -1,0 +1,31 @@
+"""Errors pyro-moe raises for bad input; each message names the problem and what is accepted."""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigurationError",
+    "LayerSelectionError",
+    "NoMoELayersError",
+    "PyroMoEError",
+    "UnsupportedFamilyError",
+]
+
+
+class PyroMoEError(ValueError):
+    """Base class of pyro-moe's input errors."""
+
+
+class NoMoELayersError(PyroMoEError):
+    """The model has no Mixture-of-Experts layer."""
+
+
+class UnsupportedFamilyError(PyroMoEError):
+    """The model's MoE router family is not registered."""
+
+
+class LayerSelectionError(PyroMoEError):
+    """A requested layer index does not exist or holds no MoE block."""
+
+
+class ConfigurationError(PyroMoEError):
+    """An unknown site kind, selection or mode, or an invalid prior or option value."""

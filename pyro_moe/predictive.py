@@ -1,0 +1,138 @@
+"""Predictions of a patched model with S samples of its routing, both modes vectorised.
+
+* ``routing-average``: every Bayesian router draws S samples, averages their scores and selects
+  once; the network runs once on the batch.
+* ``model-average`` (default): S joint samples of all sites; the network runs once on the batch
+  with the S samples folded into the batch dimension (sample-major), the layers in front of the
+  first Bayesian layer once for all samples (``share_prefix``); answer probabilities are averaged
+  over samples.
+
+The readout is the next-token distribution at each row's last real position, restricted to
+``answer_token_ids`` and renormalised (the MCQA readout), or over the whole vocabulary.
+
+Example::
+
+    prediction = predict(handle, input_ids, attention_mask, answer_token_ids=letter_ids, num_samples=16)
+    prediction.probs            # (batch, choices)
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import pyro
+import torch
+from torch import Tensor
+
+from pyro_moe.errors import ConfigurationError
+from pyro_moe.patching import RouterPatch
+from pyro_moe.routing_context import PARTICLE_DIM, PredictiveMode, routing_context
+
+__all__ = ["RoutedPrediction", "last_positions", "predict"]
+
+
+@dataclass
+class RoutedPrediction:
+    """What :func:`predict` returns.
+
+    Attributes:
+        probs: ``(batch, choices)`` answer probabilities averaged over samples.
+        sample_probs: ``(samples, batch, choices)`` per joint sample (model-average mode), or
+            ``(1, batch, choices)`` in routing-average mode; ``None`` unless requested.
+        router_logits: per Bayesian router path, its sampled (tempered) logits
+            ``(samples, batch, length, experts)``; ``None`` unless requested.
+    """
+
+    probs: Tensor
+    sample_probs: Tensor | None = None
+    router_logits: dict[str, Tensor] | None = None
+
+
+def last_positions(attention_mask: Tensor) -> Tensor:
+    """Index ``(batch,)`` of the last real token of every row of ``attention_mask`` ``(batch, length)``
+    (left or right padding)."""
+    length = attention_mask.shape[-1]
+    return length - 1 - attention_mask.flip(-1).int().argmax(dim=-1)
+
+
+def _check(patch: RouterPatch, input_ids: Tensor, attention_mask: Tensor | None, num_samples: int) -> None:
+    if not isinstance(patch, RouterPatch) or not patch.active:
+        raise ConfigurationError("predict needs an active RouterPatch (from patch_routers).")
+    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+        raise ConfigurationError(f"num_samples must be a positive integer, got {num_samples!r}.")
+    if input_ids.dim() != 2:
+        raise ConfigurationError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}.")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ConfigurationError(
+            f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids "
+            f"{tuple(input_ids.shape)}."
+        )
+
+
+@torch.no_grad()
+def predict(
+    patch: RouterPatch,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    answer_token_ids: Tensor | None = None,
+    num_samples: int = 16,
+    mode: PredictiveMode | str = PredictiveMode.MODEL_AVERAGE,
+    share_prefix: bool = True,
+    return_samples: bool = False,
+    return_router_logits: bool = False,
+) -> RoutedPrediction:
+    """Predictive answer distribution of a patched model; see the module docstring.
+
+    Args:
+        patch: the active patch of the model.
+        input_ids: ``(batch, length)`` token ids.
+        attention_mask: ``(batch, length)``, 1 for real tokens; default all ones.
+        answer_token_ids: ``(choices,)`` token ids of the answers; default the whole vocabulary.
+        num_samples: S, the number of samples of the routing.
+        mode: ``"model-average"`` or ``"routing-average"``.
+        share_prefix: model-average only: run the layers before the first Bayesian layer once.
+        return_samples: also return the per-sample answer probabilities.
+        return_router_logits: also return every Bayesian router's sampled logits.
+    """
+    _check(patch, input_ids, attention_mask, num_samples)
+    try:
+        mode = PredictiveMode(mode)
+    except ValueError:
+        accepted = ", ".join(m.value for m in PredictiveMode)
+        raise ConfigurationError(f"unknown predictive mode {mode!r}; accepted: {accepted}.") from None
+    model = patch.model
+    device = model.get_input_embeddings().weight.device
+    input_ids = input_ids.to(device)
+    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+    batch, length = input_ids.shape
+    positions = last_positions(attention_mask)
+    keep_last = bool((positions == length - 1).all())
+    kwargs = {"use_cache": False}
+    if keep_last and "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = 1  # only the last position's logits: the vocabulary is large
+    recorded: dict[str, Tensor] | None = {} if return_router_logits else None
+    with (
+        routing_context(mode=mode, share_prefix=share_prefix, recorded_logits=recorded),
+        pyro.plate("samples", num_samples, dim=PARTICLE_DIM),
+    ):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
+    logits = logits.reshape(-1, batch, *logits.shape[1:])  # (S or 1, batch, length or 1, vocab)
+    if keep_last:
+        last = logits[:, :, -1]
+    else:
+        last = logits[:, torch.arange(batch, device=device), positions]
+    if answer_token_ids is not None:
+        last = last[..., answer_token_ids.to(device)]
+    sample_probs = torch.softmax(last.float(), dim=-1)  # (S or 1, batch, choices)
+    router_logits = None
+    if recorded is not None:
+        router_logits = {
+            path: value.reshape(value.shape[0], batch, length, -1) for path, value in recorded.items()
+        }
+    return RoutedPrediction(
+        probs=sample_probs.mean(0),
+        sample_probs=sample_probs if return_samples else None,
+        router_logits=router_logits,
+    )

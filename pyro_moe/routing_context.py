@@ -1,0 +1,126 @@
+"""What the Bayesian routers read while a patched model runs.
+
+Three things reach the routers from outside their ``forward(hidden_states)`` signature:
+
+* the **number of joint samples** ``S``: the size of the vectorised-particle plate at
+  :data:`PARTICLE_DIM`, as Pyro's ``Predictive(parallel=True)`` and vectorised ELBOs open it;
+* the **predictive mode** (:class:`PredictiveMode`) and whether randomness is switched off
+  (:func:`pyro_moe.at_prior_mean`), set with :func:`routing_context`;
+* the **token mask** of the current forward pass, set by the patch's hook on the model from its
+  ``attention_mask`` argument, so that padded positions drop out of local log-densities.
+
+Example::
+
+    with pyro.plate("samples", 8, dim=PARTICLE_DIM), routing_context(PredictiveMode.ROUTING_AVERAGE):
+        out = model(input_ids, attention_mask=attention_mask)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from contextvars import ContextVar, Token
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from pyro.poutine.runtime import get_plates
+from torch import Tensor
+
+__all__ = [
+    "PARTICLE_DIM",
+    "TOKEN_DIM",
+    "PredictiveMode",
+    "RoutingContext",
+    "current_context",
+    "folded_samples",
+    "num_particles",
+    "pop_context",
+    "push_context",
+    "routing_context",
+]
+
+TOKEN_DIM = -1
+"""Plate dimension of the per-token sites (``max_plate_nesting`` of a patched model is 1)."""
+
+PARTICLE_DIM = -2
+"""Plate dimension of the joint samples (vectorised particles)."""
+
+
+class PredictiveMode(StrEnum):
+    """How ``S`` samples of the routing turn into one prediction."""
+
+    ROUTING_AVERAGE = "routing-average"
+    """Every router averages ``score(l_s)`` over its S draws and selects once; one pass through
+    the experts (the thesis' rule)."""
+
+    MODEL_AVERAGE = "model-average"
+    """S joint samples of all sites; S networks run as one batch (the samples folded into the
+    batch dimension) and their answers are averaged (Bayesian model averaging)."""
+
+
+@dataclass(frozen=True)
+class RoutingContext:
+    """State the routers read; see the module docstring.
+
+    Attributes:
+        mode: how several samples combine.
+        share_prefix: in model-average mode, run the layers before the first Bayesian layer once
+            for all samples.
+        deterministic: dropout and Sample-K noise are off (set by ``at_prior_mean``).
+        token_mask: ``(tokens,)`` bool, True for real tokens, of the running forward pass.
+        batch_size: batch size of the running forward pass before folding.
+        recorded_logits: when not ``None``, every router stores its sampled logits here,
+            ``(samples, tokens, experts)``, under its module path.
+    """
+
+    mode: PredictiveMode = PredictiveMode.MODEL_AVERAGE
+    share_prefix: bool = True
+    deterministic: bool = False
+    token_mask: Tensor | None = None
+    batch_size: int | None = None
+    recorded_logits: dict[str, Tensor] | None = None
+
+
+_DEFAULT_CONTEXT = RoutingContext()
+_CONTEXT: ContextVar[RoutingContext | None] = ContextVar("pyro_moe_routing_context", default=None)
+
+
+def current_context() -> RoutingContext:
+    """The routing context in force."""
+    return _CONTEXT.get() or _DEFAULT_CONTEXT
+
+
+def push_context(**changes: Any) -> Token[RoutingContext | None]:
+    """Replace some fields of the current context; undo with :func:`pop_context`."""
+    if "mode" in changes:
+        changes["mode"] = PredictiveMode(changes["mode"])
+    return _CONTEXT.set(dataclasses.replace(current_context(), **changes))
+
+
+def pop_context(token: Token[RoutingContext | None]) -> None:
+    """Restore the context that :func:`push_context` replaced."""
+    _CONTEXT.reset(token)
+
+
+@contextlib.contextmanager
+def routing_context(**changes: Any) -> Iterator[RoutingContext]:
+    """Run a block with some fields of the current :class:`RoutingContext` replaced."""
+    token = push_context(**changes)
+    try:
+        yield current_context()
+    finally:
+        pop_context(token)
+
+
+def num_particles() -> int:
+    """Size of the enclosing plate at :data:`PARTICLE_DIM` (the number of joint samples), else 1."""
+    return next((frame.size for frame in get_plates() if frame.dim == PARTICLE_DIM), 1)
+
+
+def folded_samples() -> int:
+    """Number of joint samples folded into the batch dimension now: the particle count in
+    model-average mode, else 1 (routing-average keeps the batch and averages scores)."""
+    particles = num_particles()
+    return particles if current_context().mode is PredictiveMode.MODEL_AVERAGE else 1
