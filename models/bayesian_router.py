@@ -41,11 +41,11 @@ from typing import Any
 
 import pyro
 import torch
-from pyro_moe.models.priors import LogNormalPrior, NormalPrior, Prior
 from torch import Tensor, nn
 
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.families import RouterFamily
+from pyro_moe.models.priors import LogNormalPrior, NormalPrior, Prior
 from pyro_moe.routing import gumbel_top_k
 from pyro_moe.routing_context import (
     TOKEN_DIM,
