@@ -143,9 +143,7 @@ class RouterSites:
         return tuple(kind for kind, active in on.items() if active)
 
     @classmethod
-    def parse(
-        cls, sites: RouterSites | Mapping[str, Any] | Iterable[str], selection: str = "top-k"
-    ) -> RouterSites:
+    def parse(cls, sites: RouterSites | Mapping[str, Any] | Iterable[str], selection: str = "top-k") -> RouterSites:
         """Build from site kinds, with options per kind.
 
         ``sites`` is a :class:`RouterSites`, a list of kinds (default scales
@@ -193,9 +191,7 @@ def _prior(kind: SiteKind, option: Any) -> Prior:
         return family(float(option))
     if callable(option):
         return option
-    raise ConfigurationError(
-        f"the {kind.value} site takes a prior scale (positive number) or a Prior, got {option!r}."
-    )
+    raise ConfigurationError(f"the {kind.value} site takes a prior scale (positive number) or a Prior, got {option!r}.")
 
 
 _HOOK_DICTS = (

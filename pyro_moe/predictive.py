@@ -65,8 +65,7 @@ def _check(patch: RouterPatch, input_ids: Tensor, attention_mask: Tensor | None,
         raise ConfigurationError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}.")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise ConfigurationError(
-            f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids "
-            f"{tuple(input_ids.shape)}."
+            f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids {tuple(input_ids.shape)}."
         )
 
 
@@ -128,9 +127,7 @@ def predict(
     sample_probs = torch.softmax(last.float(), dim=-1)  # (S or 1, batch, choices)
     router_logits = None
     if recorded is not None:
-        router_logits = {
-            path: value.reshape(value.shape[0], batch, length, -1) for path, value in recorded.items()
-        }
+        router_logits = {path: value.reshape(value.shape[0], batch, length, -1) for path, value in recorded.items()}
     return RoutedPrediction(
         probs=sample_probs.mean(0),
         sample_probs=sample_probs if return_samples else None,

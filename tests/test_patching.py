@@ -33,9 +33,7 @@ def snapshot(model: torch.nn.Module) -> dict:
     return {
         "modules": [(name, id(module), type(module)) for name, module in model.named_modules()],
         "state": {name: tensor.clone() for name, tensor in model.state_dict().items()},
-        "hooks": [
-            (name, len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in model.named_modules()
-        ],
+        "hooks": [(name, len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in model.named_modules()],
     }
 
 

@@ -104,9 +104,7 @@ def test_routing_average_equals_explicit_loop_over_the_same_draws(family, sites,
         ("granitemoeshared", {"temperature": 0.5}, "all"),
     ],
 )
-def test_model_average_equals_loop_of_forward_passes_and_prefix_sharing_changes_nothing(
-    family, sites, layers, batch
-):
+def test_model_average_equals_loop_of_forward_passes_and_prefix_sharing_changes_nothing(family, sites, layers, batch):
     input_ids, attention_mask = batch
     model = tiny_model(family)
     handle = patch_routers(model, sites, layers=layers)
@@ -156,10 +154,7 @@ def test_prefix_layers_run_once_and_bayesian_layers_on_the_folded_batch(batch):
     model = tiny_model("deepseek_v3")  # layer 0 dense, MoE layers 1 and 2
     handle = patch_routers(model, ["logits"], layers=[2])
     seen: dict[int, list[int]] = {0: [], 1: [], 2: []}
-    hooks = [
-        model.model.layers[i].register_forward_hook(lambda m, a, o, i=i: seen[i].append(o.shape[0]))
-        for i in seen
-    ]
+    hooks = [model.model.layers[i].register_forward_hook(lambda m, a, o, i=i: seen[i].append(o.shape[0])) for i in seen]
     predict(handle, input_ids, attention_mask, num_samples=SAMPLES)
     predict(handle, input_ids, attention_mask, num_samples=SAMPLES, share_prefix=False)
     for hook in hooks:
@@ -220,9 +215,7 @@ def test_deterministic_prediction_is_the_hf_readout(batch):
     handle = patch_routers(model, ["weight", "logits", "dropout"])
     with at_prior_mean():
         for mode in ("model-average", "routing-average"):
-            prediction = predict(
-                handle, input_ids, attention_mask, answer_token_ids=ANSWERS, num_samples=4, mode=mode
-            )
+            prediction = predict(handle, input_ids, attention_mask, answer_token_ids=ANSWERS, num_samples=4, mode=mode)
             torch.testing.assert_close(prediction.probs, reference, rtol=1e-5, atol=1e-6)
 
 
@@ -242,9 +235,7 @@ def test_predict_rejects_bad_input(batch):
     input_ids, attention_mask = batch
     model = tiny_model("olmoe")
     handle = patch_routers(model, ["logits"])
-    with pytest.raises(
-        ConfigurationError, match=r"unknown predictive mode 'bma'.*routing-average, model-average"
-    ):
+    with pytest.raises(ConfigurationError, match=r"unknown predictive mode 'bma'.*routing-average, model-average"):
         predict(handle, input_ids, attention_mask, mode="bma")
     with pytest.raises(ConfigurationError, match="num_samples must be a positive integer"):
         predict(handle, input_ids, attention_mask, num_samples=0)

@@ -73,9 +73,7 @@ _MLA: dict[str, Any] = {
 
 
 def _granitemoe() -> PreTrainedConfig:
-    return transformers.GraniteMoeConfig(
-        **_COMMON, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2
-    )
+    return transformers.GraniteMoeConfig(**_COMMON, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2)
 
 
 def _granitemoeshared() -> PreTrainedConfig:
@@ -105,9 +103,7 @@ def _granitemoehybrid() -> PreTrainedConfig:
 
 
 def _mixtral() -> PreTrainedConfig:
-    return transformers.MixtralConfig(
-        **_COMMON, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2
-    )
+    return transformers.MixtralConfig(**_COMMON, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2)
 
 
 def _minimax() -> PreTrainedConfig:
@@ -289,9 +285,7 @@ def _gpt_oss() -> PreTrainedConfig:
 
 
 def _phimoe() -> PreTrainedConfig:
-    return transformers.PhimoeConfig(
-        **_COMMON, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2
-    )
+    return transformers.PhimoeConfig(**_COMMON, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2)
 
 
 def _llama() -> PreTrainedConfig:
@@ -323,9 +317,7 @@ _SPECS: dict[str, _Spec] = {
     "olmoe": _Spec(_olmoe, "OlmoeForCausalLM", "OlmoeTopKRouter", (0, 1), 8),
     "flex_olmo": _Spec(_flex_olmo, "FlexOlmoForCausalLM", "FlexOlmoTopKRouter", (0, 1), 4),
     "deepseek_v2": _Spec(_deepseek_v2, "DeepseekV2ForCausalLM", "DeepseekV2TopkRouter", (1, 2), 8),
-    "deepseek_v2_grouped": _Spec(
-        _deepseek_v2_grouped, "DeepseekV2ForCausalLM", "DeepseekV2TopkRouter", (1, 2), 8
-    ),
+    "deepseek_v2_grouped": _Spec(_deepseek_v2_grouped, "DeepseekV2ForCausalLM", "DeepseekV2TopkRouter", (1, 2), 8),
     "deepseek_v3": _Spec(_deepseek_v3, "DeepseekV3ForCausalLM", "DeepseekV3TopkRouter", (1, 2), 8),
     "glm4_moe": _Spec(_glm4_moe, "Glm4MoeForCausalLM", "Glm4MoeTopkRouter", (1, 2), 6),
     "dots1": _Spec(_dots1, "Dots1ForCausalLM", "Dots1TopkRouter", (1, 2), 4),

@@ -44,14 +44,10 @@ def test_per_expert_temperature_divides_each_experts_logit():
     location, original = first_router(model)
     hidden = torch.randn(16, model.config.hidden_size)
     hf_logits, _, _ = original(hidden)
-    handle = patch_routers(
-        model, {"temperature": {"scale": 0.5, "per": "expert"}}, layers=[location.layer_index]
-    )
+    handle = patch_routers(model, {"temperature": {"scale": 0.5, "per": "expert"}}, layers=[location.layer_index])
     temperature = torch.linspace(0.5, 2.0, model.config.num_experts)
     router = handle.routers[location.path]
-    logits, weights, index = poutine.condition(router, data={router.site_name("temperature"): temperature})(
-        hidden
-    )
+    logits, weights, index = poutine.condition(router, data={router.site_name("temperature"): temperature})(hidden)
     torch.testing.assert_close(logits, hf_logits.float() / temperature)
     rule = location.family.rule(router)
     expected_weights, expected_index = rule.select(rule.score(hf_logits.float() / temperature))
