@@ -7,7 +7,8 @@ weights built in code. Every case reads out the last position (as ``predict`` do
 * ``routing-average``: S=32 logit samples in every MoE layer, scores averaged, one pass;
 * ``separate passes``: S=32 ordinary forward passes of the patched model, one per sample;
 * ``model-average``: S=16 joint samples in one batch, all layers Bayesian;
-* ``model-average, last 2``: S=16, only the last two layers Bayesian, the prefix shared.
+* ``model-average, last 2``: S=16, only the last two layers Bayesian, the prefix shared;
+* both model-average cases again with 4 samples folded per pass (``samples_per_pass=4``).
 
 Writes ``runs/bench/routing.json`` and ``runs/bench/routing.md`` and prints the table.
 
@@ -17,6 +18,7 @@ Writes ``runs/bench/routing.json`` and ``runs/bench/routing.md`` and prints the 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -30,6 +32,7 @@ from pyro_moe import patch_routers, predict
 
 SAMPLES_ROUTING = 32
 SAMPLES_MODEL = 16
+PER_PASS = 4
 
 
 def build_model() -> GraniteMoeForCausalLM:
@@ -49,50 +52,62 @@ def build_model() -> GraniteMoeForCausalLM:
     return GraniteMoeForCausalLM(config).eval()
 
 
-def seconds(run: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``run`` over ``repeats`` calls, after one warm-up call."""
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def median_seconds(cases: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall time of every case; the cases are interleaved round-robin, after one warm-up
+    round, so that drifts of the machine hit them all alike."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for round_index in range(repeats + 1):
+        for name, run in cases.items():
+            start = time.perf_counter()
+            run()
+            if round_index:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 @torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per case (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for JSON and Markdown")
     args = parser.parse_args()
 
     model = build_model()
+    all_layers, last_two = copy.deepcopy(model), copy.deepcopy(model)
+    layers = model.config.num_hidden_layers
+    all_handle = patch_routers(all_layers, {"logits": 1.0})
+    last_handle = patch_routers(last_two, {"logits": 1.0}, layers=[layers - 2, layers - 1])
     input_ids = torch.randint(0, 1024, (8, 128), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(input_ids)
     forward = dict(attention_mask=mask, use_cache=False, logits_to_keep=1)
-    last_layers = [model.config.num_hidden_layers - 2, model.config.num_hidden_layers - 1]
 
-    cases: dict[str, float] = {}
-    cases["deterministic HF forward"] = seconds(lambda: model(input_ids, **forward), args.repeats)
-    with patch_routers(model, {"logits": 1.0}) as handle:
-        cases[f"routing-average, S={SAMPLES_ROUTING}, all layers"] = seconds(
-            lambda: predict(handle, input_ids, mask, num_samples=SAMPLES_ROUTING, mode="routing-average"),
-            args.repeats,
-        )
-        cases[f"{SAMPLES_ROUTING} separate full passes"] = seconds(
-            lambda: [model(input_ids, **forward) for _ in range(SAMPLES_ROUTING)], max(1, args.repeats // 2)
-        )
-        cases[f"{SAMPLES_MODEL} separate full passes"] = seconds(
-            lambda: [model(input_ids, **forward) for _ in range(SAMPLES_MODEL)], max(1, args.repeats // 2)
-        )
-        cases[f"model-average, S={SAMPLES_MODEL}, all layers"] = seconds(
-            lambda: predict(handle, input_ids, mask, num_samples=SAMPLES_MODEL), max(1, args.repeats // 2)
-        )
-    with patch_routers(model, {"logits": 1.0}, layers=last_layers) as handle:
-        cases[f"model-average, S={SAMPLES_MODEL}, last 2 layers, prefix shared"] = seconds(
-            lambda: predict(handle, input_ids, mask, num_samples=SAMPLES_MODEL), args.repeats
-        )
+    cases = median_seconds(
+        {
+            "deterministic HF forward": lambda: model(input_ids, **forward),
+            f"routing-average, S={SAMPLES_ROUTING}, all layers": lambda: predict(
+                all_handle, input_ids, mask, num_samples=SAMPLES_ROUTING, mode="routing-average"
+            ),
+            f"{SAMPLES_ROUTING} separate full passes": lambda: [
+                all_layers(input_ids, **forward) for _ in range(SAMPLES_ROUTING)
+            ],
+            f"{SAMPLES_MODEL} separate full passes": lambda: [
+                all_layers(input_ids, **forward) for _ in range(SAMPLES_MODEL)
+            ],
+            f"model-average, S={SAMPLES_MODEL}, all layers": lambda: predict(
+                all_handle, input_ids, mask, num_samples=SAMPLES_MODEL
+            ),
+            f"model-average, S={SAMPLES_MODEL}, all layers, {PER_PASS} samples per pass": lambda: predict(
+                all_handle, input_ids, mask, num_samples=SAMPLES_MODEL, samples_per_pass=PER_PASS
+            ),
+            f"model-average, S={SAMPLES_MODEL}, last 2 layers, prefix shared": lambda: predict(
+                last_handle, input_ids, mask, num_samples=SAMPLES_MODEL
+            ),
+            f"model-average, S={SAMPLES_MODEL}, last 2 layers, prefix shared, {PER_PASS} samples per pass": (
+                lambda: predict(last_handle, input_ids, mask, num_samples=SAMPLES_MODEL, samples_per_pass=PER_PASS)
+            ),
+        },
+        args.repeats,
+    )
 
     base = cases["deterministic HF forward"]
     rows = [{"case": name, "seconds": t, "ratio": t / base} for name, t in cases.items()]
@@ -100,13 +115,15 @@ def main() -> None:
     targets = {
         "routing-average / deterministic (target <= 1.15)": routing / base,
         "separate passes / routing-average (target >= 20)": cases[f"{SAMPLES_ROUTING} separate full passes"] / routing,
-        "model-average all / separate passes (target <= 1)": cases[f"model-average, S={SAMPLES_MODEL}, all layers"]
-        / cases[f"{SAMPLES_MODEL} separate full passes"],
-        "model-average last 2 / (S x deterministic) (target <= 0.35)": cases[
-            f"model-average, S={SAMPLES_MODEL}, last 2 layers, prefix shared"
-        ]
-        / (SAMPLES_MODEL * base),
     }
+    separate = cases[f"{SAMPLES_MODEL} separate full passes"]
+    for suffix in ("", f", {PER_PASS} samples per pass"):
+        all_layers_time = cases[f"model-average, S={SAMPLES_MODEL}, all layers{suffix}"]
+        last_two_time = cases[f"model-average, S={SAMPLES_MODEL}, last 2 layers, prefix shared{suffix}"]
+        targets[f"model-average all{suffix} / separate passes (target <= 1)"] = all_layers_time / separate
+        targets[f"model-average last 2{suffix} / (S x deterministic) (target <= 0.35)"] = last_two_time / (
+            SAMPLES_MODEL * base
+        )
     lines = [
         f"Granite-MoE hidden 256, 8 layers, 32 experts, top-4, batch 8 x 128, CPU "
         f"({torch.get_num_threads()} threads), median of {args.repeats} runs.",

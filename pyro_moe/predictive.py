@@ -56,11 +56,21 @@ def last_positions(attention_mask: Tensor) -> Tensor:
     return length - 1 - attention_mask.flip(-1).int().argmax(dim=-1)
 
 
-def _check(patch: RouterPatch, input_ids: Tensor, attention_mask: Tensor | None, num_samples: int) -> None:
+def _check(
+    patch: RouterPatch,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    num_samples: int,
+    samples_per_pass: int | None,
+) -> None:
     if not isinstance(patch, RouterPatch) or not patch.active:
         raise ConfigurationError("predict needs an active RouterPatch (from patch_routers).")
-    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
-        raise ConfigurationError(f"num_samples must be a positive integer, got {num_samples!r}.")
+    counts = {"num_samples": num_samples}
+    if samples_per_pass is not None:
+        counts["samples_per_pass"] = samples_per_pass
+    for name, value in counts.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigurationError(f"{name} must be a positive integer, got {value!r}.")
     if input_ids.dim() != 2:
         raise ConfigurationError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}.")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
@@ -79,6 +89,7 @@ def predict(
     num_samples: int = 16,
     mode: PredictiveMode | str = PredictiveMode.MODEL_AVERAGE,
     share_prefix: bool = True,
+    samples_per_pass: int | None = None,
     return_samples: bool = False,
     return_router_logits: bool = False,
 ) -> RoutedPrediction:
@@ -92,10 +103,13 @@ def predict(
         num_samples: S, the number of samples of the routing.
         mode: ``"model-average"`` or ``"routing-average"``.
         share_prefix: model-average only: run the layers before the first Bayesian layer once.
+        samples_per_pass: model-average only: fold at most this many joint samples into one pass
+            (default all S). Activation memory grows with the folded batch; on CPU, HF's expert
+            kernels also run faster on cache-sized batches (see the README's speed table).
         return_samples: also return the per-sample answer probabilities.
         return_router_logits: also return every Bayesian router's sampled logits.
     """
-    _check(patch, input_ids, attention_mask, num_samples)
+    _check(patch, input_ids, attention_mask, num_samples, samples_per_pass)
     try:
         mode = PredictiveMode(mode)
     except ValueError:
@@ -111,23 +125,29 @@ def predict(
     kwargs = {"use_cache": False}
     if keep_last and "logits_to_keep" in inspect.signature(model.forward).parameters:
         kwargs["logits_to_keep"] = 1  # only the last position's logits: the vocabulary is large
-    recorded: dict[str, Tensor] | None = {} if return_router_logits else None
-    with (
-        routing_context(mode=mode, share_prefix=share_prefix, recorded_logits=recorded),
-        pyro.plate("samples", num_samples, dim=PARTICLE_DIM),
-    ):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
-    logits = logits.reshape(-1, batch, *logits.shape[1:])  # (S or 1, batch, length or 1, vocab)
-    if keep_last:
-        last = logits[:, :, -1]
-    else:
-        last = logits[:, torch.arange(batch, device=device), positions]
+    if mode is PredictiveMode.ROUTING_AVERAGE or samples_per_pass is None:
+        samples_per_pass = num_samples
+    chunks = [min(samples_per_pass, num_samples - start) for start in range(0, num_samples, samples_per_pass)]
+    last, recorded = [], []
+    for samples in chunks:
+        record: dict[str, Tensor] | None = {} if return_router_logits else None
+        with (
+            routing_context(mode=mode, share_prefix=share_prefix, recorded_logits=record),
+            pyro.plate("samples", samples, dim=PARTICLE_DIM),
+        ):
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
+        logits = logits.unflatten(0, (-1, batch))  # (samples or 1, batch, length or 1, vocab)
+        last.append(logits[:, :, -1] if keep_last else logits[:, torch.arange(batch, device=device), positions])
+        recorded.append(record)
+    last = torch.cat(last)
     if answer_token_ids is not None:
         last = last[..., answer_token_ids.to(device)]
     sample_probs = torch.softmax(last.float(), dim=-1)  # (S or 1, batch, choices)
     router_logits = None
-    if recorded is not None:
-        router_logits = {path: value.reshape(value.shape[0], batch, length, -1) for path, value in recorded.items()}
+    if return_router_logits:
+        router_logits = {
+            path: torch.cat([record[path] for record in recorded]).unflatten(1, (batch, length)) for path in recorded[0]
+        }
     return RoutedPrediction(
         probs=sample_probs.mean(0),
         sample_probs=sample_probs if return_samples else None,

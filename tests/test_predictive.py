@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 from pyro import poutine
+from pyro.infer import Predictive
+from pyro.poutine.messenger import Messenger
 
 import pyro_moe
 from pyro_moe import ConfigurationError, at_prior_mean, patch_routers, predict
@@ -244,3 +248,51 @@ def test_predict_rejects_bad_input(batch):
     handle.unpatch()
     with pytest.raises(ConfigurationError, match="active RouterPatch"):
         predict(handle, input_ids, attention_mask)
+
+
+def test_pyro_predictive_parallel_draws_joint_samples(batch):
+    """Pyro's own vectorised Predictive runs a patched model: S joint samples in one batch."""
+    input_ids, attention_mask = batch
+    model = tiny_model("mixtral")
+    handle = patch_routers(model, {"logits": 1.0, "weight": 0.1})
+    samples = Predictive(model, num_samples=SAMPLES, parallel=True, return_sites=handle.site_names)(
+        input_ids, attention_mask=attention_mask
+    )
+    experts, hidden = model.config.num_local_experts, model.config.hidden_size
+    for name, value in samples.items():
+        expected = (SAMPLES, 1, experts, hidden) if name.endswith(".weight") else (SAMPLES, input_ids.numel(), experts)
+        assert value.shape == expected
+
+
+class ReplayByChunk(Messenger):
+    """Feeds each pass of a chunked prediction its slice of draws recorded in one pass."""
+
+    def __init__(self, draws: dict[str, torch.Tensor], chunk: int) -> None:
+        super().__init__()
+        self.draws, self.chunk, self.seen = draws, chunk, Counter()
+
+    def _pyro_sample(self, msg):
+        if msg["name"] in self.draws:
+            start = self.seen[msg["name"]] * self.chunk
+            self.seen[msg["name"]] += 1
+            msg["value"] = self.draws[msg["name"]][start : start + self.chunk]
+
+
+def test_samples_per_pass_splits_the_samples_and_changes_nothing_else(batch):
+    input_ids, attention_mask = batch
+    model = tiny_model("qwen3_moe")
+    handle = patch_routers(model, {"weight": 0.2, "logits": 1.0})
+    options = dict(answer_token_ids=ANSWERS, num_samples=6, return_samples=True, return_router_logits=True)
+    with poutine.trace() as tracer:
+        one_pass = predict(handle, input_ids, attention_mask, **options)
+    rows = []
+    hook = model.model.layers[0].register_forward_hook(lambda m, a, o: rows.append(o.shape[0]))
+    with ReplayByChunk(site_values(tracer.trace), chunk=4):
+        chunked = predict(handle, input_ids, attention_mask, samples_per_pass=4, **options)
+    hook.remove()
+    assert rows == [4 * input_ids.shape[0], 2 * input_ids.shape[0]]
+    torch.testing.assert_close(chunked.sample_probs, one_pass.sample_probs, rtol=1e-5, atol=1e-6)
+    for path, logits in one_pass.router_logits.items():
+        torch.testing.assert_close(chunked.router_logits[path], logits)
+    with pytest.raises(ConfigurationError, match="samples_per_pass must be a positive integer"):
+        predict(handle, input_ids, attention_mask, samples_per_pass=0)
