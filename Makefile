@@ -25,8 +25,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# glibc returns large freed blocks to the OS and page-faults them back on every big temporary
+# tensor; these settings keep them (PyTorch's CPU tuning guides advise jemalloc/tcmalloc instead).
+BENCH_MALLOC := MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_TOP_PAD_=1073741824
+
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_routing.py
+	$(BENCH_MALLOC) $(BIN)/python benchmarks/bench_routing.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -40,15 +40,18 @@ from enum import StrEnum
 from typing import Any
 
 import pyro
+import pyro.distributions as dist
 import torch
+from pyro import poutine
 from torch import Tensor, nn
 
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.families import RouterFamily
-from pyro_moe.models.priors import LogNormalPrior, NormalPrior, Prior
+from pyro_moe.models.priors import LogNormalPrior, NormalPrior, PriorScale, SitePrior
 from pyro_moe.routing import gumbel_top_k
 from pyro_moe.routing_context import (
     TOKEN_DIM,
+    RoutingContext,
     current_context,
     folded_samples,
     num_particles,
@@ -67,7 +70,7 @@ class SiteKind(StrEnum):
     """Per-token router logits ``(tokens, experts)`` with prior ``N(W u, s^2 I)``; local."""
 
     TEMPERATURE = "temperature"
-    """A positive temperature dividing the logits, per layer or per expert; global."""
+    """A positive temperature dividing the logits: per layer or per expert (global), or per token (local)."""
 
     DROPOUT = "dropout"
     """MC dropout on the router input, kept on at prediction (MCDR); no sample site."""
@@ -93,6 +96,9 @@ DEFAULT_SCALES: dict[SiteKind, float] = {
 """Prior scale (dropout rate) of each site kind when only its name is given."""
 
 
+TEMPERATURE_GRANULARITY = ("layer", "expert", "token")
+
+
 @dataclass(frozen=True)
 class RouterSites:
     """Which quantities of a router are random, and their priors.
@@ -101,24 +107,31 @@ class RouterSites:
         weight: prior of the router weight (and bias), centred on the pretrained values.
         logits: prior of the per-token logits, centred on ``W u``.
         temperature: prior of the temperature, centred on 1 (mean).
-        temperature_per_expert: one temperature per expert instead of one per layer.
+        temperature_per: one temperature per ``"layer"`` or per ``"expert"`` (global sites), or
+            per ``"token"`` (a local site, for amortized guides such as VTSR).
         dropout: MC dropout rate on the router input, in ``[0, 1)``.
         selection: Top-K (the family's rule) or Sample-K.
     """
 
-    weight: Prior | None = None
-    logits: Prior | None = None
-    temperature: Prior | None = None
-    temperature_per_expert: bool = False
+    weight: SitePrior | None = None
+    logits: SitePrior | None = None
+    temperature: SitePrior | None = None
+    temperature_per: str = "layer"
     dropout: float = 0.0
     selection: Selection = Selection.TOP_K
 
     def __post_init__(self) -> None:
         for kind in ("weight", "logits", "temperature"):
             prior = getattr(self, kind)
-            if prior is not None and not callable(prior):
-                raise ConfigurationError(f"the {kind} prior must be a Prior (callable), got {prior!r}.")
-        if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
+            if prior is not None and not isinstance(prior, SitePrior):
+                raise ConfigurationError(f"the {kind} prior must be a SitePrior, got {prior!r}.")
+        if self.temperature_per not in TEMPERATURE_GRANULARITY:
+            raise ConfigurationError(
+                f"temperature 'per' must be one of {', '.join(TEMPERATURE_GRANULARITY)}, got {self.temperature_per!r}."
+            )
+        if self.temperature is not None and self.temperature.scale.per == "expert" and self.temperature_per != "expert":
+            raise ConfigurationError("a per-expert temperature prior scale needs per-expert temperatures.")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float) or not 0 <= self.dropout < 1:
             raise ConfigurationError(f"dropout rate must be in [0, 1), got {self.dropout!r}.")
         try:
             object.__setattr__(self, "selection", Selection(self.selection))
@@ -142,16 +155,29 @@ class RouterSites:
         }
         return tuple(kind for kind, active in on.items() if active)
 
+    @property
+    def local_kinds(self) -> tuple[str, ...]:
+        """Names of the per-token (local) site kinds that are on: ``logits`` and per-token ``temperature``."""
+        local = ("logits",) if self.logits is not None else ()
+        if self.temperature is not None and self.temperature_per == "token":
+            local += ("temperature",)
+        return local
+
     @classmethod
     def parse(cls, sites: RouterSites | Mapping[str, Any] | Iterable[str], selection: str = "top-k") -> RouterSites:
         """Build from site kinds, with options per kind.
 
-        ``sites`` is a :class:`RouterSites`, a list of kinds (default scales
-        :data:`DEFAULT_SCALES`) or a mapping from kind to a prior scale (dropout: the rate), a
-        :class:`~pyro_moe.models.priors.Prior`, or for ``temperature`` a mapping with keys
-        ``scale`` or ``prior`` and ``per`` (``"layer"`` or ``"expert"``)::
+        ``sites`` is a :class:`RouterSites`, a list of kinds (default priors: Normal, LogNormal
+        for temperatures, scales :data:`DEFAULT_SCALES`) or a mapping from kind to
 
-            RouterSites.parse({"logits": 2.0, "temperature": {"scale": 0.3, "per": "expert"}})
+        * a number: the prior scale (for ``dropout``: the rate);
+        * a :class:`~pyro_moe.models.priors.SitePrior`, or a prior family (callable ``(centre, scale)``);
+        * a mapping with keys ``scale`` (number), ``family`` (prior family), ``mode``
+          (``"fixed"``, ``"learned"``, ``"hierarchical"``), ``scale_per`` (``"layer"`` or
+          ``"expert"``), ``hyperprior_scale``, and for ``temperature`` ``per``
+          (``"layer"``, ``"expert"`` or ``"token"``)::
+
+            RouterSites.parse({"logits": {"scale": 2.0, "mode": "learned"}, "temperature": {"per": "expert"}})
         """
         if isinstance(sites, RouterSites):
             return sites
@@ -168,30 +194,43 @@ class RouterSites:
             if kind is SiteKind.DROPOUT:
                 fields["dropout"] = DEFAULT_SCALES[kind] if option is None else option
                 continue
-            if kind is SiteKind.TEMPERATURE and isinstance(option, Mapping):
-                per = option.get("per", "layer")
-                if per not in ("layer", "expert"):
-                    raise ConfigurationError(f"temperature 'per' must be 'layer' or 'expert', got {per!r}.")
-                fields["temperature_per_expert"] = per == "expert"
-                extra = set(option) - {"scale", "prior", "per"}
-                if extra:
-                    raise ConfigurationError(
-                        f"unknown temperature option(s) {sorted(extra)}; accepted: scale, prior, per."
-                    )
-                option = option.get("prior", option.get("scale"))
-            fields[kind.value] = _prior(kind, option)
+            if kind is SiteKind.TEMPERATURE and isinstance(option, Mapping) and "per" in option:
+                fields["temperature_per"] = option["per"]
+                option = {key: value for key, value in option.items() if key != "per"}
+            fields[kind.value] = _site_prior(kind, option)
         return cls(**fields)
 
 
-def _prior(kind: SiteKind, option: Any) -> Prior:
-    family = LogNormalPrior if kind is SiteKind.TEMPERATURE else NormalPrior
-    if option is None:
-        return family(DEFAULT_SCALES[kind])
-    if isinstance(option, int | float) and not isinstance(option, bool):
-        return family(float(option))
-    if callable(option):
+_SITE_PRIOR_KEYS = ("scale", "family", "mode", "scale_per", "hyperprior_scale")
+
+
+def _site_prior(kind: SiteKind, option: Any) -> SitePrior:
+    family = LogNormalPrior() if kind is SiteKind.TEMPERATURE else NormalPrior()
+    if isinstance(option, SitePrior):
         return option
-    raise ConfigurationError(f"the {kind.value} site takes a prior scale (positive number) or a Prior, got {option!r}.")
+    if option is None or (isinstance(option, int | float) and not isinstance(option, bool)):
+        return SitePrior(family, PriorScale(DEFAULT_SCALES[kind] if option is None else option))
+    if isinstance(option, Mapping):
+        extra = set(option) - set(_SITE_PRIOR_KEYS)
+        if extra:
+            raise ConfigurationError(
+                f"unknown {kind.value} option(s) {sorted(extra)}; accepted: {', '.join(_SITE_PRIOR_KEYS)}"
+                + (", per" if kind is SiteKind.TEMPERATURE else "")
+                + "."
+            )
+        scale = PriorScale(
+            option.get("scale", DEFAULT_SCALES[kind]),
+            mode=option.get("mode", "fixed"),
+            per=option.get("scale_per", "layer"),
+            hyperprior_scale=option.get("hyperprior_scale", 0.5),
+        )
+        return SitePrior(option.get("family", family), scale)
+    if callable(option):
+        return SitePrior(option, PriorScale(DEFAULT_SCALES[kind]))
+    raise ConfigurationError(
+        f"the {kind.value} site takes a prior scale (positive number), a SitePrior, a prior family or a mapping "
+        f"of options, got {option!r}."
+    )
 
 
 _HOOK_DICTS = (
@@ -242,10 +281,26 @@ class BayesianRouter(nn.Module):
         kinds = ", ".join(k.value for k in self.sites.kinds)
         return f"family={self.family.name}, sites=[{kinds}], selection={self.sites.selection.value}"
 
-    def _global_site(self, kind: str, prior: Prior, centre: Tensor, event_dim: int) -> Tensor:
-        """Sample a global site; returns ``(draws, *centre.shape)`` with ``draws`` 1 or ``S``."""
-        value = pyro.sample(self.site_name(kind), prior(centre).to_event(event_dim))
+    def _prior(self, kind: str, prior: SitePrior, centre: Tensor, layout: tuple[int, ...]) -> dist.TorchDistribution:
+        """The prior of site ``kind`` around ``centre``; its scale, ``(*particles, *per-draw)``, is
+        reshaped to ``layout`` (with ``experts`` or 1 where the experts axis is) after the
+        particle dimensions, so that it broadcasts against ``centre``."""
+        scale = prior.scale.resolve(self.site_name(kind), self.weight.shape[0], centre.device)
+        own = 1 if prior.scale.per == "expert" else 0
+        return prior.family(centre, scale.reshape((*scale.shape[: scale.dim() - own], *layout)))
+
+    def _global_site(self, kind: str, prior: SitePrior, centre: Tensor, layout: tuple[int, ...]) -> Tensor:
+        """Sample a global site around ``centre``; returns ``(draws, *centre.shape)``, draws 1 or ``S``."""
+        value = pyro.sample(self.site_name(kind), self._prior(kind, prior, centre, layout).to_event(centre.dim()))
         return value.reshape(-1, *centre.shape)
+
+    def _local_site(self, kind: str, distribution: dist.TorchDistribution, context: RoutingContext) -> Tensor:
+        """Sample a per-token site (batch ``(tokens,)`` or ``(S, tokens)``), padded tokens masked out."""
+        tokens = distribution.batch_shape[-1]
+        if context.token_mask is not None:
+            distribution = distribution.mask(context.token_mask.reshape(-1, tokens).squeeze(0).to(self.weight.device))
+        with pyro.plate(self.site_name("tokens"), tokens, dim=TOKEN_DIM), poutine.scale(scale=context.local_scale):
+            return pyro.sample(self.site_name(kind), distribution)
 
     def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Route ``hidden_states`` ``(..., hidden)``.
@@ -260,6 +315,7 @@ class BayesianRouter(nn.Module):
         particles, folded = num_particles(), folded_samples() > 1
         hidden = hidden_states.reshape(particles if folded else 1, -1, hidden_size)  # (S or 1, T, H)
         tokens = hidden.shape[1]
+        guide = context.local_guide
 
         if sites.dropout > 0 and not context.deterministic:
             hidden = hidden.expand(particles, -1, -1)  # one mask per sample in both modes
@@ -267,24 +323,39 @@ class BayesianRouter(nn.Module):
 
         weight, bias = self.weight, getattr(self, "bias", None)
         if sites.weight is not None:
-            weight = self._global_site("weight", sites.weight, self.weight.detach().float(), 2)
+            per_expert = num_experts if sites.weight.scale.per == "expert" else 1
+            weight = self._global_site("weight", sites.weight, self.weight.detach().float(), (per_expert, 1))
             if bias is not None:
-                bias = self._global_site("bias", sites.weight, bias.detach().float(), 1).unsqueeze(1)
+                bias = self._global_site("bias", sites.weight, bias.detach().float(), (per_expert,)).unsqueeze(1)
         logits = self.family.logits(hidden, weight, bias)  # (1 or S, T, E)
+        if particles == 1:
+            logits = logits.squeeze(0)  # (T, E): no particle dimension
 
         if sites.logits is not None:
-            with pyro.plate(self.site_name("tokens"), tokens, dim=TOKEN_DIM):
-                prior = sites.logits(logits if particles > 1 else logits.squeeze(0)).to_event(1)
-                if context.token_mask is not None:
-                    prior = prior.mask(context.token_mask.reshape(-1, tokens).squeeze(0).to(logits.device))
-                logits = pyro.sample(self.site_name("logits"), prior).reshape(-1, tokens, num_experts)
+            if guide is not None:
+                distribution = guide.logits_distribution(self, hidden, logits)
+            else:
+                per_expert = num_experts if sites.logits.scale.per == "expert" else 1
+                distribution = self._prior("logits", sites.logits, logits, (per_expert,)).to_event(1)
+            logits = self._local_site("logits", distribution, context)
+        logits = logits.reshape(-1, tokens, num_experts)  # (draws, T, E)
 
         tempered = logits
         if sites.temperature is not None:
-            shape = (num_experts,) if sites.temperature_per_expert else ()
-            centre = torch.ones(shape, device=logits.device, dtype=torch.float32)
-            temperature = self._global_site("temperature", sites.temperature, centre, len(shape))
-            tempered = logits / temperature.reshape(-1, 1, num_experts if shape else 1)
+            if sites.temperature_per == "token":
+                if guide is not None:
+                    distribution = guide.temperature_distribution(self, hidden)
+                else:
+                    centre = torch.ones(tokens, device=logits.device)
+                    distribution = self._prior("temperature", sites.temperature, centre, ())
+                temperature = self._local_site("temperature", distribution, context).reshape(-1, tokens, 1)
+            else:
+                per_expert = sites.temperature_per == "expert"
+                centre = torch.ones((num_experts,) if per_expert else (), device=logits.device)
+                layout = (num_experts if sites.temperature.scale.per == "expert" else 1,) if per_expert else ()
+                temperature = self._global_site("temperature", sites.temperature, centre, layout)
+                temperature = temperature.reshape(-1, 1, num_experts if per_expert else 1)
+            tempered = logits / temperature
 
         if context.recorded_logits is not None:
             context.recorded_logits[self.path] = tempered.detach()

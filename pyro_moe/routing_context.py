@@ -23,14 +23,16 @@ from collections.abc import Iterator
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
+from pyro.distributions import TorchDistribution
 from pyro.poutine.runtime import get_plates
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
     "PARTICLE_DIM",
     "TOKEN_DIM",
+    "LocalGuide",
     "PredictiveMode",
     "RoutingContext",
     "current_context",
@@ -60,6 +62,17 @@ class PredictiveMode(StrEnum):
     batch dimension) and their answers are averaged (Bayesian model averaging)."""
 
 
+class LocalGuide(Protocol):
+    """What a guide of per-token sites offers the routers while it runs the network."""
+
+    def logits_distribution(self, router: nn.Module, hidden: Tensor, loc: Tensor) -> TorchDistribution:
+        """``q(l | u)`` of a router's logits: batch ``(..., tokens)``, event ``(experts,)``; ``hidden``
+        ``(draws, tokens, hidden)`` is the router input, ``loc`` ``(..., tokens, experts)`` is ``W u``."""
+
+    def temperature_distribution(self, router: nn.Module, hidden: Tensor) -> TorchDistribution:
+        """``q(T | u)`` of a router's per-token temperature: batch ``(..., tokens)``."""
+
+
 @dataclass(frozen=True)
 class RoutingContext:
     """State the routers read; see the module docstring.
@@ -73,6 +86,10 @@ class RoutingContext:
         batch_size: batch size of the running forward pass before folding.
         recorded_logits: when not ``None``, every router stores its sampled logits here,
             ``(samples, tokens, experts)``, under its module path.
+        local_guide: when set, the routers draw their per-token sites from it instead of their
+            priors (a guide running the network).
+        local_scale: factor on the log-densities of per-token sites (``N / B`` for a minibatch
+            of ``B`` of ``N`` examples).
     """
 
     mode: PredictiveMode = PredictiveMode.MODEL_AVERAGE
@@ -81,6 +98,8 @@ class RoutingContext:
     token_mask: Tensor | None = None
     batch_size: int | None = None
     recorded_logits: dict[str, Tensor] | None = None
+    local_guide: LocalGuide | None = None
+    local_scale: float = 1.0
 
 
 _DEFAULT_CONTEXT = RoutingContext()

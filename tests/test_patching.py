@@ -183,7 +183,12 @@ BAD_INPUT = [
         ConfigurationError,
         r"unknown site kind.*'logit'.*accepted: weight, logits, temperature, dropout",
     ),
-    (lambda: tiny_model("mixtral"), {"sites": {"logits": 0.0}}, ConfigurationError, r"positive.*0\.0"),
+    (
+        lambda: tiny_model("mixtral"),
+        {"sites": {"logits": 0.0}},
+        ConfigurationError,
+        r"prior scale must be a positive.*0\.0",
+    ),
     (lambda: tiny_model("mixtral"), {"sites": {"weight": -1}}, ConfigurationError, r"positive.*-1"),
     (lambda: tiny_model("mixtral"), {"sites": {"dropout": 1.0}}, ConfigurationError, r"\[0, 1\)"),
     (
@@ -194,10 +199,11 @@ BAD_INPUT = [
     ),
     (
         lambda: tiny_model("mixtral"),
-        {"sites": {"temperature": {"per": "token"}}},
+        {"sites": {"temperature": {"per": "sample"}}},
         ConfigurationError,
-        r"'layer' or 'expert'",
+        r"'per' must be one of layer, expert, token",
     ),
+    (lambda: tiny_model("mixtral"), {"sites": {"logits": {"scales": 1}}}, ConfigurationError, r"unknown logits option"),
 ]
 
 

@@ -99,9 +99,9 @@ def test_bf16_routing_in_float32_with_the_familys_output_dtype(family, batch):
 def test_custom_prior_callable_is_used():
     calls = []
 
-    def wide(centre):
+    def wide(centre, scale):
         calls.append(centre.shape)
-        return NormalPrior(5.0)(centre)
+        return NormalPrior()(centre, 5 * scale)
 
     model = tiny_model("mixtral")
     location, _ = first_router(model)
