@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigurationError",
+    "DataError",
     "LayerSelectionError",
     "NoMoELayersError",
     "PyroMoEError",
@@ -29,3 +30,7 @@ class LayerSelectionError(PyroMoEError):
 
 class ConfigurationError(PyroMoEError):
     """An unknown site kind, selection or mode, or an invalid prior or option value."""
+
+
+class DataError(PyroMoEError):
+    """A data file or data set cannot be read, or fits none of the recognised schemas."""
