@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.families import RouterFamily
-from pyro_moe.models.priors import LogNormalPrior, NormalPrior, PriorScale, SitePrior
+from pyro_moe.models.priors import LogNormalPrior, NormalPrior, PriorScale, SitePrior, family_name, prior_family
 from pyro_moe.routing import gumbel_top_k
 from pyro_moe.routing_context import (
     TOKEN_DIM,
@@ -163,6 +163,25 @@ class RouterSites:
             local += ("temperature",)
         return local
 
+    def to_config(self) -> dict[str, Any]:
+        """A JSON-serialisable form that :meth:`parse` reads back."""
+        config: dict[str, Any] = {}
+        for kind in ("weight", "logits", "temperature"):
+            prior = getattr(self, kind)
+            if prior is not None:
+                config[kind] = {
+                    "family": family_name(prior.family),
+                    "scale": prior.scale.value,
+                    "mode": prior.scale.mode,
+                    "scale_per": prior.scale.per,
+                    "hyperprior_scale": prior.scale.hyperprior_scale,
+                }
+        if "temperature" in config:
+            config["temperature"]["per"] = self.temperature_per
+        if self.dropout > 0:
+            config["dropout"] = self.dropout
+        return config
+
     @classmethod
     def parse(cls, sites: RouterSites | Mapping[str, Any] | Iterable[str], selection: str = "top-k") -> RouterSites:
         """Build from site kinds, with options per kind.
@@ -224,7 +243,8 @@ def _site_prior(kind: SiteKind, option: Any) -> SitePrior:
             per=option.get("scale_per", "layer"),
             hyperprior_scale=option.get("hyperprior_scale", 0.5),
         )
-        return SitePrior(option.get("family", family), scale)
+        chosen = option.get("family", family)
+        return SitePrior(prior_family(chosen) if isinstance(chosen, str) else chosen, scale)
     if callable(option):
         return SitePrior(option, PriorScale(DEFAULT_SCALES[kind]))
     raise ConfigurationError(
@@ -294,12 +314,15 @@ class BayesianRouter(nn.Module):
         value = pyro.sample(self.site_name(kind), self._prior(kind, prior, centre, layout).to_event(centre.dim()))
         return value.reshape(-1, *centre.shape)
 
-    def _local_site(self, kind: str, distribution: dist.TorchDistribution, context: RoutingContext) -> Tensor:
-        """Sample a per-token site (batch ``(tokens,)`` or ``(S, tokens)``), padded tokens masked out."""
+    def _local_site(
+        self, kind: str, distribution: dist.TorchDistribution, context: RoutingContext, plate: pyro.plate
+    ) -> Tensor:
+        """Sample a per-token site (batch ``(tokens,)`` or ``(S, tokens)``) in the token ``plate``,
+        padded tokens masked out, scaled by the context's ``local_scale``."""
         tokens = distribution.batch_shape[-1]
         if context.token_mask is not None:
             distribution = distribution.mask(context.token_mask.reshape(-1, tokens).squeeze(0).to(self.weight.device))
-        with pyro.plate(self.site_name("tokens"), tokens, dim=TOKEN_DIM), poutine.scale(scale=context.local_scale):
+        with plate, poutine.scale(scale=context.local_scale):
             return pyro.sample(self.site_name(kind), distribution)
 
     def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -316,6 +339,7 @@ class BayesianRouter(nn.Module):
         hidden = hidden_states.reshape(particles if folded else 1, -1, hidden_size)  # (S or 1, T, H)
         tokens = hidden.shape[1]
         guide = context.local_guide
+        plate = pyro.plate(self.site_name("tokens"), tokens, dim=TOKEN_DIM) if sites.local_kinds else None
 
         if sites.dropout > 0 and not context.deterministic:
             hidden = hidden.expand(particles, -1, -1)  # one mask per sample in both modes
@@ -328,8 +352,8 @@ class BayesianRouter(nn.Module):
             if bias is not None:
                 bias = self._global_site("bias", sites.weight, bias.detach().float(), (per_expert,)).unsqueeze(1)
         logits = self.family.logits(hidden, weight, bias)  # (1 or S, T, E)
-        if particles == 1:
-            logits = logits.squeeze(0)  # (T, E): no particle dimension
+        if particles == 1:  # no particle dimension: (T, E), (T, H)
+            logits, hidden = logits.squeeze(0), hidden.squeeze(0)
 
         if sites.logits is not None:
             if guide is not None:
@@ -337,7 +361,7 @@ class BayesianRouter(nn.Module):
             else:
                 per_expert = num_experts if sites.logits.scale.per == "expert" else 1
                 distribution = self._prior("logits", sites.logits, logits, (per_expert,)).to_event(1)
-            logits = self._local_site("logits", distribution, context)
+            logits = self._local_site("logits", distribution, context, plate)
         logits = logits.reshape(-1, tokens, num_experts)  # (draws, T, E)
 
         tempered = logits
@@ -348,7 +372,7 @@ class BayesianRouter(nn.Module):
                 else:
                     centre = torch.ones(tokens, device=logits.device)
                     distribution = self._prior("temperature", sites.temperature, centre, ())
-                temperature = self._local_site("temperature", distribution, context).reshape(-1, tokens, 1)
+                temperature = self._local_site("temperature", distribution, context, plate).reshape(-1, tokens, 1)
             else:
                 per_expert = sites.temperature_per == "expert"
                 centre = torch.ones((num_experts,) if per_expert else (), device=logits.device)

@@ -31,7 +31,16 @@ from torch import Tensor
 
 from pyro_moe.errors import ConfigurationError
 
-__all__ = ["LogNormalPrior", "NormalPrior", "Prior", "PriorScale", "SitePrior"]
+__all__ = [
+    "PRIOR_FAMILIES",
+    "LogNormalPrior",
+    "NormalPrior",
+    "Prior",
+    "PriorScale",
+    "SitePrior",
+    "family_name",
+    "prior_family",
+]
 
 
 @runtime_checkable
@@ -61,6 +70,25 @@ class LogNormalPrior:
 
     def __call__(self, centre: Tensor, scale: Tensor) -> dist.LogNormal:
         return dist.LogNormal(centre.log() - 0.5 * scale**2, scale)
+
+
+PRIOR_FAMILIES: dict[str, type] = {"normal": NormalPrior, "lognormal": LogNormalPrior}
+"""Prior families by name (for configurations and the command line)."""
+
+
+def prior_family(name: str) -> Prior:
+    """The prior family registered as ``name``; the error lists the registered ones."""
+    if name not in PRIOR_FAMILIES:
+        raise ConfigurationError(f"unknown prior family {name!r}; accepted: {', '.join(sorted(PRIOR_FAMILIES))}.")
+    return PRIOR_FAMILIES[name]()
+
+
+def family_name(family: Prior) -> str:
+    """The registered name of ``family`` (for saving a configuration)."""
+    for name, cls in PRIOR_FAMILIES.items():
+        if type(family) is cls:
+            return name
+    raise ConfigurationError(f"the prior family {family!r} is not registered in PRIOR_FAMILIES, so it cannot be saved.")
 
 
 SCALE_MODES = ("fixed", "learned", "hierarchical")

@@ -18,7 +18,8 @@ from pyro_moe.errors import (
 from pyro_moe.families import FAMILIES, RouterFamily, RouterLocation, find_moe_routers, register_family
 from pyro_moe.handlers import PriorMeanMessenger, at_prior_mean
 from pyro_moe.patching import RouterPatch, patch_routers
-from pyro_moe.predictive import RoutedPrediction, last_positions, predict
+from pyro_moe.predictive import RoutedPrediction, predict
+from pyro_moe.readout import last_positions, last_token_logits
 from pyro_moe.routing_context import PARTICLE_DIM, TOKEN_DIM, PredictiveMode, routing_context
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "at_prior_mean",
     "find_moe_routers",
     "last_positions",
+    "last_token_logits",
     "patch_routers",
     "predict",
     "register_family",

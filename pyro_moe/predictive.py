@@ -18,8 +18,9 @@ Example::
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 from dataclasses import dataclass
+from typing import Protocol
 
 import pyro
 import torch
@@ -27,9 +28,17 @@ from torch import Tensor
 
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.patching import RouterPatch
+from pyro_moe.readout import last_token_logits
 from pyro_moe.routing_context import PARTICLE_DIM, PredictiveMode, routing_context
 
-__all__ = ["RoutedPrediction", "last_positions", "predict"]
+__all__ = ["PosteriorGuide", "RoutedPrediction", "predict"]
+
+
+class PosteriorGuide(Protocol):
+    """A fitted posterior that can stand in for the priors during a forward pass."""
+
+    def posterior(self, input_ids: Tensor, attention_mask: Tensor) -> contextlib.AbstractContextManager[None]:
+        """Within the current plate of joint samples, make the routers draw from the posterior."""
 
 
 @dataclass
@@ -47,13 +56,6 @@ class RoutedPrediction:
     probs: Tensor
     sample_probs: Tensor | None = None
     router_logits: dict[str, Tensor] | None = None
-
-
-def last_positions(attention_mask: Tensor) -> Tensor:
-    """Index ``(batch,)`` of the last real token of every row of ``attention_mask`` ``(batch, length)``
-    (left or right padding)."""
-    length = attention_mask.shape[-1]
-    return length - 1 - attention_mask.flip(-1).int().argmax(dim=-1)
 
 
 def _check(
@@ -90,6 +92,7 @@ def predict(
     mode: PredictiveMode | str = PredictiveMode.MODEL_AVERAGE,
     share_prefix: bool = True,
     samples_per_pass: int | None = None,
+    guide: PosteriorGuide | None = None,
     return_samples: bool = False,
     return_router_logits: bool = False,
 ) -> RoutedPrediction:
@@ -106,6 +109,7 @@ def predict(
         samples_per_pass: model-average only: fold at most this many joint samples into one pass
             (default all S). Activation memory grows with the folded batch; on CPU, HF's expert
             kernels also run faster on cache-sized batches (see the README's speed table).
+        guide: a fitted posterior (:mod:`pyro_moe.guides`); default the priors.
         return_samples: also return the per-sample answer probabilities.
         return_router_logits: also return every Bayesian router's sampled logits.
     """
@@ -120,11 +124,6 @@ def predict(
     input_ids = input_ids.to(device)
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
     batch, length = input_ids.shape
-    positions = last_positions(attention_mask)
-    keep_last = bool((positions == length - 1).all())
-    kwargs = {"use_cache": False}
-    if keep_last and "logits_to_keep" in inspect.signature(model.forward).parameters:
-        kwargs["logits_to_keep"] = 1  # only the last position's logits: the vocabulary is large
     if mode is PredictiveMode.ROUTING_AVERAGE or samples_per_pass is None:
         samples_per_pass = num_samples
     chunks = [min(samples_per_pass, num_samples - start) for start in range(0, num_samples, samples_per_pass)]
@@ -134,10 +133,9 @@ def predict(
         with (
             routing_context(mode=mode, share_prefix=share_prefix, recorded_logits=record),
             pyro.plate("samples", samples, dim=PARTICLE_DIM),
+            guide.posterior(input_ids, attention_mask) if guide is not None else contextlib.nullcontext(),
         ):
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
-        logits = logits.unflatten(0, (-1, batch))  # (samples or 1, batch, length or 1, vocab)
-        last.append(logits[:, :, -1] if keep_last else logits[:, torch.arange(batch, device=device), positions])
+            last.append(last_token_logits(model, input_ids, attention_mask))  # (samples or 1, batch, vocab)
         recorded.append(record)
     last = torch.cat(last)
     if answer_token_ids is not None:

@@ -1,0 +1,177 @@
+"""Amortized guides of the per-token sites: small MLPs on each token's router input ``u``.
+
+For every Bayesian router, an encoder maps ``u`` ``(..., tokens, hidden)`` to the parameters of
+``q(l | u)`` around the deterministic logits ``W u`` (``loc``):
+
+* ``mfvr``: ``N(W u + dmu(u), diag(s(u)^2))`` (mean-field variational router);
+* ``fcvr``: ``N(W u + dmu(u), L(u) L(u)^T)`` with ``L`` lower triangular, positive diagonal
+  (full-covariance variational router; ``O(E^2)`` outputs per token);
+* ``low-rank-logits``: ``N(W u + dmu(u), D(u) + V(u) V(u)^T)`` with ``V`` of rank ``r``
+  (``O(E r)`` per token, between the two);
+* ``vtsr``: the per-token temperature ``T ~ LogNormal(m(u), s(u))`` (variational temperature
+  sampling router).
+
+Every encoder starts at the deterministic router: zero residual mean and a small scale
+(``init_scale``), temperature 1.
+
+Example::
+
+    local = AmortizedLogitGuide(handle, covariance="low-rank", rank=2)
+    with routing_context(local_guide=local):       # the routers draw their logits from q(l | u)
+        model(input_ids, attention_mask=attention_mask)
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro.distributions as dist
+import torch
+from torch import Tensor, nn
+
+from pyro_moe.errors import ConfigurationError
+from pyro_moe.patching import RouterPatch
+
+__all__ = ["COVARIANCES", "AmortizedLogitGuide", "AmortizedTemperatureGuide", "LocalGuides", "TokenEncoder"]
+
+COVARIANCES = ("diagonal", "full", "low-rank")
+
+
+class TokenEncoder(nn.Module):
+    """``hidden -> width -> outputs`` MLP applied per token; the output layer starts at zero
+    weights with the given bias, so the encoder starts as a constant."""
+
+    def __init__(self, hidden_size: int, outputs: int, width: int, bias: Tensor) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(hidden_size, width), nn.GELU())
+        self.head = nn.Linear(width, outputs)
+        nn.init.zeros_(self.head.weight)
+        with torch.no_grad():
+            self.head.bias.copy_(bias)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        """``(..., hidden) -> (..., outputs)`` in float32."""
+        return self.head(self.body(hidden.float()))
+
+
+def _key(path: str) -> str:
+    return path.replace(".", "__")
+
+
+def _inverse_softplus(value: float) -> float:
+    return math.log(math.expm1(value))
+
+
+def _check_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigurationError(f"{name} must be a positive number, got {value!r}.")
+
+
+class AmortizedLogitGuide(nn.Module):
+    """``q(l | u)`` of every patched router's logit site (MFVR, FCVR or low-rank).
+
+    Args:
+        patch: the patched model; one encoder per Bayesian router.
+        covariance: ``"diagonal"`` (MFVR), ``"full"`` (FCVR) or ``"low-rank"``.
+        rank: rank of the low-rank factor.
+        width: hidden width of the encoders.
+        init_scale: initial standard deviation of every logit.
+    """
+
+    def __init__(
+        self,
+        patch: RouterPatch,
+        covariance: str = "diagonal",
+        rank: int = 2,
+        width: int = 64,
+        init_scale: float = 0.01,
+    ) -> None:
+        super().__init__()
+        if covariance not in COVARIANCES:
+            raise ConfigurationError(f"unknown covariance {covariance!r}; accepted: {', '.join(COVARIANCES)}.")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ConfigurationError(f"rank must be a positive integer, got {rank!r}.")
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ConfigurationError(f"width must be a positive integer, got {width!r}.")
+        _check_positive("init_scale", init_scale)
+        self.covariance, self.rank = covariance, rank
+        self.encoders = nn.ModuleDict()
+        for path, router in patch.routers.items():
+            experts, hidden = router.weight.shape
+            if covariance == "low-rank" and rank >= experts:
+                raise ConfigurationError(f"rank {rank} must be below the number of experts ({experts}) of {path}.")
+            raw_scale = _inverse_softplus(init_scale)
+            if covariance == "diagonal":
+                bias = torch.cat([torch.zeros(experts), torch.full((experts,), math.log(init_scale))])
+            elif covariance == "full":
+                tril = torch.zeros(experts, experts)
+                tril.diagonal().fill_(raw_scale)
+                bias = torch.cat([torch.zeros(experts), tril[torch.tril_indices(experts, experts).unbind()]])
+            else:
+                bias = torch.cat([torch.zeros(experts), torch.full((experts,), raw_scale), torch.zeros(experts * rank)])
+            self.encoders[_key(path)] = TokenEncoder(hidden, len(bias), width, bias).to(router.weight.device)
+
+    def logits_distribution(self, router: nn.Module, hidden: Tensor, loc: Tensor) -> dist.TorchDistribution:
+        """``q(l | u)``: batch ``loc.shape[:-1]``, event ``(experts,)``; ``hidden`` has ``loc``'s leading
+        dimensions (or 1 where ``loc`` has draws)."""
+        experts = loc.shape[-1]
+        out = self.encoders[_key(router.path)](hidden)
+        mean = loc + out[..., :experts]
+        if self.covariance == "diagonal":
+            return dist.Normal(mean, out[..., experts:].exp()).to_event(1)
+        if self.covariance == "full":
+            rows, cols = torch.tril_indices(experts, experts, device=loc.device)
+            tril = out.new_zeros(*out.shape[:-1], experts, experts)
+            tril[..., rows, cols] = out[..., experts:]
+            diagonal = nn.functional.softplus(tril.diagonal(dim1=-2, dim2=-1))
+            tril = tril.tril(-1) + torch.diag_embed(diagonal)
+            return dist.MultivariateNormal(mean, scale_tril=tril)
+        cov_diag = nn.functional.softplus(out[..., experts : 2 * experts]) ** 2
+        cov_factor = out[..., 2 * experts :].unflatten(-1, (experts, self.rank))
+        return dist.LowRankMultivariateNormal(mean, cov_factor=cov_factor, cov_diag=cov_diag)
+
+    def temperature_distribution(self, router: nn.Module, hidden: Tensor) -> dist.TorchDistribution:
+        raise ConfigurationError("this guide covers logit sites only; add 'vtsr' for per-token temperatures.")
+
+
+class AmortizedTemperatureGuide(nn.Module):
+    """VTSR: ``q(T | u) = LogNormal(m(u), s(u))`` of every patched router's per-token temperature,
+    starting at ``T`` about 1 with log-scale ``init_scale``."""
+
+    def __init__(self, patch: RouterPatch, width: int = 64, init_scale: float = 0.01) -> None:
+        super().__init__()
+        _check_positive("init_scale", init_scale)
+        self.encoders = nn.ModuleDict(
+            {
+                _key(path): TokenEncoder(
+                    router.weight.shape[1], 2, width, torch.tensor([0.0, math.log(init_scale)])
+                ).to(router.weight.device)
+                for path, router in patch.routers.items()
+            }
+        )
+
+    def temperature_distribution(self, router: nn.Module, hidden: Tensor) -> dist.TorchDistribution:
+        """``q(T | u)``: batch ``hidden.shape[:-1]`` (``(tokens,)`` or ``(draws, tokens)``)."""
+        out = self.encoders[_key(router.path)](hidden)
+        return dist.LogNormal(out[..., 0], out[..., 1].exp())
+
+    def logits_distribution(self, router: nn.Module, hidden: Tensor, loc: Tensor) -> dist.TorchDistribution:
+        raise ConfigurationError("this guide covers per-token temperatures only; add a logit guide (mfvr, ...).")
+
+
+class LocalGuides(nn.Module):
+    """A logit guide and a temperature guide together (either may be missing)."""
+
+    def __init__(self, logits: nn.Module | None, temperature: nn.Module | None) -> None:
+        super().__init__()
+        self.logits, self.temperature = logits, temperature
+
+    def logits_distribution(self, router: nn.Module, hidden: Tensor, loc: Tensor) -> dist.TorchDistribution:
+        if self.logits is None:
+            raise ConfigurationError("the model has logit sites but the guide has no logit part (mfvr, fcvr, ...).")
+        return self.logits.logits_distribution(router, hidden, loc)
+
+    def temperature_distribution(self, router: nn.Module, hidden: Tensor) -> dist.TorchDistribution:
+        if self.temperature is None:
+            raise ConfigurationError("the model has per-token temperatures but the guide has no 'vtsr' part.")
+        return self.temperature.temperature_distribution(router, hidden)

@@ -1,0 +1,211 @@
+"""The guide of a patched model: a global autoguide and amortized per-token guides in one.
+
+Global sites (router weights, biases, per-layer or per-expert temperatures, hierarchical prior
+scales) get a Pyro autoguide over the likelihood with everything else hidden. Per-token sites
+depend on the hidden state at their router, which exists only while the network runs: the guide
+therefore runs the network itself, with the global sites at the values it drew and the routers
+drawing their per-token sites from the amortized encoders. ``Trace_ELBO`` then replays the model
+on the guide's values, as for any Pyro guide.
+
+Example::
+
+    guide = RouterGuide(MCQALikelihood(handle, letter_ids), "low-rank+mfvr", {"low-rank": {"rank": 4}})
+    guide.setup(input_ids, attention_mask, labels)     # builds the autoguide, checks coverage
+    svi = pyro.infer.SVI(guide.likelihood, guide, pyro.optim.Adam({"lr": 1e-2}), TraceMeanField_ELBO())
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer.autoguide import AutoLaplaceApproximation, AutoMultivariateNormal
+from pyro.ops.hessian import hessian
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+from torch import Tensor, nn
+
+from pyro_moe.errors import ConfigurationError
+from pyro_moe.guides.amortized import LocalGuides
+from pyro_moe.guides.registry import GuideScope, parse_guide
+from pyro_moe.models.likelihoods import data_scale
+from pyro_moe.readout import last_token_logits
+from pyro_moe.routing_context import routing_context
+
+__all__ = ["RouterGuide", "is_local_site"]
+
+
+def is_local_site(msg: Mapping[str, Any]) -> bool:
+    """Whether a sample message belongs to a per-token site (or is a token plate)."""
+    return msg["name"].endswith(".tokens") or any(frame.name.endswith(".tokens") for frame in msg["cond_indep_stack"])
+
+
+class _PosteriorDraws(Messenger):
+    """Renames sample sites to ``posterior/<name>``: the guide's draws for prediction stay apart
+    from the model sites they condition, in any outer trace (unlike ``block``, the enclosing
+    particle plate still broadcasts them)."""
+
+    def _pyro_sample(self, msg: dict) -> None:
+        msg["name"] = f"posterior/{msg['name']}"
+
+
+def _is_global_site(msg: Mapping[str, Any]) -> bool:
+    return msg["type"] == "sample" and not msg["is_observed"] and not is_local_site(msg) and not site_is_subsample(msg)
+
+
+class RouterGuide(nn.Module):
+    """A guide for a likelihood over a patched model; see the module docstring.
+
+    Args:
+        likelihood: the model (``MCQALikelihood`` or ``NextTokenLikelihood``).
+        spec: the guide's name, ``"global+local..."`` (see :mod:`pyro_moe.guides.registry`).
+        options: keyword options per family name, e.g. ``{"low-rank": {"rank": 4}}``.
+    """
+
+    def __init__(
+        self,
+        likelihood: Callable[..., Any],
+        spec: str,
+        options: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.likelihood = likelihood
+        self.patch = likelihood.patch
+        self.spec = spec
+        self.families = parse_guide(spec)
+        self.options = {name: dict(values) for name, values in (options or {}).items()}
+        named = {family.name for family in self.families.values()}
+        stray = sorted(set(self.options) - named)
+        if stray:
+            raise ConfigurationError(f"options given for {stray}, which the guide {spec!r} does not use.")
+        self.global_guide: nn.Module | None = None
+        self.local_guide: LocalGuides | None = None
+        self.global_sites: list[str] = []
+        self.local_sites: list[str] = []
+
+    def _build(self, scope: GuideScope, *args: Any) -> Any:
+        family = self.families[scope]
+        return family.build(*args, **self.options.get(family.name, {}))
+
+    def _global_model(self, *args: Any, **kwargs: Any) -> Any:
+        """The likelihood with every site but the global latent ones hidden."""
+        with poutine.block(expose_fn=_is_global_site):
+            return self.likelihood(*args, **kwargs)
+
+    def setup(self, *args: Any, **kwargs: Any) -> None:
+        """Trace the model once on a batch, check that the guide covers exactly its sites, and build
+        the parts. Raises ``ConfigurationError`` naming the uncovered or unused parts."""
+        with torch.no_grad(), poutine.block():
+            trace = poutine.trace(self.likelihood).get_trace(*args, **kwargs)
+        self.global_sites = [name for name, site in trace.nodes.items() if _is_global_site(site)]
+        self.local_sites = [
+            name
+            for name, site in trace.nodes.items()
+            if site["type"] == "sample" and is_local_site(site) and not name.endswith(".tokens")
+        ]
+        local_kinds = {GuideScope(name.rpartition(".")[2]) for name in self.local_sites}
+        needed = ({GuideScope.GLOBAL} if self.global_sites else set()) | local_kinds
+        missing, unused = needed - set(self.families), set(self.families) - needed
+        if missing or unused:
+            raise ConfigurationError(
+                f"the guide {self.spec!r} does not fit the model's sites: "
+                + "; ".join(
+                    [f"no family for the {scope.value} sites" for scope in sorted(missing)]
+                    + [f"the model has no {scope.value} sites for {self.families[scope].name}" for scope in unused]
+                )
+                + f" (global sites: {self.global_sites[:4]}, per-token sites: {self.local_sites[:4]})."
+            )
+        if self.global_sites:
+            self.global_guide = self._build(GuideScope.GLOBAL, self._global_model)
+            with torch.no_grad(), poutine.block():
+                self.global_guide(*args, **kwargs)  # creates the autoguide's parameters
+        if local_kinds:
+            self.local_guide = LocalGuides(
+                self._build(GuideScope.LOGITS, self.patch) if GuideScope.LOGITS in local_kinds else None,
+                self._build(GuideScope.TOKEN_TEMPERATURE, self.patch)
+                if GuideScope.TOKEN_TEMPERATURE in local_kinds
+                else None,
+            )
+
+    @property
+    def is_laplace(self) -> bool:
+        """The global part is a MAP awaiting its Laplace approximation (:meth:`fit_laplace`)."""
+        return isinstance(self.global_guide, AutoLaplaceApproximation)
+
+    def _run_network_with_local_guide(self, values: Mapping[str, Tensor], input_ids: Tensor, attention_mask: Tensor):
+        pyro.module("pyro_moe_local_guide", self.local_guide, update_module_params=True)
+        network = poutine.condition(lambda: last_token_logits(self.patch.model, input_ids, attention_mask), data=values)
+        return poutine.block(network, hide_fn=lambda msg: msg["type"] == "sample" and not is_local_site(msg))()
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        labels: Tensor | None = None,
+        num_examples: int | None = None,
+    ) -> dict[str, Tensor]:
+        """The guide for SVI: draws the global sites, then runs the network drawing the per-token
+        sites from the amortized encoders; returns the global values."""
+        if not self.global_sites and self.local_guide is None:
+            raise ConfigurationError("the guide is not set up: call setup(batch) or fit() first.")
+        values = self.global_guide(input_ids, attention_mask, labels, num_examples) if self.global_guide else {}
+        if self.local_guide is not None:
+            scale = data_scale(input_ids.shape[0], num_examples)
+            with routing_context(local_guide=self.local_guide, local_scale=scale):
+                self._run_network_with_local_guide(values, input_ids, attention_mask)
+        return values
+
+    @contextlib.contextmanager
+    def posterior(self, input_ids: Tensor, attention_mask: Tensor) -> Iterator[None]:
+        """Within the current plate of joint samples, make a forward pass of the patched model draw
+        its global sites from the global guide and its per-token sites from the local guides."""
+        values = {}
+        if self.global_guide is not None:
+            with _PosteriorDraws():  # seen by the particle plate, renamed apart from the model's sites
+                values = self.global_guide(input_ids, attention_mask)
+        with poutine.condition(data=values), routing_context(local_guide=self.local_guide):
+            yield
+
+    def fit_laplace(self, batches: Sequence[Mapping[str, Tensor]], num_examples: int) -> None:
+        """Replace the MAP global part by its Laplace approximation: a Gaussian at the mode with the
+        inverse Hessian of the full-data negative log joint (summed over ``batches``) as covariance."""
+        if not self.is_laplace:
+            raise ConfigurationError("fit_laplace needs the 'laplace' global guide.")
+        if self.local_guide is not None:
+            raise ConfigurationError("the 'laplace' guide covers global sites only; the model has per-token sites.")
+        delta = self.global_guide
+        total = 0.0
+        for batch in batches:
+            kwargs = {**batch, "num_examples": num_examples}
+            guide_trace = poutine.trace(delta).get_trace(**kwargs)
+            model_trace = poutine.trace(poutine.replay(self.likelihood, trace=guide_trace)).get_trace(**kwargs)
+            weight = batch["input_ids"].shape[0] / num_examples  # the prior counts once over the batches
+            total = total + weight * (guide_trace.log_prob_sum() - model_trace.log_prob_sum())
+        precision = hessian(total, delta.loc)
+        with torch.no_grad():  # as AutoLaplaceApproximation.laplace_approximation: scales and correlations
+            covariance = torch.linalg.inv(precision)
+            scale = covariance.diagonal().sqrt()
+            try:
+                correlation_tril = torch.linalg.cholesky(covariance / scale[:, None] / scale[None, :])
+            except RuntimeError as error:
+                raise ConfigurationError(
+                    f"the Hessian at the MAP is not positive definite (train longer or use a stronger prior): {error}"
+                ) from None
+        self.set_laplace(
+            delta.loc.detach().clone(), scale, correlation_tril, {**batches[0], "num_examples": num_examples}
+        )
+
+    def set_laplace(self, loc: Tensor, scale: Tensor, correlation_tril: Tensor, batch: Mapping[str, Any]) -> None:
+        """Make the global part the Gaussian ``N(loc, diag(scale) C C^T diag(scale))`` over the
+        unconstrained global sites (``C = correlation_tril``), as a fitted or loaded Laplace."""
+        gaussian = AutoMultivariateNormal(self._global_model)
+        gaussian._setup_prototype(**batch)
+        del gaussian.loc, gaussian.scale, gaussian.scale_tril
+        gaussian.register_buffer("loc", loc)
+        gaussian.register_buffer("scale", scale)
+        gaussian.register_buffer("scale_tril", correlation_tril)
+        self.global_guide = gaussian

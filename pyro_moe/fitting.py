@@ -1,0 +1,259 @@
+"""``fit``: posteriors over the router sites of a patched model, by SVI, with guides by name.
+
+Every guide family trains the same model on the same data with the same loop: the MCQA
+likelihood on minibatches (an unbiased estimate of the full-data objective), the frozen
+backbone, Adam, an optional KL weight with linear annealing, gradient clipping, a seed, and a
+progress bar with the loss, KL and NLL. The result predicts with both predictive modes, saves as
+safetensors plus JSON and resumes.
+
+Example::
+
+    handle = patch_routers(model, {"weight": 0.05}, layers=[1, 2])
+    posterior = fit(handle, batches, guide="low-rank", answer_token_ids=letter_ids, steps=300)
+    prediction = posterior.predict(input_ids, attention_mask, num_samples=16)
+    posterior.save("runs/low-rank")
+    posterior = FittedPosterior.load("runs/low-rank", model)      # on a fresh, unpatched model
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from pyro_moe.checkpoint import load_checkpoint, save_checkpoint
+from pyro_moe.errors import ConfigurationError
+from pyro_moe.guides.router_guide import RouterGuide
+from pyro_moe.inference import SVIEngine
+from pyro_moe.models.likelihoods import MCQALikelihood
+from pyro_moe.patching import RouterPatch, patch_routers
+from pyro_moe.predictive import RoutedPrediction, predict
+
+__all__ = ["FittedPosterior", "check_batches", "fit"]
+
+BATCH_KEYS = ("input_ids", "attention_mask", "labels")
+TRAINING_OPTIONS = ("objective", "num_particles", "alpha", "lr", "beta", "beta_anneal_steps", "clip_norm")
+
+
+def check_batches(data: Iterable[Mapping[str, Tensor]], num_choices: int) -> list[dict[str, Tensor]]:
+    """The batches as a list, checked: non-empty, the keys ``input_ids`` ``(batch, length)``,
+    ``attention_mask`` (same shape) and ``labels`` ``(batch,)`` in ``[0, num_choices)``."""
+    batches = [dict(batch) for batch in data]
+    if not batches:
+        raise ConfigurationError("the data are empty: give at least one batch of input_ids, attention_mask, labels.")
+    for index, batch in enumerate(batches):
+        missing = [key for key in BATCH_KEYS if key not in batch]
+        if missing:
+            raise ConfigurationError(f"batch {index} lacks {missing}; every batch needs {', '.join(BATCH_KEYS)}.")
+        ids, mask, labels = (batch[key] for key in BATCH_KEYS)
+        if ids.dim() != 2 or mask.shape != ids.shape or labels.shape != ids.shape[:1]:
+            raise ConfigurationError(
+                f"batch {index}: input_ids {tuple(ids.shape)}, attention_mask {tuple(mask.shape)} and labels "
+                f"{tuple(labels.shape)} must be (batch, length), (batch, length) and (batch,)."
+            )
+        if labels.dtype.is_floating_point or labels.min() < 0 or labels.max() >= num_choices:
+            raise ConfigurationError(
+                f"batch {index}: labels must be integers in [0, {num_choices}) (one per answer letter), "
+                f"got values in [{labels.min().item()}, {labels.max().item()}]."
+            )
+    return batches
+
+
+@contextlib.contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """The backbone does not train: no gradients for its parameters (restored afterwards)."""
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    for param, _ in flags:
+        param.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+
+
+class FittedPosterior:
+    """A trained guide with its model; see the module docstring.
+
+    Attributes:
+        patch: the patched model.
+        likelihood: the MCQA likelihood.
+        guide: the :class:`~pyro_moe.guides.router_guide.RouterGuide`.
+        engine: the SVI engine (history, optimiser state).
+        config: everything that rebuilds the patch, the guide and the training.
+    """
+
+    def __init__(
+        self, patch: RouterPatch, likelihood: MCQALikelihood, guide: RouterGuide, engine: SVIEngine, config: dict
+    ) -> None:
+        self.patch, self.likelihood, self.guide, self.engine, self.config = patch, likelihood, guide, engine, config
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        """One record per step: ``step, loss, nll, kl, beta``."""
+        return self.engine.history
+
+    def _device(self) -> torch.device:
+        return self.patch.model.get_input_embeddings().weight.device
+
+    def train(self, data: Iterable[Mapping[str, Tensor]], steps: int, progress: bool = True) -> FittedPosterior:
+        """Run ``steps`` more SVI steps on ``data`` (also how :func:`fit` trains and how a loaded
+        posterior resumes); the batch order continues from the step count."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ConfigurationError(f"steps must be a positive integer, got {steps!r}.")
+        if self.guide.is_laplace and self.config.get("laplace_fitted"):
+            raise ConfigurationError("a fitted Laplace posterior cannot resume training; fit a new one.")
+        batches = check_batches(data, self.likelihood.num_choices)
+        num_examples = sum(len(batch["labels"]) for batch in batches)
+        device, seed = self._device(), self.config["seed"]
+        start = self.engine.step_count
+        bar = tqdm(range(start, start + steps), desc=f"fit {self.guide.spec}", disable=not progress)
+        with _frozen(self.patch.model):
+            for step in bar:
+                epoch, position = divmod(step, len(batches))
+                order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed + epoch))
+                batch = {k: v.to(device) for k, v in batches[int(order[position])].items()}
+                record = self.engine.step({**batch, "num_examples": num_examples})
+                bar.set_postfix(loss=f"{record['loss']:.3g}", kl=f"{record['kl']:.3g}", nll=f"{record['nll']:.3f}")
+            if self.guide.is_laplace:
+                self.guide.fit_laplace([{k: v.to(device) for k, v in b.items()} for b in batches], num_examples)
+                self.config["laplace_fitted"] = True
+        return self
+
+    def predict(self, input_ids: Tensor, attention_mask: Tensor | None = None, **options: Any) -> RoutedPrediction:
+        """:func:`pyro_moe.predict` with this posterior (``model-average`` by default)."""
+        with torch.no_grad():
+            return predict(
+                self.patch,
+                input_ids,
+                attention_mask,
+                answer_token_ids=self.likelihood.answer_token_ids,
+                guide=self.guide,
+                **options,
+            )
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the guide's parameters, the optimiser state and the configuration (safetensors + JSON)."""
+        tensors = self.engine.state_tensors()
+        if self.guide.is_laplace or self.config.get("laplace_fitted"):
+            tensors.update({f"buffer/{name}": value for name, value in self.guide.named_buffers()})
+        config = {**self.config, "history": self.engine.history, "step_count": self.engine.step_count}
+        return save_checkpoint(folder, tensors, config)
+
+    @classmethod
+    def load(cls, folder: str | Path, model: nn.Module) -> FittedPosterior:
+        """Patch ``model`` as the saved posterior was patched and restore its guide and training state.
+
+        The model must be the same architecture and weights; it is patched in place (undo with
+        ``posterior.patch.unpatch()``)."""
+        tensors, config = load_checkpoint(folder)
+        try:
+            patch = patch_routers(model, config["sites"], layers=config["layers"], selection=config["selection"])
+        except KeyError as missing:
+            raise ConfigurationError(f"checkpoint {folder} lacks the configuration entry {missing}.") from None
+        try:
+            posterior = _build(patch, torch.tensor(config["answer_token_ids"]), config)
+            device = posterior._device()
+            dummy = {
+                "input_ids": torch.zeros(1, 2, dtype=torch.long, device=device),
+                "attention_mask": torch.ones(1, 2, dtype=torch.long, device=device),
+                "labels": torch.zeros(1, dtype=torch.long, device=device),
+                "num_examples": 1,
+            }
+            posterior.guide.setup(**dummy)
+            if config.get("laplace_fitted"):
+                buffers = {
+                    name.removeprefix("buffer/global_guide."): tensor.to(device)
+                    for name, tensor in tensors.items()
+                    if name.startswith("buffer/global_guide.")
+                }
+                posterior.guide.set_laplace(buffers["loc"], buffers["scale"], buffers["scale_tril"], dummy)
+            else:
+                posterior.engine.load_state_tensors(tensors, dummy)
+            posterior.engine.history = list(config.get("history", []))
+            posterior.engine.step_count = int(config.get("step_count", 0))
+        except BaseException:
+            patch.unpatch()
+            raise
+        return posterior
+
+
+def _build(patch: RouterPatch, answer_token_ids: Tensor, config: dict) -> FittedPosterior:
+    likelihood = MCQALikelihood(patch, answer_token_ids)
+    guide = RouterGuide(likelihood, config["guide"], config.get("guide_options"))
+    engine = SVIEngine(likelihood, guide, nll=lambda: likelihood.last_nll, **{k: config[k] for k in TRAINING_OPTIONS})
+    return FittedPosterior(patch, likelihood, guide, engine, config)
+
+
+def fit(
+    patch: RouterPatch,
+    data: Iterable[Mapping[str, Tensor]],
+    guide: str = "mean-field",
+    *,
+    answer_token_ids: Tensor | Sequence[int],
+    steps: int = 200,
+    guide_options: Mapping[str, Mapping[str, Any]] | None = None,
+    objective: str = "elbo",
+    num_particles: int = 1,
+    alpha: float = 0.0,
+    lr: float = 1e-2,
+    beta: float = 1.0,
+    beta_anneal_steps: int = 0,
+    clip_norm: float | None = 10.0,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> FittedPosterior:
+    """Fit a posterior over the router sites of ``patch`` on MCQA ``data`` by SVI.
+
+    Args:
+        patch: the patched model; its sites decide which guide parts are needed.
+        data: batches (dicts of ``input_ids``, ``attention_mask``, ``labels``), e.g. from
+            :func:`pyro_moe.data.mcqa_batches`; the full data set is all of them.
+        guide: a registered guide name, ``"global+local"`` (see :mod:`pyro_moe.guides.registry`).
+        answer_token_ids: ``(choices,)`` token ids of the answer letters.
+        steps: SVI steps (one minibatch each).
+        guide_options: options per guide family, e.g. ``{"low-rank": {"rank": 4}}``.
+        objective, num_particles, alpha: ``"elbo"`` or ``"iwae"`` (see :mod:`pyro_moe.inference`).
+        lr, beta, beta_anneal_steps, clip_norm: Adam step size, KL weight and its linear warm-up,
+            gradient clipping.
+        seed: seeds Pyro, torch and the batch order.
+        device: move the model (and so the guide) there first, e.g. ``"cuda"``.
+        progress: show a progress bar.
+
+    Raises:
+        ConfigurationError: unknown guide, a guide that does not cover the model's sites, empty
+            data, labels outside the choices, bad options; before training starts.
+    """
+    answer_token_ids = torch.as_tensor(answer_token_ids).long()
+    batches = check_batches(data, len(answer_token_ids))
+    if device is not None:
+        patch.model.to(device)
+    config = {
+        "guide": guide,
+        "guide_options": {k: dict(v) for k, v in (guide_options or {}).items()},
+        "objective": objective,
+        "num_particles": num_particles,
+        "alpha": alpha,
+        "lr": lr,
+        "beta": beta,
+        "beta_anneal_steps": beta_anneal_steps,
+        "clip_norm": clip_norm,
+        "seed": seed,
+        "sites": patch.sites.to_config(),
+        "selection": patch.sites.selection.value,
+        "layers": [location.layer_index for location in patch.locations],
+        "answer_token_ids": answer_token_ids.tolist(),
+    }
+    pyro.set_rng_seed(seed)
+    posterior = _build(patch, answer_token_ids, config)
+    device = posterior._device()
+    first = {k: v.to(device) for k, v in batches[0].items()}
+    posterior.guide.setup(**first, num_examples=sum(len(b["labels"]) for b in batches))
+    return posterior.train(batches, steps, progress=progress)
