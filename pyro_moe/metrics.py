@@ -185,6 +185,17 @@ class ReliabilityDiagram:
         """``(n_bins,)`` ``|accuracy - confidence|`` per bin (NaN for an empty bin)."""
         return (self.accuracy - self.confidence).abs()
 
+    @property
+    def expected_calibration_error(self) -> float:
+        """``sum_i (count_i / total) gap_i`` over the bins."""
+        share = self.count.to(self.confidence.dtype) / self.count.sum()
+        return (share * self.gap.nan_to_num(0.0)).sum().item()
+
+    @property
+    def maximum_calibration_error(self) -> float:
+        """The largest gap over non-empty bins."""
+        return self.gap[self.count > 0].max().item()
+
 
 def reliability_diagram_data(probs: Tensor, labels: Tensor, n_bins: int = DEFAULT_BINS) -> ReliabilityDiagram:
     """Bin the top-label confidences of ``probs`` ``(batch, choices)`` against ``labels`` ``(batch,)``.
@@ -214,9 +225,7 @@ def expected_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = DEFA
         labels: ``(batch,)`` integer indices of the correct choices.
         n_bins: number of equal-width confidence bins.
     """
-    diagram = reliability_diagram_data(probs, labels, n_bins)
-    share = diagram.count.to(diagram.confidence.dtype) / diagram.count.sum()
-    return (share * diagram.gap.nan_to_num(0.0)).sum().item()
+    return reliability_diagram_data(probs, labels, n_bins).expected_calibration_error
 
 
 def maximum_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = DEFAULT_BINS) -> float:
@@ -227,8 +236,7 @@ def maximum_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = DEFAU
         labels: ``(batch,)`` integer indices of the correct choices.
         n_bins: number of equal-width confidence bins.
     """
-    diagram = reliability_diagram_data(probs, labels, n_bins)
-    return diagram.gap[diagram.count > 0].max().item()
+    return reliability_diagram_data(probs, labels, n_bins).maximum_calibration_error
 
 
 def calibration_report(probs: Tensor, labels: Tensor, n_bins: int = DEFAULT_BINS) -> dict[str, float]:

@@ -91,7 +91,7 @@ def plot_reliability_diagram(
         accuracy = diagram.accuracy.double().cpu().numpy()
         confidence = diagram.confidence.double().cpu().numpy()
         filled = count > 0
-        ece = float(np.sum(count[filled] / count.sum() * np.abs(accuracy[filled] - confidence[filled])))
+        ece = diagram.expected_calibration_error
         top.plot(confidence[filled], accuracy[filled], marker="o", label=f"{name} (ECE {ece:.3f})")
         offset = edges[:-1] + (number + 0.5) * bar_width
         bottom.bar(offset, count / count.sum(), width=bar_width, align="edge", label=name)
