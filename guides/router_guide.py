@@ -24,13 +24,13 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.infer.autoguide import AutoLaplaceApproximation, AutoMultivariateNormal
-from pyro.ops.hessian import hessian
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.guides.amortized import LocalGuides
+from pyro_moe.guides.dense_laplace import dense_laplace
 from pyro_moe.guides.registry import GuideScope, parse_guide
 from pyro_moe.models.likelihoods import data_scale
 from pyro_moe.readout import last_token_logits
@@ -130,6 +130,11 @@ class RouterGuide(nn.Module):
                 if GuideScope.TOKEN_TEMPERATURE in local_kinds
                 else None,
             )
+            self._register_local_guide()
+
+    def _register_local_guide(self) -> None:
+        """Put the encoders' parameters in Pyro's parameter store (and take them back from it)."""
+        pyro.module("pyro_moe_local_guide", self.local_guide, update_module_params=True)
 
     @property
     def is_laplace(self) -> bool:
@@ -137,7 +142,7 @@ class RouterGuide(nn.Module):
         return isinstance(self.global_guide, AutoLaplaceApproximation)
 
     def _run_network_with_local_guide(self, values: Mapping[str, Tensor], input_ids: Tensor, attention_mask: Tensor):
-        pyro.module("pyro_moe_local_guide", self.local_guide, update_module_params=True)
+        self._register_local_guide()
         network = poutine.condition(lambda: last_token_logits(self.patch.model, input_ids, attention_mask), data=values)
         return poutine.block(network, hide_fn=lambda msg: msg["type"] == "sample" and not is_local_site(msg))()
 
@@ -177,27 +182,10 @@ class RouterGuide(nn.Module):
             raise ConfigurationError("fit_laplace needs the 'laplace' global guide.")
         if self.local_guide is not None:
             raise ConfigurationError("the 'laplace' guide covers global sites only; the model has per-token sites.")
-        delta = self.global_guide
-        total = 0.0
-        for batch in batches:
-            kwargs = {**batch, "num_examples": num_examples}
-            guide_trace = poutine.trace(delta).get_trace(**kwargs)
-            model_trace = poutine.trace(poutine.replay(self.likelihood, trace=guide_trace)).get_trace(**kwargs)
-            weight = batch["input_ids"].shape[0] / num_examples  # the prior counts once over the batches
-            total = total + weight * (guide_trace.log_prob_sum() - model_trace.log_prob_sum())
-        precision = hessian(total, delta.loc)
-        with torch.no_grad():  # as AutoLaplaceApproximation.laplace_approximation: scales and correlations
-            covariance = torch.linalg.inv(precision)
-            scale = covariance.diagonal().sqrt()
-            try:
-                correlation_tril = torch.linalg.cholesky(covariance / scale[:, None] / scale[None, :])
-            except RuntimeError as error:
-                raise ConfigurationError(
-                    f"the Hessian at the MAP is not positive definite (train longer or use a stronger prior): {error}"
-                ) from None
-        self.set_laplace(
-            delta.loc.detach().clone(), scale, correlation_tril, {**batches[0], "num_examples": num_examples}
-        )
+        kwargs = [{**batch, "num_examples": num_examples} for batch in batches]
+        weights = [batch["input_ids"].shape[0] / num_examples for batch in batches]
+        loc, scale, correlation_tril = dense_laplace(self.likelihood, self.global_guide, kwargs, weights)
+        self.set_laplace(loc, scale, correlation_tril, kwargs[0])
 
     def set_laplace(self, loc: Tensor, scale: Tensor, correlation_tril: Tensor, batch: Mapping[str, Any]) -> None:
         """Make the global part the Gaussian ``N(loc, diag(scale) C C^T diag(scale))`` over the

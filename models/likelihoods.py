@@ -22,7 +22,7 @@ import pyro.distributions as dist
 import torch
 from torch import Tensor
 
-from pyro_moe.errors import ConfigurationError
+from pyro_moe.errors import ConfigurationError, NonFiniteError
 from pyro_moe.patching import RouterPatch
 from pyro_moe.readout import last_token_logits
 from pyro_moe.routing_context import routing_context
@@ -81,6 +81,8 @@ class MCQALikelihood:
         scale = data_scale(batch, num_examples)
         with routing_context(local_scale=scale):
             answer_logits = self.answer_logits(input_ids, attention_mask)
+        if not torch.isfinite(answer_logits).all():
+            raise NonFiniteError("the network's answer logits (model site 'answer') are not finite.")
         logits = answer_logits if answer_logits.shape[0] > 1 else answer_logits[0]
         if labels is not None:
             labels = labels.to(logits.device)

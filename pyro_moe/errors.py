@@ -7,6 +7,7 @@ __all__ = [
     "DataError",
     "LayerSelectionError",
     "NoMoELayersError",
+    "NonFiniteError",
     "PyroMoEError",
     "UnsupportedFamilyError",
 ]
@@ -34,3 +35,7 @@ class ConfigurationError(PyroMoEError):
 
 class DataError(PyroMoEError):
     """A data file or data set cannot be read, or fits none of the recognised schemas."""
+
+
+class NonFiniteError(PyroMoEError):
+    """A loss, gradient or network output became NaN or infinite; training stopped at the last finite state."""

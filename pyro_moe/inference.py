@@ -33,7 +33,7 @@ from pyro.infer.util import get_dependent_plate_dims, is_identically_zero, torch
 from pyro.poutine.messenger import Messenger
 from torch import Tensor
 
-from pyro_moe.errors import ConfigurationError, PyroMoEError
+from pyro_moe.errors import ConfigurationError, NonFiniteError
 
 __all__ = ["DifferentiableRenyiELBO", "KLWeight", "NonFiniteError", "Objective", "SVIEngine", "make_elbo"]
 
@@ -46,10 +46,6 @@ class Objective(StrEnum):
 
     IWAE = "iwae"
     """Renyi / importance-weighted bound (RenyiELBO, alpha in [0, 1), K particles)."""
-
-
-class NonFiniteError(PyroMoEError):
-    """The loss or a gradient became NaN or infinite; training stopped at the last finite state."""
 
 
 class DifferentiableRenyiELBO(RenyiELBO):
@@ -195,7 +191,18 @@ class SVIEngine:
         if self.optimizer is None:
             self._start(batch)
         self.kl_weight.beta = beta = self.beta_at(self.step_count)
-        loss = self.loss(batch)
+        try:
+            loss = self.loss(batch)
+        except NonFiniteError as error:
+            message = f"at step {self.step_count}: {error} The parameters keep their last finite values."
+            raise NonFiniteError(message) from None
+        except ValueError as error:
+            if "invalid values" not in str(error):
+                raise
+            raise NonFiniteError(
+                f"at step {self.step_count}: a distribution got non-finite parameters ({error}). "
+                "The parameters keep their last finite values."
+            ) from None
         if not _finite(loss):
             raise NonFiniteError(
                 f"the loss is {loss.item()} at step {self.step_count}; culprit: {self._culprit(batch)}. "
@@ -223,9 +230,8 @@ class SVIEngine:
         return record
 
     def state_tensors(self) -> dict[str, Tensor]:
-        """Parameters (constrained, by name), Adam's state and the RNG, as flat tensors."""
-        store = pyro.get_param_store()
-        tensors = {f"param/{name}": store[name].detach() for name in self.params}
+        """Parameters (unconstrained, by name: bit-exact on reload), Adam's state and the RNG, as flat tensors."""
+        tensors = {f"param/{name}": value.detach() for name, value in self.params.items()}
         if self.optimizer is not None:
             for index, state in self.optimizer.state_dict()["state"].items():
                 for key, value in state.items():
@@ -237,10 +243,13 @@ class SVIEngine:
         """Restore :meth:`state_tensors` (the model and guide must be built as when saved)."""
         store = pyro.get_param_store()
         names = [key.removeprefix("param/") for key in tensors if key.startswith("param/")]
-        for name in names:
-            if name not in store:
-                raise ConfigurationError(f"the checkpoint has parameter {name!r}, which the rebuilt guide lacks.")
-            store[name] = tensors[f"param/{name}"].to(store[name].device)
+        with torch.no_grad():
+            for name in names:
+                if name not in store:
+                    raise ConfigurationError(f"the checkpoint has parameter {name!r}, which the rebuilt guide lacks.")
+                # in place: modules hold the very tensors the store holds (plain nn.Parameters of
+                # autoguides are read from the module, not from the store)
+                store._params[name].copy_(tensors[f"param/{name}"])
         self._start(batch)
         if set(self.params) != set(names):
             raise ConfigurationError(

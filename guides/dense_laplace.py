@@ -1,0 +1,63 @@
+"""Dense Laplace approximation over a minibatched data set (small site sets).
+
+Pyro's ``AutoLaplaceApproximation.laplace_approximation`` takes the Hessian on one call of the
+model; with minibatches the full-data negative log joint is the weighted sum of the batches'
+losses, each weighted by its share ``B / N`` of the data (so the prior counts once).
+
+Example::
+
+    map_guide = AutoLaplaceApproximation(model)          # trained to the MAP by SVI
+    loc, scale, correlation_tril = dense_laplace(model, map_guide, batches, [b / n for b in sizes])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from pyro import poutine
+from pyro.infer.autoguide import AutoLaplaceApproximation
+from pyro.ops.hessian import hessian
+from torch import Tensor
+
+from pyro_moe.errors import ConfigurationError
+
+__all__ = ["dense_laplace"]
+
+
+def dense_laplace(
+    model: Callable[..., Any],
+    map_guide: AutoLaplaceApproximation,
+    batches: Sequence[Mapping[str, Any]],
+    weights: Sequence[float],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gaussian at the MAP of ``map_guide`` with the inverse Hessian of the full-data negative log
+    joint as covariance, in the guide's unconstrained latent space of dimension ``D``.
+
+    Args:
+        model: the Pyro model, called with each batch's keyword arguments.
+        map_guide: the trained MAP guide.
+        batches: keyword arguments of every batch.
+        weights: each batch's share of the data (``B / N``; they sum to 1).
+
+    Returns:
+        ``loc`` ``(D,)``, ``scale`` ``(D,)`` (posterior standard deviations) and the Cholesky factor
+        ``(D, D)`` of the posterior correlation matrix, as ``AutoMultivariateNormal`` stores them.
+    """
+    total = 0.0
+    for batch, weight in zip(batches, weights, strict=True):
+        guide_trace = poutine.trace(map_guide).get_trace(**batch)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(**batch)
+        total = total + weight * (guide_trace.log_prob_sum() - model_trace.log_prob_sum())
+    precision = hessian(total, map_guide.loc)
+    with torch.no_grad():
+        covariance = torch.linalg.inv(precision)
+        scale = covariance.diagonal().sqrt()
+        try:
+            correlation_tril = torch.linalg.cholesky(covariance / scale[:, None] / scale[None, :])
+        except RuntimeError as error:
+            raise ConfigurationError(
+                f"the Hessian at the MAP is not positive definite (train longer or use a stronger prior): {error}"
+            ) from None
+    return map_guide.loc.detach().clone(), scale, correlation_tril

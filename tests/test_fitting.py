@@ -1,0 +1,230 @@
+"""``fit`` over every registered guide family, the minibatch estimator, save/load/resume, iwae, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pytest
+import torch
+from pyro.infer import Trace_ELBO
+
+from pyro_moe import ConfigurationError, patch_routers
+from pyro_moe.checkpoint import CheckpointError
+from pyro_moe.fitting import FittedPosterior, fit
+from pyro_moe.guides.registry import GUIDE_FAMILIES, GuideScope
+from pyro_moe.guides.router_guide import RouterGuide
+from pyro_moe.inference import NonFiniteError, make_elbo
+from pyro_moe.models.likelihoods import MCQALikelihood
+from tests.tiny_models import tiny_model
+
+ANSWERS = torch.tensor([4, 5, 6, 7])
+SITES_FOR_SCOPE = {
+    GuideScope.GLOBAL: {"weight": 0.2, "temperature": 0.3},
+    GuideScope.LOGITS: {"logits": 1.0},
+    GuideScope.TOKEN_TEMPERATURE: {"temperature": {"per": "token", "scale": 0.3}},
+}
+
+
+def mcqa_batches(count: int = 4, size: int = 8, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """A synthetic MCQA set: random prompts; the answer is a function of the last token, so it can be learnt."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        input_ids = torch.randint(8, 60, (size, 6), generator=generator)
+        attention_mask = torch.ones_like(input_ids)
+        attention_mask[0, :2] = 0
+        input_ids[0, :2] = 0
+        batches.append({"input_ids": input_ids, "attention_mask": attention_mask, "labels": input_ids[:, -1] % 4})
+    return batches
+
+
+@pytest.mark.parametrize("name", sorted(GUIDE_FAMILIES))
+def test_every_registered_family_trains_and_predicts(name):
+    """Swapping the guide is one word: the same model, data and loop for every family."""
+    scope = GUIDE_FAMILIES[name].scope
+    model = tiny_model("granitemoe")
+    handle = patch_routers(model, SITES_FOR_SCOPE[scope], layers=[1])
+    batches = mcqa_batches()
+    posterior = fit(handle, batches, name, answer_token_ids=ANSWERS, steps=24, lr=0.03, progress=False)
+    losses = [record["loss"] for record in posterior.history]
+    assert sum(losses[-6:]) / 6 < sum(losses[:6]) / 6
+    prediction = posterior.predict(batches[0]["input_ids"], batches[0]["attention_mask"], num_samples=3)
+    assert prediction.probs.shape == (8, 4)
+    torch.testing.assert_close(prediction.probs.sum(-1), torch.ones(8))
+    handle.unpatch()
+
+
+def test_learned_prior_scales_train_and_hierarchical_scales_get_a_guide():
+    model = tiny_model("granitemoe")
+    handle = patch_routers(model, {"logits": {"scale": 1.0, "mode": "learned", "scale_per": "expert"}}, layers=[1])
+    fit(handle, mcqa_batches(), "mfvr", answer_token_ids=ANSWERS, steps=10, lr=0.05, progress=False)
+    learned = pyro.param("model.layers.1.block_sparse_moe.router.logits.prior_scale")
+    assert learned.shape == (4,) and not torch.allclose(learned, torch.ones(4))
+    handle.unpatch()
+    pyro.clear_param_store()
+    handle = patch_routers(model, {"logits": {"scale": 1.0, "mode": "hierarchical"}}, layers=[1])
+    posterior = fit(handle, mcqa_batches(), "mean-field+mfvr", answer_token_ids=ANSWERS, steps=3, progress=False)
+    assert posterior.guide.global_sites == ["model.layers.1.block_sparse_moe.router.logits.prior_scale"]
+    handle.unpatch()
+
+
+def test_minibatch_loss_is_an_unbiased_estimate_of_the_full_data_loss():
+    model = tiny_model("olmoe")
+    handle = patch_routers(model, {"weight": 0.3, "logits": 1.0}, layers=[1])
+    batches = mcqa_batches(count=4, size=4)
+    full = {key: torch.cat([batch[key] for batch in batches]) for key in batches[0]}
+    likelihood = MCQALikelihood(handle, ANSWERS)
+    guide = RouterGuide(likelihood, "mean-field+mfvr", {"mfvr": {"init_scale": 0.5}})
+    guide.setup(**full, num_examples=16)
+    elbo = make_elbo("elbo")
+    draws = 150
+    with torch.no_grad():
+        minibatch = torch.tensor(
+            [
+                float(elbo.differentiable_loss(likelihood, guide, **batches[i % 4], num_examples=16))
+                for i in range(4 * draws)
+            ]
+        )
+        whole = torch.tensor(
+            [float(elbo.differentiable_loss(likelihood, guide, **full, num_examples=16)) for _ in range(draws)]
+        )
+    # each minibatch estimate is unbiased for the full loss; average over the batches' cycle
+    per_cycle = minibatch.reshape(draws, 4).mean(1)
+    error = math.sqrt(per_cycle.var() / draws + whole.var() / draws)
+    assert abs(per_cycle.mean() - whole.mean()) < 4 * error
+    handle.unpatch()
+
+
+def test_save_load_predict_reproduces_and_resume_continues_the_curve(tmp_path):
+    batches = mcqa_batches()
+
+    def patched():
+        pyro.clear_param_store()
+        return patch_routers(tiny_model("granitemoe"), {"weight": 0.2, "logits": 1.0}, layers=[1])
+
+    handle = patched()
+    straight = fit(handle, batches, "low-rank+mfvr", answer_token_ids=ANSWERS, steps=8, progress=False)
+    reference = torch.tensor([record["loss"] for record in straight.history])
+
+    handle = patched()
+    first = fit(handle, batches, "low-rank+mfvr", answer_token_ids=ANSWERS, steps=4, progress=False)
+    folder = first.save(tmp_path / "fit")
+    pyro.set_rng_seed(5)
+    expected = first.predict(batches[1]["input_ids"], batches[1]["attention_mask"], num_samples=4).probs
+
+    pyro.clear_param_store()
+    loaded = FittedPosterior.load(folder, tiny_model("granitemoe"))
+    pyro.set_rng_seed(5)
+    assert torch.equal(
+        loaded.predict(batches[1]["input_ids"], batches[1]["attention_mask"], num_samples=4).probs, expected
+    )
+
+    pyro.clear_param_store()
+    resumed = FittedPosterior.load(folder, tiny_model("granitemoe"))  # restores the random state of the save
+    resumed.train(batches, steps=4, progress=False)
+    torch.testing.assert_close(torch.tensor([record["loss"] for record in resumed.history]), reference)
+
+
+def test_iwae_with_the_prior_as_guide_is_the_log_monte_carlo_predictive():
+    """alpha = 0, q = p: log w_k = log p(y | l_k), so the bound is log mean_k p(y | l_k) from the same draws."""
+    batch = mcqa_batches(count=1)[0]
+    model = tiny_model("qwen3_moe")
+    handle = patch_routers(model, {"logits": 1.0}, layers=[1])
+    likelihood = MCQALikelihood(handle, ANSWERS)
+    guide = RouterGuide(likelihood, "mfvr", {"mfvr": {"init_scale": 1.0}})  # zero residual, prior scale: q = p
+    guide.setup(**batch)
+    with torch.no_grad():
+        pyro.set_rng_seed(3)
+        loss = make_elbo("iwae", num_particles=5, alpha=0.0).differentiable_loss(likelihood, guide, **batch)
+        pyro.set_rng_seed(3)
+        from pyro_moe import predict
+
+        sample_probs = predict(
+            handle,
+            batch["input_ids"],
+            batch["attention_mask"],
+            answer_token_ids=ANSWERS,
+            num_samples=5,
+            guide=guide,
+            return_samples=True,
+        ).sample_probs  # (5, batch, choices)
+    log_likelihood = sample_probs.gather(-1, batch["labels"].expand(5, -1).unsqueeze(-1)).log().sum((1, 2))
+    torch.testing.assert_close(-loss, torch.logsumexp(log_likelihood, 0) - math.log(5), rtol=1e-5, atol=1e-4)
+
+
+def test_iwae_with_one_particle_is_the_elbo():
+    batch = mcqa_batches(count=1)[0]
+    model = tiny_model("qwen3_moe")
+    handle = patch_routers(model, {"weight": 0.2, "logits": 1.0}, layers=[1])
+    likelihood = MCQALikelihood(handle, ANSWERS)
+    guide = RouterGuide(likelihood, "mean-field+mfvr")
+    guide.setup(**batch)
+    trace_elbo = Trace_ELBO(num_particles=1, vectorize_particles=True, max_plate_nesting=1)
+    with torch.no_grad():
+        pyro.set_rng_seed(4)
+        iwae = make_elbo("iwae", num_particles=1).differentiable_loss(likelihood, guide, **batch)
+        pyro.set_rng_seed(4)
+        elbo = trace_elbo.differentiable_loss(likelihood, guide, **batch)
+    torch.testing.assert_close(iwae, elbo)
+
+
+def test_non_finite_loss_stops_with_the_step_and_site_and_keeps_the_last_state():
+    model = tiny_model("granitemoe")
+    handle = patch_routers(model, {"weight": 0.2}, layers=[1])
+    batches = mcqa_batches()
+    posterior = fit(handle, batches, "mean-field", answer_token_ids=ANSWERS, steps=2, progress=False)
+    before = {name: value.detach().clone() for name, value in posterior.engine.params.items()}
+    hook = model.lm_head.register_forward_hook(lambda module, args, out: out * float("nan"))
+    with pytest.raises(NonFiniteError, match=r"at step 2: .*model site 'answer'"):
+        posterior.train(batches, steps=1, progress=False)
+    hook.remove()
+    for name, value in posterior.engine.params.items():
+        assert torch.equal(value.detach(), before[name]), name
+
+
+@pytest.mark.parametrize(
+    ("sites", "guide", "data", "message"),
+    [
+        (
+            {"weight": 0.1},
+            "mean-feild",
+            None,
+            r"unknown guide 'mean-feild'; registered guides: .*mean-field \(global\)",
+        ),
+        ({"logits": 1.0}, "mean-field", None, r"no family for the logits sites.*the model has no global sites"),
+        ({"weight": 0.1}, "mean-field+mfvr", None, r"the model has no logits sites for mfvr"),
+        ({"weight": 0.1}, "mean-field", [], r"the data are empty"),
+        ({"weight": 0.1}, "mean-field", "bad-labels", r"labels must be integers in \[0, 4\)"),
+        ({"weight": 0.1}, "map+mean-field", None, r"two families for the global sites"),
+    ],
+)
+def test_bad_input_is_refused_before_training(sites, guide, data, message):
+    model = tiny_model("granitemoe")
+    handle = patch_routers(model, sites, layers=[1])
+    if data is None:
+        data = mcqa_batches()
+    elif data == "bad-labels":
+        data = mcqa_batches()
+        data[1]["labels"] = data[1]["labels"] + 3
+    with pytest.raises(ConfigurationError, match=message):
+        fit(handle, data, guide, answer_token_ids=ANSWERS, steps=1, progress=False)
+    assert pyro.get_param_store().keys() == set() or guide != "mean-feild"
+    handle.unpatch()
+
+
+def test_bad_training_options_and_tampered_checkpoints(tmp_path):
+    model = tiny_model("granitemoe")
+    handle = patch_routers(model, {"weight": 0.1}, layers=[1])
+    with pytest.raises(ConfigurationError, match=r"iwae objective needs alpha in \[0, 1\)"):
+        fit(handle, mcqa_batches(), "map", answer_token_ids=ANSWERS, objective="iwae", alpha=1.0, progress=False)
+    with pytest.raises(ConfigurationError, match=r"unknown objective 'kl'; accepted: elbo, iwae"):
+        fit(handle, mcqa_batches(), "map", answer_token_ids=ANSWERS, objective="kl", progress=False)
+    posterior = fit(handle, mcqa_batches(), "map", answer_token_ids=ANSWERS, steps=1, progress=False)
+    folder = posterior.save(tmp_path / "map")
+    handle.unpatch()
+    (folder / "tensors.safetensors").write_bytes((folder / "tensors.safetensors").read_bytes()[:50])
+    fresh = tiny_model("granitemoe")
+    with pytest.raises(CheckpointError, match=r"tensors.safetensors is unreadable"):
+        FittedPosterior.load(folder, fresh)
+    assert not any("Bayesian" in type(m).__name__ for m in fresh.modules())
