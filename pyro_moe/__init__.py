@@ -16,6 +16,7 @@ from pyro_moe.errors import (
     UnsupportedFamilyError,
 )
 from pyro_moe.families import FAMILIES, RouterFamily, RouterLocation, find_moe_routers, register_family
+from pyro_moe.fitting import FittedPosterior, fit
 from pyro_moe.handlers import PriorMeanMessenger, at_prior_mean
 from pyro_moe.patching import RouterPatch, patch_routers
 from pyro_moe.predictive import RoutedPrediction, predict
@@ -27,6 +28,7 @@ __all__ = [
     "PARTICLE_DIM",
     "TOKEN_DIM",
     "ConfigurationError",
+    "FittedPosterior",
     "LayerSelectionError",
     "NoMoELayersError",
     "PredictiveMode",
@@ -39,6 +41,7 @@ __all__ = [
     "UnsupportedFamilyError",
     "at_prior_mean",
     "find_moe_routers",
+    "fit",
     "last_positions",
     "last_token_logits",
     "patch_routers",
