@@ -228,3 +228,14 @@ def test_bad_training_options_and_tampered_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match=r"tensors.safetensors is unreadable"):
         FittedPosterior.load(folder, fresh)
     assert not any("Bayesian" in type(m).__name__ for m in fresh.modules())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fit_on_cuda_moves_model_and_guide():
+    model = tiny_model("granitemoe")
+    handle = patch_routers(model, {"weight": 0.2, "logits": 1.0}, layers=[1])
+    posterior = fit(handle, mcqa_batches(), "mean-field+mfvr", answer_token_ids=ANSWERS, steps=3, device="cuda")
+    assert all(param.is_cuda for param in posterior.engine.params.values())
+    batch = mcqa_batches(count=1)[0]
+    assert posterior.predict(batch["input_ids"], batch["attention_mask"], num_samples=2).probs.is_cuda
