@@ -107,7 +107,7 @@ class FittedPosterior:
         posterior resumes); the batch order continues from the step count."""
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ConfigurationError(f"steps must be a positive integer, got {steps!r}.")
-        if self.guide.is_laplace and self.config.get("laplace_fitted"):
+        if self.config.get("laplace_fitted"):
             raise ConfigurationError("a fitted Laplace posterior cannot resume training; fit a new one.")
         batches = check_batches(data, self.likelihood.num_choices)
         num_examples = sum(len(batch["labels"]) for batch in batches)
@@ -141,7 +141,7 @@ class FittedPosterior:
     def save(self, folder: str | Path) -> Path:
         """Write the guide's parameters, the optimiser state and the configuration (safetensors + JSON)."""
         tensors = self.engine.state_tensors()
-        if self.guide.is_laplace or self.config.get("laplace_fitted"):
+        if self.config.get("laplace_fitted"):
             tensors.update({f"buffer/{name}": value for name, value in self.guide.named_buffers()})
         config = {**self.config, "history": self.engine.history, "step_count": self.engine.step_count}
         return save_checkpoint(folder, tensors, config)

@@ -239,3 +239,20 @@ def test_fit_on_cuda_moves_model_and_guide():
     assert all(param.is_cuda for param in posterior.engine.params.values())
     batch = mcqa_batches(count=1)[0]
     assert posterior.predict(batch["input_ids"], batch["attention_mask"], num_samples=2).probs.is_cuda
+
+
+def test_fitted_laplace_saves_loads_and_refuses_to_resume(tmp_path):
+    batches = mcqa_batches()
+    handle = patch_routers(tiny_model("granitemoe"), {"weight": 0.2}, layers=[1])
+    posterior = fit(handle, batches, "laplace", answer_token_ids=ANSWERS, steps=20, progress=False)
+    folder = posterior.save(tmp_path / "laplace")
+    pyro.set_rng_seed(2)
+    expected = posterior.predict(batches[0]["input_ids"], batches[0]["attention_mask"], num_samples=4).probs
+    pyro.clear_param_store()
+    loaded = FittedPosterior.load(folder, tiny_model("granitemoe"))
+    pyro.set_rng_seed(2)
+    assert torch.equal(
+        loaded.predict(batches[0]["input_ids"], batches[0]["attention_mask"], num_samples=4).probs, expected
+    )
+    with pytest.raises(ConfigurationError, match="cannot resume"):
+        loaded.train(batches, steps=1, progress=False)
