@@ -47,7 +47,15 @@ from torch import Tensor, nn
 
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.families import RouterFamily
-from pyro_moe.models.priors import LogNormalPrior, NormalPrior, PriorScale, SitePrior, family_name, prior_family
+from pyro_moe.models.priors import (
+    LogNormalPrior,
+    NormalPrior,
+    PriorScale,
+    SitePrior,
+    family_name,
+    family_params,
+    prior_family,
+)
 from pyro_moe.routing import gumbel_top_k
 from pyro_moe.routing_context import (
     TOKEN_DIM,
@@ -171,6 +179,7 @@ class RouterSites:
             if prior is not None:
                 config[kind] = {
                     "family": family_name(prior.family),
+                    "family_params": family_params(prior.family),
                     "scale": prior.scale.value,
                     "mode": prior.scale.mode,
                     "scale_per": prior.scale.per,
@@ -191,7 +200,8 @@ class RouterSites:
 
         * a number: the prior scale (for ``dropout``: the rate);
         * a :class:`~pyro_moe.models.priors.SitePrior`, or a prior family (callable ``(centre, scale)``);
-        * a mapping with keys ``scale`` (number), ``family`` (prior family), ``mode``
+        * a mapping with keys ``scale`` (number), ``family`` (prior family or registered name),
+          ``family_params`` (keyword parameters of a named family, e.g. ``{"df": 3.0}``), ``mode``
           (``"fixed"``, ``"learned"``, ``"hierarchical"``), ``scale_per`` (``"layer"`` or
           ``"expert"``), ``hyperprior_scale``, and for ``temperature`` ``per``
           (``"layer"``, ``"expert"`` or ``"token"``)::
@@ -220,7 +230,7 @@ class RouterSites:
         return cls(**fields)
 
 
-_SITE_PRIOR_KEYS = ("scale", "family", "mode", "scale_per", "hyperprior_scale")
+_SITE_PRIOR_KEYS = ("scale", "family", "family_params", "mode", "scale_per", "hyperprior_scale")
 
 
 def _site_prior(kind: SiteKind, option: Any) -> SitePrior:
@@ -243,8 +253,10 @@ def _site_prior(kind: SiteKind, option: Any) -> SitePrior:
             per=option.get("scale_per", "layer"),
             hyperprior_scale=option.get("hyperprior_scale", 0.5),
         )
-        chosen = option.get("family", family)
-        return SitePrior(prior_family(chosen) if isinstance(chosen, str) else chosen, scale)
+        chosen, params = option.get("family", family), option.get("family_params", {})
+        if params and not isinstance(chosen, str):
+            raise ConfigurationError("family_params go with a family given by its registered name.")
+        return SitePrior(prior_family(chosen, **params) if isinstance(chosen, str) else chosen, scale)
     if callable(option):
         return SitePrior(option, PriorScale(DEFAULT_SCALES[kind]))
     raise ConfigurationError(

@@ -6,6 +6,29 @@ pretrained router weights for weight sites, the deterministic logits ``W u`` for
 ones for temperature sites. Pinning every site at its prior mean therefore gives back the
 deterministic model (:func:`pyro_moe.at_prior_mean`).
 
+Registered families (:data:`PRIOR_FAMILIES`, built by name and keyword parameters with
+:func:`prior_family`):
+
+=================  ==========================================  ======================================
+name               distribution                                 "centred" means
+=================  ==========================================  ======================================
+``normal``         ``Normal(centre, scale)``                    mean ``centre``
+``laplace``        ``Laplace(centre, scale)``                   mean ``centre``
+``student-t``      ``StudentT(df, centre, scale)``, ``df > 1``  mean ``centre``
+``horseshoe``      :class:`HorseshoeMarginal`                   centre of symmetry (no mean exists)
+``scale-mixture``  mixture of ``Normal(centre, s_k scale)``     mean ``centre``
+``spike-and-slab`` two-component scale mixture                  mean ``centre``
+``lognormal``      ``LogNormal``, log-scale ``scale``           mean ``centre`` (temperatures)
+``gamma``          ``Gamma``, coefficient of variation          mean ``centre`` (temperatures)
+                   ``scale``
+``half-cauchy``    :class:`PoweredHalfCauchy`, power ``scale``  *median* ``centre`` (temperatures)
+=================  ==========================================  ======================================
+
+The first six are real-valued (weight and logit sites), the last three positive (temperatures).
+Every family's ``mean`` is ``centre`` except ``half-cauchy``'s, which is larger (infinite for
+``scale >= 1``): :func:`pyro_moe.at_prior_mean` pins a half-Cauchy temperature at that mean, so
+the pinned model is not the deterministic one.
+
 The scale is a :class:`PriorScale`: fixed, learned as a parameter (empirical Bayes) or a global
 sample site of its own with a hyperprior (hierarchical), per layer or per expert, so that the data
 can decide how random the routing is.
@@ -15,13 +38,15 @@ Example::
     SitePrior(NormalPrior(), PriorScale(2.0))                              # fixed scale 2
     SitePrior(NormalPrior(), PriorScale(2.0, mode="learned", per="layer"))   # pyro.param, init 2
     SitePrior(LogNormalPrior(), PriorScale(0.3, mode="hierarchical"))        # scale ~ hyperprior
+    SitePrior(prior_family("student-t", df=4.0), PriorScale(0.05))         # by name, with parameters
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 import pyro
 import pyro.distributions as dist
@@ -33,13 +58,25 @@ from pyro_moe.errors import ConfigurationError
 
 __all__ = [
     "PRIOR_FAMILIES",
+    "GammaPrior",
+    "HalfCauchyPrior",
+    "HorseshoeMarginal",
+    "HorseshoePrior",
+    "LaplacePrior",
     "LogNormalPrior",
     "NormalPrior",
+    "NormalScaleMixture",
+    "PoweredHalfCauchy",
     "Prior",
     "PriorScale",
+    "ScaleMixturePrior",
     "SitePrior",
+    "SpikeAndSlabPrior",
+    "StudentTPrior",
     "family_name",
+    "family_params",
     "prior_family",
+    "scaled_exp1",
 ]
 
 
@@ -65,6 +102,187 @@ class NormalPrior:
 
 
 @dataclass(frozen=True)
+class LaplacePrior:
+    """``Laplace(centre, scale)`` elementwise: density ``exp(-|x - centre| / scale) / (2 scale)``, mean
+    ``centre``, standard deviation ``sqrt(2) scale`` (weight and logit sites)."""
+
+    def __call__(self, centre: Tensor, scale: Tensor) -> dist.Laplace:
+        return dist.Laplace(centre, scale)
+
+
+@dataclass(frozen=True)
+class StudentTPrior:
+    """Student-t with ``df`` degrees of freedom, location ``centre`` and scale ``scale`` (weight and
+    logit sites). ``df > 1`` so that the mean exists and is ``centre``; the variance is
+    ``scale^2 df / (df - 2)`` for ``df > 2`` and infinite otherwise.
+
+    Example::
+
+        prior_family("student-t", df=3.0)(centre, torch.tensor(0.1))
+    """
+
+    df: float = 3.0
+
+    def __post_init__(self) -> None:
+        if _positive("student-t df", self.df) <= 1:
+            raise ConfigurationError(f"student-t df must be > 1 (so that the mean is the centre), got {self.df!r}.")
+
+    def __call__(self, centre: Tensor, scale: Tensor) -> dist.StudentT:
+        return dist.StudentT(torch.as_tensor(self.df, dtype=centre.dtype, device=centre.device), centre, scale)
+
+
+_EULER_GAMMA = 0.5772156649015329
+
+
+def scaled_exp1(x: Tensor) -> Tensor:
+    """``exp(x) E1(x)`` for ``x > 0`` (``E1`` the exponential integral), differentiable, on any device.
+
+    Below 1 the power series ``E1(x) = -gamma - log x - sum_k (-x)^k / (k k!)`` (30 terms), from 1
+    on the continued fraction ``1 / (x + 1 - 1 / (x + 3 - 4 / (x + 5 - ...)))`` (60 levels);
+    both agree with ``scipy.special.exp1`` to about 1e-12 relative.
+    """
+    small = x.clamp(min=torch.finfo(x.dtype).tiny, max=1.0)
+    total, term = torch.zeros_like(small), torch.ones_like(small)
+    for k in range(1, 31):
+        term = term * (-small) / k
+        total = total + term / k
+    series = small.exp() * (-_EULER_GAMMA - small.log() - total)
+    large = x.clamp(min=1.0)
+    denominator = large + 121.0
+    for k in range(59, -1, -1):
+        denominator = large + (2 * k + 1) - (k + 1) ** 2 / denominator
+    return torch.where(x < 1.0, series, 1.0 / denominator)
+
+
+class HorseshoeMarginal(dist.TorchDistribution):
+    """The horseshoe prior with the local scale integrated out: ``x = loc + scale lambda eps`` with
+    ``lambda ~ HalfCauchy(1)``, ``eps ~ Normal(0, 1)`` (Carvalho, Polson and Scott, 2010). Its
+    density has the closed form ``exp(z) E1(z) / (scale sqrt(2 pi^3))`` with
+    ``z = (x - loc)^2 / (2 scale^2)``, infinite at ``loc``; its tails fall as ``1 / x^2``, so it has
+    no mean or variance. :attr:`mean` returns ``loc``, the centre of symmetry (the principal-value
+    mean), so that :func:`pyro_moe.at_prior_mean` pins the site at ``loc``; :attr:`variance` is
+    infinite.
+    """
+
+    arg_constraints: ClassVar[dict] = {"loc": constraints.real, "scale": constraints.positive}
+    support = constraints.real
+    has_rsample = True
+
+    def __init__(self, loc: Tensor, scale: Tensor, validate_args: bool | None = None) -> None:
+        self.loc, self.scale = torch.broadcast_tensors(torch.as_tensor(loc), torch.as_tensor(scale))
+        super().__init__(self.loc.shape, validate_args=validate_args)
+
+    def expand(self, batch_shape: torch.Size, _instance: HorseshoeMarginal | None = None) -> HorseshoeMarginal:
+        new = self._get_checked_instance(HorseshoeMarginal, _instance)
+        new.loc, new.scale = self.loc.expand(batch_shape), self.scale.expand(batch_shape)
+        super(HorseshoeMarginal, new).__init__(torch.Size(batch_shape), validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    @property
+    def mean(self) -> Tensor:
+        return self.loc
+
+    @property
+    def variance(self) -> Tensor:
+        return torch.full_like(self.loc, math.inf)
+
+    def rsample(self, sample_shape: tuple[int, ...] = ()) -> Tensor:
+        shape = self._extended_shape(torch.Size(sample_shape))
+        local = torch.empty(shape, dtype=self.loc.dtype, device=self.loc.device).cauchy_().abs()
+        noise = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
+        return self.loc + self.scale * local * noise
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        z = 0.5 * ((value - self.loc) / self.scale) ** 2
+        return scaled_exp1(z).log() - self.scale.log() - 0.5 * math.log(2 * math.pi**3)
+
+
+@dataclass(frozen=True)
+class HorseshoePrior:
+    """The horseshoe (:class:`HorseshoeMarginal`) around ``centre`` with global scale ``scale``
+    (weight and logit sites): most mass near the centre, heavy tails for the few large departures."""
+
+    def __call__(self, centre: Tensor, scale: Tensor) -> HorseshoeMarginal:
+        return HorseshoeMarginal(centre, scale)
+
+
+class NormalScaleMixture(dist.MixtureSameFamily):
+    """``MixtureSameFamily`` of Normals declaring its support as the real line (the generic mixture
+    support has no bijection, which autoguides need)."""
+
+    support = constraints.real
+
+
+def _normal_scale_mixture(
+    centre: Tensor, scale: Tensor, weights: tuple[float, ...], multipliers: tuple[float, ...]
+) -> NormalScaleMixture:
+    centre, scale = torch.broadcast_tensors(centre, scale)
+    probs = torch.tensor(weights, dtype=centre.dtype, device=centre.device)
+    factors = torch.tensor(multipliers, dtype=centre.dtype, device=centre.device)
+    components = dist.Normal(centre.unsqueeze(-1), scale.unsqueeze(-1) * factors)
+    return NormalScaleMixture(dist.Categorical(probs=probs.expand(*centre.shape, len(weights))), components)
+
+
+def _floats(name: str, values: object) -> tuple[float, ...]:
+    if isinstance(values, str) or not isinstance(values, tuple | list) or not values:
+        raise ConfigurationError(f"{name} must be a non-empty list of positive numbers, got {values!r}.")
+    return tuple(_positive(name, value) for value in values)
+
+
+@dataclass(frozen=True)
+class ScaleMixturePrior:
+    """Gaussian scale mixture ``sum_k weights[k] Normal(centre, (scales[k] scale)^2)`` as a
+    ``MixtureSameFamily`` (weight and logit sites); mean ``centre``, heavier tails than one Normal.
+    ``weights`` are normalised to sum to 1; ``scales`` multiply the site's scale.
+
+    Example::
+
+        prior_family("scale-mixture", weights=[0.8, 0.2], scales=[0.5, 4.0])
+    """
+
+    weights: tuple[float, ...] = (0.5, 0.5)
+    scales: tuple[float, ...] = (0.5, 2.0)
+
+    def __post_init__(self) -> None:
+        weights, scales = _floats("scale-mixture weights", self.weights), _floats("scale-mixture scales", self.scales)
+        if len(weights) != len(scales):
+            raise ConfigurationError(f"scale-mixture weights {weights} and scales {scales} differ in length.")
+        object.__setattr__(self, "weights", tuple(w / sum(weights) for w in weights))
+        object.__setattr__(self, "scales", scales)
+
+    def __call__(self, centre: Tensor, scale: Tensor) -> NormalScaleMixture:
+        return _normal_scale_mixture(centre, scale, self.weights, self.scales)
+
+
+@dataclass(frozen=True)
+class SpikeAndSlabPrior:
+    """Continuous spike and slab: ``(1 - slab_weight) Normal(centre, (spike_scale scale)^2) +
+    slab_weight Normal(centre, scale^2)`` as a ``MixtureSameFamily`` (weight and logit sites);
+    mean ``centre``. ``slab_weight`` in ``(0, 1)``, ``spike_scale`` in ``(0, 1)``.
+
+    Example::
+
+        prior_family("spike-and-slab", slab_weight=0.2, spike_scale=0.01)
+    """
+
+    slab_weight: float = 0.5
+    spike_scale: float = 0.01
+
+    def __post_init__(self) -> None:
+        for name in ("slab_weight", "spike_scale"):
+            value = getattr(self, name)
+            if _positive(f"spike-and-slab {name}", value) >= 1:
+                raise ConfigurationError(f"spike-and-slab {name} must be in (0, 1), got {value!r}.")
+
+    def __call__(self, centre: Tensor, scale: Tensor) -> NormalScaleMixture:
+        weights = (1.0 - self.slab_weight, self.slab_weight)
+        return _normal_scale_mixture(centre, scale, weights, (self.spike_scale, 1.0))
+
+
+@dataclass(frozen=True)
 class LogNormalPrior:
     """``LogNormal(log(centre) - scale^2 / 2, scale)``: positive, with mean ``centre`` (temperatures)."""
 
@@ -72,15 +290,110 @@ class LogNormalPrior:
         return dist.LogNormal(centre.log() - 0.5 * scale**2, scale)
 
 
-PRIOR_FAMILIES: dict[str, type] = {"normal": NormalPrior, "lognormal": LogNormalPrior}
-"""Prior families by name (for configurations and the command line)."""
+@dataclass(frozen=True)
+class GammaPrior:
+    """``Gamma(1 / scale^2, rate = 1 / (scale^2 centre))``: positive, with mean ``centre`` and
+    coefficient of variation ``scale`` (standard deviation ``scale centre``) (temperatures)."""
+
+    def __call__(self, centre: Tensor, scale: Tensor) -> dist.Gamma:
+        concentration = scale**-2
+        return dist.Gamma(concentration, concentration / centre)
 
 
-def prior_family(name: str) -> Prior:
-    """The prior family registered as ``name``; the error lists the registered ones."""
+class PoweredHalfCauchy(dist.TorchDistribution):
+    """``T = centre X^power`` with ``X ~ HalfCauchy(1)``; ``power = 1`` is ``HalfCauchy(centre)``.
+
+    Its median is ``centre`` (``X`` has median 1) and ``log T`` is symmetric about ``log centre``
+    (``1 / X`` is ``HalfCauchy(1)`` too), with spread proportional to ``power``. Density, with
+    ``x = (t / centre)^(1 / power)``: ``2 x / (pi (1 + x^2) power t)``. The mean is
+    ``centre / cos(pi power / 2)`` for ``power < 1`` and infinite otherwise: it is *not* ``centre``,
+    so :func:`pyro_moe.at_prior_mean` pins such a site at this mean, not at the median.
+    """
+
+    arg_constraints: ClassVar[dict] = {"centre": constraints.positive, "power": constraints.positive}
+    support = constraints.positive
+    has_rsample = True
+
+    def __init__(self, centre: Tensor, power: Tensor, validate_args: bool | None = None) -> None:
+        self.centre, self.power = torch.broadcast_tensors(torch.as_tensor(centre), torch.as_tensor(power))
+        super().__init__(self.centre.shape, validate_args=validate_args)
+
+    def expand(self, batch_shape: torch.Size, _instance: PoweredHalfCauchy | None = None) -> PoweredHalfCauchy:
+        new = self._get_checked_instance(PoweredHalfCauchy, _instance)
+        new.centre, new.power = self.centre.expand(batch_shape), self.power.expand(batch_shape)
+        super(PoweredHalfCauchy, new).__init__(torch.Size(batch_shape), validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    @property
+    def median(self) -> Tensor:
+        return self.centre
+
+    @property
+    def mean(self) -> Tensor:
+        finite = self.power < 1  # E[X^p] = 1 / cos(pi p / 2) for p < 1
+        power = torch.where(finite, self.power, torch.zeros_like(self.power))
+        infinite = torch.full_like(self.centre, math.inf)
+        return torch.where(finite, self.centre / torch.cos(0.5 * math.pi * power), infinite)
+
+    @property
+    def variance(self) -> Tensor:
+        finite = self.power < 0.5
+        power = torch.where(finite, self.power, torch.zeros_like(self.power))
+        second = self.centre**2 / torch.cos(math.pi * power)
+        return torch.where(finite, second - self.mean**2, torch.full_like(self.centre, math.inf))
+
+    def rsample(self, sample_shape: tuple[int, ...] = ()) -> Tensor:
+        shape = self._extended_shape(torch.Size(sample_shape))
+        half_cauchy = torch.empty(shape, dtype=self.centre.dtype, device=self.centre.device).cauchy_().abs()
+        return self.centre * half_cauchy**self.power
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        log_x = (value.log() - self.centre.log()) / self.power
+        return math.log(2 / math.pi) - torch.nn.functional.softplus(2 * log_x) + log_x - value.log() - self.power.log()
+
+
+@dataclass(frozen=True)
+class HalfCauchyPrior:
+    """:class:`PoweredHalfCauchy` with median ``centre`` and power ``scale`` (temperatures):
+    ``scale = 1`` is the half-Cauchy ``HalfCauchy(centre)``; "centred" means the *median* is
+    ``centre``, as a half-Cauchy has no mean."""
+
+    def __call__(self, centre: Tensor, scale: Tensor) -> PoweredHalfCauchy:
+        return PoweredHalfCauchy(centre, scale)
+
+
+PRIOR_FAMILIES: dict[str, type] = {
+    "normal": NormalPrior,
+    "laplace": LaplacePrior,
+    "student-t": StudentTPrior,
+    "horseshoe": HorseshoePrior,
+    "scale-mixture": ScaleMixturePrior,
+    "spike-and-slab": SpikeAndSlabPrior,
+    "lognormal": LogNormalPrior,
+    "gamma": GammaPrior,
+    "half-cauchy": HalfCauchyPrior,
+}
+"""Prior families by name (for configurations and the command line). Real-valued, for weight and
+logit sites: ``normal``, ``laplace``, ``student-t``, ``horseshoe``, ``scale-mixture``,
+``spike-and-slab``; positive, for temperatures: ``lognormal``, ``gamma``, ``half-cauchy``."""
+
+
+def prior_family(name: str, **params: object) -> Prior:
+    """The prior family registered as ``name``, built with keyword ``params`` (e.g. ``df`` of
+    ``student-t``); the errors list the registered names or the family's parameters."""
     if name not in PRIOR_FAMILIES:
         raise ConfigurationError(f"unknown prior family {name!r}; accepted: {', '.join(sorted(PRIOR_FAMILIES))}.")
-    return PRIOR_FAMILIES[name]()
+    cls = PRIOR_FAMILIES[name]
+    accepted = [field.name for field in dataclasses.fields(cls)]
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise ConfigurationError(
+            f"unknown parameter(s) {unknown} of prior family {name!r}; accepted: {', '.join(accepted) or 'none'}."
+        )
+    return cls(**params)
 
 
 def family_name(family: Prior) -> str:
@@ -89,6 +402,16 @@ def family_name(family: Prior) -> str:
         if type(family) is cls:
             return name
     raise ConfigurationError(f"the prior family {family!r} is not registered in PRIOR_FAMILIES, so it cannot be saved.")
+
+
+def family_params(family: Prior) -> dict[str, object]:
+    """The parameters of a registered ``family`` as JSON values (``prior_family(name, **params)``
+    rebuilds it)."""
+    family_name(family)
+    return {
+        field.name: list(value) if isinstance(value := getattr(family, field.name), tuple) else value
+        for field in dataclasses.fields(family)
+    }
 
 
 SCALE_MODES = ("fixed", "learned", "hierarchical")
