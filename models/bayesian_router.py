@@ -360,9 +360,12 @@ class BayesianRouter(nn.Module):
         weight, bias = self.weight, getattr(self, "bias", None)
         if sites.weight is not None:
             per_expert = num_experts if sites.weight.scale.per == "expert" else 1
-            weight = self._global_site("weight", sites.weight, self.weight.detach().float(), (per_expert, 1))
+            # the centres are copies: guides initialised at the prior mean must not alias the router's weights
+            centre = self.weight.detach().to(torch.float32, copy=True)
+            weight = self._global_site("weight", sites.weight, centre, (per_expert, 1))
             if bias is not None:
-                bias = self._global_site("bias", sites.weight, bias.detach().float(), (per_expert,)).unsqueeze(1)
+                centre = bias.detach().to(torch.float32, copy=True)
+                bias = self._global_site("bias", sites.weight, centre, (per_expert,)).unsqueeze(1)
         logits = self.family.logits(hidden, weight, bias)  # (1 or S, T, E)
         if particles == 1:  # no particle dimension: (T, E), (T, H)
             logits, hidden = logits.squeeze(0), hidden.squeeze(0)
