@@ -4,8 +4,8 @@ For every Bayesian router, an encoder maps ``u`` ``(..., tokens, hidden)`` to th
 ``q(l | u)`` around the deterministic logits ``W u`` (``loc``):
 
 * ``mfvr``: ``N(W u + dmu(u), diag(s(u)^2))`` (mean-field variational router);
-* ``fcvr``: ``N(W u + dmu(u), L(u) L(u)^T)`` with ``L`` lower triangular, positive diagonal
-  (full-covariance variational router; ``O(E^2)`` outputs per token);
+* ``fcvr``: ``N(W u + dmu(u), L(u) L(u)^T)`` with ``L = diag(s(u)) U(u)``, ``U`` unit lower
+  triangular (full-covariance variational router; ``O(E^2)`` outputs per token);
 * ``low-rank-logits``: ``N(W u + dmu(u), D(u) + V(u) V(u)^T)`` with ``V`` of rank ``r``
   (``O(E r)`` per token, between the two);
 * ``vtsr``: the per-token temperature ``T ~ LogNormal(m(u), s(u))`` (variational temperature
@@ -103,10 +103,9 @@ class AmortizedLogitGuide(nn.Module):
             raw_scale = _inverse_softplus(init_scale)
             if covariance == "diagonal":
                 bias = torch.cat([torch.zeros(experts), torch.full((experts,), math.log(init_scale))])
-            elif covariance == "full":
-                tril = torch.zeros(experts, experts)
-                tril.diagonal().fill_(raw_scale)
-                bias = torch.cat([torch.zeros(experts), tril[torch.tril_indices(experts, experts).unbind()]])
+            elif covariance == "full":  # residual mean, scales, strictly lower part of the unit factor
+                strict_lower = experts * (experts - 1) // 2
+                bias = torch.cat([torch.zeros(experts), torch.full((experts,), raw_scale), torch.zeros(strict_lower)])
             else:
                 bias = torch.cat([torch.zeros(experts), torch.full((experts,), raw_scale), torch.zeros(experts * rank)])
             self.encoders[_key(path)] = TokenEncoder(hidden, len(bias), width, bias).to(router.weight.device)
@@ -120,18 +119,16 @@ class AmortizedLogitGuide(nn.Module):
         if self.covariance == "diagonal":
             return dist.Normal(mean, out[..., experts:].exp()).to_event(1)
         if self.covariance == "full":
-            rows, cols = torch.tril_indices(experts, experts, device=loc.device)
-            tril = out.new_zeros(*out.shape[:-1], experts, experts)
-            tril[..., rows, cols] = out[..., experts:]
-            diagonal = nn.functional.softplus(tril.diagonal(dim1=-2, dim2=-1))
-            tril = tril.tril(-1) + torch.diag_embed(diagonal)
-            return dist.MultivariateNormal(mean, scale_tril=tril)
+            # L = diag(s) U with U unit lower triangular: the scales bound the factor's conditioning,
+            # as AutoMultivariateNormal separates scales from correlations
+            rows, cols = torch.tril_indices(experts, experts, offset=-1, device=loc.device)
+            unit = torch.eye(experts, device=loc.device).expand(*out.shape[:-1], experts, experts).clone()
+            unit[..., rows, cols] = out[..., 2 * experts :]
+            scale = nn.functional.softplus(out[..., experts : 2 * experts])
+            return dist.MultivariateNormal(mean, scale_tril=scale.unsqueeze(-1) * unit)
         cov_diag = nn.functional.softplus(out[..., experts : 2 * experts]) ** 2
         cov_factor = out[..., 2 * experts :].unflatten(-1, (experts, self.rank))
         return dist.LowRankMultivariateNormal(mean, cov_factor=cov_factor, cov_diag=cov_diag)
-
-    def temperature_distribution(self, router: nn.Module, hidden: Tensor) -> dist.TorchDistribution:
-        raise ConfigurationError("this guide covers logit sites only; add 'vtsr' for per-token temperatures.")
 
 
 class AmortizedTemperatureGuide(nn.Module):
@@ -154,9 +151,6 @@ class AmortizedTemperatureGuide(nn.Module):
         """``q(T | u)``: batch ``hidden.shape[:-1]`` (``(tokens,)`` or ``(draws, tokens)``)."""
         out = self.encoders[_key(router.path)](hidden)
         return dist.LogNormal(out[..., 0], out[..., 1].exp())
-
-    def logits_distribution(self, router: nn.Module, hidden: Tensor, loc: Tensor) -> dist.TorchDistribution:
-        raise ConfigurationError("this guide covers per-token temperatures only; add a logit guide (mfvr, ...).")
 
 
 class LocalGuides(nn.Module):

@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -24,6 +25,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.infer.autoguide import AutoLaplaceApproximation, AutoMultivariateNormal
+from pyro.nn import PyroModule
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
@@ -42,6 +44,9 @@ __all__ = ["RouterGuide", "is_local_site"]
 def is_local_site(msg: Mapping[str, Any]) -> bool:
     """Whether a sample message belongs to a per-token site (or is a token plate)."""
     return msg["name"].endswith(".tokens") or any(frame.name.endswith(".tokens") for frame in msg["cond_indep_stack"])
+
+
+_GUIDE_NUMBERS = itertools.count()
 
 
 class _PosteriorDraws(Messenger):
@@ -75,6 +80,7 @@ class RouterGuide(nn.Module):
         super().__init__()
         self.likelihood = likelihood
         self.patch = likelihood.patch
+        self.name = likelihood.param_prefix.rstrip("/") or f"pyro_moe.guide{next(_GUIDE_NUMBERS)}"
         self.spec = spec
         self.families = parse_guide(spec)
         self.options = {name: dict(values) for name, values in (options or {}).items()}
@@ -87,9 +93,18 @@ class RouterGuide(nn.Module):
         self.global_sites: list[str] = []
         self.local_sites: list[str] = []
 
+    @property
+    def param_prefix(self) -> str:
+        """Prefix of every Pyro parameter of this guide (the likelihood's, when it has one), so that
+        several fits live side by side in Pyro's global parameter store."""
+        return f"{self.name}/"
+
     def _build(self, scope: GuideScope, *args: Any) -> Any:
         family = self.families[scope]
-        return family.build(*args, **self.options.get(family.name, {}))
+        part = family.build(*args, **self.options.get(family.name, {}))
+        if isinstance(part, PyroModule):  # its parameters are named <name>/<class>.<attribute>
+            part._pyro_name = f"{self.param_prefix}{part._pyro_name}"
+        return part
 
     def _global_model(self, *args: Any, **kwargs: Any) -> Any:
         """The likelihood with every site but the global latent ones hidden."""
@@ -119,6 +134,12 @@ class RouterGuide(nn.Module):
                 )
                 + f" (global sites: {self.global_sites[:4]}, per-token sites: {self.local_sites[:4]})."
             )
+        sites = self.patch.sites
+        if local_kinds and (sites.dropout > 0 or sites.selection.value == "sample-k"):
+            raise ConfigurationError(
+                "per-token guides run the network themselves, and MC dropout masks and Sample-K noise are not "
+                "sample sites that the model could replay: use dropout or sample-k without per-token sites."
+            )
         if self.global_sites:
             self.global_guide = self._build(GuideScope.GLOBAL, self._global_model)
             with torch.no_grad(), poutine.block():
@@ -134,7 +155,7 @@ class RouterGuide(nn.Module):
 
     def _register_local_guide(self) -> None:
         """Put the encoders' parameters in Pyro's parameter store (and take them back from it)."""
-        pyro.module("pyro_moe_local_guide", self.local_guide, update_module_params=True)
+        pyro.module(f"{self.param_prefix}local_guide", self.local_guide, update_module_params=True)
 
     @property
     def is_laplace(self) -> bool:
@@ -160,7 +181,8 @@ class RouterGuide(nn.Module):
         values = self.global_guide(input_ids, attention_mask, labels, num_examples) if self.global_guide else {}
         if self.local_guide is not None:
             scale = data_scale(input_ids.shape[0], num_examples)
-            with routing_context(local_guide=self.local_guide, local_scale=scale):
+            prefix = self.likelihood.param_prefix
+            with routing_context(local_guide=self.local_guide, local_scale=scale, param_prefix=prefix):
                 self._run_network_with_local_guide(values, input_ids, attention_mask)
         return values
 
@@ -172,7 +194,10 @@ class RouterGuide(nn.Module):
         if self.global_guide is not None:
             with _PosteriorDraws():  # seen by the particle plate, renamed apart from the model's sites
                 values = self.global_guide(input_ids, attention_mask)
-        with poutine.condition(data=values), routing_context(local_guide=self.local_guide):
+        with (
+            poutine.condition(data=values),
+            routing_context(local_guide=self.local_guide, param_prefix=self.likelihood.param_prefix),
+        ):
             yield
 
     def fit_laplace(self, batches: Sequence[Mapping[str, Tensor]], num_examples: int) -> None:

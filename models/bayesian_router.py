@@ -317,7 +317,8 @@ class BayesianRouter(nn.Module):
         """The prior of site ``kind`` around ``centre``; its scale, ``(*particles, *per-draw)``, is
         reshaped to ``layout`` (with ``experts`` or 1 where the experts axis is) after the
         particle dimensions, so that it broadcasts against ``centre``."""
-        scale = prior.scale.resolve(self.site_name(kind), self.weight.shape[0], centre.device)
+        context = current_context()
+        scale = prior.scale.resolve(self.site_name(kind), self.weight.shape[0], centre.device, context.param_prefix)
         own = 1 if prior.scale.per == "expert" else 0
         return prior.family(centre, scale.reshape((*scale.shape[: scale.dim() - own], *layout)))
 

@@ -46,14 +46,15 @@ class MCQALikelihood:
     Args:
         patch: the patched model (its backbone is not trained).
         answer_token_ids: ``(choices,)`` token ids of the answer letters.
+        param_prefix: prefix of the names of learned prior scales (one per fit).
 
     Attributes:
         last_nll: mean negative log-likelihood per example of the last call (a float, for progress
             reports), averaged over particles.
     """
 
-    def __init__(self, patch: RouterPatch, answer_token_ids: Tensor) -> None:
-        self.patch = patch
+    def __init__(self, patch: RouterPatch, answer_token_ids: Tensor, param_prefix: str = "") -> None:
+        self.patch, self.param_prefix = patch, param_prefix
         self.answer_token_ids = torch.as_tensor(answer_token_ids).long()
         if self.answer_token_ids.dim() != 1 or len(self.answer_token_ids) < 2:
             raise ConfigurationError("answer_token_ids must be a 1-D tensor of at least two token ids.")
@@ -79,7 +80,7 @@ class MCQALikelihood:
         ``(draws, batch, choices)`` (draws is 1 outside a particle plate)."""
         batch = input_ids.shape[0]
         scale = data_scale(batch, num_examples)
-        with routing_context(local_scale=scale):
+        with routing_context(local_scale=scale, param_prefix=self.param_prefix):
             answer_logits = self.answer_logits(input_ids, attention_mask)
         if not torch.isfinite(answer_logits).all():
             raise NonFiniteError("the network's answer logits (model site 'answer') are not finite.")

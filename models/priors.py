@@ -445,17 +445,18 @@ class PriorScale:
         if self.per not in SCALE_SHARING:
             raise ConfigurationError(f"prior scale 'per' must be one of {', '.join(SCALE_SHARING)}, got {self.per!r}.")
 
-    def resolve(self, site: str, num_experts: int, device: torch.device) -> Tensor:
+    def resolve(self, site: str, num_experts: int, device: torch.device, param_prefix: str = "") -> Tensor:
         """The scale tensor of ``site``: ``()`` per layer or ``(experts,)`` per expert.
 
-        Declares the ``pyro.param`` or the sample site ``<site>.prior_scale`` when not fixed.
+        Declares the ``pyro.param`` ``<param_prefix><site>.prior_scale`` or the sample site
+        ``<site>.prior_scale`` when not fixed (the prefix keeps the parameters of separate fits apart).
         """
         shape = (num_experts,) if self.per == "expert" else ()
         initial = torch.full(shape, self.value, device=device)
         if self.mode == "fixed":
             return initial
         if self.mode == "learned":
-            return pyro.param(f"{site}.prior_scale", initial, constraint=constraints.positive)
+            return pyro.param(f"{param_prefix}{site}.prior_scale", initial, constraint=constraints.positive)
         hyperprior = dist.LogNormal(initial.log(), self.hyperprior_scale).to_event(len(shape))
         return pyro.sample(f"{site}.prior_scale", hyperprior)
 

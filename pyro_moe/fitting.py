@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -128,15 +129,14 @@ class FittedPosterior:
 
     def predict(self, input_ids: Tensor, attention_mask: Tensor | None = None, **options: Any) -> RoutedPrediction:
         """:func:`pyro_moe.predict` with this posterior (``model-average`` by default)."""
-        with torch.no_grad():
-            return predict(
-                self.patch,
-                input_ids,
-                attention_mask,
-                answer_token_ids=self.likelihood.answer_token_ids,
-                guide=self.guide,
-                **options,
-            )
+        return predict(
+            self.patch,
+            input_ids,
+            attention_mask,
+            answer_token_ids=self.likelihood.answer_token_ids,
+            guide=self.guide,
+            **options,
+        )
 
     def save(self, folder: str | Path) -> Path:
         """Write the guide's parameters, the optimiser state and the configuration (safetensors + JSON)."""
@@ -184,10 +184,16 @@ class FittedPosterior:
         return posterior
 
 
+_FIT_NUMBERS = itertools.count()
+
+
 def _build(patch: RouterPatch, answer_token_ids: Tensor, config: dict) -> FittedPosterior:
-    likelihood = MCQALikelihood(patch, answer_token_ids)
+    """Likelihood, guide and engine of a fit; their parameters carry a prefix of their own."""
+    prefix = f"pyro_moe.fit{next(_FIT_NUMBERS)}/"
+    likelihood = MCQALikelihood(patch, answer_token_ids, param_prefix=prefix)
     guide = RouterGuide(likelihood, config["guide"], config.get("guide_options"))
-    engine = SVIEngine(likelihood, guide, nll=lambda: likelihood.last_nll, **{k: config[k] for k in TRAINING_OPTIONS})
+    options = {k: config[k] for k in TRAINING_OPTIONS}
+    engine = SVIEngine(likelihood, guide, nll=lambda: likelihood.last_nll, param_prefix=prefix, **options)
     return FittedPosterior(patch, likelihood, guide, engine, config)
 
 
@@ -233,8 +239,6 @@ def fit(
     """
     answer_token_ids = torch.as_tensor(answer_token_ids).long()
     batches = check_batches(data, len(answer_token_ids))
-    if device is not None:
-        patch.model.to(device)
     config = {
         "guide": guide,
         "guide_options": {k: dict(v) for k, v in (guide_options or {}).items()},
@@ -252,8 +256,14 @@ def fit(
         "answer_token_ids": answer_token_ids.tolist(),
     }
     pyro.set_rng_seed(seed)
-    posterior = _build(patch, answer_token_ids, config)
-    device = posterior._device()
-    first = {k: v.to(device) for k, v in batches[0].items()}
-    posterior.guide.setup(**first, num_examples=sum(len(b["labels"]) for b in batches))
+    original_device = patch.model.get_input_embeddings().weight.device
+    try:
+        if device is not None:
+            patch.model.to(device)
+        posterior = _build(patch, answer_token_ids, config)
+        first = {k: v.to(posterior._device()) for k, v in batches[0].items()}
+        posterior.guide.setup(**first, num_examples=sum(len(b["labels"]) for b in batches))
+    except BaseException:
+        patch.model.to(original_device)  # a refused guide leaves the model where it was
+        raise
     return posterior.train(batches, steps, progress=progress)

@@ -120,6 +120,8 @@ class SVIEngine:
         beta: final KL weight; ``beta_anneal_steps`` > 0 ramps it linearly from 0.
         clip_norm: gradient-norm clipping (``None``: off).
         nll: returns the last call's mean negative log-likelihood per example (for reports).
+        param_prefix: the prefix of this fit's parameter names, left out of saved states (so that a
+            reload under another prefix finds them).
     """
 
     def __init__(
@@ -135,13 +137,14 @@ class SVIEngine:
         beta_anneal_steps: int = 0,
         clip_norm: float | None = 10.0,
         nll: Callable[[], float] = lambda: math.nan,
+        param_prefix: str = "",
     ) -> None:
         for name, value in (("lr", lr), ("beta", beta)):
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise ConfigurationError(f"{name} must be a positive number, got {value!r}.")
         if not isinstance(beta_anneal_steps, int) or beta_anneal_steps < 0:
             raise ConfigurationError(f"beta_anneal_steps must be a non-negative integer, got {beta_anneal_steps!r}.")
-        self.model, self.guide, self.nll = model, guide, nll
+        self.model, self.guide, self.nll, self.param_prefix = model, guide, nll, param_prefix
         self.elbo = make_elbo(objective, num_particles, alpha)
         self.objective = Objective(objective)
         self.lr, self.beta, self.beta_anneal_steps, self.clip_norm = lr, beta, beta_anneal_steps, clip_norm
@@ -150,6 +153,7 @@ class SVIEngine:
         self.optimizer: torch.optim.Adam | None = None
         self.step_count = 0
         self.history: list[dict[str, float]] = []
+        self.resume_rng_state: Tensor | None = None
 
     def beta_at(self, step: int) -> float:
         """The KL weight at ``step`` (0-based)."""
@@ -190,6 +194,9 @@ class SVIEngine:
         """One optimisation step on ``batch``; returns and records ``step, loss, nll, kl, beta``."""
         if self.optimizer is None:
             self._start(batch)
+        if self.resume_rng_state is not None:  # a resumed run continues the saved random stream
+            torch.set_rng_state(self.resume_rng_state)
+            self.resume_rng_state = None
         self.kl_weight.beta = beta = self.beta_at(self.step_count)
         try:
             loss = self.loss(batch)
@@ -231,7 +238,9 @@ class SVIEngine:
 
     def state_tensors(self) -> dict[str, Tensor]:
         """Parameters (unconstrained, by name: bit-exact on reload), Adam's state and the RNG, as flat tensors."""
-        tensors = {f"param/{name}": value.detach() for name, value in self.params.items()}
+        tensors = {
+            f"param/{name.removeprefix(self.param_prefix)}": value.detach() for name, value in self.params.items()
+        }
         if self.optimizer is not None:
             for index, state in self.optimizer.state_dict()["state"].items():
                 for key, value in state.items():
@@ -242,14 +251,14 @@ class SVIEngine:
     def load_state_tensors(self, tensors: Mapping[str, Tensor], batch: Mapping[str, Any]) -> None:
         """Restore :meth:`state_tensors` (the model and guide must be built as when saved)."""
         store = pyro.get_param_store()
-        names = [key.removeprefix("param/") for key in tensors if key.startswith("param/")]
+        names = [self.param_prefix + key.removeprefix("param/") for key in tensors if key.startswith("param/")]
         with torch.no_grad():
             for name in names:
                 if name not in store:
                     raise ConfigurationError(f"the checkpoint has parameter {name!r}, which the rebuilt guide lacks.")
                 # in place: modules hold the very tensors the store holds (plain nn.Parameters of
                 # autoguides are read from the module, not from the store)
-                store._params[name].copy_(tensors[f"param/{name}"])
+                store._params[name].copy_(tensors["param/" + name.removeprefix(self.param_prefix)])
         self._start(batch)
         if set(self.params) != set(names):
             raise ConfigurationError(
@@ -269,5 +278,4 @@ class SVIEngine:
                 for index, s in adam.items()
             }
             self.optimizer.load_state_dict(state)
-        if "rng/torch" in tensors:
-            torch.set_rng_state(tensors["rng/torch"])
+        self.resume_rng_state = tensors.get("rng/torch")

@@ -90,6 +90,7 @@ class RoutingContext:
             priors (a guide running the network).
         local_scale: factor on the log-densities of per-token sites (``N / B`` for a minibatch
             of ``B`` of ``N`` examples).
+        param_prefix: prefix of the names of learned prior scales (one per fit).
     """
 
     mode: PredictiveMode = PredictiveMode.MODEL_AVERAGE
@@ -100,6 +101,7 @@ class RoutingContext:
     recorded_logits: dict[str, Tensor] | None = None
     local_guide: LocalGuide | None = None
     local_scale: float = 1.0
+    param_prefix: str = ""
 
 
 _DEFAULT_CONTEXT = RoutingContext()
