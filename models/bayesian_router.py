@@ -56,7 +56,6 @@ from pyro_moe.models.priors import (
     family_params,
     prior_family,
 )
-from pyro_moe.routing import gumbel_top_k
 from pyro_moe.routing_context import (
     TOKEN_DIM,
     RoutingContext,
@@ -407,7 +406,7 @@ class BayesianRouter(nn.Module):
         scores, tempered = scores.reshape(-1, num_experts), tempered.reshape(-1, num_experts)
         if sites.selection is Selection.SAMPLE_K and not context.deterministic:
             gumbel = -torch.empty_like(scores).exponential_().log()
-            index = gumbel_top_k(rule.choice_scores(scores), gumbel, rule.top_k)
+            index = rule.sample(scores, gumbel)
             weights = rule.weights_at(scores, index)
         else:
             weights, index = rule.select(scores)

@@ -56,13 +56,22 @@ class RoutingRule(ABC):
         """Non-negative scores ``(..., experts)`` that stochastic selection samples in proportion to."""
         return scores
 
+    def allowed(self, scores: Tensor) -> Tensor | None:
+        """Boolean mask ``(..., experts)`` of the experts the rule may choose (group limits), or ``None``."""
+        return None
+
+    def sample(self, scores: Tensor, gumbel: Tensor) -> Tensor:
+        """Sample-K: indices ``(..., top_k)`` drawn without replacement in proportion to the
+        choice scores, among the allowed experts."""
+        return gumbel_top_k(self.choice_scores(scores), gumbel, self.top_k, self.allowed(scores))
+
     def select(self, scores: Tensor) -> tuple[Tensor, Tensor]:
         """Weights ``(..., top_k)`` and indices ``(..., top_k)`` of the deterministic rule."""
         index = self.choose(scores)
         return self.weights_at(scores, index), index
 
 
-def gumbel_top_k(choice_scores: Tensor, gumbel: Tensor, k: int) -> Tensor:
+def gumbel_top_k(choice_scores: Tensor, gumbel: Tensor, k: int, allowed: Tensor | None = None) -> Tensor:
     """Sample-K: ``k`` indices drawn without replacement, each with probability proportional to
     ``choice_scores`` (Gumbel-top-k trick).
 
@@ -70,12 +79,16 @@ def gumbel_top_k(choice_scores: Tensor, gumbel: Tensor, k: int) -> Tensor:
         choice_scores: ``(..., experts)`` non-negative scores.
         gumbel: ``(..., experts)`` standard Gumbel noise.
         k: number of experts per token.
+        allowed: ``(..., experts)`` boolean mask of the experts that may be drawn (default all).
 
     Returns:
         ``(..., k)`` expert indices.
     """
     tiny = torch.finfo(choice_scores.dtype).tiny
-    return (choice_scores.clamp_min(tiny).log() + gumbel).topk(k, dim=-1).indices
+    log_scores = choice_scores.clamp_min(tiny).log()
+    if allowed is not None:
+        log_scores = log_scores.masked_fill(~allowed, float("-inf"))
+    return (log_scores + gumbel).topk(k, dim=-1).indices
 
 
 @dataclass(frozen=True)
@@ -126,10 +139,15 @@ class DeepseekV2TopK(RoutingRule):
     def score(self, logits: Tensor) -> Tensor:
         return torch.softmax(logits, dim=-1, dtype=torch.float32)
 
+    def allowed(self, scores: Tensor) -> Tensor | None:
+        if not self.group_limited:
+            return None
+        groups = scores.unflatten(-1, (self.n_group, -1))
+        return _group_mask(groups.amax(dim=-1), self.topk_group, groups.shape[-1])
+
     def choose(self, scores: Tensor) -> Tensor:
-        if self.group_limited:
-            groups = scores.unflatten(-1, (self.n_group, -1))
-            keep = _group_mask(groups.amax(dim=-1), self.topk_group, groups.shape[-1])
+        keep = self.allowed(scores)
+        if keep is not None:
             scores = scores.masked_fill(~keep, 0.0)
         return scores.topk(self.top_k, dim=-1, sorted=False).indices
 
@@ -157,11 +175,12 @@ class SigmoidGroupTopK(RoutingRule):
     def choice_scores(self, scores: Tensor) -> Tensor:
         return scores + self.correction_bias
 
+    def allowed(self, scores: Tensor) -> Tensor:
+        groups = self.choice_scores(scores).unflatten(-1, (self.n_group, -1))
+        return _group_mask(groups.topk(2, dim=-1).values.sum(dim=-1), self.topk_group, groups.shape[-1])
+
     def choose(self, scores: Tensor) -> Tensor:
-        biased = self.choice_scores(scores)
-        groups = biased.unflatten(-1, (self.n_group, -1))
-        keep = _group_mask(groups.topk(2, dim=-1).values.sum(dim=-1), self.topk_group, groups.shape[-1])
-        biased = biased.masked_fill(~keep, float("-inf"))
+        biased = self.choice_scores(scores).masked_fill(~self.allowed(scores), float("-inf"))
         return biased.topk(self.top_k, dim=-1, sorted=False).indices
 
     def weights_at(self, scores: Tensor, index: Tensor) -> Tensor:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pyro_moe.families import find_moe_routers
-from pyro_moe.routing import SoftmaxTopK, gumbel_top_k
+from pyro_moe.routing import SigmoidGroupTopK, SoftmaxTopK, gumbel_top_k
 from tests.tiny_models import FAMILIES, tiny_model
 
 
@@ -54,3 +54,17 @@ def test_softmax_top_k_renormalised_equals_softmax_over_top_logits():
     weights, ours = rule.select(rule.score(logits))
     assert torch.equal(ours, index)
     torch.testing.assert_close(weights, torch.softmax(top, dim=-1))
+
+
+def test_sample_k_respects_the_group_limit():
+    """DeepSeek-V3 style: Sample-K draws only from the groups the deterministic rule keeps."""
+    torch.manual_seed(0)
+    rule = SigmoidGroupTopK(
+        top_k=2, correction_bias=torch.zeros(8), n_group=4, topk_group=2, normalize=True, scaling=1.0
+    )
+    scores = rule.score(torch.randn(500, 8))
+    allowed = rule.allowed(scores)
+    index = rule.sample(scores, -torch.empty_like(scores).exponential_().log())
+    assert allowed.gather(-1, index).all()
+    assert (allowed.sum(-1) == 4).all()  # two groups of two experts
+    assert torch.equal(allowed.gather(-1, rule.choose(scores)), torch.ones(500, 2, dtype=torch.bool))
