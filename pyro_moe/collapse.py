@@ -216,7 +216,7 @@ def _quantiles(values: Tensor) -> dict[str, float]:
 def _global_rows(
     chain: FittedPosterior, sites: Sequence[str], num_draws: int, reference: tuple[Tensor, Tensor]
 ) -> tuple[list[dict], dict[str, np.ndarray]]:
-    values = draw_global_sites(chain, num_draws, *reference)
+    values = draw_global_sites(chain, num_draws, *reference).values
     draws = run_with_draws(chain, values, *reference)
     rows, per_dimension = [], {}
     for site in sites:
@@ -304,7 +304,7 @@ def _local_rows(
     num_draws: int,
     thresholds: CollapseThresholds,
 ) -> tuple[list[dict], dict[str, np.ndarray]]:
-    values = draw_global_sites(chain, num_draws, batches[0]["input_ids"], batches[0]["attention_mask"])
+    values = draw_global_sites(chain, num_draws, batches[0]["input_ids"], batches[0]["attention_mask"]).values
     statistics = {site: _TokenStatistics() for site in sites}
     for batch in batches:
         draws = run_with_draws(chain, values, batch["input_ids"], batch["attention_mask"], num_draws)

@@ -25,7 +25,11 @@ group                    content
                          ``(chain, draw, example, choice)``
 ``observed_data``        ``answer`` ``(example,)``: the labels
 ``sample_stats``         the ELBO trace ``loss``, ``nll``, ``kl``, ``beta`` ``(chain, step)``
-                         (NaN past a chain's last step)
+                         (NaN past a chain's last step); for models without per-token sites
+                         and with ``batches``, ``lp`` ``(chain, draw)``, the log joint
+                         ``log p(theta_s) + sum_i log p(y_i | theta_s)`` over the batches,
+                         and ``log_q``, the guide's ``log q(theta_s)``: the importance ratios of
+                         :func:`loo` with ``importance_corrected=True``
 =======================  ==================================================================
 
 Coordinates: ``layer`` holds the decoder-layer indices, ``expert``, ``hidden``, ``example``,
@@ -247,11 +251,13 @@ def to_inference_data(
     posterior: dict[str, list[np.ndarray]] = {}
     prior: dict[str, list[np.ndarray]] = {}
     data: dict[str, list[np.ndarray]] = {}
+    importance: dict[str, list[np.ndarray]] = {}
     for index, chain in enumerate(chains):
         pyro.set_rng_seed(seed + index)
         with fit_parameters(chain):
             reference = _reference_inputs(chain, batches)
-            values = draw_global_sites(chain, num_draws, *reference)
+            global_draws = draw_global_sites(chain, num_draws, *reference)
+            values = global_draws.values
             for name, array in _stack(values, layout, global_sites, layers).items():
                 posterior.setdefault(name, []).append(array)
                 dims[name] = ["layer", *_event_dims(array.shape[2:])]
@@ -260,8 +266,13 @@ def to_inference_data(
                 prior.setdefault(name, []).append(array)
             if batches:
                 summaries = {site: _LocalSummary(per_token) for site in local_sites}
-                for name, array in _held_out(chain, values, batches, num_draws, summaries).items():
+                held_out = _held_out(chain, values, batches, num_draws, summaries)
+                log_prior = held_out.pop("log_prior")
+                for name, array in held_out.items():
                     data.setdefault(name, []).append(array)
+                if not chain.guide.local_sites:  # the joint density of a draw is known
+                    importance.setdefault("lp", []).append(log_prior + held_out["log_likelihood"].sum(-1))
+                    importance.setdefault("log_q", []).append(global_draws.log_density.double().cpu().numpy())
                 for name, (array, variable_dims) in _local_variables(summaries, layout, layers, per_token).items():
                     posterior.setdefault(name, []).append(array)
                     dims[name] = variable_dims
@@ -272,7 +283,11 @@ def to_inference_data(
     groups = {
         "posterior": _dataset(posterior, {"layer": layers}, dims, attrs),
         "sample_stats": az.dict_to_dataset(
-            _history(chains), library=pyro, dims={field: ["chain", "step"] for field in HISTORY_FIELDS}, default_dims=[]
+            {**_history(chains), **{name: np.stack(arrays) for name, arrays in importance.items()}},
+            library=pyro,
+            dims={field: ["chain", "step"] for field in HISTORY_FIELDS}
+            | {"lp": ["chain", "draw"], "log_q": ["chain", "draw"]},
+            default_dims=[],
         ),
     }
     if prior:
@@ -289,12 +304,18 @@ def _held_out(
     num_draws: int,
     summaries: Mapping[str, _LocalSummary],
 ) -> dict[str, np.ndarray]:
-    """Run every held-out batch at the global draws ``values``; returns ``log_likelihood``
-    ``(S, examples)``, ``answer`` ``(S, examples)`` and ``answer_probs`` ``(S, examples, choices)``
-    and feeds the per-token ``summaries``."""
-    log_likelihood, answers, probs = [], [], []
+    """Run every held-out batch at the global draws ``values``; returns ``log_prior`` ``(S,)``
+    (the global sites' prior log-density), ``log_likelihood`` ``(S, examples)``, ``answer``
+    ``(S, examples)`` and ``answer_probs`` ``(S, examples, choices)`` and feeds the per-token
+    ``summaries``."""
+    log_likelihood, answers, probs, log_prior = [], [], [], None
     for batch in batches:
         draws = run_with_draws(chain, values, batch["input_ids"], batch["attention_mask"], num_draws)
+        if log_prior is None:
+            log_prior = sum(
+                prior.log_prob(values[site]).reshape(num_draws, -1).sum(1).double()
+                for site, prior in draws.global_priors.items()
+            )
         log_probs = torch.log_softmax(draws.answer_logits, -1)  # (S, batch, choices)
         labels = batch["labels"].to(log_probs.device).expand(num_draws, -1)
         log_likelihood.append(log_probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1))
@@ -303,6 +324,7 @@ def _held_out(
         for site, summary in summaries.items():
             summary.add(draws.local_guides[site], draws.local_priors[site], draws.local_values[site], draws.token_mask)
     return {
+        "log_prior": torch.as_tensor(log_prior if log_prior is not None else 0.0).cpu().numpy(),
         "log_likelihood": torch.cat(log_likelihood, 1).double().cpu().numpy(),
         "answer": torch.cat(answers, 1).cpu().numpy(),
         "answer_probs": torch.cat(probs, 1).double().cpu().numpy(),

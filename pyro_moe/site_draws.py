@@ -20,9 +20,9 @@ parameters into the store for the time of the block.
 Example::
 
     with fit_parameters(posterior):
-        values = draw_global_sites(posterior, 100, input_ids, attention_mask)    # {site: (S, 1, *event)}
-        draws = run_with_draws(posterior, values, input_ids, attention_mask)
-    draws.answer_logits                                                        # (S, batch, choices)
+        draws = draw_global_sites(posterior, 100, input_ids, attention_mask)     # values {site: (S, 1, *event)}
+        routed = run_with_draws(posterior, draws.values, input_ids, attention_mask)
+    routed.answer_logits                                                       # (S, batch, choices)
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from pyro_moe.fitting import FittedPosterior
 from pyro_moe.routing_context import PARTICLE_DIM, routing_context
 
 __all__ = [
+    "GlobalDraws",
     "SiteDraws",
     "draw_global_sites",
     "draw_prior_global_sites",
@@ -88,24 +89,46 @@ def fit_parameters(posterior: FittedPosterior) -> Iterator[None]:
         yield
 
 
+@dataclass
+class GlobalDraws:
+    """Joint draws of the global sites from the guide.
+
+    Attributes:
+        values: ``{site: (S, 1, *event)}`` (empty when the model has no global sites).
+        log_density: ``(S,)`` ``log q(theta_s)`` of each joint draw under the guide (0 for a
+            point-mass guide).
+    """
+
+    values: dict[str, Tensor]
+    log_density: Tensor
+
+
 @torch.no_grad()
 def draw_global_sites(
     posterior: FittedPosterior, num_draws: int, input_ids: Tensor, attention_mask: Tensor
-) -> dict[str, Tensor]:
-    """``num_draws`` joint draws of every global site from the guide: ``{site: (S, 1, *event)}``
-    (empty when the model has no global sites). ``input_ids``/``attention_mask`` ``(batch,
-    length)`` are any batch of the model's inputs (the global guide does not depend on them)."""
+) -> GlobalDraws:
+    """``num_draws`` joint draws of every global site from the guide and their log-density.
+    ``input_ids``/``attention_mask`` ``(batch, length)`` are any batch of the model's inputs (the
+    global guide does not depend on them)."""
     _check_draws(num_draws)
     guide = posterior.guide.global_guide
     if guide is None:
-        return {}
+        return GlobalDraws({}, torch.zeros(num_draws))
     with pyro.plate("samples", num_draws, dim=PARTICLE_DIM):
-        values = guide(input_ids, attention_mask)
-    return {
+        trace = poutine.trace(guide).get_trace(input_ids, attention_mask)
+    values = trace.nodes["_RETURN"]["value"]
+    log_density = torch.zeros(num_draws, device=next(iter(values.values())).device)
+    for site in trace.nodes.values():
+        if site["type"] == "sample":
+            log_prob = site["fn"].log_prob(site["value"])
+            rows = log_prob.shape[0] if log_prob.dim() and log_prob.shape[0] == num_draws else 1
+            log_density = log_density + log_prob.reshape(rows, -1).sum(1).expand(num_draws)
+    values = {
         name: value.detach().expand(num_draws, *value.shape[1:]).clone()
         for name, value in values.items()
         if name in posterior.guide.global_sites
     }
+    return GlobalDraws(values, log_density)
 
 
 @torch.no_grad()

@@ -20,6 +20,12 @@ ROUTER = "model.layers.{}.block_sparse_moe.router"
 HELD_OUT = mcqa_batches(count=1, size=6, seed=9)
 
 
+def _param(params: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """The trained parameter ``name`` of a fit (its name carries the fit's prefix)."""
+    (value,) = [value for key, value in params.items() if key.endswith(f"/{name}")]
+    return value
+
+
 def _fit(sites, guide, steps=12, lr=0.03, **options):
     handle = patch_routers(tiny_model("granitemoe"), sites, layers=[0, 1])
     return fit(handle, mcqa_batches(), guide, answer_token_ids=ANSWERS, steps=steps, lr=lr, progress=False, **options)
@@ -64,8 +70,8 @@ def test_global_kl_matches_the_normal_closed_form(healthy, healthy_report):
     KL = log(0.2 / s) + (s^2 + (m - W0)^2) / (2 0.2^2) - 1/2."""
     site = f"{ROUTER.format(1)}.weight"
     params = healthy[0].engine.params
-    loc = params[f"AutoNormal.locs.{site}"].detach().double()
-    scale = torch.nn.functional.softplus(params[f"AutoNormal.scales.{site}"].detach().double())
+    loc = _param(params, f"AutoNormal.locs.{site}").detach().double()
+    scale = torch.nn.functional.softplus(_param(params, f"AutoNormal.scales.{site}").detach().double())
     pretrained = tiny_model("granitemoe").get_submodule(ROUTER.format(1)).weight.detach().double()
     closed_form = torch.log(0.2 / scale) + (scale**2 + (loc - pretrained) ** 2) / (2 * 0.2**2) - 0.5
     estimate = healthy_report.kl_per_dimension[(0, site)]
@@ -80,7 +86,7 @@ def test_a_guide_forced_to_zero_scale_is_flagged_deterministic():
     posterior = _fit({"weight": 0.2, "logits": 1.0}, "mean-field+mfvr", steps=2)
     with torch.no_grad():
         for name, value in posterior.engine.params.items():
-            if name.startswith("AutoNormal.scales."):
+            if "AutoNormal.scales." in name:
                 value.fill_(-80.0)  # softplus(-80) ~ 1e-35
         for encoder in posterior.guide.local_guide.logits.encoders.values():
             encoder.head.bias[4:].fill_(-80.0)  # log-scales of the 4 experts
@@ -111,7 +117,7 @@ def test_temperature_statistics_and_flags(temperature, flag, other):
     posterior = _fit({"temperature": {"per": "expert", "scale": 0.3}}, "mean-field", steps=1, lr=1e-12)
     with torch.no_grad():
         for name, value in posterior.engine.params.items():
-            if name.startswith("AutoNormal.locs."):
+            if "AutoNormal.locs." in name:
                 value.fill_(math.log(temperature))  # the unconstrained value of a positive site is log T
     report = collapse_report(posterior, num_draws=400, summary_draws=10)
     table = report.table

@@ -23,6 +23,12 @@ ROUTER = "model.layers.{}.block_sparse_moe.router"
 DRAWS = 30
 
 
+def _param(params: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """The trained parameter ``name`` of a fit (its name carries the fit's prefix)."""
+    (value,) = [value for key, value in params.items() if key.endswith(f"/{name}")]
+    return value
+
+
 @pytest.fixture(scope="module")
 def chains():
     """Two independent fits (chains) of the same tiny Granite-MoE, each in its own parameter-store scope."""
@@ -80,8 +86,8 @@ def test_posterior_draws_follow_the_guide_and_prior_draws_follow_the_prior(idata
     around the pretrained weights of a fresh model (fitting leaves them untouched)."""
     site = f"{ROUTER.format(1)}.weight"
     params = chains[0].engine.params
-    loc = params[f"AutoNormal.locs.{site}"].detach().numpy()
-    scale = torch.nn.functional.softplus(params[f"AutoNormal.scales.{site}"]).detach().numpy()
+    loc = _param(params, f"AutoNormal.locs.{site}").detach().numpy()
+    scale = torch.nn.functional.softplus(_param(params, f"AutoNormal.scales.{site}")).detach().numpy()
     standardised = (idata.posterior["weight"].sel(chain=0, layer=1).values - loc) / scale
     assert stats.kstest(standardised.ravel(), "norm").pvalue > 1e-3
     pretrained = tiny_model("granitemoe").get_submodule(ROUTER.format(1)).weight.detach().numpy()
