@@ -49,12 +49,14 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 
 import arviz as az
 import numpy as np
 import pandas as pd
 import pyro
 import torch
+from matplotlib.figure import Figure
 from torch import Tensor
 from torch.distributions import Distribution
 
@@ -63,7 +65,15 @@ from pyro_moe.fitting import FittedPosterior, check_batches
 from pyro_moe.patching import RouterPatch
 from pyro_moe.site_draws import draw_global_sites, draw_prior_global_sites, fit_parameters, run_with_draws
 
-__all__ = ["SiteLayout", "UnknownSiteError", "posterior_summary", "to_inference_data"]
+__all__ = [
+    "SiteLayout",
+    "UnknownSiteError",
+    "compare",
+    "loo",
+    "plot_forest",
+    "posterior_summary",
+    "to_inference_data",
+]
 
 HISTORY_FIELDS = ("loss", "nll", "kl", "beta")
 """ELBO-trace fields stored in ``sample_stats``."""
@@ -391,3 +401,83 @@ def posterior_summary(
             )
     with np.errstate(invalid="ignore", divide="ignore"):
         return az.summary(idata, var_names=list(var_names) if var_names else None, group=group)
+
+
+def loo(idata: az.InferenceData, importance_corrected: bool = False) -> az.ELPDData:
+    """PSIS-LOO of the pointwise ``log_likelihood`` (``az.loo``, pointwise, with Pareto ``k``).
+
+    The draws of a variational posterior come from ``q``, not from ``p(theta | y)``. With
+    ``importance_corrected=True`` the leave-one-out importance ratios are
+    ``log p(theta_s, y) - log q(theta_s) - log p(y_i | theta_s)`` (``lp`` and ``log_q`` of
+    ``sample_stats``; Pareto-smoothed per example by ``az.psislw``, relative efficiency 1 as the
+    draws are independent), which makes the estimate target the exact posterior's LOO; Pareto
+    ``k`` then also measures how far ``q`` is from the posterior. Without it, ``q`` is treated as
+    the posterior (the ratios are ``-log p(y_i | theta_s)``, as for MCMC draws).
+
+    Raises:
+        ConfigurationError: no ``log_likelihood`` group, or a correction without ``lp``/``log_q``
+            (models with per-token sites have no tractable joint density per draw).
+    """
+    if "log_likelihood" not in idata.groups():
+        raise ConfigurationError("LOO needs the log_likelihood group: export the fit with batches.")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        plain = az.loo(idata, pointwise=True)
+    if not importance_corrected:
+        return plain
+    stats = idata["sample_stats"] if "sample_stats" in idata.groups() else {}
+    if "lp" not in stats or "log_q" not in stats:
+        raise ConfigurationError(
+            "the importance correction needs lp and log_q in sample_stats: a model without per-token sites, "
+            "exported with batches."
+        )
+    log_likelihood = idata.log_likelihood["answer"].stack(sample=("chain", "draw")).transpose("example", "sample")
+    ratio = (stats["lp"] - stats["log_q"]).stack(sample=("chain", "draw")).values  # (S,)
+    log_ratios = ratio[None, :] - log_likelihood.values  # (examples, S)
+    log_weights, pareto_k = az.psislw(log_ratios, reff=1.0)
+    pointwise = _logsumexp(log_weights + log_likelihood.values)
+    full = ratio - _logsumexp(ratio[None, :])  # self-normalised weights of the whole posterior
+    lppd = _logsumexp(full[None, :] + log_likelihood.values).sum()
+    corrected = plain.copy()
+    corrected["elpd_loo"] = float(pointwise.sum())
+    corrected["se"] = float(np.sqrt(len(pointwise) * np.var(pointwise)))
+    corrected["p_loo"] = float(lppd - pointwise.sum())
+    corrected["loo_i"] = plain["loo_i"].copy(data=pointwise)
+    corrected["pareto_k"] = plain["pareto_k"].copy(data=np.asarray(pareto_k))
+    corrected["warning"] = bool((np.asarray(pareto_k) > plain["good_k"]).any())
+    return corrected
+
+
+def _logsumexp(values: np.ndarray) -> np.ndarray:
+    """``log sum exp`` over the last axis."""
+    top = values.max(-1, keepdims=True)
+    return (top + np.log(np.exp(values - top).sum(-1, keepdims=True))).squeeze(-1)
+
+
+def compare(elpds: Mapping[str, az.ELPDData | az.InferenceData]) -> pd.DataFrame:
+    """``az.compare`` of several fits (PSIS-LOO, stacking weights): one row per name, best first,
+    with ``rank``, ``elpd_loo``, ``p_loo``, ``elpd_diff``, ``weight``, ``se``, ``dse``, ``warning``."""
+    if len(elpds) < 2:
+        raise ConfigurationError(f"compare needs at least two fits, got {len(elpds)}.")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return az.compare(dict(elpds), ic="loo")
+
+
+def plot_forest(idatas: Mapping[str, az.InferenceData], path: str | Path, var_names: Sequence[str], title: str) -> Path:
+    """``az.plot_forest`` of the same variables across several exports (one colour per name,
+    94 % HDI), written as a PNG with ``title``; returns its path."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ConfigurationError(f"the forest plot is written as PNG: the path must end in .png, got {str(path)!r}.")
+    for name, idata in idatas.items():
+        missing = [var for var in var_names if var not in idata.posterior.data_vars]
+        if missing:
+            raise UnknownSiteError(f"{name!r} has no posterior variable(s) {missing}.")
+    figure = Figure(figsize=(8, 6))
+    axis = figure.add_subplot()
+    az.plot_forest(list(idatas.values()), model_names=list(idatas), var_names=list(var_names), combined=True, ax=axis)
+    axis.set_title(title)
+    axis.set_xlabel("value (94 % HDI)")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    return path
