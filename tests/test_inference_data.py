@@ -195,3 +195,23 @@ def test_chains_of_different_models_are_refused(chains):
     with pytest.raises(ConfigurationError, match="the chains must be fits of the same model sites"):
         to_inference_data([chains[0], other])
     handle.unpatch()
+
+
+def test_lp_and_log_q_are_the_log_joint_and_the_guide_density_of_each_draw(held_out):
+    """Global-only model (scipy log-densities): log q = sum log N(w; loc, scale) and
+    lp = sum log N(w; W0, 0.2) + sum_i log p(y_i | w)."""
+    handle = patch_routers(tiny_model("granitemoe"), {"weight": 0.2}, layers=[1])
+    posterior = fit(handle, mcqa_batches(), "mean-field", answer_token_ids=ANSWERS, steps=3, progress=False)
+    exported = to_inference_data(posterior, held_out, num_draws=5)
+    site = f"{ROUTER.format(1)}.weight"
+    loc = _param(posterior.engine.params, f"AutoNormal.locs.{site}").detach().numpy()
+    scale = torch.nn.functional.softplus(_param(posterior.engine.params, f"AutoNormal.scales.{site}")).detach().numpy()
+    draws = exported.posterior["weight"].sel(chain=0, layer=1).values  # (draw, expert, hidden)
+    log_q = stats.norm.logpdf(draws, loc, scale).sum((1, 2))
+    np.testing.assert_allclose(exported.sample_stats["log_q"].sel(chain=0), log_q, rtol=1e-4)
+    pretrained = tiny_model("granitemoe").get_submodule(ROUTER.format(1)).weight.detach().numpy()
+    log_joint = stats.norm.logpdf(draws, pretrained, 0.2).sum((1, 2))
+    log_joint += exported.log_likelihood["answer"].sel(chain=0).sum("example").values
+    np.testing.assert_allclose(exported.sample_stats["lp"].sel(chain=0), log_joint, rtol=1e-4)
+    assert "lp" not in to_inference_data(posterior, num_draws=2).sample_stats  # no data, no joint density
+    handle.unpatch()
