@@ -13,6 +13,8 @@ import torch
 
 from tests.tiny_models import TINY_VOCAB_SIZE
 
+torch.set_num_threads(1)  # tiny models: threads cost more than they give, and CI has two cores
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_clear_param_store():

@@ -79,7 +79,7 @@ def test_minibatch_loss_is_an_unbiased_estimate_of_the_full_data_loss():
     guide = RouterGuide(likelihood, "mean-field+mfvr", {"mfvr": {"init_scale": 0.5}})
     guide.setup(**full, num_examples=16)
     elbo = make_elbo("elbo")
-    draws = 150
+    draws = 40
     with torch.no_grad():
         minibatch = torch.tensor(
             [
@@ -246,7 +246,7 @@ def test_fit_on_cuda_moves_model_and_guide():
 
 
 def test_fitted_laplace_saves_loads_and_refuses_to_resume(tmp_path):
-    batches = mcqa_batches()
+    batches = mcqa_batches(count=2, size=4)
     handle = patch_routers(tiny_model("granitemoe"), {"weight": 0.2}, layers=[1])
     posterior = fit(handle, batches, "laplace", answer_token_ids=ANSWERS, steps=20, progress=False)
     folder = posterior.save(tmp_path / "laplace")
@@ -285,7 +285,7 @@ def test_fits_in_one_session_keep_their_own_parameters():
 def test_fcvr_stays_finite_with_more_experts():
     handle = patch_routers(tiny_model("deepseek_v3"), {"logits": 1.0})  # 8 experts, two MoE layers
     posterior = fit(
-        handle, mcqa_batches(), "fcvr", answer_token_ids=ANSWERS, steps=25, num_particles=3, lr=0.03, progress=False
+        handle, mcqa_batches(), "fcvr", answer_token_ids=ANSWERS, steps=12, num_particles=3, lr=0.03, progress=False
     )
     losses = torch.tensor([record["loss"] for record in posterior.history])
     assert torch.isfinite(losses).all() and losses.min() > 0  # N * NLL + KL: no collapse of the Cholesky factor
