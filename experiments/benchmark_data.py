@@ -8,9 +8,11 @@ to 99), ``counting`` (how often an animal occurs in a list), ``parity`` (the eve
 ones) and ``category`` (which word is an animal or a colour, facts of a small word table).
 ``near_ood`` asks the same five tasks shifted: larger operands, four numbers close together,
 colours counted in longer lists, numbers from 100 to 199, animals and colours the training never
-names. ``far_ood`` asks four task families the training never shows (the odd word out, the vowel
-among letters, the longest word, the word first in the alphabet), in words the in-distribution
-splits never use.
+names. ``far_ood`` asks four task families the training never shows (the odd word out, the word
+of a named category, the letter after or before a given one), in words the in-distribution splits
+never use. Every word there is the answer to about a quarter of the questions it occurs in, so a
+model's leanings towards particular unlearned words do not, on average, move its far-OoD accuracy
+away from chance.
 
 Every question's text determines its answer; a question appears in at most one split. The
 correct answer's position is exactly balanced over the four letters in every split whose size is
@@ -22,8 +24,9 @@ Example::
 
     benchmark = generate_benchmark(seed=0)
     example = benchmark.splits["test"][0]
-    example.question, example.choices, example.answer  # 'what is 12 plus 7 ?', ('19', ...), 0
-    benchmark.families["test"][0]  # 'addition'
+    example.question  # 'which number is the largest : 15 21 16 0 ?'
+    example.choices, example.answer  # ('15', '21', '16', '0'), 1
+    benchmark.families["test"][0]  # 'largest'
 """
 
 from __future__ import annotations
@@ -74,8 +77,6 @@ _FAR_CATEGORIES = {
 }
 _FAR_WORDS = tuple(word for category in sorted(_FAR_CATEGORIES) for word in _FAR_CATEGORIES[category])
 _LETTERS = tuple("abcdefghijklmnopqrstuvwxyz")
-_VOWELS = tuple("aeiou")
-_CONSONANTS = tuple(letter for letter in _LETTERS if letter not in _VOWELS)
 
 
 Draw = tuple[str, str, tuple[str, ...]]
@@ -186,31 +187,30 @@ def _odd_one_out(rng: random.Random) -> Draw:
     return f"which word does not belong : {_listed(words)} ?", answer, tuple(w for w in words if w != answer)
 
 
-def _vowel(rng: random.Random) -> Draw:
-    """One vowel among three consonants."""
-    vowel, consonants = rng.choice(_VOWELS), rng.sample(_CONSONANTS, 3)
-    letters = [vowel, *consonants]
-    rng.shuffle(letters)
-    return f"which letter is a vowel : {_listed(letters)} ?", vowel, tuple(consonants)
+def _object_category(rng: random.Random) -> Draw:
+    """One word of each far-OoD category; the question names the category of the answer."""
+    categories = sorted(_FAR_CATEGORIES)
+    words = [rng.choice(_FAR_CATEGORIES[category]) for category in categories]
+    asked = rng.randrange(len(categories))
+    answer = words[asked]
+    rng.shuffle(words)
+    question = f"which word is a kind of {categories[asked]} : {_listed(words)} ?"
+    return question, answer, tuple(word for word in words if word != answer)
 
 
-def _longest_word(rng: random.Random) -> Draw:
-    """Four words of distinct lengths; the longest is the answer."""
-    by_length: dict[int, list[str]] = {}
-    for word in _FAR_WORDS:
-        by_length.setdefault(len(word), []).append(word)
-    lengths = rng.sample(sorted(by_length), 4)
-    words = [rng.choice(by_length[length]) for length in lengths]
-    answer = words[lengths.index(max(lengths))]
-    return f"which word is the longest : {_listed(words)} ?", answer, tuple(w for w in words if w != answer)
+def _neighbouring_letter(direction: str, offset: int) -> Callable[[random.Random], Draw]:
+    """The letter ``direction`` (``after`` or ``before``) a given one, among four listed letters."""
 
+    def draw(rng: random.Random) -> Draw:
+        index = rng.randrange(max(0, -offset), len(_LETTERS) - max(0, offset))
+        answer = _LETTERS[index + offset]
+        distractors = rng.sample([letter for letter in _LETTERS if letter != answer], 3)
+        letters = [answer, *distractors]
+        rng.shuffle(letters)
+        question = f"which letter comes {direction} {_LETTERS[index]} : {_listed(letters)} ?"
+        return question, answer, tuple(distractors)
 
-def _first_alphabetically(rng: random.Random) -> Draw:
-    """Four words; the one first in the alphabet is the answer."""
-    words = rng.sample(_FAR_WORDS, 4)
-    answer = min(words)
-    question = f"which word comes first in the alphabet : {_listed(words)} ?"
-    return question, answer, tuple(w for w in words if w != answer)
+    return draw
 
 
 IN_DISTRIBUTION_FAMILIES = (
@@ -234,9 +234,9 @@ larger numbers, unseen animals and colours."""
 
 FAR_OOD_FAMILIES = (
     TaskFamily("odd_one_out", _odd_one_out),
-    TaskFamily("vowel", _vowel),
-    TaskFamily("longest_word", _longest_word),
-    TaskFamily("first_alphabetically", _first_alphabetically),
+    TaskFamily("object_category", _object_category),
+    TaskFamily("letter_after", _neighbouring_letter("after", 1)),
+    TaskFamily("letter_before", _neighbouring_letter("before", -1)),
 )
 """Task families the training never shows."""
 
@@ -245,13 +245,14 @@ VOCABULARY: tuple[str, ...] = tuple(
         {
             *"Question Answer A B C D : ? .".split(),
             *"what is plus which number the largest how many times does appear in even word an a".split(),
-            *"animal colour not belong letter vowel longest comes first alphabet".split(),
+            *"animal colour not belong kind of letter comes after before".split(),
             *(str(number) for number in range(_MAX_NUMBER + 1)),
             *_ANIMALS,
             *_COLOURS,
             *_NEW_ANIMALS,
             *_NEW_COLOURS,
             *_NAMES,
+            *_FAR_CATEGORIES,
             *_FAR_WORDS,
             *_LETTERS,
         }

@@ -65,6 +65,9 @@ __all__ = [
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints" / "benchmark"
 """The committed checkpoint folder."""
 
+ECE_BINS = 15
+"""Equal-width confidence bins of the recorded calibration errors."""
+
 SLICE_SIZE = 100
 """The first ``SLICE_SIZE`` test questions, whose figures ``metrics.json`` records for a quick recomputation."""
 
@@ -174,20 +177,20 @@ def _learning_rate_factor(step: int, settings: TrainingSettings) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _evaluate(model: GraniteMoeForCausalLM, tokenizer: PreTrainedTokenizerFast, benchmark: Benchmark) -> dict:
+def _evaluate(model: GraniteMoeForCausalLM, tokenizer: PreTrainedTokenizerFast, benchmark: Benchmark) -> dict[str, Any]:
     """Calibration figures of every split, of every family within each split, and of the test slice."""
     figures: dict[str, Any] = {"splits": {}, "families": {}}
     for split in SPLITS:
         examples = benchmark.splits[split]
         probs, labels = answer_probabilities(model, tokenizer, examples), labels_of(examples)
-        figures["splits"][split] = calibration_report(probs, labels)
+        figures["splits"][split] = calibration_report(probs, labels, ECE_BINS)
         families = benchmark.families[split]
         figures["families"][split] = {}
         for family in dict.fromkeys(families):
             rows = torch.tensor([name == family for name in families])
-            figures["families"][split][family] = calibration_report(probs[rows], labels[rows])
+            figures["families"][split][family] = calibration_report(probs[rows], labels[rows], ECE_BINS)
     test = benchmark.splits["test"][:SLICE_SIZE]
-    figures["test_slice"] = calibration_report(answer_probabilities(model, tokenizer, test), labels_of(test))
+    figures["test_slice"] = calibration_report(answer_probabilities(model, tokenizer, test), labels_of(test), ECE_BINS)
     return figures
 
 
@@ -214,7 +217,7 @@ def train_benchmark_model(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _learning_rate_factor(step, settings))
     generator = torch.Generator().manual_seed(seed)
     order = torch.empty(0, dtype=torch.long)
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     progress = tqdm(range(settings.steps), desc="training the benchmark model", unit="step")
     for _ in progress:
         if len(order) < settings.batch_size:
@@ -229,15 +232,20 @@ def train_benchmark_model(
         optimizer.step()
         scheduler.step()
         progress.set_postfix(loss=f"{loss.item():.3f}")
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - started_cpu
     model.eval()
     metrics = {
         "command": f"python -m pyro_moe.experiments.benchmark_model train --seed {seed} --out {out}",
         "seed": seed,
         "sizes": {split: len(benchmark.splits[split]) for split in SPLITS},
-        "training": {**vars(settings), "seconds": round(seconds, 1), "threads": torch.get_num_threads()},
+        "training": {
+            **vars(settings),
+            "seconds": round(seconds, 1),
+            "cpu_seconds": round(cpu_seconds, 1),
+            "threads": torch.get_num_threads(),
+        },
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "ece_bins": 15,
+        "ece_bins": ECE_BINS,
         "slice_size": SLICE_SIZE,
         **_evaluate(model, tokenizer, benchmark),
     }
@@ -266,9 +274,10 @@ def _readme(metrics: dict[str, Any]) -> str:
         metrics["command"],
         "```",
         "",
-        f"Seed {metrics['seed']}; {training['steps']} AdamW steps of batch {training['batch_size']}, "
-        f"{training['seconds']} s on {training['threads']} CPU threads "
-        f"(torch {metrics['versions']['torch']}, transformers {metrics['versions']['transformers']}).",
+        f"Seed {metrics['seed']}; {training['steps']} AdamW steps of batch {training['batch_size']} in "
+        f"{training['seconds']} s ({training['cpu_seconds']} s of CPU time) on {training['threads']} CPU threads "
+        f"(torch {metrics['versions']['torch']}, transformers {metrics['versions']['transformers']}); the weights",
+        "are bitwise the same on every run with the same thread count.",
         "Figures of the deterministic model (ECE with 15 equal-width bins); `metrics.json` has them per task family.",
         "",
         "| split | questions | accuracy | mean confidence | NLL | ECE |",
@@ -316,7 +325,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{split:12s} accuracy {figures['accuracy']:.3f}  confidence {figures['confidence']:.3f}  "
             f"nll {figures['nll']:.3f}  ece {figures['ece']:.3f}"
         )
-    print(f"trained in {metrics['training']['seconds']} s; saved to {args.out}")
+    training = metrics["training"]
+    print(f"trained in {training['seconds']} s ({training['cpu_seconds']} s of CPU time); saved to {args.out}")
 
 
 if __name__ == "__main__":

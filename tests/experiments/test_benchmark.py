@@ -105,6 +105,12 @@ def test_families_are_equally_represented_and_far_ood_families_are_unseen(benchm
 
 
 ANIMALS = {"cat", "dog", "fish", "bird", "cow", "horse", "pig", "hen", "duck", "mouse", "sheep", "goat"}
+FAR_CATEGORIES = {
+    "fruit": {"apple", "pear", "plum", "lemon", "mango", "grape"},
+    "tool": {"hammer", "saw", "drill", "wrench", "chisel", "axe"},
+    "vehicle": {"car", "bus", "train", "boat", "plane", "truck"},
+    "clothing": {"shirt", "hat", "sock", "coat", "scarf", "glove"},
+}
 COLOURS = {"red", "blue", "green", "yellow", "black", "white", "pink", "brown", "purple", "orange", "grey", "gold"}
 
 
@@ -125,13 +131,12 @@ def _reference_answer(family: str, question: str, choices: tuple[str, ...]) -> s
     if family == "category":
         (member,) = [word for word in choices if word in (ANIMALS if "an animal" in question else COLOURS)]
         return member
-    if family == "vowel":
-        (vowel,) = [letter for letter in listed if letter in "aeiou"]
-        return vowel
-    if family == "longest_word":
-        return max(listed, key=len)
-    if family == "first_alphabetically":
-        return min(listed)
+    if family == "object_category":
+        (member,) = [word for word in choices if word in FAR_CATEGORIES[question.split("kind of ")[1].split()[0]]]
+        return member
+    if family in ("letter_after", "letter_before"):
+        given = question.split(" : ")[0].split()[-1]
+        return chr(ord(given) + (1 if family == "letter_after" else -1))
     raise KeyError(family)
 
 
@@ -178,12 +183,8 @@ def test_checkpoint_loads_offline_in_eval_mode_float32(loaded):
     assert not loaded.model.training
     assert {parameter.dtype for parameter in loaded.model.parameters()} == {torch.float32}
     config = loaded.model.config
-    assert (config.hidden_size, config.num_hidden_layers, config.num_local_experts, config.num_experts_per_tok) == (
-        96,
-        3,
-        8,
-        2,
-    )
+    architecture = ("hidden_size", "num_hidden_layers", "num_local_experts", "num_experts_per_tok")
+    assert [getattr(config, name) for name in architecture] == [96, 3, 8, 2]
     assert json.loads((CHECKPOINT_DIR / "config.json").read_text())["attn_implementation"] == "eager"
     assert config._attn_implementation == "eager"  # double backward works (Laplace)
     assert loaded.benchmark.seed == loaded.metrics["seed"]
@@ -192,14 +193,29 @@ def test_checkpoint_loads_offline_in_eval_mode_float32(loaded):
 def test_checkpoint_recomputes_its_recorded_slice_figures(loaded):
     recorded = loaded.metrics["test_slice"]
     test = loaded.benchmark.splits["test"][: loaded.metrics["slice_size"]]
-    figures = calibration_report(answer_probabilities(loaded.model, loaded.tokenizer, test), labels_of(test))
+    probs = answer_probabilities(loaded.model, loaded.tokenizer, test)
+    figures = calibration_report(probs, labels_of(test), loaded.metrics["ece_bins"])
     assert figures["count"] == recorded["count"] == 100
     assert figures["accuracy"] == recorded["accuracy"]
     for name in ("ece", "nll", "confidence"):
         assert figures[name] == pytest.approx(recorded[name], abs=1e-5), name
 
 
+def test_checkpoint_answers_hand_written_questions(loaded):
+    """Questions of the families the model masters (test accuracy 1.0), answered by hand."""
+    questions = [
+        MCQAExample("which number is even : 7 13 42 5 ?", ("7", "13", "42", "5"), 2),
+        MCQAExample("which number is even : 90 31 77 9 ?", ("31", "90", "77", "9"), 1),
+        MCQAExample("which word is an animal : red horse blim green ?", ("red", "blim", "green", "horse"), 3),
+        MCQAExample("which word is a colour : cat zorp pink dog ?", ("pink", "cat", "zorp", "dog"), 0),
+    ]
+    probs = answer_probabilities(loaded.model, loaded.tokenizer, questions)
+    assert probs.shape == (4, 4)
+    assert probs.argmax(-1).tolist() == [2, 1, 3, 0]
+
+
 def test_recorded_figures_meet_the_requirements(loaded):
+    assert loaded.metrics["ece_bins"] == 15
     splits = loaded.metrics["splits"]
     assert splits["test"]["count"] == 1000
     assert splits["test"]["accuracy"] >= 0.6
@@ -207,6 +223,7 @@ def test_recorded_figures_meet_the_requirements(loaded):
     assert splits["test"]["confidence"] > splits["test"]["accuracy"]  # overconfident
     assert splits["test"]["accuracy"] > splits["near_ood"]["accuracy"] > splits["far_ood"]["accuracy"]
     assert splits["test"]["nll"] < splits["near_ood"]["nll"] < splits["far_ood"]["nll"]
+    assert abs(splits["far_ood"]["accuracy"] - 0.25) < 0.05  # unseen task families: chance
 
 
 def test_committed_checkpoint_is_small_and_documented():
