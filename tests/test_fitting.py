@@ -279,7 +279,7 @@ def test_fits_in_one_session_keep_their_own_parameters():
     assert third.history[0]["loss"] == pytest.approx(first.history[0]["loss"])  # not warm-started by `first`
     pyro.set_rng_seed(9)
     assert torch.equal(first.predict(batch["input_ids"], batch["attention_mask"], num_samples=3).probs, before)
-    assert second.history[-1]["loss"] == second.history[-1]["loss"]  # finite, trained
+    assert math.isfinite(second.history[-1]["loss"])  # the differently shaped second guide trained
 
 
 def test_fcvr_stays_finite_with_more_experts():
