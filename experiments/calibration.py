@@ -1,0 +1,305 @@
+"""Calibration experiment: ACC, NLL, ECE, MCE and Brier on the test split for the deterministic
+model, temperature scaling and every Bayesian family, under both predictive modes.
+
+The deterministic model is the model with every router at its prior mean; temperature scaling
+divides its answer logits by one temperature fitted on the calibration split
+(:mod:`pyro_moe.temperature_scaling`). Both are independent of the predictive mode and appear in
+the table of each mode beside the families. Figures come from :func:`pyro_moe.metrics.calibration_report`
+(equal-width bins); one reliability diagram per mode.
+
+Example::
+
+    results = calibration_experiment(model, tokenizer, benchmark.splits, {"mfvr": fitted_mfvr})
+    results.rows                      # one dict per method and mode
+    write_results(results, "runs/calibration")
+
+    results = run_calibration(model, tokenizer, benchmark.splits, ["mean-field", "mfvr"], steps=200)
+
+    python -m pyro_moe.experiments.calibration --out runs/calibration      # on the embedded benchmark
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pyro_moe.data import MCQAExample
+from pyro_moe.data import answer_token_ids as letter_token_ids
+from pyro_moe.experiments.evaluation import (
+    DETERMINISTIC,
+    MODES,
+    TEMPERATURE_SCALING,
+    Posterior,
+    add_common_arguments,
+    benchmark_inputs,
+    check_modes,
+    check_posteriors,
+    check_splits,
+    deterministic_logits,
+    fit_named_families,
+    markdown_table,
+    predict_batches,
+    split_batches,
+    write_results,
+)
+from pyro_moe.experiments.guide_comparison import GuideCase
+from pyro_moe.metrics import DEFAULT_BINS, ReliabilityDiagram, calibration_report, reliability_diagram_data
+from pyro_moe.plots import plot_reliability_diagram
+from pyro_moe.temperature_scaling import fit_temperature
+
+__all__ = ["DEFAULT_FAMILIES", "CalibrationResults", "calibration_experiment", "main", "run_calibration"]
+
+DEFAULT_FAMILIES = ("mean-field", "mfvr")
+"""Families the CLI fits by default: router weights (mean-field) and per-token logits (MFVR)."""
+
+COLUMNS = ("method", "mode", "accuracy", "nll", "ece", "mce", "brier", "confidence", "count")
+BASELINE_MODE = "any"
+"""The mode column of the deterministic model and temperature scaling (they draw no samples)."""
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+@dataclass
+class CalibrationResults:
+    """What :func:`calibration_experiment` returns.
+
+    Attributes:
+        rows: one per method and mode (``COLUMNS``); the deterministic model and temperature
+            scaling once each, with mode ``"any"``.
+        diagrams: ``{mode: {method: ReliabilityDiagram}}``, baselines included in every mode.
+        temperature: the fitted temperature.
+        test_split, calibration_split: the split names.
+        num_samples: S per prediction.
+        n_bins: bins of ECE and MCE.
+    """
+
+    rows: list[dict[str, Any]]
+    diagrams: dict[str, dict[str, ReliabilityDiagram]]
+    temperature: float
+    test_split: str
+    calibration_split: str
+    num_samples: int
+    n_bins: int
+
+    def row(self, method: str, mode: str = BASELINE_MODE) -> dict[str, Any]:
+        """The row of ``method`` in ``mode``."""
+        for row in self.rows:
+            if row["method"] == method and row["mode"] == mode:
+                return row
+        raise KeyError((method, mode))
+
+    def mode_rows(self, mode: str) -> list[dict[str, Any]]:
+        """The baselines' rows and the families' rows in ``mode``."""
+        return [row for row in self.rows if row["mode"] in (BASELINE_MODE, mode)]
+
+    def to_json(self) -> dict[str, Any]:
+        """Settings and rows."""
+        return {
+            "experiment": "calibration",
+            "test_split": self.test_split,
+            "calibration_split": self.calibration_split,
+            "temperature": self.temperature,
+            "num_samples": self.num_samples,
+            "n_bins": self.n_bins,
+            "rows": self.rows,
+        }
+
+    def to_markdown(self) -> str:
+        """One table per predictive mode, each with the deterministic model and temperature scaling."""
+        lines = [
+            "# Calibration",
+            "",
+            f"Split `{self.test_split}`; temperature scaling fitted on `{self.calibration_split}` "
+            f"(T = {self.temperature:.3f}); S = {self.num_samples} samples; ECE and MCE with {self.n_bins} "
+            "equal-width bins; NLL in nats; confidence is the mean top-label probability.",
+            "",
+        ]
+        for mode in self.diagrams:
+            lines += [f"## {mode}", "", markdown_table(self.mode_rows(mode), COLUMNS)]
+            lines += [f"![reliability diagram, {mode}](reliability_{_slug(mode)}.png)", ""]
+        return "\n".join(lines)
+
+    def plot(self, folder: str | Path) -> list[Path]:
+        """``reliability_<mode>.png`` per mode."""
+        return [
+            plot_reliability_diagram(
+                diagrams,
+                Path(folder) / f"reliability_{_slug(mode)}.png",
+                title=f"Reliability diagram, {self.test_split} split, {mode}",
+            )
+            for mode, diagrams in self.diagrams.items()
+        ]
+
+
+def _split_labels(examples: Sequence[MCQAExample]) -> Tensor:
+    return torch.tensor([example.answer for example in examples], dtype=torch.long)
+
+
+def default_answer_token_ids(tokenizer: Any, examples: Sequence[MCQAExample]) -> Tensor:
+    """Token ids of the letters ``A, B, ...`` of the questions' choices."""
+    return letter_token_ids(tokenizer, list("ABCDEFGHIJ"[: len(examples[0].choices)]))
+
+
+def calibration_experiment(
+    model: nn.Module,
+    tokenizer: Any,
+    splits: Mapping[str, Sequence[MCQAExample]],
+    posteriors: Mapping[str, Posterior],
+    *,
+    answer_token_ids: Tensor | None = None,
+    modes: Sequence[str] = MODES,
+    num_samples: int = 16,
+    test_split: str = "test",
+    calibration_split: str = "calibration",
+    test_examples: int | None = None,
+    batch_size: int = 100,
+    n_bins: int = DEFAULT_BINS,
+    seed: int = 0,
+) -> CalibrationResults:
+    """Calibration of the deterministic model, temperature scaling and ``posteriors``; see the module docstring.
+
+    Args:
+        model: the (unpatched, or patched at its prior mean) model the posteriors were fitted on.
+        tokenizer: its tokenizer (left padding, a pad token).
+        splits: ``{split name: questions}``.
+        posteriors: ``{name: fitted posterior}`` (e.g. from :func:`run_calibration`'s fitting).
+        answer_token_ids: ``(choices,)`` ids of the answer letters; default the tokenizer's ``A, B, ...``.
+        modes: predictive modes of the posteriors.
+        num_samples: S per prediction.
+        test_split, calibration_split: where to measure and where temperature scaling is fitted.
+        test_examples: measure on the first this many test questions (default all).
+        batch_size: questions per prediction batch.
+        n_bins: bins of ECE, MCE and the diagrams.
+        seed: seed of the sampling.
+
+    Raises:
+        ConfigurationError: an unknown or empty split, an unknown mode, a posterior without
+            ``predict``; before any prediction.
+    """
+    check_splits(splits, [test_split, calibration_split])
+    modes = check_modes(modes)
+    posteriors = check_posteriors(posteriors)
+    test = list(splits[test_split][:test_examples])
+    if answer_token_ids is None:
+        answer_token_ids = default_answer_token_ids(tokenizer, test)
+    test_batches = split_batches(test, tokenizer, batch_size)
+    labels = _split_labels(test)
+
+    calibration = splits[calibration_split]
+    calibration_batches = split_batches(calibration, tokenizer, batch_size)
+    calibration_logits = deterministic_logits(model, calibration_batches, answer_token_ids)
+    scaling = fit_temperature(calibration_logits, _split_labels(calibration))
+    test_logits = deterministic_logits(model, test_batches, answer_token_ids)
+    baselines = {DETERMINISTIC: test_logits.softmax(-1), TEMPERATURE_SCALING: scaling.probs(test_logits)}
+
+    rows = [
+        {"method": name, "mode": BASELINE_MODE, **calibration_report(probs, labels, n_bins)}
+        for name, probs in baselines.items()
+    ]
+    baseline_diagrams = {name: reliability_diagram_data(probs, labels, n_bins) for name, probs in baselines.items()}
+    diagrams = {mode: dict(baseline_diagrams) for mode in modes}
+    for name, posterior in posteriors.items():
+        for mode in modes:
+            probs = predict_batches(posterior, test_batches, mode, num_samples, seed=seed).probs
+            rows.append({"method": name, "mode": mode, **calibration_report(probs, labels, n_bins)})
+            diagrams[mode][name] = reliability_diagram_data(probs, labels, n_bins)
+    return CalibrationResults(
+        rows=rows,
+        diagrams=diagrams,
+        temperature=scaling.temperature,
+        test_split=test_split,
+        calibration_split=calibration_split,
+        num_samples=num_samples,
+        n_bins=n_bins,
+    )
+
+
+def run_calibration(
+    model: nn.Module,
+    tokenizer: Any,
+    splits: Mapping[str, Sequence[MCQAExample]],
+    families: Sequence[str | GuideCase] = DEFAULT_FAMILIES,
+    *,
+    answer_token_ids: Tensor | None = None,
+    fit_split: str = "train",
+    fit_examples: int | None = 512,
+    sites: Mapping[str, Any] | None = None,
+    layers: str | Sequence[int] = "all",
+    steps: int = 200,
+    seed: int = 0,
+    progress: bool = True,
+    **options: Any,
+) -> CalibrationResults:
+    """Fit ``families`` by name (:func:`pyro_moe.experiments.evaluation.fit_named_families`), each on
+    a copy of ``model``, then run :func:`calibration_experiment` (``options`` go there).
+
+    Everything is checked first: the families against the guide registry, the splits."""
+    test_split, calibration_split = options.get("test_split", "test"), options.get("calibration_split", "calibration")
+    check_splits(splits, [test_split, calibration_split])
+    check_modes(options.get("modes", MODES))
+    if answer_token_ids is None:
+        answer_token_ids = default_answer_token_ids(tokenizer, splits[test_split])
+    posteriors = fit_named_families(
+        model,
+        tokenizer,
+        splits,
+        families,
+        answer_token_ids=answer_token_ids,
+        fit_split=fit_split,
+        fit_examples=fit_examples,
+        sites=sites,
+        layers=layers,
+        steps=steps,
+        seed=seed,
+        progress=progress,
+    )
+    return calibration_experiment(
+        model, tokenizer, splits, posteriors, answer_token_ids=answer_token_ids, seed=seed, **options
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: fit the families on the embedded benchmark and write the calibration report."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pyro_moe.experiments.calibration",
+        description="Calibration (ACC, NLL, ECE, MCE, Brier) of the deterministic model, temperature scaling and "
+        "Bayesian guide families under both predictive modes, on the embedded benchmark.",
+    )
+    add_common_arguments(parser, families=DEFAULT_FAMILIES, steps=200)
+    parser.add_argument("--test-examples", type=int, default=None, help="test questions to use (default all)")
+    parser.add_argument("--bins", type=int, default=DEFAULT_BINS, help=f"ECE bins (default {DEFAULT_BINS})")
+    args = parser.parse_args(argv)
+    inputs = benchmark_inputs()
+    results = run_calibration(
+        inputs.model,
+        inputs.tokenizer,
+        inputs.splits,
+        args.families,
+        answer_token_ids=inputs.answer_token_ids,
+        fit_split=args.fit_split,
+        fit_examples=args.fit_examples,
+        sites=args.sites,
+        layers=args.layers or "all",
+        steps=args.steps,
+        seed=args.seed,
+        num_samples=args.samples,
+        test_examples=args.test_examples,
+        batch_size=args.batch_size,
+        n_bins=args.bins,
+    )
+    paths = write_results(results, args.out)
+    print(results.to_markdown())
+    print("written:", paths["metrics"], paths["report"], *paths["plots"])
+
+
+if __name__ == "__main__":
+    main()

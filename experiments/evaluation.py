@@ -1,0 +1,427 @@
+"""Shared pieces of the evaluation experiments (stability, calibration, OoD, efficiency).
+
+* guide families by name become :class:`~pyro_moe.experiments.guide_comparison.GuideCase` s with
+  default sites for the scopes they cover (:func:`family_cases`) and are fitted, each on its own
+  copy of the model (:func:`fit_families`);
+* the deterministic model's answer logits (:func:`deterministic_logits`) and a posterior's
+  predictions with their uncertainty scores (:func:`predict_batches`) on MCQA batches;
+* the checks every experiment makes before any work (:func:`check_splits`,
+  :func:`check_posteriors`), Markdown tables and the writing of ``metrics.json``, ``report.md``
+  and the PNGs (:func:`write_results`);
+* the command-line options and inputs the four experiment CLIs share, defaulting to the
+  embedded benchmark.
+
+A posterior is anything with the :class:`Posterior` ``predict`` method, e.g. a
+:class:`pyro_moe.FittedPosterior`.
+
+Example::
+
+    cases = family_cases(["mean-field", "mfvr"])                     # default sites per scope
+    posteriors = fit_families(model, train_batches, cases, answer_token_ids=letters, steps=200)
+    logits = deterministic_logits(model, test_batches, letters)      # (examples, choices)
+    scored = predict_batches(posteriors["mfvr"], test_batches, "model-average", 16, scores=True)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import pyro
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from pyro_moe.data import MCQAExample, mcqa_batches
+from pyro_moe.errors import ConfigurationError
+from pyro_moe.experiments.guide_comparison import GuideCase
+from pyro_moe.fitting import FittedPosterior, fit
+from pyro_moe.guides.registry import GuideScope, parse_guide
+from pyro_moe.handlers import at_prior_mean
+from pyro_moe.metrics import mutual_information, router_logit_variance
+from pyro_moe.patching import patch_routers
+from pyro_moe.predictive import RoutedPrediction
+from pyro_moe.readout import last_token_logits
+from pyro_moe.routing_context import PredictiveMode
+
+__all__ = [
+    "DEFAULT_SITES",
+    "DETERMINISTIC",
+    "MODES",
+    "TEMPERATURE_SCALING",
+    "BenchmarkInputs",
+    "Posterior",
+    "Predictions",
+    "Results",
+    "add_common_arguments",
+    "benchmark_inputs",
+    "check_modes",
+    "check_posteriors",
+    "check_splits",
+    "deterministic_logits",
+    "family_cases",
+    "fit_families",
+    "fit_named_families",
+    "markdown_table",
+    "predict_batches",
+    "split_batches",
+    "write_results",
+]
+
+DETERMINISTIC = "deterministic"
+"""Name of the deterministic model (every router at its prior mean) in tables and plots."""
+
+TEMPERATURE_SCALING = "temperature scaling"
+"""Name of the temperature-scaled deterministic model in tables and plots."""
+
+MODES = (PredictiveMode.MODEL_AVERAGE.value, PredictiveMode.ROUTING_AVERAGE.value)
+"""The predictive modes, ``model-average`` (Bayesian model averaging) and ``routing-average`` (the thesis' rule)."""
+
+DEFAULT_SITES: dict[GuideScope, dict[str, Any]] = {
+    GuideScope.GLOBAL: {"weight": 0.05},
+    GuideScope.LOGITS: {"logits": 2.0},
+    GuideScope.TOKEN_TEMPERATURE: {"temperature": {"per": "token", "scale": 0.3}},
+}
+"""Sites (as :func:`pyro_moe.patch_routers` takes them) a family gets for each scope it covers when
+none are given: router weights with prior scale 0.05 (the benchmark's router weights have standard
+deviation 0.035), per-token logits with prior scale 2 (the design brief's calibrating setting),
+per-token temperatures with scale 0.3."""
+
+
+class Posterior(Protocol):
+    """A fitted posterior the experiments can predict with (e.g. :class:`pyro_moe.FittedPosterior`)."""
+
+    def predict(self, input_ids: Tensor, attention_mask: Tensor | None = None, **options: Any) -> RoutedPrediction:
+        """:func:`pyro_moe.predict` options: ``num_samples``, ``mode``, ``return_samples``, ``return_router_logits``."""
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def check_splits(splits: Mapping[str, Sequence[MCQAExample]], required: Sequence[str]) -> None:
+    """Every split in ``required`` is present in ``splits`` and non-empty; the error names the
+    missing split and the splits there are."""
+    if not isinstance(splits, Mapping):
+        raise ConfigurationError(f"splits must be a mapping from split names to examples, got {type(splits).__name__}.")
+    for name in required:
+        if name not in splits:
+            raise ConfigurationError(f"unknown split {name!r}; the splits given are {sorted(splits)}.")
+        if len(splits[name]) == 0:
+            raise ConfigurationError(f"split {name!r} is empty: give it at least one question.")
+
+
+def check_posteriors(posteriors: Mapping[str, Posterior]) -> dict[str, Posterior]:
+    """The posteriors as a dict, each with a ``predict`` method and a name free of the baselines' names."""
+    if not isinstance(posteriors, Mapping):
+        raise ConfigurationError(f"posteriors must be a mapping from names to fitted posteriors, got {posteriors!r}.")
+    for name, posterior in posteriors.items():
+        if name in (DETERMINISTIC, TEMPERATURE_SCALING):
+            raise ConfigurationError(f"the name {name!r} is taken by the baseline of that name; rename the posterior.")
+        if not callable(getattr(posterior, "predict", None)):
+            raise ConfigurationError(
+                f"posterior {name!r} has no predict method; pass fitted posteriors (pyro_moe.fit) or guide names."
+            )
+    return dict(posteriors)
+
+
+def check_modes(modes: Sequence[str]) -> tuple[str, ...]:
+    """``modes`` as a tuple, each one of :data:`MODES`."""
+    modes = tuple(modes)
+    unknown = [mode for mode in modes if mode not in MODES]
+    if not modes or unknown:
+        raise ConfigurationError(f"unknown predictive modes {unknown or modes!r}; accepted: {list(MODES)}.")
+    return modes
+
+
+# ---------------------------------------------------------------------------------------------- families
+
+
+def family_cases(
+    families: Sequence[str | GuideCase], sites: Mapping[str, Any] | None = None, objective: str = "elbo"
+) -> list[GuideCase]:
+    """One :class:`GuideCase` per family, checked against the guide registry before anything is fitted.
+
+    Args:
+        families: guide names (``"mean-field"``, ``"map+mfvr"``, ...) or complete cases.
+        sites: the sites of every named family; default :data:`DEFAULT_SITES` of the scopes the
+            family covers (merged for ``global+local`` names).
+        objective: the objective of every named family.
+
+    Raises:
+        ConfigurationError: an unknown guide name, no family, or two families of the same name.
+    """
+    if isinstance(families, str) or not families:
+        raise ConfigurationError(f"families must be a non-empty list of guide names or GuideCases, got {families!r}.")
+    cases = []
+    for family in families:
+        if isinstance(family, GuideCase):
+            parse_guide(family.guide)
+            cases.append(family)
+            continue
+        scopes = parse_guide(family)  # names the registered guides when the name is unknown
+        if sites is not None:
+            family_sites = dict(sites)
+        else:
+            family_sites = {}
+            for scope in scopes:
+                if scope not in DEFAULT_SITES:
+                    raise ConfigurationError(f"no default sites for the {scope.value} scope of {family!r}: give sites.")
+                family_sites.update(DEFAULT_SITES[scope])
+        cases.append(GuideCase(family, family_sites, family, objective))
+    names = [case.name for case in cases]
+    if len(set(names)) != len(names):
+        raise ConfigurationError(f"family names must be distinct, got {names}.")
+    return cases
+
+
+def fit_families(
+    model: nn.Module,
+    batches: Sequence[Mapping[str, Tensor]],
+    cases: Sequence[GuideCase],
+    *,
+    answer_token_ids: Tensor,
+    layers: str | Sequence[int] = "all",
+    steps: int = 200,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, FittedPosterior]:
+    """Fit every case with :func:`pyro_moe.fit` on ``batches``, each on a deep copy of ``model``
+    (``model`` itself stays unpatched); returns ``{case name: FittedPosterior}``."""
+    posteriors = {}
+    for case in tqdm(cases, desc="families", disable=not progress or len(cases) < 2):
+        patch = patch_routers(copy.deepcopy(model), case.sites, layers=layers)
+        options = {"objective": case.objective, "seed": seed, "progress": progress, **case.options}
+        posteriors[case.name] = fit(
+            patch, batches, case.guide, answer_token_ids=answer_token_ids, steps=steps, **options
+        )
+    return posteriors
+
+
+def fit_named_families(
+    model: nn.Module,
+    tokenizer: Any,
+    splits: Mapping[str, Sequence[MCQAExample]],
+    families: Sequence[str | GuideCase],
+    *,
+    answer_token_ids: Tensor,
+    fit_split: str = "train",
+    fit_examples: int | None = 512,
+    sites: Mapping[str, Any] | None = None,
+    layers: str | Sequence[int] = "all",
+    steps: int = 200,
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, FittedPosterior]:
+    """Check the families and the split, then fit every family (:func:`family_cases`,
+    :func:`fit_families`) on the first ``fit_examples`` questions of ``splits[fit_split]`` in
+    shuffled batches of ``batch_size``. No families, no fits: ``{}``."""
+    if not families:
+        return {}
+    cases = family_cases(families, sites)
+    check_splits(splits, [fit_split])
+    batches = list(mcqa_batches(splits[fit_split][:fit_examples], tokenizer, batch_size, shuffle=True, seed=seed))
+    return fit_families(
+        model,
+        batches,
+        cases,
+        answer_token_ids=answer_token_ids,
+        layers=layers,
+        steps=steps,
+        seed=seed,
+        progress=progress,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- predictions
+
+
+def split_batches(
+    examples: Sequence[MCQAExample], tokenizer: Any, batch_size: int, limit: int | None = None
+) -> list[dict[str, Tensor]]:
+    """Left-padded batches (:func:`pyro_moe.data.mcqa_batches`) of the first ``limit`` examples (all by default)."""
+    if limit is not None:
+        examples = examples[:limit]
+    return list(mcqa_batches(examples, tokenizer, batch_size))
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+@torch.no_grad()
+def deterministic_logits(model: nn.Module, batches: Sequence[Mapping[str, Tensor]], answer_token_ids: Tensor) -> Tensor:
+    """Answer logits ``(examples, choices)`` (float32, CPU) of the deterministic model: every
+    router site at its prior mean (:func:`pyro_moe.at_prior_mean`), so a patched model gives the HF model."""
+    device = _model_device(model)
+    answer_token_ids = answer_token_ids.to(device)
+    chunks = []
+    with at_prior_mean():
+        for batch in batches:
+            logits = last_token_logits(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            chunks.append(logits[0][:, answer_token_ids].float().cpu())
+    return torch.cat(chunks)
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """A posterior's predictions on a split.
+
+    Attributes:
+        probs: ``(examples, choices)`` predictive answer probabilities.
+        mutual_information: ``(examples,)`` mutual information of the answer (``model-average``
+            only: ``routing-average`` returns one answer distribution), or ``None``.
+        router_logit_variance: ``(examples,)`` variance of the sampled router logits, or ``None``.
+    """
+
+    probs: Tensor
+    mutual_information: Tensor | None = None
+    router_logit_variance: Tensor | None = None
+
+
+def predict_batches(
+    posterior: Posterior,
+    batches: Sequence[Mapping[str, Tensor]],
+    mode: str,
+    num_samples: int,
+    *,
+    scores: bool = False,
+    seed: int = 0,
+) -> Predictions:
+    """``posterior.predict`` over ``batches`` in predictive ``mode``, results on the CPU.
+
+    With ``scores``, also the mutual information (``model-average``) and the router-logit
+    variance per example, computed batch by batch so the sampled logits are never all kept.
+    """
+    pyro.set_rng_seed(seed)
+    probs, information, variance = [], [], []
+    for batch in batches:
+        prediction = posterior.predict(
+            batch["input_ids"],
+            batch["attention_mask"],
+            num_samples=num_samples,
+            mode=mode,
+            return_samples=scores,
+            return_router_logits=scores,
+        )
+        probs.append(prediction.probs.float().cpu())
+        if scores:
+            if mode == PredictiveMode.MODEL_AVERAGE.value:
+                information.append(mutual_information(prediction.sample_probs).cpu())
+            if prediction.router_logits and num_samples > 1:
+                mask = batch["attention_mask"].to(prediction.probs.device)
+                variance.append(router_logit_variance(prediction.router_logits, mask).cpu())
+    return Predictions(
+        probs=torch.cat(probs),
+        mutual_information=torch.cat(information) if information else None,
+        router_logit_variance=torch.cat(variance) if variance else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "n/a" if math.isnan(value) else f"{value:.4g}" if abs(value) >= 1e4 else f"{value:.3f}"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """A Markdown table of ``rows`` with ``columns`` (numbers right-aligned, floats to 3 decimals)."""
+    numeric = [all(isinstance(row.get(c), int | float) for row in rows) and bool(rows) for c in columns]
+    lines = [
+        "| " + " | ".join(columns) + " |",
+        "| " + " | ".join("---:" if n else "---" for n in numeric) + " |",
+    ]
+    lines += ["| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+class Results(Protocol):
+    """What every experiment returns."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The figures as JSON-ready data."""
+
+    def to_markdown(self) -> str:
+        """The tables (``report.md``)."""
+
+    def plot(self, folder: str | Path) -> list[Path]:
+        """Write the PNG figures into ``folder``; returns their paths."""
+
+
+def _json_ready(value: Any) -> Any:
+    """NaN becomes ``None`` (JSON has no NaN); containers are converted recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(v) for v in value]
+    return value
+
+
+def write_results(results: Results, folder: str | Path) -> dict[str, Path | list[Path]]:
+    """Write ``metrics.json``, ``report.md`` and the PNGs of ``results`` into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    metrics, report = folder / "metrics.json", folder / "report.md"
+    metrics.write_text(json.dumps(_json_ready(results.to_json()), indent=2) + "\n")
+    report.write_text(results.to_markdown())
+    return {"metrics": metrics, "report": report, "plots": results.plot(folder)}
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, *, families: Sequence[str], steps: int) -> None:
+    """The options the experiment CLIs share (the embedded benchmark is the default input)."""
+    parser.add_argument("--out", type=Path, required=True, help="folder for metrics.json, report.md and the PNGs")
+    parser.add_argument(
+        "--families",
+        nargs="*",
+        default=list(families),
+        help=f"guide names fitted with pyro_moe.fit, e.g. mean-field mfvr map+mfvr (default: {' '.join(families)})",
+    )
+    parser.add_argument("--steps", type=int, default=steps, help=f"SVI steps per family (default {steps})")
+    parser.add_argument("--samples", type=int, default=16, help="S, samples of the routing per prediction (default 16)")
+    parser.add_argument(
+        "--sites",
+        type=json.loads,
+        default=None,
+        help="sites of every family as JSON, e.g. '{\"logits\": 2.0}' (default: per guide scope, see DEFAULT_SITES)",
+    )
+    parser.add_argument(
+        "--layers", type=int, nargs="+", default=None, help="Bayesian decoder layers (default: all MoE layers)"
+    )
+    parser.add_argument("--fit-split", default="train", help="split the families are fitted on (default train)")
+    parser.add_argument(
+        "--fit-examples", type=int, default=512, help="questions of the fit split used to fit (default 512)"
+    )
+    parser.add_argument("--batch-size", type=int, default=100, help="questions per prediction batch (default 100)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the fits and the sampling (default 0)")
+
+
+@dataclass
+class BenchmarkInputs:
+    """The embedded benchmark's model, tokenizer, answer-letter ids and splits (CLI default input)."""
+
+    model: nn.Module
+    tokenizer: Any
+    answer_token_ids: Tensor
+    splits: dict[str, list[MCQAExample]]
+
+
+def benchmark_inputs() -> BenchmarkInputs:
+    """Load the embedded benchmark offline (:func:`pyro_moe.experiments.benchmark_model.load_benchmark`)."""
+    from pyro_moe.experiments.benchmark_model import load_benchmark
+
+    loaded = load_benchmark()
+    return BenchmarkInputs(loaded.model, loaded.tokenizer, loaded.answer_token_ids, loaded.benchmark.splits)
