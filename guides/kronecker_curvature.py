@@ -1,0 +1,467 @@
+"""Kronecker-factored curvature (K-FAC) of the linear maps inside HF MoE blocks, from the MCQA likelihood.
+
+Two kinds of weight matrices, each a ``(out, in)`` map ``s = W x`` applied to some tokens:
+
+* **expert down-projections** ``down_proj[e]`` ``(H, I)`` of a transformers 5.x experts module (3-D
+  Parameter ``(experts, H, I)``): ``x`` is the expert's input ``act(gate(u)) * up(u)`` ``(I,)`` and the
+  tokens are those routed to expert ``e``; the output gradient includes the routing weight, as the
+  expert's output is scaled by it before it joins the residual stream;
+* **router weights** ``W`` ``(E, H)``: ``x = u`` the router input, ``s`` the router logits.
+
+For every matrix the factors are ``A = (1/n) sum_t x_t x_t^T`` (``in x in``, mean over its ``n``
+selected tokens) and ``G = sum_t g_t g_t^T`` (``out x out``, sum over tokens and Fisher draws), so that
+``A (x) G`` is the usual K-FAC approximation of the full-data Fisher/GGN, exact for one token. The
+gradients ``g_t = dL / ds_t`` come from the MCQA loss ``L`` over the answer letters with labels
+
+* ``mc`` (default): drawn from the model's own predictive (Monte Carlo Fisher, ``mc_samples`` draws;
+  the GGN in expectation),
+* ``empirical``: the true labels (empirical Fisher),
+* ``exact``: every answer letter ``c`` weighted by its probability (one backward pass per letter):
+  the categorical GGN exactly.
+
+Tokens: ``last`` (the last prompt token of every example, the MCQA readout position) or ``all``
+(every real token). The inputs and outputs are read from the HF modules as they run (a forward
+hook on routers; on experts, the eager implementation's ``linear(x, down_proj[e])`` calls seen
+through a ``TorchFunctionMode``), the output gradients by ``torch.autograd.grad`` at those outputs.
+
+Example::
+
+    targets = expert_targets(model, layers=[-1])
+    curvature = kronecker_curvature(model, targets, batches, answer_token_ids, rank=10)
+    curvature["model.layers.2.block_sparse_moe.experts.down_proj"].input_factors[3]   # EigenFactor of A
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from tqdm.auto import tqdm
+
+from pyro_moe.errors import ConfigurationError, LayerSelectionError, NonFiniteError, UnsupportedFamilyError
+from pyro_moe.families import RouterLocation, find_moe_routers
+from pyro_moe.guides.kronecker_factors import EigenFactor, make_factor
+from pyro_moe.readout import last_positions, last_token_logits
+
+__all__ = [
+    "EXPERT_FAMILIES",
+    "CurvatureRun",
+    "CurvatureTarget",
+    "FisherType",
+    "KroneckerCurvature",
+    "TargetKind",
+    "TokenSelection",
+    "expert_targets",
+    "kronecker_curvature",
+    "router_targets",
+]
+
+EXPERT_FAMILIES = (
+    "granitemoe",
+    "granitemoeshared",
+    "granitemoehybrid",
+    "mixtral",
+    "minimax",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "flex_olmo",
+)
+"""Families whose experts module keeps ``gate_up_proj (E, 2I, H)`` and ``down_proj (E, H, I)`` as 3-D
+Parameters and whose eager forward applies ``linear(x, down_proj[e])`` to the tokens routed to ``e``."""
+
+
+class FisherType(StrEnum):
+    """Which labels the output gradients are taken at."""
+
+    MC = "mc"
+    """Labels drawn from the model's predictive (Monte Carlo Fisher; the GGN in expectation)."""
+
+    EMPIRICAL = "empirical"
+    """The true labels (empirical Fisher)."""
+
+    EXACT = "exact"
+    """Every answer letter weighted by its probability: the categorical GGN, one backward per letter."""
+
+
+class TokenSelection(StrEnum):
+    """Which token positions contribute."""
+
+    LAST = "last"
+    """The last real (prompt) token of every example."""
+
+    ALL = "all"
+    """Every real token."""
+
+
+class TargetKind(StrEnum):
+    """What kind of weight matrices a target holds."""
+
+    EXPERTS = "experts"
+    """``down_proj`` of an experts module: one ``(H, I)`` block per expert."""
+
+    ROUTER = "router"
+    """The router weight ``(E, H)``: one block."""
+
+
+@dataclass(frozen=True)
+class CurvatureTarget:
+    """A weight tensor whose Kronecker curvature is wanted.
+
+    Attributes:
+        name: the parameter's name in the model (``model.layers.2.mlp.experts.down_proj``).
+        module: the experts module or the router.
+        kind: experts or router.
+        blocks: number of ``(out, in)`` blocks (experts, or 1 for a router).
+        out_features, in_features: the block shape.
+    """
+
+    name: str
+    module: nn.Module
+    kind: TargetKind
+    blocks: int
+    out_features: int
+    in_features: int
+
+    @property
+    def parameter(self) -> Tensor:
+        """The weight: ``(experts, H, I)`` or ``(E, H)``."""
+        return self.module.down_proj if self.kind is TargetKind.EXPERTS else self.module.weight
+
+
+@dataclass
+class KroneckerCurvature:
+    """The factors of every block of one target.
+
+    Attributes:
+        target: what they belong to.
+        input_factors: per block, ``A`` ``(in, in)`` (mean over the block's tokens).
+        output_factors: per block, ``G`` ``(out, out)`` (sum over tokens and Fisher draws).
+        tokens: ``(blocks,)`` number of tokens each block saw.
+    """
+
+    target: CurvatureTarget
+    input_factors: list[EigenFactor]
+    output_factors: list[EigenFactor]
+    tokens: Tensor
+
+
+@dataclass
+class CurvatureRun:
+    """What :func:`kronecker_curvature` returns besides the factors.
+
+    Attributes:
+        curvature: per target name, its factors.
+        log_likelihood: ``sum_n log p(y_n | x_n)`` at the current weights (true labels; NaN without).
+        num_examples: number of examples seen.
+        fisher: the Fisher type used.
+    """
+
+    curvature: dict[str, KroneckerCurvature]
+    log_likelihood: float
+    num_examples: int
+    fisher: FisherType
+
+
+def _moe_blocks(model: nn.Module, layers: str | Iterable[int]) -> list[RouterLocation]:
+    """The router locations of the chosen MoE layers."""
+    locations = find_moe_routers(model)
+    layer_list = model.get_submodule(locations[0].layer_path.rpartition(".")[0])
+    moe_layers = sorted({loc.layer_index for loc in locations})
+    if isinstance(layers, str):
+        if layers != "all":
+            raise LayerSelectionError(f"layers must be 'all' or a list of layer indices, got {layers!r}.")
+        chosen = set(moe_layers)
+    else:
+        chosen = set()
+        for index in layers:
+            if isinstance(index, bool) or not isinstance(index, int) or not -len(layer_list) <= index < len(layer_list):
+                raise LayerSelectionError(
+                    f"layer {index!r} is not a decoder-layer index of this model ({len(layer_list)} layers)."
+                )
+            if index % len(layer_list) not in moe_layers:
+                raise LayerSelectionError(
+                    f"decoder layer {index % len(layer_list)} has no experts (no MoE block); MoE layers: {moe_layers}."
+                )
+            chosen.add(index % len(layer_list))
+        if not chosen:
+            raise LayerSelectionError(f"no layer requested; MoE layers of this model: {moe_layers}.")
+    return [loc for loc in locations if loc.layer_index in chosen]
+
+
+def expert_targets(model: nn.Module, layers: str | Iterable[int] = "all") -> list[CurvatureTarget]:
+    """The experts' ``down_proj`` of the chosen MoE layers.
+
+    Raises:
+        LayerSelectionError: a layer without experts.
+        UnsupportedFamilyError: a family whose experts are not 3-D ``down_proj (E, H, I)`` Parameters
+            applied by ``linear`` (see :data:`EXPERT_FAMILIES`).
+    """
+    targets = []
+    for location in _moe_blocks(model, layers):
+        if location.family.name not in EXPERT_FAMILIES:
+            raise UnsupportedFamilyError(
+                f"expert-space Laplace does not support the {location.family.name!r} experts; supported families "
+                f"(3-D down_proj (experts, hidden, intermediate) applied by linear): {', '.join(EXPERT_FAMILIES)}."
+            )
+        block_path = location.path.rpartition(".")[0]
+        block = model.get_submodule(block_path)
+        experts = getattr(block, "experts", None)
+        weight = getattr(experts, "down_proj", None)
+        if not isinstance(weight, nn.Parameter) or weight.dim() != 3 or getattr(experts, "is_transposed", False):
+            raise UnsupportedFamilyError(
+                f"{block_path} has no experts module with a 3-D down_proj (experts, hidden, intermediate); "
+                f"supported families: {', '.join(EXPERT_FAMILIES)}."
+            )
+        if getattr(experts, "has_bias", False):
+            raise UnsupportedFamilyError(f"{block_path}.experts has biases; supported: {', '.join(EXPERT_FAMILIES)}.")
+        count, out_features, in_features = weight.shape
+        targets.append(
+            CurvatureTarget(
+                f"{block_path}.experts.down_proj", experts, TargetKind.EXPERTS, count, out_features, in_features
+            )
+        )
+    return targets
+
+
+def router_targets(model: nn.Module, layers: str | Iterable[int] = "all") -> list[CurvatureTarget]:
+    """The router weights ``(E, H)`` of the chosen MoE layers (patched or not; no bias)."""
+    targets = []
+    for location in _moe_blocks(model, layers):
+        router_path = location.path
+        router = model.get_submodule(router_path)
+        if isinstance(getattr(router, "bias", None), Tensor):
+            raise UnsupportedFamilyError(
+                f"{router_path} has a bias; Kronecker curvature of router weights supports routers without bias."
+            )
+        experts, hidden = router.weight.shape
+        targets.append(CurvatureTarget(f"{router_path}.weight", router, TargetKind.ROUTER, 1, experts, hidden))
+    return targets
+
+
+@dataclass
+class _Record:
+    """One captured application ``outputs = W_block inputs`` on ``tokens`` (flat token indices)."""
+
+    target: str
+    block: int
+    inputs: Tensor  # (n, in)
+    outputs: Tensor  # (n, out) or (..., out) with n leading elements, as the model computed it
+    tokens: Tensor  # (n,)
+
+
+class _ExpertCalls(TorchFunctionMode):
+    """Sees the eager experts forward's ``linear(x, down_proj[e])`` and records ``x`` and the output."""
+
+    def __init__(self, targets: Sequence[CurvatureTarget]) -> None:
+        super().__init__()
+        self.by_weight = {id(t.module.down_proj): t for t in targets}
+        self.routing: dict[str, Tensor] = {}  # target name -> top_k_index (tokens, k)
+        self.records: list[_Record] = []
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        if func is nn.functional.linear and len(args) >= 2:
+            weight = args[1]
+            target = self.by_weight.get(id(weight._base)) if isinstance(weight, Tensor) else None
+            if target is not None:
+                block = weight.storage_offset() // (target.out_features * target.in_features)
+                index = self.routing[target.name]
+                tokens = torch.where((index == block).T)[1]
+                if tokens.shape[0] != args[0].shape[0]:
+                    raise UnsupportedFamilyError(
+                        f"{target.name}: the experts forward does not route tokens as the eager loop of "
+                        f"{', '.join(EXPERT_FAMILIES)} does."
+                    )
+                self.records.append(_Record(target.name, block, args[0], result, tokens))
+        return result
+
+
+@contextlib.contextmanager
+def _captured(targets: Sequence[CurvatureTarget]) -> Iterator[tuple[_ExpertCalls, list[_Record]]]:
+    """Record inputs and outputs of every target while the model runs; the experts use their eager
+    implementation and the targets' weights require gradients (both restored afterwards)."""
+    experts = [t for t in targets if t.kind is TargetKind.EXPERTS]
+    calls = _ExpertCalls(experts)
+    router_records: list[_Record] = []
+    handles, restore = [], []
+    for target in targets:
+        parameter = target.parameter
+        restore.append((lambda p=parameter, f=parameter.requires_grad: p.requires_grad_(f)))
+        parameter.requires_grad_(True)
+        if target.kind is TargetKind.EXPERTS:
+            config = getattr(target.module, "config", None)
+            if config is not None and getattr(config, "_experts_implementation", None) != "eager":
+                previous = config._experts_implementation
+                restore.append(lambda c=config, v=previous: setattr(c, "_experts_implementation", v))
+                config._experts_implementation = "eager"
+            signature = inspect.signature(target.module.forward)
+
+            def remember(module, args, kwargs, name=target.name, signature=signature):
+                calls.routing[name] = signature.bind(*args, **kwargs).arguments["top_k_index"]
+
+            handles.append(target.module.register_forward_pre_hook(remember, with_kwargs=True))
+        else:
+
+            def record(module, args, output, target=target):
+                hidden = args[0].reshape(-1, target.in_features)
+                tokens = torch.arange(hidden.shape[0], device=hidden.device)
+                router_records.append(_Record(target.name, 0, hidden, output[0], tokens))
+
+            handles.append(target.module.register_forward_hook(record))
+    try:
+        with calls:
+            yield calls, router_records
+    finally:
+        for handle in handles:
+            handle.remove()
+        for undo in reversed(restore):
+            undo()
+
+
+def _losses(
+    logits: Tensor, labels: Tensor | None, fisher: FisherType, mc_samples: int, generator: torch.Generator
+) -> list[tuple[Tensor, float]]:
+    """``(loss, scale)`` pairs whose output-gradient outer products, scaled and summed, give ``G``."""
+    log_probs = torch.log_softmax(logits, dim=-1)  # (batch, choices)
+    if fisher is FisherType.EMPIRICAL:
+        return [(-log_probs.gather(-1, labels[:, None]).sum(), 1.0)]
+    probs = log_probs.detach().exp()
+    if fisher is FisherType.EXACT:
+        return [(-(probs[:, c].sqrt() * log_probs[:, c]).sum(), 1.0) for c in range(logits.shape[-1])]
+    draws = torch.multinomial(probs.cpu(), mc_samples, replacement=True, generator=generator).to(logits.device)
+    return [(-log_probs.gather(-1, draws[:, s, None]).sum(), 1.0 / mc_samples) for s in range(mc_samples)]
+
+
+def _check_finite(value: Tensor, what: str) -> None:
+    if not torch.isfinite(value).all():
+        raise NonFiniteError(
+            f"non-finite curvature: {what} holds NaN or infinite values; check the model's weights and inputs "
+            "(a Laplace approximation needs a finite loss at the mode)."
+        )
+
+
+def kronecker_curvature(
+    model: nn.Module,
+    targets: Sequence[CurvatureTarget],
+    batches: Iterable[Mapping[str, Tensor]],
+    answer_token_ids: Tensor,
+    *,
+    fisher: FisherType | str = FisherType.MC,
+    tokens: TokenSelection | str = TokenSelection.LAST,
+    rank: int | None = None,
+    mc_samples: int = 1,
+    seed: int = 0,
+    answer_logits: Callable[[Tensor, Tensor], Tensor] | None = None,
+    progress: bool = True,
+) -> CurvatureRun:
+    """Accumulate the Kronecker factors of ``targets`` over MCQA ``batches``; see the module docstring.
+
+    Args:
+        model: the HF model (patched or not).
+        targets: from :func:`expert_targets` / :func:`router_targets`.
+        batches: dicts of ``input_ids`` and ``attention_mask`` ``(batch, length)`` and ``labels``
+            ``(batch,)`` (labels are needed for ``empirical`` and for the log-likelihood).
+        answer_token_ids: ``(choices,)`` ids of the answer letters.
+        fisher: ``"mc"``, ``"empirical"`` or ``"exact"``.
+        tokens: ``"last"`` or ``"all"``.
+        rank: keep the top ``rank`` eigenpairs of every factor, streaming; ``None``: full factors.
+        mc_samples: label draws per example for the MC Fisher.
+        seed: seeds the label draws.
+        answer_logits: ``(input_ids, attention_mask) -> (batch, choices)``; default the MCQA readout
+            of ``model`` (for a patched model with sampled sites, pass a conditioned readout).
+        progress: show a progress bar.
+
+    Raises:
+        ConfigurationError: unknown Fisher type or token selection, ``rank <= 0``, ``mc_samples < 1``,
+            no targets, empty data, or missing labels with the empirical Fisher (before any work).
+        NonFiniteError: NaN or infinite logits, inputs or output gradients.
+    """
+    try:
+        fisher, tokens = FisherType(fisher), TokenSelection(tokens)
+    except ValueError as error:
+        raise ConfigurationError(
+            f"{error}; accepted Fisher types: {', '.join(f.value for f in FisherType)}; "
+            f"token selections: {', '.join(t.value for t in TokenSelection)}."
+        ) from None
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
+        raise ConfigurationError(f"rank must be a positive integer or None (full factors), got {rank!r}.")
+    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+        raise ConfigurationError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
+    if not targets:
+        raise ConfigurationError("no curvature targets: give expert_targets(...) or router_targets(...).")
+    batches = [dict(batch) for batch in batches]
+    if not batches:
+        raise ConfigurationError("the data are empty: give at least one batch of input_ids, attention_mask, labels.")
+    for index, batch in enumerate(batches):
+        missing = [key for key in ("input_ids", "attention_mask") if key not in batch]
+        if fisher is FisherType.EMPIRICAL and "labels" not in batch:
+            missing.append("labels (the empirical Fisher uses the true labels)")
+        if missing:
+            raise ConfigurationError(f"batch {index} lacks {', '.join(missing)}.")
+    answer_token_ids = torch.as_tensor(answer_token_ids).long()
+    if answer_logits is None:
+
+        def answer_logits(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+            logits = last_token_logits(model, input_ids, attention_mask)[0]
+            return logits[:, answer_token_ids.to(logits.device)].float()
+
+    input_factors = {t.name: [make_factor(t.in_features, rank) for _ in range(t.blocks)] for t in targets}
+    output_factors = {t.name: [make_factor(t.out_features, rank) for _ in range(t.blocks)] for t in targets}
+    device = targets[0].parameter.device
+    token_counts = {t.name: torch.zeros(t.blocks, dtype=torch.long) for t in targets}
+    generator = torch.Generator().manual_seed(seed)
+    log_likelihood, labelled, num_examples = 0.0, True, 0
+    for batch in tqdm(batches, desc="Kronecker curvature", disable=not progress):
+        input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        labels = batch.get("labels")
+        labels = None if labels is None else labels.to(device)
+        with torch.enable_grad(), _captured(targets) as (calls, router_records):
+            logits = answer_logits(input_ids, attention_mask)
+        _check_finite(logits, "the answer logits")
+        records = calls.records + router_records
+        selected = torch.zeros_like(attention_mask, dtype=torch.bool)
+        if tokens is TokenSelection.LAST:
+            selected[torch.arange(len(selected), device=device), last_positions(attention_mask)] = True
+        else:
+            selected = attention_mask.bool()
+        selected = selected.reshape(-1)
+        keep = [selected[record.tokens] for record in records]
+        for record, rows in zip(records, keep, strict=True):
+            inputs = record.inputs[rows]
+            _check_finite(inputs, f"the inputs of {record.target} block {record.block}")
+            input_factors[record.target][record.block].update(inputs)
+            token_counts[record.target][record.block] += int(rows.sum())
+        losses = _losses(logits, labels, fisher, mc_samples, generator)
+        for position, (loss, scale) in enumerate(losses):
+            gradients = torch.autograd.grad(
+                loss, [record.outputs for record in records], retain_graph=position < len(losses) - 1, allow_unused=True
+            )
+            for record, rows, gradient in zip(records, keep, gradients, strict=True):
+                gradient = torch.zeros_like(record.outputs) if gradient is None else gradient
+                gradient = gradient.reshape(-1, gradient.shape[-1])
+                _check_finite(gradient, f"the output gradients of {record.target} block {record.block}")
+                output_factors[record.target][record.block].update(gradient[rows], scale)
+        if labels is None:
+            labelled = False
+        else:
+            log_likelihood += float(torch.log_softmax(logits.detach(), -1).gather(-1, labels[:, None]).sum())
+        num_examples += len(input_ids)
+    curvature = {}
+    for target in targets:
+        inputs = []
+        for factor, count in zip(input_factors[target.name], token_counts[target.name], strict=True):
+            eigen = factor.eigen(device)
+            inputs.append(EigenFactor(eigen.vectors, eigen.values / max(int(count), 1), int(count)))
+        curvature[target.name] = KroneckerCurvature(
+            target, inputs, [factor.eigen(device) for factor in output_factors[target.name]], token_counts[target.name]
+        )
+    return CurvatureRun(curvature, log_likelihood if labelled else float("nan"), num_examples, fisher)
