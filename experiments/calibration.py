@@ -21,17 +21,14 @@ Example::
 from __future__ import annotations
 
 import argparse
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from pyro_moe.data import MCQAExample
-from pyro_moe.data import answer_token_ids as letter_token_ids
 from pyro_moe.experiments.evaluation import (
     DETERMINISTIC,
     MODES,
@@ -42,11 +39,14 @@ from pyro_moe.experiments.evaluation import (
     check_modes,
     check_posteriors,
     check_splits,
+    default_answer_token_ids,
     deterministic_logits,
     fit_named_families,
     markdown_table,
     predict_batches,
+    slug,
     split_batches,
+    split_labels,
     write_results,
 )
 from pyro_moe.experiments.guide_comparison import GuideCase
@@ -62,10 +62,6 @@ DEFAULT_FAMILIES = ("mean-field", "mfvr")
 COLUMNS = ("method", "mode", "accuracy", "nll", "ece", "mce", "brier", "confidence", "count")
 BASELINE_MODE = "any"
 """The mode column of the deterministic model and temperature scaling (they draw no samples)."""
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
 @dataclass
@@ -125,7 +121,7 @@ class CalibrationResults:
         ]
         for mode in self.diagrams:
             lines += [f"## {mode}", "", markdown_table(self.mode_rows(mode), COLUMNS)]
-            lines += [f"![reliability diagram, {mode}](reliability_{_slug(mode)}.png)", ""]
+            lines += [f"![reliability diagram, {mode}](reliability_{slug(mode)}.png)", ""]
         return "\n".join(lines)
 
     def plot(self, folder: str | Path) -> list[Path]:
@@ -133,20 +129,11 @@ class CalibrationResults:
         return [
             plot_reliability_diagram(
                 diagrams,
-                Path(folder) / f"reliability_{_slug(mode)}.png",
+                Path(folder) / f"reliability_{slug(mode)}.png",
                 title=f"Reliability diagram, {self.test_split} split, {mode}",
             )
             for mode, diagrams in self.diagrams.items()
         ]
-
-
-def _split_labels(examples: Sequence[MCQAExample]) -> Tensor:
-    return torch.tensor([example.answer for example in examples], dtype=torch.long)
-
-
-def default_answer_token_ids(tokenizer: Any, examples: Sequence[MCQAExample]) -> Tensor:
-    """Token ids of the letters ``A, B, ...`` of the questions' choices."""
-    return letter_token_ids(tokenizer, list("ABCDEFGHIJ"[: len(examples[0].choices)]))
 
 
 def calibration_experiment(
@@ -192,12 +179,12 @@ def calibration_experiment(
     if answer_token_ids is None:
         answer_token_ids = default_answer_token_ids(tokenizer, test)
     test_batches = split_batches(test, tokenizer, batch_size)
-    labels = _split_labels(test)
+    labels = split_labels(test)
 
     calibration = splits[calibration_split]
     calibration_batches = split_batches(calibration, tokenizer, batch_size)
     calibration_logits = deterministic_logits(model, calibration_batches, answer_token_ids)
-    scaling = fit_temperature(calibration_logits, _split_labels(calibration))
+    scaling = fit_temperature(calibration_logits, split_labels(calibration))
     test_logits = deterministic_logits(model, test_batches, answer_token_ids)
     baselines = {DETERMINISTIC: test_logits.softmax(-1), TEMPERATURE_SCALING: scaling.probs(test_logits)}
 

@@ -28,6 +28,7 @@ import argparse
 import copy
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pyro_moe.data import MCQAExample, mcqa_batches
+from pyro_moe.data import answer_token_ids as letter_token_ids
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.experiments.guide_comparison import GuideCase
 from pyro_moe.fitting import FittedPosterior, fit
@@ -64,13 +66,16 @@ __all__ = [
     "check_modes",
     "check_posteriors",
     "check_splits",
+    "default_answer_token_ids",
     "deterministic_logits",
     "family_cases",
     "fit_families",
     "fit_named_families",
     "markdown_table",
     "predict_batches",
+    "slug",
     "split_batches",
+    "split_labels",
     "write_results",
 ]
 
@@ -249,6 +254,21 @@ def split_batches(
     if limit is not None:
         examples = examples[:limit]
     return list(mcqa_batches(examples, tokenizer, batch_size))
+
+
+def split_labels(examples: Sequence[MCQAExample]) -> Tensor:
+    """Indices ``(examples,)`` (int64) of the correct choices."""
+    return torch.tensor([example.answer for example in examples], dtype=torch.long)
+
+
+def default_answer_token_ids(tokenizer: Any, examples: Sequence[MCQAExample]) -> Tensor:
+    """Token ids ``(choices,)`` of the letters ``A, B, ...`` of the questions' choices."""
+    return letter_token_ids(tokenizer, list("ABCDEFGHIJ"[: len(examples[0].choices)]))
+
+
+def slug(text: str) -> str:
+    """``text`` as a file-name part: lower case, runs of other characters as ``-``."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -1,0 +1,351 @@
+"""OoD experiment: how well uncertainty scores tell in-distribution questions from near- and far-OoD ones.
+
+Scores (higher means more out-of-distribution), per method and predictive mode:
+
+* ``max probability``: ``1 - max_c p(c)``;
+* ``predictive entropy`` of the answer distribution;
+* ``mutual information`` of the answer and the sampled model (``model-average`` only: the
+  ``routing-average`` rule returns a single answer distribution);
+* ``router-logit variance``: the variance of the sampled router logits (families with sampled
+  logits, S >= 2).
+
+The deterministic model and temperature scaling (fitted on the calibration split) have the first
+two. AUROC and AUPRC (OoD the positive class) come from :func:`pyro_moe.metrics.ood_auroc` and
+:func:`pyro_moe.metrics.ood_auprc` (scikit-learn); one ROC figure per OoD split and method.
+
+Example::
+
+    results = ood_experiment(model, tokenizer, benchmark.splits, {"mfvr": fitted_mfvr})
+    results.auroc("mfvr", "model-average", "far_ood", "mutual information")
+    write_results(results, "runs/ood")
+
+    python -m pyro_moe.experiments.ood --out runs/ood      # on the embedded benchmark
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from pyro_moe.data import MCQAExample
+from pyro_moe.errors import ConfigurationError
+from pyro_moe.experiments.evaluation import (
+    DETERMINISTIC,
+    MODES,
+    TEMPERATURE_SCALING,
+    Posterior,
+    Predictions,
+    add_common_arguments,
+    benchmark_inputs,
+    check_modes,
+    check_posteriors,
+    check_splits,
+    default_answer_token_ids,
+    deterministic_logits,
+    fit_named_families,
+    markdown_table,
+    predict_batches,
+    slug,
+    split_batches,
+    split_labels,
+    write_results,
+)
+from pyro_moe.experiments.guide_comparison import GuideCase
+from pyro_moe.metrics import ood_auprc, ood_auroc, predictive_entropy
+from pyro_moe.plots import plot_roc_curves
+from pyro_moe.temperature_scaling import fit_temperature
+
+__all__ = ["DEFAULT_FAMILIES", "SCORES", "OoDResults", "main", "ood_experiment", "run_ood", "uncertainty_scores"]
+
+DEFAULT_FAMILIES = ("mean-field", "mfvr")
+"""Families the CLI fits by default."""
+
+SCORES = ("max probability", "predictive entropy", "mutual information", "router-logit variance")
+"""The uncertainty scores, in table order."""
+
+COLUMNS = ("ood_split", "method", "mode", "score", "auroc", "auprc", "in_examples", "ood_examples")
+BASELINE_MODE = "any"
+
+
+def uncertainty_scores(predictions: Predictions) -> dict[str, Tensor]:
+    """The scores ``{name: (examples,)}`` a prediction has (see :data:`SCORES`), higher = more OoD."""
+    scores = {
+        "max probability": 1.0 - predictions.probs.max(-1).values,
+        "predictive entropy": predictive_entropy(predictions.probs),
+    }
+    if predictions.mutual_information is not None:
+        scores["mutual information"] = predictions.mutual_information
+    if predictions.router_logit_variance is not None:
+        scores["router-logit variance"] = predictions.router_logit_variance
+    return scores
+
+
+@dataclass
+class OoDResults:
+    """What :func:`ood_experiment` returns.
+
+    Attributes:
+        rows: one per OoD split, method, mode and score (``COLUMNS``).
+        scores: ``{split: {(method, mode): {score: (examples,)}}}`` of the in-distribution split and
+            every OoD split (for the ROC curves; not written to JSON).
+        in_split: the in-distribution split.
+        temperature: the temperature of temperature scaling.
+        num_samples: S per prediction.
+    """
+
+    rows: list[dict[str, Any]]
+    scores: dict[str, dict[tuple[str, str], dict[str, Tensor]]]
+    in_split: str
+    temperature: float
+    num_samples: int
+
+    @property
+    def ood_splits(self) -> list[str]:
+        """The OoD splits, in order."""
+        return [split for split in self.scores if split != self.in_split]
+
+    def auroc(self, method: str, mode: str, ood_split: str, score: str) -> float:
+        """The AUROC of one row (``mode`` ``"any"`` for the deterministic model and temperature scaling)."""
+        for row in self.rows:
+            if (row["method"], row["mode"], row["ood_split"], row["score"]) == (method, mode, ood_split, score):
+                return row["auroc"]
+        raise KeyError((method, mode, ood_split, score))
+
+    def to_json(self) -> dict[str, Any]:
+        """Settings and rows."""
+        return {
+            "experiment": "ood",
+            "in_split": self.in_split,
+            "ood_splits": self.ood_splits,
+            "temperature": self.temperature,
+            "num_samples": self.num_samples,
+            "rows": self.rows,
+        }
+
+    def to_markdown(self) -> str:
+        """One table per OoD split; the best AUROC of each split is named under it."""
+        lines = [
+            "# OoD detection",
+            "",
+            f"In-distribution split `{self.in_split}`; OoD is the positive class; S = {self.num_samples} samples; "
+            f"temperature scaling T = {self.temperature:.3f}. Scores: 1 - max probability, predictive entropy, "
+            "mutual information (model-average only), router-logit variance (sampled logits).",
+            "",
+        ]
+        for split in self.ood_splits:
+            rows = [row for row in self.rows if row["ood_split"] == split]
+            best = max(rows, key=lambda row: row["auroc"])
+            lines += [f"## {split}", "", markdown_table(rows, COLUMNS)]
+            lines += [
+                f"Best AUROC: {best['auroc']:.3f} ({best['method']}, {best['mode']}, {best['score']}).",
+                "",
+            ]
+            lines += [
+                f"![ROC {split} {method} {mode}]({self._roc_name(split, method, mode)})"
+                for method, mode in self.scores[split]
+            ]
+            lines.append("")
+        return "\n".join(lines)
+
+    @staticmethod
+    def _roc_name(split: str, method: str, mode: str) -> str:
+        suffix = "" if mode == BASELINE_MODE else f"_{slug(mode)}"
+        return f"roc_{slug(split)}_{slug(method)}{suffix}.png"
+
+    def plot(self, folder: str | Path) -> list[Path]:
+        """``roc_<split>_<method>[_<mode>].png``: the ROC curves of every score of one method."""
+        paths = []
+        for split in self.ood_splits:
+            for (method, mode), ood_scores in self.scores[split].items():
+                in_scores = self.scores[self.in_split][method, mode]
+                label = method if mode == BASELINE_MODE else f"{method}, {mode}"
+                paths.append(
+                    plot_roc_curves(
+                        {name: (in_scores[name], ood_scores[name]) for name in ood_scores},
+                        Path(folder) / self._roc_name(split, method, mode),
+                        title=f"OoD detection, {self.in_split} vs {split}: {label}",
+                    )
+                )
+        return paths
+
+
+def _check_split_roles(
+    splits: Mapping[str, Sequence[MCQAExample]], in_split: str, ood_splits: Sequence[str], calibration_split: str
+) -> list[str]:
+    ood_splits = [ood_splits] if isinstance(ood_splits, str) else list(ood_splits)
+    if not ood_splits or in_split in ood_splits:
+        raise ConfigurationError(
+            f"give at least one OoD split other than the in-distribution split {in_split!r}, got {ood_splits}."
+        )
+    check_splits(splits, [in_split, *ood_splits, calibration_split])
+    return ood_splits
+
+
+def ood_experiment(
+    model: nn.Module,
+    tokenizer: Any,
+    splits: Mapping[str, Sequence[MCQAExample]],
+    posteriors: Mapping[str, Posterior],
+    *,
+    answer_token_ids: Tensor | None = None,
+    modes: Sequence[str] = MODES,
+    num_samples: int = 16,
+    in_split: str = "test",
+    ood_splits: Sequence[str] = ("near_ood", "far_ood"),
+    calibration_split: str = "calibration",
+    examples: int | None = None,
+    batch_size: int = 100,
+    seed: int = 0,
+) -> OoDResults:
+    """AUROC and AUPRC of every score, method and mode; see the module docstring.
+
+    Args:
+        model: the (unpatched, or patched at its prior mean) model the posteriors were fitted on.
+        tokenizer: its tokenizer.
+        splits: ``{split name: questions}``.
+        posteriors: ``{name: fitted posterior}``.
+        answer_token_ids: ``(choices,)`` ids of the answer letters; default the tokenizer's ``A, B, ...``.
+        modes: predictive modes of the posteriors.
+        num_samples: S per prediction.
+        in_split: the in-distribution split; ood_splits: the OoD ones.
+        calibration_split: where temperature scaling is fitted.
+        examples: use the first this many questions of each in-distribution and OoD split (default all).
+        batch_size: questions per prediction batch.
+        seed: seed of the sampling.
+
+    Raises:
+        ConfigurationError: an unknown or empty split, no OoD split, an unknown mode, a posterior
+            without ``predict``; before any prediction.
+    """
+    ood_splits = _check_split_roles(splits, in_split, ood_splits, calibration_split)
+    modes = check_modes(modes)
+    posteriors = check_posteriors(posteriors)
+    if answer_token_ids is None:
+        answer_token_ids = default_answer_token_ids(tokenizer, splits[in_split])
+    calibration = splits[calibration_split]
+    calibration_batches = split_batches(calibration, tokenizer, batch_size)
+    calibration_logits = deterministic_logits(model, calibration_batches, answer_token_ids)
+    scaling = fit_temperature(calibration_logits, split_labels(calibration))
+
+    scores: dict[str, dict[tuple[str, str], dict[str, Tensor]]] = {}
+    for split in [in_split, *ood_splits]:
+        batches = split_batches(splits[split], tokenizer, batch_size, examples)
+        logits = deterministic_logits(model, batches, answer_token_ids)
+        scores[split] = {
+            (DETERMINISTIC, BASELINE_MODE): uncertainty_scores(Predictions(logits.softmax(-1))),
+            (TEMPERATURE_SCALING, BASELINE_MODE): uncertainty_scores(Predictions(scaling.probs(logits))),
+        }
+        for name, posterior in posteriors.items():
+            for mode in modes:
+                predictions = predict_batches(posterior, batches, mode, num_samples, scores=True, seed=seed)
+                scores[split][name, mode] = uncertainty_scores(predictions)
+
+    rows = []
+    for split in ood_splits:
+        for (method, mode), ood_scores in scores[split].items():
+            in_scores = scores[in_split][method, mode]
+            for score in SCORES:
+                if score not in ood_scores:
+                    continue
+                rows.append(
+                    {
+                        "ood_split": split,
+                        "method": method,
+                        "mode": mode,
+                        "score": score,
+                        "auroc": ood_auroc(in_scores[score], ood_scores[score]),
+                        "auprc": ood_auprc(in_scores[score], ood_scores[score]),
+                        "in_examples": len(in_scores[score]),
+                        "ood_examples": len(ood_scores[score]),
+                    }
+                )
+    return OoDResults(rows, scores, in_split, scaling.temperature, num_samples)
+
+
+def run_ood(
+    model: nn.Module,
+    tokenizer: Any,
+    splits: Mapping[str, Sequence[MCQAExample]],
+    families: Sequence[str | GuideCase] = DEFAULT_FAMILIES,
+    *,
+    answer_token_ids: Tensor | None = None,
+    fit_split: str = "train",
+    fit_examples: int | None = 512,
+    sites: Mapping[str, Any] | None = None,
+    layers: str | Sequence[int] = "all",
+    steps: int = 200,
+    seed: int = 0,
+    progress: bool = True,
+    **options: Any,
+) -> OoDResults:
+    """Fit ``families`` by name, each on a copy of ``model``, then run :func:`ood_experiment`
+    (``options`` go there). The families and splits are checked before anything is fitted."""
+    in_split = options.get("in_split", "test")
+    ood_splits = options.get("ood_splits", ("near_ood", "far_ood"))
+    _check_split_roles(splits, in_split, ood_splits, options.get("calibration_split", "calibration"))
+    check_modes(options.get("modes", MODES))
+    if answer_token_ids is None:
+        answer_token_ids = default_answer_token_ids(tokenizer, splits[in_split])
+    posteriors = fit_named_families(
+        model,
+        tokenizer,
+        splits,
+        families,
+        answer_token_ids=answer_token_ids,
+        fit_split=fit_split,
+        fit_examples=fit_examples,
+        sites=sites,
+        layers=layers,
+        steps=steps,
+        seed=seed,
+        progress=progress,
+    )
+    return ood_experiment(model, tokenizer, splits, posteriors, answer_token_ids=answer_token_ids, seed=seed, **options)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: fit the families on the embedded benchmark and write the OoD report."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pyro_moe.experiments.ood",
+        description="OoD detection (AUROC, AUPRC, ROC curves) of max-probability, entropy, mutual information and "
+        "router-logit variance for the deterministic model, temperature scaling and Bayesian guide families, "
+        "test against near_ood and far_ood of the embedded benchmark.",
+    )
+    add_common_arguments(parser, families=DEFAULT_FAMILIES, steps=200)
+    parser.add_argument(
+        "--examples", type=int, default=None, help="questions per in-distribution and OoD split (default all)"
+    )
+    parser.add_argument(
+        "--ood-splits", nargs="+", default=["near_ood", "far_ood"], help="OoD splits (default near_ood far_ood)"
+    )
+    args = parser.parse_args(argv)
+    inputs = benchmark_inputs()
+    results = run_ood(
+        inputs.model,
+        inputs.tokenizer,
+        inputs.splits,
+        args.families,
+        answer_token_ids=inputs.answer_token_ids,
+        fit_split=args.fit_split,
+        fit_examples=args.fit_examples,
+        sites=args.sites,
+        layers=args.layers or "all",
+        steps=args.steps,
+        seed=args.seed,
+        num_samples=args.samples,
+        ood_splits=args.ood_splits,
+        examples=args.examples,
+        batch_size=args.batch_size,
+    )
+    paths = write_results(results, args.out)
+    print(results.to_markdown())
+    print("written:", paths["metrics"], paths["report"], *paths["plots"])
+
+
+if __name__ == "__main__":
+    main()
