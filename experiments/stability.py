@@ -1,0 +1,341 @@
+"""Stability experiment: per-layer Jaccard similarity of the Top-K expert sets under router-input
+noise, for the deterministic model and every fitted posterior, and the susceptible layers.
+
+:func:`pyro_moe.stability.routing_stability` adds ``N(0, gamma^2 I)`` to each router's input and
+compares the Top-K sets of the clean and noisy inputs token by token. The deterministic model is
+measured at its prior mean; a posterior is measured with its routers drawing from the posterior
+under the thesis' ``routing-average`` rule (S samples of the scores averaged, one selection), so
+its Jaccard also counts the disagreement of two independent S-sample selections: the ``gamma = 0``
+column measures that part alone. The susceptible layers are the deterministic model's least stable
+ones at the chosen ``gamma`` (:func:`pyro_moe.stability.susceptible_layers`): the ``k`` lowest, or
+those below a ``threshold``.
+
+Example::
+
+    results = stability_experiment(model, tokenizer, benchmark.splits, {"mfvr": fitted_mfvr}, k=2)
+    results.susceptible                                      # e.g. [0, 2]
+    write_results(results, "runs/stability")
+
+    python -m pyro_moe.experiments.stability --out runs/stability      # on the embedded benchmark
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from pyro_moe.data import MCQAExample
+from pyro_moe.errors import ConfigurationError
+from pyro_moe.experiments.evaluation import (
+    DETERMINISTIC,
+    add_common_arguments,
+    benchmark_inputs,
+    check_posteriors,
+    check_splits,
+    default_answer_token_ids,
+    fit_named_families,
+    markdown_table,
+    slug,
+    split_batches,
+    write_results,
+)
+from pyro_moe.experiments.guide_comparison import GuideCase
+from pyro_moe.handlers import at_prior_mean
+from pyro_moe.plots import plot_stability_violins
+from pyro_moe.routing_context import PARTICLE_DIM, PredictiveMode, routing_context
+from pyro_moe.stability import GAMMAS, RoutingStability, routing_stability, susceptible_layers
+
+__all__ = [
+    "DEFAULT_FAMILIES",
+    "GAMMA",
+    "StabilityResults",
+    "main",
+    "posterior_stability",
+    "run_stability",
+    "stability_experiment",
+]
+
+DEFAULT_FAMILIES = ("mean-field", "mfvr")
+"""Families the CLI fits by default."""
+
+GAMMA = 0.05
+"""The noise level at which layers are compared and the violins drawn (the grid's largest: at
+0.01 the embedded benchmark's routers keep 99.7 % of their experts and the layers barely differ)."""
+
+
+@dataclass
+class StabilityResults:
+    """What :func:`stability_experiment` returns.
+
+    Attributes:
+        stability: ``{method: RoutingStability}``, the deterministic model first.
+        susceptible: the deterministic model's susceptible decoder layers.
+        gamma: the noise level of the selection and the violins.
+        threshold: the Jaccard level separating susceptible layers (given, or halfway between the
+            ``k``-th lowest layer mean and the next; ``None`` when every layer is susceptible).
+        k: the number of layers asked for, if selected by number.
+        split: the split measured.
+        num_samples: S of the posteriors' routing-average selection.
+    """
+
+    stability: dict[str, RoutingStability]
+    susceptible: list[int]
+    gamma: float
+    threshold: float | None
+    k: int | None
+    split: str
+    num_samples: int
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One per method, layer and gamma: mean, std and min Jaccard over tokens, token count."""
+        return [{"method": method, **row} for method, result in self.stability.items() for row in result.records()]
+
+    def to_json(self) -> dict[str, Any]:
+        """Settings, susceptible layers and rows."""
+        return {
+            "experiment": "stability",
+            "split": self.split,
+            "gamma": self.gamma,
+            "threshold": self.threshold,
+            "k": self.k,
+            "num_samples": self.num_samples,
+            "susceptible_layers": self.susceptible,
+            "rows": self.rows(),
+        }
+
+    def to_markdown(self) -> str:
+        """A table of mean Jaccard per method, layer and gamma; the susceptible layers."""
+        gammas = next(iter(self.stability.values())).gammas
+        columns = ["method", "layer", *[f"gamma {gamma:g}" for gamma in gammas]]
+        table = []
+        for method, result in self.stability.items():
+            for i, layer in enumerate(result.layers):
+                table.append(
+                    {"method": method, "layer": layer}
+                    | {f"gamma {gamma:g}": result.mean[i, j].item() for j, gamma in enumerate(gammas)}
+                )
+        rule = f"the {self.k} least stable" if self.k is not None else f"mean Jaccard below {self.threshold:g}"
+        lines = [
+            "# Routing stability",
+            "",
+            f"Mean Jaccard similarity of each token's Top-K experts between clean and noisy router inputs "
+            f"(x + N(0, gamma^2 I)), split `{self.split}`, {next(iter(self.stability.values())).values.shape[-1]} "
+            f"tokens. Posteriors select with routing-average (S = {self.num_samples}); their gamma 0 column is the "
+            "agreement of two independent selections.",
+            "",
+            markdown_table(table, columns),
+            f"Susceptible layers of the deterministic model at gamma {self.gamma:g} ({rule}): **{self.susceptible}**.",
+            "",
+        ]
+        lines += [f"![stability {method}]({self._plot_name(method)})" for method in self.stability]
+        return "\n".join(lines) + "\n"
+
+    @staticmethod
+    def _plot_name(method: str) -> str:
+        return f"stability_{slug(method)}.png"
+
+    def plot(self, folder: str | Path) -> list[Path]:
+        """``stability_<method>.png``: per-layer violins at :attr:`gamma` with the threshold line."""
+        return [
+            plot_stability_violins(
+                result,
+                Path(folder) / self._plot_name(method),
+                gamma=self.gamma,
+                threshold=self.threshold,
+                title=f"{method}: routing stability, gamma = {self.gamma:g}",
+            )
+            for method, result in self.stability.items()
+        ]
+
+
+def posterior_stability(
+    posterior: Any,
+    batches: Sequence[Mapping[str, Tensor]],
+    gammas: Sequence[float],
+    num_samples: int,
+    seed: int = 0,
+) -> RoutingStability:
+    """:func:`pyro_moe.stability.routing_stability` of a fitted posterior's model with its routers
+    drawing from the posterior (``routing-average``, S = ``num_samples``), batch by batch.
+
+    Args:
+        posterior: a :class:`pyro_moe.FittedPosterior` (its ``patch.model`` and ``guide.posterior``).
+        batches: mappings with ``input_ids`` and ``attention_mask`` ``(batch, length)``.
+    """
+    pyro.set_rng_seed(seed)
+    model = posterior.patch.model
+    device = model.get_input_embeddings().weight.device
+    parts = []
+    for number, batch in enumerate(tqdm(batches, desc="posterior stability", leave=False)):
+        input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        with (
+            routing_context(mode=PredictiveMode.ROUTING_AVERAGE),
+            pyro.plate("samples", num_samples, dim=PARTICLE_DIM),
+            posterior.guide.posterior(input_ids, attention_mask),
+        ):
+            batch_input = [{"input_ids": input_ids, "attention_mask": attention_mask}]
+            parts.append(routing_stability(model, batch_input, gammas, seed=seed + number))
+    first = parts[0]
+    return RoutingStability(first.layers, first.paths, first.gammas, torch.cat([part.values for part in parts], -1))
+
+
+def _threshold_between(result: RoutingStability, chosen: Sequence[int], gamma: float) -> float | None:
+    """The level halfway between the highest mean of the chosen layers and the lowest of the others (4 decimals)."""
+    means = dict(zip(result.layers, result.mean[:, result.gamma_index(gamma)].tolist(), strict=True))
+    others = [mean for layer, mean in means.items() if layer not in chosen]
+    if not others:
+        return None
+    return round((max(means[layer] for layer in chosen) + min(others)) / 2, 4)
+
+
+def stability_experiment(
+    model: nn.Module,
+    tokenizer: Any,
+    splits: Mapping[str, Sequence[MCQAExample]],
+    posteriors: Mapping[str, Any],
+    *,
+    split: str = "test",
+    examples: int | None = 200,
+    gammas: Sequence[float] = (0.0, *GAMMAS),
+    gamma: float = GAMMA,
+    threshold: float | None = None,
+    k: int | None = None,
+    num_samples: int = 16,
+    batch_size: int = 50,
+    seed: int = 0,
+) -> StabilityResults:
+    """Routing stability of the deterministic model and ``posteriors``; see the module docstring.
+
+    Args:
+        model: the (unpatched, or patched at its prior mean) model.
+        tokenizer: its tokenizer.
+        splits: ``{split name: questions}``.
+        posteriors: ``{name: FittedPosterior}`` (each on its own patched copy of the model).
+        split: the split measured; examples: its first this many questions (default 200; ``None``: all).
+        gammas: the noise levels (must include ``gamma``).
+        gamma: the noise level of the susceptible-layer selection and the violins.
+        threshold, k: susceptible layers below this mean Jaccard, or the ``k`` least stable
+            (default ``k = 1``); give at most one.
+        num_samples: S of the posteriors' routing-average selection.
+        batch_size: questions per batch.
+        seed: seed of the noise and the sampling.
+
+    Raises:
+        ConfigurationError: an unknown or empty split, both ``threshold`` and ``k``, ``gamma`` not
+            among ``gammas``, a posterior that is not a fitted posterior; before any work.
+    """
+    check_splits(splits, [split])
+    posteriors = check_posteriors(posteriors)
+    for name, posterior in posteriors.items():
+        if not hasattr(posterior, "patch") or not hasattr(getattr(posterior, "guide", None), "posterior"):
+            raise ConfigurationError(f"posterior {name!r} must be a FittedPosterior (with .patch and .guide).")
+    if threshold is not None and k is not None:
+        raise ConfigurationError("give at most one of threshold (a Jaccard level) and k (a number of layers).")
+    gammas = tuple(float(g) for g in gammas)
+    if not any(abs(g - gamma) < 1e-12 for g in gammas):
+        raise ConfigurationError(f"gamma {gamma!r} must be one of the measured gammas {list(gammas)}.")
+    if threshold is None and k is None:
+        k = 1
+    batches = split_batches(splits[split], tokenizer, batch_size, examples)
+    with torch.no_grad(), at_prior_mean():
+        deterministic = routing_stability(model, batches, gammas, seed=seed)
+    chosen = susceptible_layers(deterministic, threshold=threshold, k=k, gamma=gamma)
+    line = threshold if threshold is not None else _threshold_between(deterministic, chosen, gamma)
+    stability = {DETERMINISTIC: deterministic}
+    for name, posterior in posteriors.items():
+        stability[name] = posterior_stability(posterior, batches, gammas, num_samples, seed)
+    return StabilityResults(stability, chosen, gamma, line, k, split, num_samples)
+
+
+def run_stability(
+    model: nn.Module,
+    tokenizer: Any,
+    splits: Mapping[str, Sequence[MCQAExample]],
+    families: Sequence[str | GuideCase] = DEFAULT_FAMILIES,
+    *,
+    answer_token_ids: Tensor | None = None,
+    fit_split: str = "train",
+    fit_examples: int | None = 512,
+    sites: Mapping[str, Any] | None = None,
+    layers: str | Sequence[int] = "all",
+    steps: int = 200,
+    seed: int = 0,
+    progress: bool = True,
+    **options: Any,
+) -> StabilityResults:
+    """Fit ``families`` by name, each on a copy of ``model``, then run :func:`stability_experiment`
+    (``options`` go there). The families and the split are checked before anything is fitted."""
+    split = options.get("split", "test")
+    check_splits(splits, [split])
+    if options.get("threshold") is not None and options.get("k") is not None:
+        raise ConfigurationError("give at most one of threshold (a Jaccard level) and k (a number of layers).")
+    if answer_token_ids is None:
+        answer_token_ids = default_answer_token_ids(tokenizer, splits[split])
+    posteriors = fit_named_families(
+        model,
+        tokenizer,
+        splits,
+        families,
+        answer_token_ids=answer_token_ids,
+        fit_split=fit_split,
+        fit_examples=fit_examples,
+        sites=sites,
+        layers=layers,
+        steps=steps,
+        seed=seed,
+        progress=progress,
+    )
+    return stability_experiment(model, tokenizer, splits, posteriors, seed=seed, **options)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: measure routing stability on the embedded benchmark and write the report."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pyro_moe.experiments.stability",
+        description="Per-layer Jaccard stability of the Top-K experts under router-input noise for the deterministic "
+        "model and Bayesian guide families, and the susceptible layers, on the embedded benchmark.",
+    )
+    add_common_arguments(parser, families=DEFAULT_FAMILIES, steps=200)
+    parser.add_argument("--split", default="test", help="split to measure (default test)")
+    parser.add_argument("--examples", type=int, default=200, help="questions of the split (default 200)")
+    parser.add_argument("--gamma", type=float, default=GAMMA, help=f"noise level of the selection (default {GAMMA})")
+    selection = parser.add_mutually_exclusive_group()
+    selection.add_argument("--threshold", type=float, default=None, help="susceptible: mean Jaccard below this")
+    selection.add_argument("--k", type=int, default=None, help="susceptible: the k least stable layers (default 1)")
+    args = parser.parse_args(argv)
+    inputs = benchmark_inputs()
+    results = run_stability(
+        inputs.model,
+        inputs.tokenizer,
+        inputs.splits,
+        args.families,
+        answer_token_ids=inputs.answer_token_ids,
+        fit_split=args.fit_split,
+        fit_examples=args.fit_examples,
+        sites=args.sites,
+        layers=args.layers or "all",
+        steps=args.steps,
+        seed=args.seed,
+        split=args.split,
+        examples=args.examples,
+        gamma=args.gamma,
+        threshold=args.threshold,
+        k=args.k,
+        num_samples=args.samples,
+        batch_size=args.batch_size,
+    )
+    paths = write_results(results, args.out)
+    print(results.to_markdown())
+    print("written:", paths["metrics"], paths["report"], *paths["plots"])
+
+
+if __name__ == "__main__":
+    main()
