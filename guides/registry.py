@@ -39,6 +39,9 @@ from pyro.nn import PyroModule, PyroParam
 
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.guides.amortized import AmortizedLogitGuide, AmortizedTemperatureGuide
+from pyro_moe.guides.ensemble import RouterEnsemble
+from pyro_moe.guides.swag import SWAG
+from pyro_moe.guides.temperature_sampling import TemperatureSampling
 
 __all__ = [
     "GUIDE_FAMILIES",
@@ -162,6 +165,30 @@ for _family in (
     ),
     GuideFamily(
         "vtsr", GuideScope.TOKEN_TEMPERATURE, AmortizedTemperatureGuide, "amortized per-token LogNormal temperature"
+    ),
+    GuideFamily(
+        "temp-sampling",
+        GuideScope.GLOBAL,
+        TemperatureSampling,
+        "fixed temperature (option temperature) with Sample-K selection; nothing trained",
+    ),
+    GuideFamily(
+        "mc-dropout",
+        GuideScope.GLOBAL,
+        _autoguide(RouterAutoDelta, scaled=False),
+        "MAP router weights under the patch's MC dropout on the router input (MCDR)",
+    ),
+    GuideFamily(
+        "swag",
+        GuideScope.GLOBAL,
+        SWAG,
+        "SWAG: mean, diagonal and rank-K deviations of the SGD iterates (options rank, burn_in, every, scale)",
+    ),
+    GuideFamily(
+        "ensemble",
+        GuideScope.GLOBAL,
+        RouterEnsemble,
+        "M MAP point masses from prior draws, one particle each; a uniform mixture (option members)",
     ),
 ):
     register_guide(_family)

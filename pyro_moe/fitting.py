@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from pyro_moe.checkpoint import load_checkpoint, save_checkpoint
 from pyro_moe.errors import ConfigurationError
+from pyro_moe.guides.fit_hooks import fit_hooks
 from pyro_moe.guides.router_guide import RouterGuide
 from pyro_moe.inference import SVIEngine
 from pyro_moe.models.likelihoods import MCQALikelihood
@@ -39,7 +40,7 @@ from pyro_moe.predictive import RoutedPrediction, predict
 __all__ = ["FittedPosterior", "check_batches", "fit"]
 
 BATCH_KEYS = ("input_ids", "attention_mask", "labels")
-TRAINING_OPTIONS = ("objective", "num_particles", "alpha", "lr", "beta", "beta_anneal_steps", "clip_norm")
+TRAINING_OPTIONS = ("objective", "num_particles", "alpha", "lr", "beta", "beta_anneal_steps", "clip_norm", "optimizer")
 
 
 def check_batches(data: Iterable[Mapping[str, Tensor]], num_choices: int) -> list[dict[str, Tensor]]:
@@ -79,6 +80,16 @@ def _frozen(model: nn.Module) -> Iterator[None]:
             param.requires_grad_(flag)
 
 
+@contextlib.contextmanager
+def _training(guide: nn.Module) -> Iterator[None]:
+    """The guide in training mode while it trains, in evaluation mode afterwards (SWAG: iterate, then Gaussian)."""
+    guide.train()
+    try:
+        yield
+    finally:
+        guide.eval()
+
+
 class FittedPosterior:
     """A trained guide with its model; see the module docstring.
 
@@ -114,13 +125,18 @@ class FittedPosterior:
         num_examples = sum(len(batch["labels"]) for batch in batches)
         device, seed = self._device(), self.config["seed"]
         start = self.engine.step_count
+        hooks = fit_hooks(self.guide.global_guide)
+        hooks.check_fit(self.patch, start, steps, self.config["num_particles"])
+        if not hooks.trains:  # nothing to optimise (temp-sampling)
+            return self
         bar = tqdm(range(start, start + steps), desc=f"fit {self.guide.spec}", disable=not progress)
-        with _frozen(self.patch.model):
+        with _frozen(self.patch.model), _training(self.guide):
             for step in bar:
                 epoch, position = divmod(step, len(batches))
                 order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed + epoch))
                 batch = {k: v.to(device) for k, v in batches[int(order[position])].items()}
                 record = self.engine.step({**batch, "num_examples": num_examples})
+                hooks.after_step(self.engine.step_count)
                 bar.set_postfix(loss=f"{record['loss']:.3g}", kl=f"{record['kl']:.3g}", nll=f"{record['nll']:.3f}")
             if self.guide.is_laplace:
                 self.guide.fit_laplace([{k: v.to(device) for k, v in b.items()} for b in batches], num_examples)
@@ -141,8 +157,7 @@ class FittedPosterior:
     def save(self, folder: str | Path) -> Path:
         """Write the guide's parameters, the optimiser state and the configuration (safetensors + JSON)."""
         tensors = self.engine.state_tensors()
-        if self.config.get("laplace_fitted"):
-            tensors.update({f"buffer/{name}": value for name, value in self.guide.named_buffers()})
+        tensors.update({f"buffer/{name}": value for name, value in self.guide.named_buffers()})
         config = {**self.config, "history": self.engine.history, "step_count": self.engine.step_count}
         return save_checkpoint(folder, tensors, config)
 
@@ -174,14 +189,26 @@ class FittedPosterior:
                     if name.startswith("buffer/global_guide.")
                 }
                 posterior.guide.set_laplace(buffers["loc"], buffers["scale"], buffers["scale_tril"], dummy)
-            else:
+            elif fit_hooks(posterior.guide.global_guide).trains:
                 posterior.engine.load_state_tensors(tensors, dummy)
+                _load_buffers(posterior.guide, tensors)
+            posterior.guide.eval()
             posterior.engine.history = list(config.get("history", []))
             posterior.engine.step_count = int(config.get("step_count", 0))
         except BaseException:
             patch.unpatch()
             raise
         return posterior
+
+
+def _load_buffers(guide: nn.Module, tensors: Mapping[str, Tensor]) -> None:
+    """Copy the saved buffers of ``guide`` (SWAG's moments) into the rebuilt one."""
+    missing = [name for name, _ in guide.named_buffers() if f"buffer/{name}" not in tensors]
+    if missing:
+        raise ConfigurationError(f"the checkpoint lacks the guide's buffers {missing[:3]}.")
+    with torch.no_grad():
+        for name, buffer in guide.named_buffers():
+            buffer.copy_(tensors[f"buffer/{name}"])
 
 
 _FIT_NUMBERS = itertools.count()
@@ -192,7 +219,8 @@ def _build(patch: RouterPatch, answer_token_ids: Tensor, config: dict) -> Fitted
     prefix = f"pyro_moe.fit{next(_FIT_NUMBERS)}/"
     likelihood = MCQALikelihood(patch, answer_token_ids, param_prefix=prefix)
     guide = RouterGuide(likelihood, config["guide"], config.get("guide_options"))
-    options = {k: config[k] for k in TRAINING_OPTIONS}
+    options = {k: config[k] for k in TRAINING_OPTIONS if k != "optimizer"}
+    options["optimizer"] = config.get("optimizer", "adam")  # checkpoints from before the option
     engine = SVIEngine(likelihood, guide, nll=lambda: likelihood.last_nll, param_prefix=prefix, **options)
     return FittedPosterior(patch, likelihood, guide, engine, config)
 
@@ -212,6 +240,7 @@ def fit(
     beta: float = 1.0,
     beta_anneal_steps: int = 0,
     clip_norm: float | None = 10.0,
+    optimizer: str = "adam",
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool = True,
@@ -224,11 +253,12 @@ def fit(
             :func:`pyro_moe.data.mcqa_batches`; the full data set is all of them.
         guide: a registered guide name, ``"global+local"`` (see :mod:`pyro_moe.guides.registry`).
         answer_token_ids: ``(choices,)`` token ids of the answer letters.
-        steps: SVI steps (one minibatch each).
+        steps: SVI steps (one minibatch each); a guide with nothing to train (``temp-sampling``) does none.
         guide_options: options per guide family, e.g. ``{"low-rank": {"rank": 4}}``.
         objective, num_particles, alpha: ``"elbo"`` or ``"iwae"`` (see :mod:`pyro_moe.inference`).
         lr, beta, beta_anneal_steps, clip_norm: Adam step size, KL weight and its linear warm-up,
             gradient clipping.
+        optimizer: ``"adam"`` or ``"sgd"`` (plain SGD at a constant learning rate: SWAG's recipe).
         seed: seeds Pyro, torch and the batch order.
         device: move the model (and so the guide) there first, e.g. ``"cuda"``.
         progress: show a progress bar.
@@ -249,6 +279,7 @@ def fit(
         "beta": beta,
         "beta_anneal_steps": beta_anneal_steps,
         "clip_norm": clip_norm,
+        "optimizer": optimizer,
         "seed": seed,
         "sites": patch.sites.to_config(),
         "selection": patch.sites.selection.value,

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from pyro_moe.errors import ConfigurationError, NonFiniteError
 
-__all__ = ["DifferentiableRenyiELBO", "KLWeight", "NonFiniteError", "Objective", "SVIEngine", "make_elbo"]
+__all__ = ["OPTIMIZERS", "DifferentiableRenyiELBO", "KLWeight", "NonFiniteError", "Objective", "SVIEngine", "make_elbo"]
 
 
 class Objective(StrEnum):
@@ -110,13 +110,18 @@ def _finite(value: Tensor) -> bool:
     return bool(torch.isfinite(value).all())
 
 
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+"""Optimisers by name: Adam (the default), plain SGD at a constant learning rate (SWAG's recipe)."""
+
+
 class SVIEngine:
-    """Stochastic variational inference on ``model`` and ``guide`` with Adam.
+    """Stochastic variational inference on ``model`` and ``guide`` with Adam (or plain SGD).
 
     Args:
         model, guide: Pyro callables taking a batch's keyword arguments.
         objective, num_particles, alpha: see :func:`make_elbo`.
-        lr: Adam learning rate.
+        lr: learning rate.
+        optimizer: ``"adam"`` or ``"sgd"`` (see :data:`OPTIMIZERS`).
         beta: final KL weight; ``beta_anneal_steps`` > 0 ramps it linearly from 0.
         clip_norm: gradient-norm clipping (``None``: off).
         nll: returns the last call's mean negative log-likelihood per example (for reports).
@@ -138,7 +143,10 @@ class SVIEngine:
         clip_norm: float | None = 10.0,
         nll: Callable[[], float] = lambda: math.nan,
         param_prefix: str = "",
+        optimizer: str = "adam",
     ) -> None:
+        if not isinstance(optimizer, str) or optimizer not in OPTIMIZERS:
+            raise ConfigurationError(f"unknown optimizer {optimizer!r}; accepted: {', '.join(OPTIMIZERS)}.")
         for name, value in (("lr", lr), ("beta", beta)):
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise ConfigurationError(f"{name} must be a positive number, got {value!r}.")
@@ -150,7 +158,8 @@ class SVIEngine:
         self.lr, self.beta, self.beta_anneal_steps, self.clip_norm = lr, beta, beta_anneal_steps, clip_norm
         self.kl_weight = KLWeight(beta)
         self.params: dict[str, Tensor] = {}
-        self.optimizer: torch.optim.Adam | None = None
+        self.optimizer_class = OPTIMIZERS[optimizer]
+        self.optimizer: torch.optim.Optimizer | None = None
         self.step_count = 0
         self.history: list[dict[str, float]] = []
         self.resume_rng_state: Tensor | None = None
@@ -173,7 +182,7 @@ class SVIEngine:
         self.params = {name: store._params[name] for name in sorted(capture.trace.nodes)}
         if not self.params:
             raise ConfigurationError("the guide has no parameters to train.")
-        self.optimizer = torch.optim.Adam(list(self.params.values()), lr=self.lr)
+        self.optimizer = self.optimizer_class(list(self.params.values()), lr=self.lr)
 
     def _culprit(self, batch: Mapping[str, Any]) -> str:
         """Name the first site whose value or log-density is not finite."""
