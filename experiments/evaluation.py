@@ -401,7 +401,9 @@ def write_results(results: Results, folder: str | Path) -> dict[str, Path | list
 # ---------------------------------------------------------------------------------------------- command line
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, *, families: Sequence[str], steps: int) -> None:
+def add_common_arguments(
+    parser: argparse.ArgumentParser, *, families: Sequence[str], steps: int, fit_examples: int = 512
+) -> None:
     """The options the experiment CLIs share (the embedded benchmark is the default input)."""
     parser.add_argument("--out", type=Path, required=True, help="folder for metrics.json, report.md and the PNGs")
     parser.add_argument(
@@ -423,7 +425,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, families: Sequence[
     )
     parser.add_argument("--fit-split", default="train", help="split the families are fitted on (default train)")
     parser.add_argument(
-        "--fit-examples", type=int, default=512, help="questions of the fit split used to fit (default 512)"
+        "--fit-examples",
+        type=int,
+        default=fit_examples,
+        help=f"questions of the fit split used to fit (default {fit_examples})",
     )
     parser.add_argument("--batch-size", type=int, default=100, help="questions per prediction batch (default 100)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fits and the sampling (default 0)")
