@@ -1,0 +1,99 @@
+"""Calibration experiment: its rows against pyro_moe.metrics on predictions recomputed directly (the HF
+forward, a temperature fitted on the calibration logits, the posteriors' own predict), files, CLI, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pyro
+import pytest
+import torch
+
+from pyro_moe import ConfigurationError
+from pyro_moe.experiments import calibration, evaluation
+from pyro_moe.experiments.calibration import calibration_experiment, run_calibration
+from pyro_moe.experiments.evaluation import DETERMINISTIC, MODES, TEMPERATURE_SCALING, split_batches, write_results
+from pyro_moe.metrics import calibration_report
+from pyro_moe.temperature_scaling import fit_temperature
+from tests.experiments.tiny_evaluation import direct_answer_probs, tiny_inputs, tiny_posteriors
+
+
+def _labels(examples):
+    return torch.tensor([example.answer for example in examples])
+
+
+def test_every_row_equals_the_metrics_of_predictions_recomputed_directly(tmp_path):
+    model, tokenizer, splits, letters = tiny_inputs()
+    posteriors = tiny_posteriors(model, tokenizer, splits, letters)
+    results = calibration_experiment(model, tokenizer, splits, posteriors, num_samples=3, batch_size=10, seed=5)
+    labels = _labels(splits["test"])
+
+    probs = direct_answer_probs(model, tokenizer, splits["test"], letters)  # the unpatched HF forward
+    expected = calibration_report(probs, labels)
+    for key, value in results.row(DETERMINISTIC).items():
+        if key in expected:
+            assert value == pytest.approx(expected[key], abs=1e-5), key
+
+    calibration_probs = direct_answer_probs(model, tokenizer, splits["calibration"], letters)
+    scaling = fit_temperature(calibration_probs.log(), _labels(splits["calibration"]))
+    assert results.temperature == pytest.approx(scaling.temperature, rel=1e-4)
+    scaled = calibration_report((probs.log() / scaling.temperature).softmax(-1), labels)
+    assert results.row(TEMPERATURE_SCALING)["nll"] == pytest.approx(scaled["nll"], abs=1e-5)
+    assert results.row(TEMPERATURE_SCALING)["ece"] == pytest.approx(scaled["ece"], abs=1e-5)
+
+    batches = split_batches(splits["test"], tokenizer, 10)
+    for name, posterior in posteriors.items():
+        for mode in MODES:
+            pyro.set_rng_seed(5)
+            direct = [posterior.predict(b["input_ids"], b["attention_mask"], num_samples=3, mode=mode) for b in batches]
+            expected = calibration_report(torch.cat([p.probs for p in direct]), labels)
+            row = results.row(name, mode)
+            assert {k: row[k] for k in expected} == pytest.approx(expected, abs=1e-6), (name, mode)
+
+    paths = write_results(results, tmp_path)
+    written = json.loads(paths["metrics"].read_text())
+    assert written["temperature"] == pytest.approx(results.temperature)
+    assert len(written["rows"]) == 2 + len(posteriors) * len(MODES)
+    report = paths["report"].read_text()
+    for mode in MODES:  # every mode's table holds both baselines beside the families
+        table = report.split(f"## {mode}")[1].split("![")[0]
+        assert "| deterministic |" in table and "| temperature scaling |" in table and "| mfvr |" in table
+    assert len(paths["plots"]) == len(MODES)
+    for path in paths["plots"]:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_bad_input_is_refused_before_anything_is_fitted(monkeypatch):
+    model, tokenizer, splits, letters = tiny_inputs()
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("fit ran before the input was checked")
+
+    monkeypatch.setattr(evaluation, "fit", no_fit)
+    with pytest.raises(ConfigurationError, match=r"unknown guide 'no-such-guide'; registered guides: .*mean-field"):
+        run_calibration(model, tokenizer, splits, ["no-such-guide"], answer_token_ids=letters)
+    with pytest.raises(ConfigurationError, match="unknown split 'held_out'; the splits given are"):
+        run_calibration(model, tokenizer, splits, ["mfvr"], test_split="held_out")
+    with pytest.raises(ConfigurationError, match="split 'calibration' is empty"):
+        run_calibration(model, tokenizer, {**splits, "calibration": []}, ["mfvr"])
+    with pytest.raises(ConfigurationError, match="unknown predictive modes"):
+        run_calibration(model, tokenizer, splits, ["mfvr"], modes=["bayesian"])
+    with pytest.raises(ConfigurationError, match="family names must be distinct"):
+        run_calibration(model, tokenizer, splits, ["mfvr", "mfvr"])
+    with pytest.raises(ConfigurationError, match="has no predict method"):
+        calibration_experiment(model, tokenizer, splits, {"mfvr": object()})
+
+
+def test_cli_writes_metrics_report_and_plots_on_the_benchmark(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        calibration.main(["--help"])
+    assert exit_info.value.code == 0 and "temperature scaling" in capsys.readouterr().out
+    arguments = ["--out", str(tmp_path), "--families", "mfvr", "--steps", "2", "--fit-examples", "32"]
+    calibration.main([*arguments, "--samples", "2", "--test-examples", "40"])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    methods = {(row["method"], row["mode"]) for row in metrics["rows"]}
+    assert methods == {(DETERMINISTIC, "any"), (TEMPERATURE_SCALING, "any"), ("mfvr", MODES[0]), ("mfvr", MODES[1])}
+    assert all(row["count"] == 40 for row in metrics["rows"])
+    assert metrics["temperature"] > 1  # the benchmark model is overconfident
+    assert "| temperature scaling |" in (tmp_path / "report.md").read_text()
+    assert all((tmp_path / f"reliability_{mode}.png").stat().st_size > 10_000 for mode in MODES)
