@@ -1,0 +1,81 @@
+"""Stability experiment: the deterministic entry against routing_stability on the unpatched model, the
+susceptible layers and threshold line, a weight posterior agreeing with itself at gamma 0, files, CLI, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pyro_moe import ConfigurationError
+from pyro_moe.experiments import evaluation, stability
+from pyro_moe.experiments.evaluation import DETERMINISTIC, split_batches, write_results
+from pyro_moe.experiments.stability import run_stability, stability_experiment
+from pyro_moe.stability import routing_stability, susceptible_layers
+from tests.experiments.tiny_evaluation import tiny_inputs, tiny_posteriors
+
+GAMMAS = (0.0, 0.01, 0.5)
+
+
+def test_deterministic_entry_susceptible_layers_and_posteriors(tmp_path):
+    model, tokenizer, splits, letters = tiny_inputs()
+    posteriors = tiny_posteriors(model, tokenizer, splits, letters)
+    results = stability_experiment(
+        model, tokenizer, splits, posteriors, gammas=GAMMAS, gamma=0.5, k=1, num_samples=4, batch_size=8, seed=2
+    )
+    direct = routing_stability(model, split_batches(splits["test"], tokenizer, 8), GAMMAS, seed=2)  # unpatched
+    assert torch.equal(results.stability[DETERMINISTIC].values, direct.values)
+    assert results.susceptible == susceptible_layers(direct, k=1, gamma=0.5)
+    means = dict(zip(direct.layers, direct.mean[:, 2].tolist(), strict=True))
+    (chosen,) = results.susceptible
+    assert all(means[chosen] <= results.threshold <= mean for layer, mean in means.items() if layer != chosen)
+
+    weights = results.stability["mean-field"]  # weights drawn once per batch: a router agrees with itself
+    assert torch.equal(weights.values[:, 0], torch.ones_like(weights.values[:, 0]))
+    logits = results.stability["mfvr"]  # logits drawn per call: two S-sample selections can disagree
+    assert logits.values.shape == direct.values.shape and (logits.values <= 1).all()
+
+    paths = write_results(results, tmp_path)
+    written = json.loads(paths["metrics"].read_text())
+    assert written["susceptible_layers"] == results.susceptible
+    assert len(written["rows"]) == 3 * len(direct.layers) * len(GAMMAS)
+    assert f"**{results.susceptible}**" in paths["report"].read_text()
+    names = [f"stability_{name}.png" for name in ("deterministic", "mean-field", "mfvr")]
+    assert [path.name for path in paths["plots"]] == names
+    for path in paths["plots"]:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_threshold_selection_and_bad_input(monkeypatch):
+    model, tokenizer, splits, letters = tiny_inputs()
+    results = stability_experiment(model, tokenizer, splits, {}, gammas=GAMMAS, gamma=0.5, threshold=1.0, examples=8)
+    direct = routing_stability(model, split_batches(splits["test"][:8], tokenizer, 50), GAMMAS)
+    assert results.susceptible == susceptible_layers(direct, threshold=1.0, gamma=0.5) and results.threshold == 1.0
+
+    monkeypatch.setattr(evaluation, "fit", lambda *a, **k: pytest.fail("fit ran before the input was checked"))
+    with pytest.raises(ConfigurationError, match="unknown guide 'mfvrr'"):
+        run_stability(model, tokenizer, splits, ["mfvrr"], answer_token_ids=letters)
+    with pytest.raises(ConfigurationError, match="unknown split 'dev'"):
+        run_stability(model, tokenizer, splits, ["mfvr"], split="dev")
+    with pytest.raises(ConfigurationError, match="at most one of threshold"):
+        run_stability(model, tokenizer, splits, ["mfvr"], threshold=0.9, k=1)
+    with pytest.raises(ConfigurationError, match="split 'test' is empty"):
+        stability_experiment(model, tokenizer, {**splits, "test": []}, {})
+    with pytest.raises(ConfigurationError, match=r"gamma 0.3 must be one of the measured gammas"):
+        stability_experiment(model, tokenizer, splits, {}, gammas=GAMMAS, gamma=0.3)
+    with pytest.raises(ConfigurationError, match="must be a FittedPosterior"):
+        stability_experiment(model, tokenizer, splits, {"ensemble": type("P", (), {"predict": lambda self: None})()})
+
+
+def test_cli_writes_metrics_report_and_violins_on_the_benchmark(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        stability.main(["--help"])
+    assert exit_info.value.code == 0 and "susceptible" in capsys.readouterr().out
+    arguments = ["--out", str(tmp_path), "--families", "mean-field", "--steps", "2", "--fit-examples", "32"]
+    stability.main([*arguments, "--samples", "2", "--examples", "10", "--k", "2"])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert len(metrics["susceptible_layers"]) == 2 and metrics["k"] == 2
+    assert {row["method"] for row in metrics["rows"]} == {"deterministic", "mean-field"}
+    assert "Susceptible layers" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "stability_mean-field.png").stat().st_size > 10_000
