@@ -29,6 +29,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from pyro_moe.data import MCQAExample
+from pyro_moe.errors import PyroMoEError
 from pyro_moe.experiments.evaluation import (
     DETERMINISTIC,
     MODES,
@@ -266,23 +267,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--bins", type=int, default=DEFAULT_BINS, help=f"ECE bins (default {DEFAULT_BINS})")
     args = parser.parse_args(argv)
     inputs = benchmark_inputs()
-    results = run_calibration(
-        inputs.model,
-        inputs.tokenizer,
-        inputs.splits,
-        args.families,
-        answer_token_ids=inputs.answer_token_ids,
-        fit_split=args.fit_split,
-        fit_examples=args.fit_examples,
-        sites=args.sites,
-        layers=args.layers or "all",
-        steps=args.steps,
-        seed=args.seed,
-        num_samples=args.samples,
-        test_examples=args.test_examples,
-        batch_size=args.batch_size,
-        n_bins=args.bins,
-    )
+    try:
+        results = run_calibration(
+            inputs.model,
+            inputs.tokenizer,
+            inputs.splits,
+            args.families,
+            answer_token_ids=inputs.answer_token_ids,
+            fit_split=args.fit_split,
+            fit_examples=args.fit_examples,
+            sites=args.sites,
+            layers=args.layers or "all",
+            steps=args.steps,
+            seed=args.seed,
+            num_samples=args.samples,
+            test_examples=args.test_examples,
+            batch_size=args.batch_size,
+            n_bins=args.bins,
+        )
+    except PyroMoEError as error:  # bad input: a one-line reason, exit code 2
+        parser.error(str(error))
     paths = write_results(results, args.out)
     print(results.to_markdown())
     print("written:", paths["metrics"], paths["report"], *paths["plots"])

@@ -43,7 +43,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from pyro_moe.data import MCQAExample
-from pyro_moe.errors import ConfigurationError
+from pyro_moe.errors import ConfigurationError, PyroMoEError
 from pyro_moe.experiments.evaluation import (
     DETERMINISTIC,
     MODES,
@@ -329,23 +329,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per method (default 5)")
     args = parser.parse_args(argv)
     inputs = benchmark_inputs()
-    results = run_efficiency(
-        inputs.model,
-        inputs.tokenizer,
-        inputs.splits,
-        args.families,
-        answer_token_ids=inputs.answer_token_ids,
-        fit_split=args.fit_split,
-        fit_examples=args.fit_examples,
-        sites=args.sites,
-        layers=args.layers or "all",
-        steps=args.steps,
-        seed=args.seed,
-        num_samples=args.samples,
-        split=args.split,
-        batch_size=args.batch_size,
-        repeats=args.repeats,
-    )
+    try:
+        results = run_efficiency(
+            inputs.model,
+            inputs.tokenizer,
+            inputs.splits,
+            args.families,
+            answer_token_ids=inputs.answer_token_ids,
+            fit_split=args.fit_split,
+            fit_examples=args.fit_examples,
+            sites=args.sites,
+            layers=args.layers or "all",
+            steps=args.steps,
+            seed=args.seed,
+            num_samples=args.samples,
+            split=args.split,
+            batch_size=args.batch_size,
+            repeats=args.repeats,
+        )
+    except PyroMoEError as error:  # bad input: a one-line reason, exit code 2
+        parser.error(str(error))
     paths = write_results(results, args.out)
     print(results.to_markdown())
     print("written:", paths["metrics"], paths["report"], *paths["plots"])

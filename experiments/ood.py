@@ -33,7 +33,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from pyro_moe.data import MCQAExample
-from pyro_moe.errors import ConfigurationError
+from pyro_moe.errors import ConfigurationError, PyroMoEError
 from pyro_moe.experiments.evaluation import (
     DETERMINISTIC,
     MODES,
@@ -325,23 +325,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     inputs = benchmark_inputs()
-    results = run_ood(
-        inputs.model,
-        inputs.tokenizer,
-        inputs.splits,
-        args.families,
-        answer_token_ids=inputs.answer_token_ids,
-        fit_split=args.fit_split,
-        fit_examples=args.fit_examples,
-        sites=args.sites,
-        layers=args.layers or "all",
-        steps=args.steps,
-        seed=args.seed,
-        num_samples=args.samples,
-        ood_splits=args.ood_splits,
-        examples=args.examples,
-        batch_size=args.batch_size,
-    )
+    try:
+        results = run_ood(
+            inputs.model,
+            inputs.tokenizer,
+            inputs.splits,
+            args.families,
+            answer_token_ids=inputs.answer_token_ids,
+            fit_split=args.fit_split,
+            fit_examples=args.fit_examples,
+            sites=args.sites,
+            layers=args.layers or "all",
+            steps=args.steps,
+            seed=args.seed,
+            num_samples=args.samples,
+            ood_splits=args.ood_splits,
+            examples=args.examples,
+            batch_size=args.batch_size,
+        )
+    except PyroMoEError as error:  # bad input: a one-line reason, exit code 2
+        parser.error(str(error))
     paths = write_results(results, args.out)
     print(results.to_markdown())
     print("written:", paths["metrics"], paths["report"], *paths["plots"])

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pyro_moe.data import MCQAExample
-from pyro_moe.errors import ConfigurationError
+from pyro_moe.errors import ConfigurationError, PyroMoEError
 from pyro_moe.experiments.evaluation import (
     DETERMINISTIC,
     add_common_arguments,
@@ -312,26 +312,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     selection.add_argument("--k", type=int, default=None, help="susceptible: the k least stable layers (default 1)")
     args = parser.parse_args(argv)
     inputs = benchmark_inputs()
-    results = run_stability(
-        inputs.model,
-        inputs.tokenizer,
-        inputs.splits,
-        args.families,
-        answer_token_ids=inputs.answer_token_ids,
-        fit_split=args.fit_split,
-        fit_examples=args.fit_examples,
-        sites=args.sites,
-        layers=args.layers or "all",
-        steps=args.steps,
-        seed=args.seed,
-        split=args.split,
-        examples=args.examples,
-        gamma=args.gamma,
-        threshold=args.threshold,
-        k=args.k,
-        num_samples=args.samples,
-        batch_size=args.batch_size,
-    )
+    try:
+        results = run_stability(
+            inputs.model,
+            inputs.tokenizer,
+            inputs.splits,
+            args.families,
+            answer_token_ids=inputs.answer_token_ids,
+            fit_split=args.fit_split,
+            fit_examples=args.fit_examples,
+            sites=args.sites,
+            layers=args.layers or "all",
+            steps=args.steps,
+            seed=args.seed,
+            split=args.split,
+            examples=args.examples,
+            gamma=args.gamma,
+            threshold=args.threshold,
+            k=args.k,
+            num_samples=args.samples,
+            batch_size=args.batch_size,
+        )
+    except PyroMoEError as error:  # bad input: a one-line reason, exit code 2
+        parser.error(str(error))
     paths = write_results(results, args.out)
     print(results.to_markdown())
     print("written:", paths["metrics"], paths["report"], *paths["plots"])

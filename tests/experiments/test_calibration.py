@@ -88,6 +88,10 @@ def test_cli_writes_metrics_report_and_plots_on_the_benchmark(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         calibration.main(["--help"])
     assert exit_info.value.code == 0 and "temperature scaling" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        calibration.main(["--out", str(tmp_path), "--families", "mfvr", "no-such-guide"])
+    assert exit_info.value.code == 2 and "unknown guide 'no-such-guide'" in capsys.readouterr().err
+    assert not (tmp_path / "metrics.json").exists()
     arguments = ["--out", str(tmp_path), "--families", "mfvr", "--steps", "2", "--fit-examples", "32"]
     calibration.main([*arguments, "--samples", "2", "--test-examples", "40"])
     metrics = json.loads((tmp_path / "metrics.json").read_text())
