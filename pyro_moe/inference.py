@@ -9,7 +9,8 @@ Objectives (vectorised particles at dim -2, ``max_plate_nesting=1``):
 
 * ``elbo``: ``TraceMeanField_ELBO`` (analytic KL where registered, Monte Carlo otherwise);
 * ``iwae``: ``RenyiELBO`` with ``alpha`` in ``[0, 1)`` and ``K`` particles; ``alpha = 0`` is the
-  importance-weighted bound, a bound on the log of the Monte Carlo predictive.
+  importance-weighted bound, a bound on the log of the Monte Carlo predictive; per example when
+  every latent site is local (see :class:`DifferentiableRenyiELBO`).
 
 Example::
 
@@ -21,7 +22,7 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from enum import StrEnum
 from typing import Any
 
@@ -49,31 +50,77 @@ class Objective(StrEnum):
 
 
 class DifferentiableRenyiELBO(RenyiELBO):
-    """Pyro's ``RenyiELBO`` with a ``differentiable_loss`` (for fully reparameterised guides):
-    ``-1 / (1 - alpha) * log mean_k w_k^(1 - alpha)`` with ``log w_k`` the particle's
-    ``log p - log q``, summed over the dimensions Pyro's ``RenyiELBO.loss`` sums over."""
+    """Pyro's ``RenyiELBO`` with a ``differentiable_loss`` (for fully reparameterised guides).
+
+    When every latent site is local (in the examples plate or in a token plate of the batch's
+    tokens: per-token logits and temperatures), the examples are independent given their own
+    latents and the bound is taken per example, as the IWAE of Burda et al. (2016) does:
+    ``-s / (1 - alpha) * sum_i log mean_k w_ik^(1 - alpha)`` with ``log w_ik`` example ``i``'s
+    ``(log p - log q) / s`` in particle ``k`` (its tokens summed) and ``s = N / B`` the data scale.
+    With alpha = 0 each example's term bounds the log of its own Monte Carlo predictive.
+
+    With a global latent site (router weights, layer temperatures, hierarchical prior scales) the
+    particles are whole joint draws and the bound is Pyro's: ``-1 / (1 - alpha) * log mean_k
+    w_k^(1 - alpha)`` over the minibatch's joint ``log w_k``.
+    """
 
     def differentiable_loss(self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any, **kwargs: Any):
-        elbo_particles = []
+        joint_particles, example_particles, data_scale = [], [], None
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            sum_dims = get_dependent_plate_dims(model_trace.nodes.values())
-            elbo_particle = 0.0
-            for site in model_trace.nodes.values():
-                if site["type"] == "sample":
-                    elbo_particle = elbo_particle + torch_sum(site["log_prob"], sum_dims)
             for name, site in guide_trace.nodes.items():
-                if site["type"] == "sample":
-                    if not is_identically_zero(site["score_parts"].score_function):
-                        raise ConfigurationError(f"iwae needs reparameterised guide sites; {name} is not.")
-                    elbo_particle = elbo_particle - torch_sum(site["log_prob"], sum_dims)
-            elbo_particles.append(elbo_particle)
-        if self.vectorize_particles and self.num_particles > 1:
-            particles = elbo_particles[0]
-        else:
-            particles = torch.stack(elbo_particles)
-        log_weights = (1.0 - self.alpha) * particles
-        log_mean_weight = torch.logsumexp(log_weights, dim=0) - math.log(self.num_particles)
-        return -log_mean_weight.sum() / (1.0 - self.alpha)
+                if site["type"] == "sample" and not is_identically_zero(site["score_parts"].score_function):
+                    raise ConfigurationError(f"iwae needs reparameterised guide sites; {name} is not.")
+            per_example = _example_log_weights(model_trace, guide_trace)
+            if per_example is None:
+                joint_particles.append(_joint_log_weight(model_trace, guide_trace))
+            else:
+                data_scale = per_example[1]
+                example_particles.append(per_example[0])
+        vectorised = self.vectorize_particles and self.num_particles > 1
+        if joint_particles:
+            particles = joint_particles[0] if vectorised else torch.stack(joint_particles)
+            log_weights = (1.0 - self.alpha) * particles
+            log_mean_weight = torch.logsumexp(log_weights, dim=0) - math.log(self.num_particles)
+            return -log_mean_weight.sum() / (1.0 - self.alpha)
+        particles = example_particles[0] if vectorised else torch.cat(example_particles)  # (K, B)
+        log_mean_weight = torch.logsumexp((1.0 - self.alpha) * particles, dim=0) - math.log(self.num_particles)
+        return -data_scale * log_mean_weight.sum() / (1.0 - self.alpha)
+
+
+def _sample_sites(model_trace: Any, guide_trace: Any) -> Iterator[tuple[dict, float]]:
+    """The sample sites of both traces with the sign of their log-density in ``log w``."""
+    for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
+        for site in trace.nodes.values():
+            if site["type"] == "sample":
+                yield site, sign
+
+
+def _joint_log_weight(model_trace: Any, guide_trace: Any) -> Tensor:
+    """``log p - log q`` of the whole trace, ``(K,)`` (Pyro's ``RenyiELBO`` sum)."""
+    sum_dims = get_dependent_plate_dims(model_trace.nodes.values())
+    return sum(sign * torch_sum(site["log_prob"], sum_dims) for site, sign in _sample_sites(model_trace, guide_trace))
+
+
+def _example_log_weights(model_trace: Any, guide_trace: Any) -> tuple[Tensor, float] | None:
+    """Per-example ``(log p - log q) / s`` ``(K, B)`` and the data scale ``s``, or ``None`` when a
+    latent site is not local to the examples (then only the joint bound is valid)."""
+    observed = [site for site in model_trace.nodes.values() if site["type"] == "sample" and site["is_observed"]]
+    if len(observed) != 1 or not any(frame.dim == -1 for frame in observed[0]["cond_indep_stack"]):
+        return None
+    scale = observed[0]["scale"]
+    scale = float(scale) if not isinstance(scale, Tensor) else float(scale.item()) if scale.numel() == 1 else None
+    if scale is None:
+        return None
+    batch = observed[0]["log_prob"].shape[-1]
+    log_weights = 0.0
+    for site, sign in _sample_sites(model_trace, guide_trace):
+        log_prob = site["log_prob"]
+        local = any(frame.dim == -1 for frame in site["cond_indep_stack"])
+        if not local or log_prob.dim() == 0 or log_prob.shape[-1] % batch:
+            return None
+        # tokens are flattened batch-major (batch x length): (..., B * L) -> (..., B)
+        log_weights = log_weights + sign * log_prob.reshape(*log_prob.shape[:-1], batch, -1).sum(-1)
+    return torch.atleast_2d(log_weights) / scale, scale
 
 
 def make_elbo(objective: Objective | str, num_particles: int = 1, alpha: float = 0.0) -> ELBO:

@@ -7,7 +7,7 @@ import math
 import pyro
 import pytest
 import torch
-from pyro.infer import Trace_ELBO
+from pyro.infer import RenyiELBO, Trace_ELBO
 
 from pyro_moe import ConfigurationError, patch_routers
 from pyro_moe.checkpoint import CheckpointError
@@ -161,8 +161,41 @@ def test_iwae_with_the_prior_as_guide_is_the_log_monte_carlo_predictive():
             guide=guide,
             return_samples=True,
         ).sample_probs  # (5, batch, choices)
-    log_likelihood = sample_probs.gather(-1, batch["labels"].expand(5, -1).unsqueeze(-1)).log().sum((1, 2))
-    torch.testing.assert_close(-loss, torch.logsumexp(log_likelihood, 0) - math.log(5), rtol=1e-5, atol=1e-4)
+    log_likelihood = sample_probs.gather(-1, batch["labels"].expand(5, -1).unsqueeze(-1)).log().squeeze(-1)  # (5, B)
+    per_example = torch.logsumexp(log_likelihood, 0) - math.log(5)  # log mean_k p(y_i | l_ik), example by example
+    torch.testing.assert_close(-loss, per_example.sum(), rtol=1e-5, atol=1e-4)
+
+
+def test_iwae_with_a_global_site_is_the_joint_bound():
+    """A weight site is shared by all examples: the particles are joint draws and the bound is Pyro's RenyiELBO."""
+    batch = mcqa_batches(count=1)[0]
+    handle = patch_routers(tiny_model("qwen3_moe"), {"weight": 0.2, "logits": 1.0}, layers=[1])
+    likelihood = MCQALikelihood(handle, ANSWERS)
+    guide = RouterGuide(likelihood, "mean-field+mfvr")
+    guide.setup(**batch)
+    options = dict(alpha=0.5, num_particles=3, vectorize_particles=True, max_plate_nesting=1)
+    with torch.no_grad():
+        pyro.set_rng_seed(5)
+        ours = make_elbo("iwae", num_particles=3, alpha=0.5).differentiable_loss(likelihood, guide, **batch)
+        pyro.set_rng_seed(5)
+        pyros = RenyiELBO(**options).loss(likelihood, guide, **batch)
+    torch.testing.assert_close(ours.item(), pyros, rtol=1e-5, atol=1e-3)
+
+
+def test_iwae_per_example_scales_as_the_minibatch_estimator():
+    """With N > B the per-example bound is N / B times the sum of the batch's per-example bounds."""
+    batch = mcqa_batches(count=1)[0]
+    handle = patch_routers(tiny_model("qwen3_moe"), {"logits": 1.0}, layers=[1])
+    likelihood = MCQALikelihood(handle, ANSWERS)
+    guide = RouterGuide(likelihood, "mfvr")
+    guide.setup(**batch)
+    elbo = make_elbo("iwae", num_particles=4)
+    with torch.no_grad():
+        pyro.set_rng_seed(6)
+        alone = elbo.differentiable_loss(likelihood, guide, **batch)
+        pyro.set_rng_seed(6)
+        scaled = elbo.differentiable_loss(likelihood, guide, **batch, num_examples=5 * len(batch["labels"]))
+    torch.testing.assert_close(scaled, 5 * alone, rtol=1e-5, atol=1e-3)
 
 
 def test_iwae_with_one_particle_is_the_elbo():
