@@ -262,18 +262,32 @@ class _ExpertCalls(TorchFunctionMode):
 
     def __init__(self, targets: Sequence[CurvatureTarget]) -> None:
         super().__init__()
-        self.by_weight = {id(t.module.down_proj): t for t in targets}
+        self.targets = list(targets)
         self.routing: dict[str, Tensor] = {}  # target name -> top_k_index (tokens, k)
         self.records: list[_Record] = []
+
+    def _block_of(self, weight: Tensor) -> tuple[CurvatureTarget, int] | None:
+        """The target and expert whose ``down_proj[e]`` ``weight`` is (a view into the weight the
+        experts module holds now: its parameter, or a drawn value put in its place)."""
+        for target in self.targets:
+            held = target.module._parameters["down_proj"]
+            if (
+                weight.shape != held.shape[1:]
+                or weight.untyped_storage().data_ptr() != held.untyped_storage().data_ptr()
+            ):
+                continue
+            block, rest = divmod(weight.storage_offset() - held.storage_offset(), weight.numel())
+            if rest == 0 and 0 <= block < target.blocks:
+                return target, block
+        return None
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
-        if func is nn.functional.linear and len(args) >= 2:
-            weight = args[1]
-            target = self.by_weight.get(id(weight._base)) if isinstance(weight, Tensor) else None
-            if target is not None:
-                block = weight.storage_offset() // (target.out_features * target.in_features)
+        if func is nn.functional.linear and len(args) >= 2 and isinstance(args[1], Tensor):
+            found = self._block_of(args[1])
+            if found is not None:
+                target, block = found
                 index = self.routing[target.name]
                 tokens = torch.where((index == block).T)[1]
                 if tokens.shape[0] != args[0].shape[0]:

@@ -129,6 +129,12 @@ def _autoguide(cls: type, *, scaled: bool = True) -> Callable[..., Any]:
     return build
 
 
+def _kronecker_map(model: Callable[..., Any], covers: str, **options: Any) -> Any:
+    from pyro_moe.guides.kronecker_guide import KroneckerMAP  # it builds on RouterAutoDelta, defined here
+
+    return KroneckerMAP(model, covers=covers, **options)
+
+
 for _family in (
     GuideFamily("map", GuideScope.GLOBAL, _autoguide(RouterAutoDelta, scaled=False), "point mass (MAP), AutoDelta"),
     GuideFamily("mean-field", GuideScope.GLOBAL, _autoguide(AutoNormal), "diagonal Normal, AutoNormal"),
@@ -144,6 +150,18 @@ for _family in (
         GuideScope.GLOBAL,
         _autoguide(AutoLaplaceApproximation, scaled=False),
         "MAP, then a Gaussian with the dense Hessian of the full-data loss at the mode (small site sets)",
+    ),
+    GuideFamily(
+        "kron-laplace",
+        GuideScope.GLOBAL,
+        lambda model, **options: _kronecker_map(model, "router", **options),
+        "MAP router weights, then a Kronecker-factored Laplace (options rank, fisher, tokens, mc_samples)",
+    ),
+    GuideFamily(
+        "expert-laplace",
+        GuideScope.GLOBAL,
+        lambda model, **options: _kronecker_map(model, "experts", **options),
+        "expert down_proj sites (patch_experts): Kronecker-factored Laplace at the model's weights (steps=0)",
     ),
     GuideFamily(
         "mfvr",

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.guides.amortized import LocalGuides
 from pyro_moe.guides.dense_laplace import dense_laplace
+from pyro_moe.guides.kronecker_guide import KroneckerLaplaceGuide, KroneckerMAP
 from pyro_moe.guides.registry import GuideScope, parse_guide
 from pyro_moe.models.likelihoods import data_scale
 from pyro_moe.readout import last_token_logits
@@ -142,6 +143,8 @@ class RouterGuide(nn.Module):
             )
         if self.global_sites:
             self.global_guide = self._build(GuideScope.GLOBAL, self._global_model)
+            if isinstance(self.global_guide, KroneckerMAP):  # its point masses start at the model's weights
+                self.global_guide.patch = self.patch
             with torch.no_grad(), poutine.block():
                 self.global_guide(*args, **kwargs)  # creates the autoguide's parameters
         if local_kinds:
@@ -159,8 +162,8 @@ class RouterGuide(nn.Module):
 
     @property
     def is_laplace(self) -> bool:
-        """The global part is a MAP awaiting its Laplace approximation (:meth:`fit_laplace`)."""
-        return isinstance(self.global_guide, AutoLaplaceApproximation)
+        """The global part is a MAP awaiting its Laplace approximation (:meth:`fit_laplace`): dense or Kronecker."""
+        return isinstance(self.global_guide, AutoLaplaceApproximation | KroneckerMAP)
 
     def _run_network_with_local_guide(self, values: Mapping[str, Tensor], input_ids: Tensor, attention_mask: Tensor):
         self._register_local_guide()
@@ -200,13 +203,16 @@ class RouterGuide(nn.Module):
         ):
             yield
 
-    def fit_laplace(self, batches: Sequence[Mapping[str, Tensor]], num_examples: int) -> None:
+    def fit_laplace(self, batches: Sequence[Mapping[str, Tensor]], num_examples: int, progress: bool = True) -> None:
         """Replace the MAP global part by its Laplace approximation: a Gaussian at the mode with the
         inverse Hessian of the full-data negative log joint (summed over ``batches``) as covariance."""
         if not self.is_laplace:
             raise ConfigurationError("fit_laplace needs the 'laplace' global guide.")
         if self.local_guide is not None:
             raise ConfigurationError("the 'laplace' guide covers global sites only; the model has per-token sites.")
+        if isinstance(self.global_guide, KroneckerMAP):
+            self.global_guide = self.global_guide.laplace(self.likelihood, batches, progress)
+            return
         kwargs = [{**batch, "num_examples": num_examples} for batch in batches]
         weights = [batch["input_ids"].shape[0] / num_examples for batch in batches]
         loc, scale, correlation_tril = dense_laplace(self.likelihood, self.global_guide, kwargs, weights)
@@ -222,3 +228,10 @@ class RouterGuide(nn.Module):
         gaussian.register_buffer("scale", scale)
         gaussian.register_buffer("scale_tril", correlation_tril)
         self.global_guide = gaussian
+
+    def load_kronecker_laplace(self, buffers: Mapping[str, Tensor], metadata: Mapping[str, Any]) -> None:
+        """Make the global part the saved :class:`KroneckerLaplaceGuide` (``buffers`` without the
+        ``global_guide.`` prefix; ``metadata`` from its ``metadata()``)."""
+        guide = KroneckerLaplaceGuide.from_buffers(buffers, metadata["site_names"], metadata["shapes"], metadata)
+        guide.patch = self.patch
+        self.global_guide = guide

@@ -31,8 +31,10 @@ from tqdm.auto import tqdm
 from pyro_moe.checkpoint import load_checkpoint, save_checkpoint
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.guides.fit_hooks import fit_hooks
+from pyro_moe.guides.kronecker_guide import KroneckerLaplaceGuide
 from pyro_moe.guides.router_guide import RouterGuide
 from pyro_moe.inference import SVIEngine
+from pyro_moe.models.expert_weights import patch_experts
 from pyro_moe.models.likelihoods import MCQALikelihood
 from pyro_moe.patching import RouterPatch, patch_routers
 from pyro_moe.predictive import RoutedPrediction, predict
@@ -117,8 +119,8 @@ class FittedPosterior:
     def train(self, data: Iterable[Mapping[str, Tensor]], steps: int, progress: bool = True) -> FittedPosterior:
         """Run ``steps`` more SVI steps on ``data`` (also how :func:`fit` trains and how a loaded
         posterior resumes); the batch order continues from the step count."""
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ConfigurationError(f"steps must be a positive integer, got {steps!r}.")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < (0 if self.guide.is_laplace else 1):
+            raise ConfigurationError(f"steps must be a positive integer (0: a post-hoc Laplace), got {steps!r}.")
         if self.config.get("laplace_fitted"):
             raise ConfigurationError("a fitted Laplace posterior cannot resume training; fit a new one.")
         batches = check_batches(data, self.likelihood.num_choices)
@@ -139,7 +141,8 @@ class FittedPosterior:
                 hooks.after_step(self.engine.step_count)
                 bar.set_postfix(loss=f"{record['loss']:.3g}", kl=f"{record['kl']:.3g}", nll=f"{record['nll']:.3f}")
             if self.guide.is_laplace:
-                self.guide.fit_laplace([{k: v.to(device) for k, v in b.items()} for b in batches], num_examples)
+                batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+                self.guide.fit_laplace(batches, num_examples, progress)
                 self.config["laplace_fitted"] = True
         return self
 
@@ -159,6 +162,8 @@ class FittedPosterior:
         tensors = self.engine.state_tensors()
         tensors.update({f"buffer/{name}": value for name, value in self.guide.named_buffers()})
         config = {**self.config, "history": self.engine.history, "step_count": self.engine.step_count}
+        if isinstance(self.guide.global_guide, KroneckerLaplaceGuide):
+            config["kronecker_laplace"] = self.guide.global_guide.metadata()
         return save_checkpoint(folder, tensors, config)
 
     @classmethod
@@ -169,7 +174,10 @@ class FittedPosterior:
         ``posterior.patch.unpatch()``)."""
         tensors, config = load_checkpoint(folder)
         try:
-            patch = patch_routers(model, config["sites"], layers=config["layers"], selection=config["selection"])
+            if "experts" in config["sites"]:
+                patch = patch_experts(model, config["layers"], sites=config["sites"])
+            else:
+                patch = patch_routers(model, config["sites"], layers=config["layers"], selection=config["selection"])
         except KeyError as missing:
             raise ConfigurationError(f"checkpoint {folder} lacks the configuration entry {missing}.") from None
         try:
@@ -188,7 +196,10 @@ class FittedPosterior:
                     for name, tensor in tensors.items()
                     if name.startswith("buffer/global_guide.")
                 }
-                posterior.guide.set_laplace(buffers["loc"], buffers["scale"], buffers["scale_tril"], dummy)
+                if "kronecker_laplace" in config:
+                    posterior.guide.load_kronecker_laplace(buffers, config["kronecker_laplace"])
+                else:
+                    posterior.guide.set_laplace(buffers["loc"], buffers["scale"], buffers["scale_tril"], dummy)
             elif fit_hooks(posterior.guide.global_guide).trains:
                 posterior.engine.load_state_tensors(tensors, dummy)
                 _load_buffers(posterior.guide, tensors)

@@ -16,6 +16,7 @@ from pyro_moe.guides.fit_hooks import fit_hooks
 from pyro_moe.guides.registry import GUIDE_FAMILIES, GuideScope
 from pyro_moe.guides.router_guide import RouterGuide
 from pyro_moe.inference import NonFiniteError, make_elbo
+from pyro_moe.models.expert_weights import patch_experts
 from pyro_moe.models.likelihoods import MCQALikelihood
 from tests.tiny_models import tiny_model
 
@@ -30,6 +31,8 @@ FAMILY_SETUPS = {
     "mc-dropout": {"sites": {"weight": 0.2, "dropout": 0.2}},
     "swag": {"guide_options": {"swag": {"rank": 3, "burn_in": 8, "every": 4}}},
     "ensemble": {"guide_options": {"ensemble": {"members": 3}}, "num_particles": 3},
+    "kron-laplace": {"sites": {"weight": 0.2}},
+    "expert-laplace": {"sites": "experts"},
 }
 """Patch (``sites``, ``selection``) and fit options of the families that need more than their scope's sites."""
 
@@ -52,7 +55,10 @@ def test_every_registered_family_trains_and_predicts(name):
     """Swapping the guide is one word: the same model, data and loop for every family."""
     setup = dict(FAMILY_SETUPS.get(name, {}))
     sites = setup.pop("sites", SITES_FOR_SCOPE[GUIDE_FAMILIES[name].scope])
-    handle = patch_routers(tiny_model("granitemoe"), sites, layers=[1], selection=setup.pop("selection", "top-k"))
+    if sites == "experts":
+        handle = patch_experts(tiny_model("granitemoe"), layers=[1], prior_precision=100.0)
+    else:
+        handle = patch_routers(tiny_model("granitemoe"), sites, layers=[1], selection=setup.pop("selection", "top-k"))
     batches = mcqa_batches()
     posterior = fit(handle, batches, name, answer_token_ids=ANSWERS, steps=24, lr=0.03, progress=False, **setup)
     losses = [record["loss"] for record in posterior.history]
