@@ -56,8 +56,10 @@ __all__ = [
     "CurvatureTarget",
     "FisherType",
     "KroneckerCurvature",
+    "LinearMapRecord",
     "TargetKind",
     "TokenSelection",
+    "captured_linear_maps",
     "expert_targets",
     "kronecker_curvature",
     "router_targets",
@@ -247,14 +249,22 @@ def router_targets(model: nn.Module, layers: str | Iterable[int] = "all") -> lis
 
 
 @dataclass
-class _Record:
-    """One captured application ``outputs = W_block inputs`` on ``tokens`` (flat token indices)."""
+class LinearMapRecord:
+    """One captured application ``outputs = W_block inputs`` on ``tokens`` (flat ``batch x length`` indices).
+
+    Attributes:
+        target: the target's name.
+        block: the expert (0 for a router).
+        inputs: ``(n, in)``.
+        outputs: ``(n, out)`` (a router's logits may keep a leading batch shape), in the autograd graph.
+        tokens: ``(n,)``.
+    """
 
     target: str
     block: int
-    inputs: Tensor  # (n, in)
-    outputs: Tensor  # (n, out) or (..., out) with n leading elements, as the model computed it
-    tokens: Tensor  # (n,)
+    inputs: Tensor
+    outputs: Tensor
+    tokens: Tensor
 
 
 class _ExpertCalls(TorchFunctionMode):
@@ -264,7 +274,7 @@ class _ExpertCalls(TorchFunctionMode):
         super().__init__()
         self.targets = list(targets)
         self.routing: dict[str, Tensor] = {}  # target name -> top_k_index (tokens, k)
-        self.records: list[_Record] = []
+        self.records: list[LinearMapRecord] = []
 
     def _block_of(self, weight: Tensor) -> tuple[CurvatureTarget, int] | None:
         """The target and expert whose ``down_proj[e]`` ``weight`` is (a view into the weight the
@@ -295,17 +305,18 @@ class _ExpertCalls(TorchFunctionMode):
                         f"{target.name}: the experts forward does not route tokens as the eager loop of "
                         f"{', '.join(EXPERT_FAMILIES)} does."
                     )
-                self.records.append(_Record(target.name, block, args[0], result, tokens))
+                self.records.append(LinearMapRecord(target.name, block, args[0], result, tokens))
         return result
 
 
 @contextlib.contextmanager
-def _captured(targets: Sequence[CurvatureTarget]) -> Iterator[tuple[_ExpertCalls, list[_Record]]]:
-    """Record inputs and outputs of every target while the model runs; the experts use their eager
-    implementation and the targets' weights require gradients (both restored afterwards)."""
+def captured_linear_maps(targets: Sequence[CurvatureTarget]) -> Iterator[tuple[_ExpertCalls, list[LinearMapRecord]]]:
+    """Record inputs and outputs of every target while the model runs: yields the expert calls
+    (``.records``) and the router records; the experts use their eager implementation and the
+    targets' weights require gradients (both restored afterwards)."""
     experts = [t for t in targets if t.kind is TargetKind.EXPERTS]
     calls = _ExpertCalls(experts)
-    router_records: list[_Record] = []
+    router_records: list[LinearMapRecord] = []
     handles, restore = [], []
     for target in targets:
         parameter = target.parameter
@@ -328,7 +339,7 @@ def _captured(targets: Sequence[CurvatureTarget]) -> Iterator[tuple[_ExpertCalls
             def record(module, args, output, target=target):
                 hidden = args[0].reshape(-1, target.in_features)
                 tokens = torch.arange(hidden.shape[0], device=hidden.device)
-                router_records.append(_Record(target.name, 0, hidden, output[0], tokens))
+                router_records.append(LinearMapRecord(target.name, 0, hidden, output[0], tokens))
 
             handles.append(target.module.register_forward_hook(record))
     try:
@@ -438,7 +449,7 @@ def kronecker_curvature(
         input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         labels = batch.get("labels")
         labels = None if labels is None else labels.to(device)
-        with torch.enable_grad(), _captured(targets) as (calls, router_records):
+        with torch.enable_grad(), captured_linear_maps(targets) as (calls, router_records):
             logits = answer_logits(input_ids, attention_mask)
         _check_finite(logits, "the answer logits")
         records = calls.records + router_records

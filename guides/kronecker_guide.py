@@ -49,7 +49,7 @@ from pyro_moe.guides.kronecker_posterior import KroneckerLaplace, log_evidence, 
 from pyro_moe.guides.registry import RouterAutoDelta
 from pyro_moe.patching import RouterPatch
 
-__all__ = ["KroneckerLaplaceGuide", "KroneckerMAP", "KroneckerNormal"]
+__all__ = ["KroneckerLaplaceGuide", "KroneckerMAP", "KroneckerNormal", "site_targets"]
 
 _FIELDS = ("mean", "input_vectors", "input_values", "output_vectors", "output_values", "prior_precision", "prior_mean")
 
@@ -85,6 +85,35 @@ class KroneckerNormal(dist.TorchDistribution):
         batch = value.shape[: value.dim() - len(self.event_shape)]
         blocks = value.reshape(*batch, *self.posterior.mean.shape)
         return self.posterior.log_prob(blocks).to(value.dtype)
+
+
+def site_targets(patch: RouterPatch, names: Sequence[str], covers: str) -> dict[str, CurvatureTarget]:
+    """The curvature target of each site in ``names``: expert ``down_proj`` sites (``covers="experts"``)
+    or router weights without bias (``covers="router"``); anything else is refused."""
+    found, unsupported = {}, []
+    experts = getattr(patch, "experts", {})
+    for name in names:
+        path, _, kind = name.rpartition(".")
+        if kind == "down_proj" and path in experts and covers == "experts":
+            module = experts[path]
+            count, out_features, in_features = module.down_proj.shape
+            found[name] = CurvatureTarget(name, module, TargetKind.EXPERTS, count, out_features, in_features)
+        elif kind == "weight" and path in patch.routers and covers == "router":
+            router = patch.routers[path]
+            if isinstance(getattr(router, "bias", None), Tensor):
+                unsupported.append(name)
+                continue
+            out_features, in_features = router.weight.shape
+            found[name] = CurvatureTarget(name, router, TargetKind.ROUTER, 1, out_features, in_features)
+        else:
+            unsupported.append(name)
+    if unsupported:
+        family, accepted = {
+            "router": ("kron-laplace", "router weight sites without bias: patch_routers(model, ['weight'])"),
+            "experts": ("expert-laplace", "expert down_proj sites: patch_experts(model)"),
+        }[covers]
+        raise ConfigurationError(f"{family} covers {accepted}; the model has {unsupported[:4]}.")
+    return found
 
 
 def _normal_prior(site: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
@@ -164,30 +193,7 @@ class KroneckerMAP(RouterAutoDelta):
         """The curvature target of every global site; refuses sites that are not weight matrices."""
         if self.patch is None:
             raise ConfigurationError("the Kronecker MAP guide is not bound to a patch (RouterGuide.setup binds it).")
-        found, unsupported = {}, []
-        experts = getattr(self.patch, "experts", {})
-        for name in self.prototype_trace.stochastic_nodes:
-            path, _, kind = name.rpartition(".")
-            if kind == "down_proj" and path in experts and self.covers == "experts":
-                module = experts[path]
-                count, out_features, in_features = module.down_proj.shape
-                found[name] = CurvatureTarget(name, module, TargetKind.EXPERTS, count, out_features, in_features)
-            elif kind == "weight" and path in self.patch.routers and self.covers == "router":
-                router = self.patch.routers[path]
-                if isinstance(getattr(router, "bias", None), Tensor):
-                    unsupported.append(name)
-                    continue
-                out_features, in_features = router.weight.shape
-                found[name] = CurvatureTarget(name, router, TargetKind.ROUTER, 1, out_features, in_features)
-            else:
-                unsupported.append(name)
-        if unsupported:
-            family, accepted = {
-                "router": ("kron-laplace", "router weight sites without bias: patch_routers(model, ['weight'])"),
-                "experts": ("expert-laplace", "expert down_proj sites: patch_experts(model)"),
-            }[self.covers]
-            raise ConfigurationError(f"{family} covers {accepted}; the model has {unsupported[:4]}.")
-        return found
+        return site_targets(self.patch, list(self.prototype_trace.stochastic_nodes), self.covers)
 
     def laplace(self, likelihood: Any, batches: Sequence[Mapping[str, Tensor]], progress: bool = True):
         """The :class:`KroneckerLaplaceGuide` at the current point masses, curvature over ``batches``."""

@@ -155,6 +155,17 @@ class KroneckerLaplace:
         log_det = dims * tau.reshape(-1).log() + torch.log1p(products / tau).sum((-1, -2))
         return (-0.5 * (quadratic + dims * math.log(2 * math.pi)) + 0.5 * log_det).sum(-1)
 
+    def covariance_inner(self, left: Tensor, right: Tensor) -> Tensor:
+        """``<left, Sigma right>`` summed over blocks, for ``left`` ``(..., a, n, out, in)`` and ``right``
+        ``(..., b, n, out, in)``: ``(..., a, b)``, with ``Sigma = (G (x) A + tau I)^-1`` applied in the
+        eigenbasis, ``Sigma M = M / tau + QG [(1/(lG lA^T + tau) - 1/tau) * (QG^T M QA)] QA^T``."""
+        tau = self.prior_precision[:, None, None]
+        left, right = left.to(torch.float64), right.to(torch.float64)
+        plain = torch.einsum("...anoi,...bnoi->...ab", left, right / tau)
+        shrink = 1.0 / (self.eigenvalue_products() + tau) - 1.0 / tau
+        projected_left, projected_right = self._projected(left), self._projected(right)
+        return plain + torch.einsum("...anij,nij,...bnij->...ab", projected_left, shrink, projected_right)
+
     def dense_precision(self) -> Tensor:
         """``(n, out*in, out*in)``: ``G (x) A + tau I`` (row-major ``vec``), for tests on small blocks."""
         dims = self.mean.shape[-1] * self.mean.shape[-2]

@@ -3,10 +3,14 @@ save/load, evidence, bad input; and expert Laplace against the MAP on the embedd
 
 from __future__ import annotations
 
+import copy
+
 import pyro
 import pytest
 import torch
 from pyro import poutine
+from torch.func import functional_call, jacrev
+from transformers import GraniteMoeConfig, GraniteMoeForCausalLM
 
 from pyro_moe import at_prior_mean, fit, patch_routers
 from pyro_moe.data import mcqa_batches
@@ -14,6 +18,7 @@ from pyro_moe.errors import ConfigurationError
 from pyro_moe.experiments.benchmark_model import load_benchmark
 from pyro_moe.fitting import FittedPosterior
 from pyro_moe.guides.kronecker_guide import KroneckerLaplaceGuide
+from pyro_moe.guides.linearized_predictive import linearized_predict
 from pyro_moe.guides.prior_precision import select_prior_precision
 from pyro_moe.metrics import expected_calibration_error, negative_log_likelihood
 from pyro_moe.models.expert_weights import patch_experts
@@ -189,3 +194,62 @@ def test_expert_laplace_lowers_nll_and_ece_against_the_map_on_the_benchmark():
     handle.unpatch()
     assert negative_log_likelihood(probs, labels) < negative_log_likelihood(map_probs, labels)
     assert expected_calibration_error(probs, labels, 15) < expected_calibration_error(map_probs, labels, 15)
+
+
+def small_granite() -> GraniteMoeForCausalLM:
+    """Hidden 16, intermediate 12, 2 layers, 4 experts, float64, eager: dense covariances stay small."""
+    config = GraniteMoeConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=12,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=32,
+        attn_implementation="eager",
+        experts_implementation="eager",
+    )
+    torch.manual_seed(0)
+    model = GraniteMoeForCausalLM(config).double().eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.block_sparse_moe.router.weight.normal_(0.0, 0.5)
+            layer.block_sparse_moe.experts.down_proj.normal_(0.0, 0.3)
+    return model
+
+
+def test_linearized_predictive_covariance_equals_the_dense_jacobian_sandwich():
+    """J Sigma J^T from torch.func's Jacobian of the answer logits and the dense posterior covariance."""
+    model = small_granite()
+    reference = copy.deepcopy(model)
+    batches = [{k: v for k, v in b.items()} for b in tiny_batches(2, size=3)]
+    for batch in batches:
+        batch["attention_mask"][:] = 1
+    handle = patch_experts(model, layers="all", prior_precision=3.0)
+    options = {"expert-laplace": {"rank": 4, "fisher": "exact", "tokens": "all"}}
+    posterior = fit(handle, batches, "expert-laplace", answer_token_ids=ANSWERS, steps=0, guide_options=options)
+    batch = batches[0]
+    prediction = linearized_predict(posterior, batch["input_ids"], batch["attention_mask"])
+    names = posterior.guide.global_guide.site_names
+    weights = {name: reference.get_submodule(name.removesuffix(".down_proj")).down_proj.detach() for name in names}
+
+    def answer_logits(*values):
+        out = functional_call(reference, dict(zip(names, values, strict=True)), (batch["input_ids"],))
+        return out.logits[:, -1, ANSWERS]
+
+    jacobians = jacrev(answer_logits, argnums=tuple(range(len(names))))(*weights.values())  # per site (B, C, E, H, I)
+    expected = torch.zeros(3, 4, 4, dtype=torch.float64)
+    for name, jacobian in zip(names, jacobians, strict=True):
+        precision = posterior.guide.global_guide.posteriors()[name].dense_precision()  # (E, HI, HI)
+        flat = jacobian.reshape(3 * 4, 4, -1).transpose(0, 1)  # (E, B*C, HI)
+        solved = torch.linalg.solve(precision, flat.transpose(1, 2))  # (E, HI, B*C)
+        expected += (flat @ solved).sum(0).reshape(3, 4, 3, 4).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    torch.testing.assert_close(prediction.covariance, expected, rtol=1e-8, atol=1e-12)
+    variance = expected.diagonal(dim1=-2, dim2=-1)
+    probit = torch.softmax(answer_logits(*weights.values()) / (1 + torch.pi / 8 * variance).sqrt(), -1)
+    torch.testing.assert_close(prediction.probs, probit.float())
+    mc = linearized_predict(posterior, batch["input_ids"], batch["attention_mask"], link="mc", num_samples=4000)
+    torch.testing.assert_close(mc.probs.sum(-1), torch.ones(3))
+    handle.unpatch()
