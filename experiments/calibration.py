@@ -34,6 +34,7 @@ from pyro_moe.experiments.evaluation import (
     DETERMINISTIC,
     MODES,
     TEMPERATURE_SCALING,
+    FamilySpec,
     Posterior,
     add_common_arguments,
     benchmark_inputs,
@@ -44,13 +45,13 @@ from pyro_moe.experiments.evaluation import (
     deterministic_logits,
     fit_named_families,
     markdown_table,
+    posterior_modes,
     predict_batches,
     slug,
     split_batches,
     split_labels,
     write_results,
 )
-from pyro_moe.experiments.guide_comparison import GuideCase
 from pyro_moe.metrics import DEFAULT_BINS, ReliabilityDiagram, calibration_report, reliability_diagram_data
 from pyro_moe.plots import plot_reliability_diagram
 from pyro_moe.temperature_scaling import fit_temperature
@@ -196,7 +197,7 @@ def calibration_experiment(
     baseline_diagrams = {name: reliability_diagram_data(probs, labels, n_bins) for name, probs in baselines.items()}
     diagrams = {mode: dict(baseline_diagrams) for mode in modes}
     for name, posterior in posteriors.items():
-        for mode in modes:
+        for mode in posterior_modes(posterior, modes):
             probs = predict_batches(posterior, test_batches, mode, num_samples, seed=seed).probs
             rows.append({"method": name, "mode": mode, **calibration_report(probs, labels, n_bins)})
             diagrams[mode][name] = reliability_diagram_data(probs, labels, n_bins)
@@ -215,7 +216,7 @@ def run_calibration(
     model: nn.Module,
     tokenizer: Any,
     splits: Mapping[str, Sequence[MCQAExample]],
-    families: Sequence[str | GuideCase] = DEFAULT_FAMILIES,
+    families: Sequence[str | FamilySpec] = DEFAULT_FAMILIES,
     *,
     answer_token_ids: Tensor | None = None,
     fit_split: str = "train",

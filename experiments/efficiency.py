@@ -28,10 +28,11 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from pyro_moe.errors import ConfigurationError, PyroMoEError
 from pyro_moe.experiments.evaluation import (
     DETERMINISTIC,
     MODES,
+    FamilySpec,
     Posterior,
     add_common_arguments,
     benchmark_inputs,
@@ -57,10 +59,10 @@ from pyro_moe.experiments.evaluation import (
     deterministic_logits,
     fit_named_families,
     markdown_table,
+    posterior_modes,
     split_batches,
     write_results,
 )
-from pyro_moe.experiments.guide_comparison import GuideCase
 from pyro_moe.plots import plot_efficiency_bars
 
 __all__ = [
@@ -124,6 +126,23 @@ def measure_peak_memory(call: Callable[[], Any], device: torch.device) -> int:
     events = [event for event in profiler.profiler.kineto_results.events() if event.name() == "[memory]"]
     events.sort(key=lambda event: event.start_ns())
     return max(0, max(itertools.accumulate(event.nbytes() for event in events), default=0))
+
+
+@contextlib.contextmanager
+def _inference_only(models: Sequence[nn.Module]) -> Iterator[None]:
+    """No tensor the predictions read requires grad (the models' parameters and Pyro's parameter
+    store, restored afterwards): FlopCounterMode's module tracker hooks the gradients of module
+    inputs that require them, which fails on point-mass guide values under ``no_grad``."""
+    tensors = [param for model in models for param in model.parameters()]
+    tensors += [param for _, param in pyro.get_param_store().named_parameters()]
+    flags = [(tensor, tensor.requires_grad) for tensor in tensors]
+    for tensor, _ in flags:
+        tensor.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for tensor, flag in flags:
+            tensor.requires_grad_(flag)
 
 
 def count_flops(call: Callable[[], Any]) -> int:
@@ -245,22 +264,24 @@ def efficiency_experiment(
         (DETERMINISTIC, BASELINE_MODE): lambda: deterministic_logits(model, [batch], answer_token_ids)
     }
     for name, posterior in posteriors.items():
-        for mode in modes:
+        for mode in posterior_modes(posterior, modes):
             calls[name, mode] = lambda posterior=posterior, mode=mode: posterior.predict(
                 input_ids, attention_mask, num_samples=num_samples, mode=mode
             )
     rows = []
     pyro.set_rng_seed(seed)
-    for (method, mode), call in calls.items():
-        rows.append(
-            {
-                "method": method,
-                "mode": mode,
-                "latency_ms": 1e3 * measure_latency(call, device, repeats),
-                "peak_memory_mib": measure_peak_memory(call, device) / MIB,
-                "mflops_per_token": count_flops(call) / tokens / 1e6,
-            }
-        )
+    models = [model, *(posterior.patch.model for posterior in posteriors.values() if hasattr(posterior, "patch"))]
+    with _inference_only(models):
+        for (method, mode), call in calls.items():
+            rows.append(
+                {
+                    "method": method,
+                    "mode": mode,
+                    "latency_ms": 1e3 * measure_latency(call, device, repeats),
+                    "peak_memory_mib": measure_peak_memory(call, device) / MIB,
+                    "mflops_per_token": count_flops(call) / tokens / 1e6,
+                }
+            )
     baseline = rows[0]
     for row in rows:
         row["latency_ratio"] = row["latency_ms"] / baseline["latency_ms"]
@@ -278,7 +299,7 @@ def run_efficiency(
     model: nn.Module,
     tokenizer: Any,
     splits: Mapping[str, Sequence[MCQAExample]],
-    families: Sequence[str | GuideCase] = DEFAULT_FAMILIES,
+    families: Sequence[str | FamilySpec] = DEFAULT_FAMILIES,
     *,
     answer_token_ids: Tensor | None = None,
     fit_split: str = "train",

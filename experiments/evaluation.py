@@ -1,8 +1,8 @@
 """Shared pieces of the evaluation experiments (stability, calibration, OoD, efficiency).
 
-* guide families by name become :class:`~pyro_moe.experiments.guide_comparison.GuideCase` s with
-  default sites for the scopes they cover (:func:`family_cases`) and are fitted, each on its own
-  copy of the model (:func:`fit_families`);
+* guide families by name become :class:`FamilySpec` s with default sites for the scopes they cover
+  and the setups the weight-space baselines need (:func:`default_family`, :func:`family_specs`) and
+  are fitted, each on its own copy of the model (:func:`fit_families`);
 * the deterministic model's answer logits (:func:`deterministic_logits`) and a posterior's
   predictions with their uncertainty scores (:func:`predict_batches`) on MCQA batches;
 * the checks every experiment makes before any work (:func:`check_splits`,
@@ -16,8 +16,8 @@ A posterior is anything with the :class:`Posterior` ``predict`` method, e.g. a
 
 Example::
 
-    cases = family_cases(["mean-field", "mfvr"])                     # default sites per scope
-    posteriors = fit_families(model, train_batches, cases, answer_token_ids=letters, steps=200)
+    specs = family_specs(["mean-field", "mfvr", "swag"])              # default sites and setups
+    posteriors = fit_families(model, train_batches, specs, answer_token_ids=letters, steps=200)
     logits = deterministic_logits(model, test_batches, letters)      # (examples, choices)
     scored = predict_batches(posteriors["mfvr"], test_batches, "model-average", 16, scores=True)
 """
@@ -30,7 +30,7 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -42,11 +42,11 @@ from tqdm.auto import tqdm
 from pyro_moe.data import MCQAExample, mcqa_batches
 from pyro_moe.data import answer_token_ids as letter_token_ids
 from pyro_moe.errors import ConfigurationError
-from pyro_moe.experiments.guide_comparison import GuideCase
 from pyro_moe.fitting import FittedPosterior, fit
 from pyro_moe.guides.registry import GuideScope, parse_guide
 from pyro_moe.handlers import at_prior_mean
 from pyro_moe.metrics import mutual_information, router_logit_variance
+from pyro_moe.models.expert_weights import ExpertPatch, patch_experts
 from pyro_moe.patching import patch_routers
 from pyro_moe.predictive import RoutedPrediction
 from pyro_moe.readout import last_token_logits
@@ -58,6 +58,7 @@ __all__ = [
     "MODES",
     "TEMPERATURE_SCALING",
     "BenchmarkInputs",
+    "FamilySpec",
     "Posterior",
     "Predictions",
     "Results",
@@ -67,11 +68,13 @@ __all__ = [
     "check_posteriors",
     "check_splits",
     "default_answer_token_ids",
+    "default_family",
     "deterministic_logits",
-    "family_cases",
+    "family_specs",
     "fit_families",
     "fit_named_families",
     "markdown_table",
+    "posterior_modes",
     "predict_batches",
     "slug",
     "split_batches",
@@ -144,51 +147,106 @@ def check_modes(modes: Sequence[str]) -> tuple[str, ...]:
     return modes
 
 
+def posterior_modes(posterior: Posterior, modes: Sequence[str]) -> tuple[str, ...]:
+    """The ``modes`` ``posterior`` predicts in: expert-weight posteriors (an
+    :class:`~pyro_moe.models.expert_weights.ExpertPatch`) run their own experts per joint sample,
+    so they have ``model-average`` only."""
+    if isinstance(getattr(posterior, "patch", None), ExpertPatch):
+        return tuple(mode for mode in modes if mode == PredictiveMode.MODEL_AVERAGE.value)
+    return tuple(modes)
+
+
 # ---------------------------------------------------------------------------------------------- families
 
 
-def family_cases(
-    families: Sequence[str | GuideCase], sites: Mapping[str, Any] | None = None, objective: str = "elbo"
-) -> list[GuideCase]:
-    """One :class:`GuideCase` per family, checked against the guide registry before anything is fitted.
+@dataclass(frozen=True)
+class FamilySpec:
+    """How one family is patched and fitted.
+
+    Attributes:
+        name: the label in tables and plots.
+        guide: the guide's name (see :mod:`pyro_moe.guides.registry`).
+        sites: the router sites (as :func:`pyro_moe.patch_routers` takes them), or ``"experts"``
+            for the expert ``down_proj`` sites of :func:`pyro_moe.models.expert_weights.patch_experts`.
+        selection: ``"top-k"`` or ``"sample-k"`` (router sites).
+        options: further keyword arguments of :func:`pyro_moe.fit` (``objective``, ``num_particles``,
+            ``guide_options``, ``lr``, ``steps``, ...), over the experiment's own.
+    """
+
+    name: str
+    guide: str
+    sites: Mapping[str, Any] | Sequence[str] | str
+    selection: str = "top-k"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+def default_family(guide: str, steps: int) -> FamilySpec:
+    """The :class:`FamilySpec` of a guide name: its scopes' :data:`DEFAULT_SITES`, except for the
+    families that need more (``steps`` sets SWAG's schedule):
+
+    * ``temp-sampling``: per-layer temperature sites, Sample-K selection;
+    * ``mc-dropout``: router weights (scale 0.05) with dropout 0.1 on the router input;
+    * ``swag``: rank 5, burn-in half the steps, 5 snapshots over the other half;
+    * ``ensemble``: 4 members trained together (4 particles);
+    * ``expert-laplace``: the expert ``down_proj`` sites, post hoc (no SVI steps).
+
+    Raises:
+        ConfigurationError: an unknown guide name (the message lists the registered ones).
+    """
+    scopes = parse_guide(guide)
+    sites: dict[str, Any] = {}
+    for scope in scopes:
+        if scope not in DEFAULT_SITES:
+            raise ConfigurationError(f"no default sites for the {scope.value} scope of {guide!r}: give a FamilySpec.")
+        sites.update(DEFAULT_SITES[scope])
+    if guide == "temp-sampling":
+        return FamilySpec(guide, guide, ["temperature"], selection="sample-k")
+    if guide == "mc-dropout":
+        return FamilySpec(guide, guide, {**sites, "dropout": 0.1})
+    if guide == "swag":
+        schedule = {"rank": 5, "burn_in": steps // 2, "every": max(1, steps // 10)}
+        return FamilySpec(guide, guide, sites, options={"guide_options": {"swag": schedule}})
+    if guide == "ensemble":
+        options = {"guide_options": {"ensemble": {"members": 4}}, "num_particles": 4}
+        return FamilySpec(guide, guide, sites, options=options)
+    if guide == "expert-laplace":
+        return FamilySpec(guide, guide, "experts", options={"steps": 0})
+    return FamilySpec(guide, guide, sites)
+
+
+def family_specs(
+    families: Sequence[str | FamilySpec], sites: Mapping[str, Any] | None = None, steps: int = 200
+) -> list[FamilySpec]:
+    """One :class:`FamilySpec` per family, checked against the guide registry before anything is fitted.
 
     Args:
-        families: guide names (``"mean-field"``, ``"map+mfvr"``, ...) or complete cases.
-        sites: the sites of every named family; default :data:`DEFAULT_SITES` of the scopes the
-            family covers (merged for ``global+local`` names).
-        objective: the objective of every named family.
+        families: guide names (``"mean-field"``, ``"map+mfvr"``, ``"swag"``, ...) or complete specs.
+        sites: the router sites of every named family instead of :func:`default_family`'s.
+        steps: the SVI steps the families will get (SWAG's schedule follows them).
 
     Raises:
         ConfigurationError: an unknown guide name, no family, or two families of the same name.
     """
     if isinstance(families, str) or not families:
-        raise ConfigurationError(f"families must be a non-empty list of guide names or GuideCases, got {families!r}.")
-    cases = []
+        raise ConfigurationError(f"families must be a non-empty list of guide names or FamilySpecs, got {families!r}.")
+    specs = []
     for family in families:
-        if isinstance(family, GuideCase):
+        if isinstance(family, FamilySpec):
             parse_guide(family.guide)
-            cases.append(family)
+            specs.append(family)
             continue
-        scopes = parse_guide(family)  # names the registered guides when the name is unknown
-        if sites is not None:
-            family_sites = dict(sites)
-        else:
-            family_sites = {}
-            for scope in scopes:
-                if scope not in DEFAULT_SITES:
-                    raise ConfigurationError(f"no default sites for the {scope.value} scope of {family!r}: give sites.")
-                family_sites.update(DEFAULT_SITES[scope])
-        cases.append(GuideCase(family, family_sites, family, objective))
-    names = [case.name for case in cases]
+        spec = default_family(family, steps)
+        specs.append(spec if sites is None else replace(spec, sites=dict(sites)))
+    names = [spec.name for spec in specs]
     if len(set(names)) != len(names):
         raise ConfigurationError(f"family names must be distinct, got {names}.")
-    return cases
+    return specs
 
 
 def fit_families(
     model: nn.Module,
     batches: Sequence[Mapping[str, Tensor]],
-    cases: Sequence[GuideCase],
+    specs: Sequence[FamilySpec],
     *,
     answer_token_ids: Tensor,
     layers: str | Sequence[int] = "all",
@@ -196,15 +254,17 @@ def fit_families(
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, FittedPosterior]:
-    """Fit every case with :func:`pyro_moe.fit` on ``batches``, each on a deep copy of ``model``
-    (``model`` itself stays unpatched); returns ``{case name: FittedPosterior}``."""
+    """Fit every spec with :func:`pyro_moe.fit` on ``batches``, each on a deep copy of ``model``
+    (``model`` itself stays unpatched); returns ``{spec name: FittedPosterior}``."""
     posteriors = {}
-    for case in tqdm(cases, desc="families", disable=not progress or len(cases) < 2):
-        patch = patch_routers(copy.deepcopy(model), case.sites, layers=layers)
-        options = {"objective": case.objective, "seed": seed, "progress": progress, **case.options}
-        posteriors[case.name] = fit(
-            patch, batches, case.guide, answer_token_ids=answer_token_ids, steps=steps, **options
-        )
+    for spec in tqdm(specs, desc="families", disable=not progress or len(specs) < 2):
+        copied = copy.deepcopy(model)
+        if spec.sites == "experts":
+            patch = patch_experts(copied, layers=layers)
+        else:
+            patch = patch_routers(copied, spec.sites, layers=layers, selection=spec.selection)
+        options = {"steps": steps, "seed": seed, "progress": progress, **spec.options}
+        posteriors[spec.name] = fit(patch, batches, spec.guide, answer_token_ids=answer_token_ids, **options)
     return posteriors
 
 
@@ -212,7 +272,7 @@ def fit_named_families(
     model: nn.Module,
     tokenizer: Any,
     splits: Mapping[str, Sequence[MCQAExample]],
-    families: Sequence[str | GuideCase],
+    families: Sequence[str | FamilySpec],
     *,
     answer_token_ids: Tensor,
     fit_split: str = "train",
@@ -224,18 +284,18 @@ def fit_named_families(
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, FittedPosterior]:
-    """Check the families and the split, then fit every family (:func:`family_cases`,
+    """Check the families and the split, then fit every family (:func:`family_specs`,
     :func:`fit_families`) on the first ``fit_examples`` questions of ``splits[fit_split]`` in
     shuffled batches of ``batch_size``. No families, no fits: ``{}``."""
     if not families:
         return {}
-    cases = family_cases(families, sites)
+    specs = family_specs(families, sites, steps)
     check_splits(splits, [fit_split])
     batches = list(mcqa_batches(splits[fit_split][:fit_examples], tokenizer, batch_size, shuffle=True, seed=seed))
     return fit_families(
         model,
         batches,
-        cases,
+        specs,
         answer_token_ids=answer_token_ids,
         layers=layers,
         steps=steps,

@@ -38,6 +38,7 @@ from pyro_moe.experiments.evaluation import (
     DETERMINISTIC,
     MODES,
     TEMPERATURE_SCALING,
+    FamilySpec,
     Posterior,
     Predictions,
     add_common_arguments,
@@ -49,13 +50,13 @@ from pyro_moe.experiments.evaluation import (
     deterministic_logits,
     fit_named_families,
     markdown_table,
+    posterior_modes,
     predict_batches,
     slug,
     split_batches,
     split_labels,
     write_results,
 )
-from pyro_moe.experiments.guide_comparison import GuideCase
 from pyro_moe.metrics import ood_auprc, ood_auroc, predictive_entropy
 from pyro_moe.plots import plot_roc_curves
 from pyro_moe.temperature_scaling import fit_temperature
@@ -241,7 +242,7 @@ def ood_experiment(
             (TEMPERATURE_SCALING, BASELINE_MODE): uncertainty_scores(Predictions(scaling.probs(logits))),
         }
         for name, posterior in posteriors.items():
-            for mode in modes:
+            for mode in posterior_modes(posterior, modes):
                 predictions = predict_batches(posterior, batches, mode, num_samples, scores=True, seed=seed)
                 scores[split][name, mode] = uncertainty_scores(predictions)
 
@@ -271,7 +272,7 @@ def run_ood(
     model: nn.Module,
     tokenizer: Any,
     splits: Mapping[str, Sequence[MCQAExample]],
-    families: Sequence[str | GuideCase] = DEFAULT_FAMILIES,
+    families: Sequence[str | FamilySpec] = DEFAULT_FAMILIES,
     *,
     answer_token_ids: Tensor | None = None,
     fit_split: str = "train",

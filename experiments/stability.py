@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,8 @@ from pyro_moe.data import MCQAExample
 from pyro_moe.errors import ConfigurationError, PyroMoEError
 from pyro_moe.experiments.evaluation import (
     DETERMINISTIC,
+    MODES,
+    FamilySpec,
     add_common_arguments,
     benchmark_inputs,
     check_posteriors,
@@ -43,11 +45,11 @@ from pyro_moe.experiments.evaluation import (
     default_answer_token_ids,
     fit_named_families,
     markdown_table,
+    posterior_modes,
     slug,
     split_batches,
     write_results,
 )
-from pyro_moe.experiments.guide_comparison import GuideCase
 from pyro_moe.handlers import at_prior_mean
 from pyro_moe.plots import plot_stability_violins
 from pyro_moe.routing_context import PARTICLE_DIM, PredictiveMode, routing_context
@@ -65,6 +67,8 @@ __all__ = [
 
 DEFAULT_FAMILIES = ("mean-field", "mfvr")
 """Families the CLI fits by default."""
+
+ROUTING_AVERAGE = PredictiveMode.ROUTING_AVERAGE.value
 
 GAMMA = 0.05
 """The noise level at which layers are compared and the violins drawn (the grid's largest: at
@@ -84,6 +88,7 @@ class StabilityResults:
         k: the number of layers asked for, if selected by number.
         split: the split measured.
         num_samples: S of the posteriors' routing-average selection.
+        skipped: posteriors without a routing-average selection (expert-weight sites), not measured.
     """
 
     stability: dict[str, RoutingStability]
@@ -93,6 +98,7 @@ class StabilityResults:
     k: int | None
     split: str
     num_samples: int
+    skipped: list[str] = field(default_factory=list)
 
     def rows(self) -> list[dict[str, Any]]:
         """One per method, layer and gamma: mean, std and min Jaccard over tokens, token count."""
@@ -108,6 +114,7 @@ class StabilityResults:
             "k": self.k,
             "num_samples": self.num_samples,
             "susceptible_layers": self.susceptible,
+            "skipped": self.skipped,
             "rows": self.rows(),
         }
 
@@ -135,6 +142,9 @@ class StabilityResults:
             f"Susceptible layers of the deterministic model at gamma {self.gamma:g} ({rule}): **{self.susceptible}**.",
             "",
         ]
+        if self.skipped:
+            skipped = ", ".join(self.skipped)
+            lines += [f"Not measured (expert-weight sites, no routing-average selection): {skipped}.", ""]
         lines += [f"![stability {method}]({self._plot_name(method)})" for method in self.stability]
         return "\n".join(lines) + "\n"
 
@@ -237,6 +247,9 @@ def stability_experiment(
     for name, posterior in posteriors.items():
         if not hasattr(posterior, "patch") or not hasattr(getattr(posterior, "guide", None), "posterior"):
             raise ConfigurationError(f"posterior {name!r} must be a FittedPosterior (with .patch and .guide).")
+    skipped = [
+        name for name, posterior in posteriors.items() if ROUTING_AVERAGE not in posterior_modes(posterior, MODES)
+    ]
     if threshold is not None and k is not None:
         raise ConfigurationError("give at most one of threshold (a Jaccard level) and k (a number of layers).")
     gammas = tuple(float(g) for g in gammas)
@@ -251,15 +264,16 @@ def stability_experiment(
     line = threshold if threshold is not None else _threshold_between(deterministic, chosen, gamma)
     stability = {DETERMINISTIC: deterministic}
     for name, posterior in posteriors.items():
-        stability[name] = posterior_stability(posterior, batches, gammas, num_samples, seed)
-    return StabilityResults(stability, chosen, gamma, line, k, split, num_samples)
+        if name not in skipped:
+            stability[name] = posterior_stability(posterior, batches, gammas, num_samples, seed)
+    return StabilityResults(stability, chosen, gamma, line, k, split, num_samples, skipped)
 
 
 def run_stability(
     model: nn.Module,
     tokenizer: Any,
     splits: Mapping[str, Sequence[MCQAExample]],
-    families: Sequence[str | GuideCase] = DEFAULT_FAMILIES,
+    families: Sequence[str | FamilySpec] = DEFAULT_FAMILIES,
     *,
     answer_token_ids: Tensor | None = None,
     fit_split: str = "train",

@@ -12,7 +12,14 @@ import torch
 from pyro_moe import ConfigurationError
 from pyro_moe.experiments import calibration, evaluation
 from pyro_moe.experiments.calibration import calibration_experiment, run_calibration
-from pyro_moe.experiments.evaluation import DETERMINISTIC, MODES, TEMPERATURE_SCALING, split_batches, write_results
+from pyro_moe.experiments.evaluation import (
+    DETERMINISTIC,
+    MODES,
+    TEMPERATURE_SCALING,
+    family_specs,
+    split_batches,
+    write_results,
+)
 from pyro_moe.metrics import calibration_report
 from pyro_moe.temperature_scaling import fit_temperature
 from tests.experiments.tiny_evaluation import direct_answer_probs, tiny_inputs, tiny_posteriors
@@ -61,6 +68,23 @@ def test_every_row_equals_the_metrics_of_predictions_recomputed_directly(tmp_pat
     assert len(paths["plots"]) == len(MODES)
     for path in paths["plots"]:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_baseline_families_by_name_get_their_setups_and_expert_sites_model_average_only():
+    model, tokenizer, splits, letters = tiny_inputs()
+    specs = {spec.name: spec for spec in family_specs(["temp-sampling", "mc-dropout", "swag", "ensemble"], steps=40)}
+    assert specs["temp-sampling"].selection == "sample-k"
+    assert specs["mc-dropout"].sites["dropout"] > 0
+    schedule = specs["swag"].options["guide_options"]["swag"]
+    assert schedule["burn_in"] + schedule["rank"] * schedule["every"] <= 40  # enough snapshots for the rank
+    ensemble = specs["ensemble"].options
+    assert ensemble["num_particles"] == ensemble["guide_options"]["ensemble"]["members"]  # trained together
+    results = run_calibration(
+        model, tokenizer, splits, ["temp-sampling", "expert-laplace"], answer_token_ids=letters, steps=2, num_samples=2
+    )
+    modes = {(row["method"], row["mode"]) for row in results.rows}
+    assert {("temp-sampling", MODES[0]), ("temp-sampling", MODES[1]), ("expert-laplace", "model-average")} <= modes
+    assert ("expert-laplace", "routing-average") not in modes  # each joint sample runs its own experts
 
 
 def test_bad_input_is_refused_before_anything_is_fitted(monkeypatch):

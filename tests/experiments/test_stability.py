@@ -47,8 +47,12 @@ def test_deterministic_entry_susceptible_layers_and_posteriors(tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
 
 
-def test_threshold_selection_and_bad_input(monkeypatch):
+def test_threshold_selection_expert_posteriors_skipped_and_bad_input(monkeypatch):
     model, tokenizer, splits, letters = tiny_inputs()
+    experts = tiny_posteriors(model, tokenizer, splits, letters, families=("expert-laplace",))
+    skipping = stability_experiment(model, tokenizer, splits, experts, gammas=GAMMAS, gamma=0.5, examples=8)
+    assert skipping.skipped == ["expert-laplace"] and list(skipping.stability) == [DETERMINISTIC]
+    assert "Not measured" in skipping.to_markdown()
     results = stability_experiment(model, tokenizer, splits, {}, gammas=GAMMAS, gamma=0.5, threshold=1.0, examples=8)
     direct = routing_stability(model, split_batches(splits["test"][:8], tokenizer, 50), GAMMAS)
     assert results.susceptible == susceptible_layers(direct, threshold=1.0, gamma=0.5) and results.threshold == 1.0
