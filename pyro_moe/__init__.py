@@ -18,6 +18,7 @@ from pyro_moe.errors import (
 from pyro_moe.families import FAMILIES, RouterFamily, RouterLocation, find_moe_routers, register_family
 from pyro_moe.fitting import FittedPosterior, fit
 from pyro_moe.handlers import PriorMeanMessenger, at_prior_mean
+from pyro_moe.models.expert_weights import ExpertPatch, patch_experts
 from pyro_moe.patching import RouterPatch, patch_routers
 from pyro_moe.predictive import RoutedPrediction, predict
 from pyro_moe.readout import last_positions, last_token_logits
@@ -28,6 +29,7 @@ __all__ = [
     "PARTICLE_DIM",
     "TOKEN_DIM",
     "ConfigurationError",
+    "ExpertPatch",
     "FittedPosterior",
     "LayerSelectionError",
     "NoMoELayersError",
@@ -44,6 +46,7 @@ __all__ = [
     "fit",
     "last_positions",
     "last_token_logits",
+    "patch_experts",
     "patch_routers",
     "predict",
     "register_family",
