@@ -44,6 +44,7 @@ from pyro_moe.experiments.evaluation import (
     default_answer_token_ids,
     deterministic_logits,
     fit_named_families,
+    fit_temperature_scaling,
     markdown_table,
     posterior_modes,
     predict_batches,
@@ -54,7 +55,6 @@ from pyro_moe.experiments.evaluation import (
 )
 from pyro_moe.metrics import DEFAULT_BINS, ReliabilityDiagram, calibration_report, reliability_diagram_data
 from pyro_moe.plots import plot_reliability_diagram
-from pyro_moe.temperature_scaling import fit_temperature
 
 __all__ = ["DEFAULT_FAMILIES", "CalibrationResults", "calibration_experiment", "main", "run_calibration"]
 
@@ -183,10 +183,7 @@ def calibration_experiment(
     test_batches = split_batches(test, tokenizer, batch_size)
     labels = split_labels(test)
 
-    calibration = splits[calibration_split]
-    calibration_batches = split_batches(calibration, tokenizer, batch_size)
-    calibration_logits = deterministic_logits(model, calibration_batches, answer_token_ids)
-    scaling = fit_temperature(calibration_logits, split_labels(calibration))
+    scaling = fit_temperature_scaling(model, tokenizer, splits[calibration_split], answer_token_ids, batch_size)
     test_logits = deterministic_logits(model, test_batches, answer_token_ids)
     baselines = {DETERMINISTIC: test_logits.softmax(-1), TEMPERATURE_SCALING: scaling.probs(test_logits)}
 

@@ -51,6 +51,7 @@ from pyro_moe.patching import patch_routers
 from pyro_moe.predictive import RoutedPrediction
 from pyro_moe.readout import last_token_logits
 from pyro_moe.routing_context import PredictiveMode
+from pyro_moe.temperature_scaling import TemperatureScaling, fit_temperature
 
 __all__ = [
     "DEFAULT_SITES",
@@ -73,6 +74,7 @@ __all__ = [
     "family_specs",
     "fit_families",
     "fit_named_families",
+    "fit_temperature_scaling",
     "markdown_table",
     "posterior_modes",
     "predict_batches",
@@ -343,10 +345,19 @@ def deterministic_logits(model: nn.Module, batches: Sequence[Mapping[str, Tensor
     answer_token_ids = answer_token_ids.to(device)
     chunks = []
     with at_prior_mean():
-        for batch in batches:
+        for batch in tqdm(batches, desc="deterministic predictions", leave=False):
             logits = last_token_logits(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
             chunks.append(logits[0][:, answer_token_ids].float().cpu())
     return torch.cat(chunks)
+
+
+def fit_temperature_scaling(
+    model: nn.Module, tokenizer: Any, examples: Sequence[MCQAExample], answer_token_ids: Tensor, batch_size: int
+) -> TemperatureScaling:
+    """Temperature scaling of the deterministic model's answer logits, fitted on ``examples``
+    (:func:`pyro_moe.temperature_scaling.fit_temperature`)."""
+    logits = deterministic_logits(model, split_batches(examples, tokenizer, batch_size), answer_token_ids)
+    return fit_temperature(logits, split_labels(examples))
 
 
 @dataclass(frozen=True)
@@ -381,7 +392,7 @@ def predict_batches(
     """
     pyro.set_rng_seed(seed)
     probs, information, variance = [], [], []
-    for batch in batches:
+    for batch in tqdm(batches, desc=f"predictions, {mode}", leave=False):
         prediction = posterior.predict(
             batch["input_ids"],
             batch["attention_mask"],

@@ -49,17 +49,16 @@ from pyro_moe.experiments.evaluation import (
     default_answer_token_ids,
     deterministic_logits,
     fit_named_families,
+    fit_temperature_scaling,
     markdown_table,
     posterior_modes,
     predict_batches,
     slug,
     split_batches,
-    split_labels,
     write_results,
 )
 from pyro_moe.metrics import ood_auprc, ood_auroc, predictive_entropy
 from pyro_moe.plots import plot_roc_curves
-from pyro_moe.temperature_scaling import fit_temperature
 
 __all__ = ["DEFAULT_FAMILIES", "SCORES", "OoDResults", "main", "ood_experiment", "run_ood", "uncertainty_scores"]
 
@@ -228,10 +227,7 @@ def ood_experiment(
     posteriors = check_posteriors(posteriors)
     if answer_token_ids is None:
         answer_token_ids = default_answer_token_ids(tokenizer, splits[in_split])
-    calibration = splits[calibration_split]
-    calibration_batches = split_batches(calibration, tokenizer, batch_size)
-    calibration_logits = deterministic_logits(model, calibration_batches, answer_token_ids)
-    scaling = fit_temperature(calibration_logits, split_labels(calibration))
+    scaling = fit_temperature_scaling(model, tokenizer, splits[calibration_split], answer_token_ids, batch_size)
 
     scores: dict[str, dict[tuple[str, str], dict[str, Tensor]]] = {}
     for split in [in_split, *ood_splits]:
