@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from pyro_moe.data import MCQAExample
 from pyro_moe.errors import PyroMoEError
 from pyro_moe.experiments.evaluation import (
+    DEFAULT_FAMILIES,
     DETERMINISTIC,
     MODES,
     TEMPERATURE_SCALING,
@@ -56,10 +57,7 @@ from pyro_moe.experiments.evaluation import (
 from pyro_moe.metrics import DEFAULT_BINS, ReliabilityDiagram, calibration_report, reliability_diagram_data
 from pyro_moe.plots import plot_reliability_diagram
 
-__all__ = ["DEFAULT_FAMILIES", "CalibrationResults", "calibration_experiment", "main", "run_calibration"]
-
-DEFAULT_FAMILIES = ("mean-field", "mfvr")
-"""Families the CLI fits by default: router weights (mean-field) and per-token logits (MFVR)."""
+__all__ = ["CalibrationResults", "calibration_experiment", "main", "run_calibration"]
 
 COLUMNS = ("method", "mode", "accuracy", "nll", "ece", "mce", "brier", "confidence", "count")
 BASELINE_MODE = "any"

@@ -46,6 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from pyro_moe.data import MCQAExample
 from pyro_moe.errors import ConfigurationError, PyroMoEError
 from pyro_moe.experiments.evaluation import (
+    DEFAULT_FAMILIES,
     DETERMINISTIC,
     MODES,
     FamilySpec,
@@ -66,7 +67,6 @@ from pyro_moe.experiments.evaluation import (
 from pyro_moe.plots import plot_efficiency_bars
 
 __all__ = [
-    "DEFAULT_FAMILIES",
     "EfficiencyResults",
     "count_flops",
     "efficiency_experiment",
@@ -75,9 +75,6 @@ __all__ = [
     "measure_peak_memory",
     "run_efficiency",
 ]
-
-DEFAULT_FAMILIES = ("mean-field", "mfvr")
-"""Families the CLI fits by default."""
 
 COLUMNS = (
     "method",

@@ -54,6 +54,7 @@ from pyro_moe.routing_context import PredictiveMode
 from pyro_moe.temperature_scaling import TemperatureScaling, fit_temperature
 
 __all__ = [
+    "DEFAULT_FAMILIES",
     "DEFAULT_SITES",
     "DETERMINISTIC",
     "MODES",
@@ -92,6 +93,9 @@ TEMPERATURE_SCALING = "temperature scaling"
 
 MODES = (PredictiveMode.MODEL_AVERAGE.value, PredictiveMode.ROUTING_AVERAGE.value)
 """The predictive modes, ``model-average`` (Bayesian model averaging) and ``routing-average`` (the thesis' rule)."""
+
+DEFAULT_FAMILIES = ("mean-field", "mfvr")
+"""Families the experiment CLIs fit by default: router weights (mean-field) and per-token logits (MFVR)."""
 
 DEFAULT_SITES: dict[GuideScope, dict[str, Any]] = {
     GuideScope.GLOBAL: {"weight": 0.05},

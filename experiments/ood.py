@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from pyro_moe.data import MCQAExample
 from pyro_moe.errors import ConfigurationError, PyroMoEError
 from pyro_moe.experiments.evaluation import (
+    DEFAULT_FAMILIES,
     DETERMINISTIC,
     MODES,
     TEMPERATURE_SCALING,
@@ -60,10 +61,7 @@ from pyro_moe.experiments.evaluation import (
 from pyro_moe.metrics import ood_auprc, ood_auroc, predictive_entropy
 from pyro_moe.plots import plot_roc_curves
 
-__all__ = ["DEFAULT_FAMILIES", "SCORES", "OoDResults", "main", "ood_experiment", "run_ood", "uncertainty_scores"]
-
-DEFAULT_FAMILIES = ("mean-field", "mfvr")
-"""Families the CLI fits by default."""
+__all__ = ["SCORES", "OoDResults", "main", "ood_experiment", "run_ood", "uncertainty_scores"]
 
 SCORES = ("max probability", "predictive entropy", "mutual information", "router-logit variance")
 """The uncertainty scores, in table order."""

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from pyro_moe.data import MCQAExample
 from pyro_moe.errors import ConfigurationError, PyroMoEError
 from pyro_moe.experiments.evaluation import (
+    DEFAULT_FAMILIES,
     DETERMINISTIC,
     MODES,
     FamilySpec,
@@ -56,7 +57,6 @@ from pyro_moe.routing_context import PARTICLE_DIM, PredictiveMode, routing_conte
 from pyro_moe.stability import GAMMAS, RoutingStability, routing_stability, susceptible_layers
 
 __all__ = [
-    "DEFAULT_FAMILIES",
     "GAMMA",
     "StabilityResults",
     "main",
@@ -64,9 +64,6 @@ __all__ = [
     "run_stability",
     "stability_experiment",
 ]
-
-DEFAULT_FAMILIES = ("mean-field", "mfvr")
-"""Families the CLI fits by default."""
 
 ROUTING_AVERAGE = PredictiveMode.ROUTING_AVERAGE.value
 
