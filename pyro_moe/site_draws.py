@@ -37,10 +37,12 @@ import torch
 from pyro import poutine
 from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 from torch import Tensor
+from torch.distributions import constraints
 from torch.distributions.constraints import Constraint
 
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.fitting import FittedPosterior
+from pyro_moe.guides.fit_hooks import fit_hooks
 from pyro_moe.routing_context import PARTICLE_DIM, routing_context
 
 __all__ = [
@@ -61,7 +63,9 @@ def _check_draws(num_draws: int) -> None:
 
 def _parameter_constraints(posterior: FittedPosterior) -> dict[str, Constraint]:
     """The constraint of every trained parameter, as the guide and model declare them (read by
-    running the objective once on a dummy batch in an empty parameter store)."""
+    running the objective once on a dummy batch in an empty parameter store). Parameters the
+    objective no longer reads (the MAP point of a fitted Laplace or SWAG guide, whose draws come
+    from buffers) are unconstrained."""
     device = posterior.patch.model.get_input_embeddings().weight.device
     dummy = {
         "input_ids": torch.zeros(1, 2, dtype=torch.long, device=device),
@@ -72,7 +76,7 @@ def _parameter_constraints(posterior: FittedPosterior) -> dict[str, Constraint]:
     store = pyro.get_param_store()
     with store.scope(), torch.no_grad():
         posterior.engine.loss(dummy)
-        return {name: store._constraints[name] for name in posterior.engine.params}
+        return {name: store._constraints.get(name, constraints.real) for name in posterior.engine.params}
 
 
 @contextlib.contextmanager
@@ -80,7 +84,7 @@ def fit_parameters(posterior: FittedPosterior) -> Iterator[None]:
     """Within the block, Pyro's parameter store holds exactly ``posterior``'s trained parameters
     (the tensors its engine trained), where its guide modules read them; the store is restored
     afterwards. Fits of the same model share parameter names, so this keeps chains apart."""
-    if not posterior.engine.params:
+    if not posterior.engine.params and fit_hooks(posterior.guide.global_guide).trains:
         raise ConfigurationError("the posterior has no trained parameters: fit it (fit or FittedPosterior.load) first.")
     state = {"params": dict(posterior.engine.params), "constraints": _parameter_constraints(posterior)}
     with pyro.get_param_store().scope(state):

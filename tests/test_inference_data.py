@@ -12,8 +12,11 @@ import torch
 from scipy import stats
 
 from pyro_moe import ConfigurationError, fit, patch_routers
+from pyro_moe.collapse import collapse_report
+from pyro_moe.guides.registry import GUIDE_FAMILIES
 from pyro_moe.inference_data import UnknownSiteError, posterior_summary, to_inference_data
-from tests.test_fitting import ANSWERS, mcqa_batches
+from pyro_moe.models.expert_weights import patch_experts
+from tests.test_fitting import ANSWERS, FAMILY_SETUPS, SITES_FOR_SCOPE, mcqa_batches
 from tests.tiny_models import tiny_model
 
 matplotlib.use("Agg")
@@ -214,4 +217,26 @@ def test_lp_and_log_q_are_the_log_joint_and_the_guide_density_of_each_draw(held_
     log_joint += exported.log_likelihood["answer"].sel(chain=0).sum("example").values
     np.testing.assert_allclose(exported.sample_stats["lp"].sel(chain=0), log_joint, rtol=1e-4)
     assert "lp" not in to_inference_data(posterior, num_draws=2).sample_stats  # no data, no joint density
+    handle.unpatch()
+
+
+@pytest.mark.parametrize("name", sorted(GUIDE_FAMILIES))
+def test_every_registered_family_exports_and_gets_a_collapse_report(name, held_out):
+    """ArviZ export and the collapse report take any fitted family: Laplace and SWAG guides draw from
+    buffers after fitting, temp-sampling has nothing trained."""
+    setup = dict(FAMILY_SETUPS.get(name, {}))
+    sites = setup.pop("sites", SITES_FOR_SCOPE[GUIDE_FAMILIES[name].scope])
+    if sites == "experts":
+        handle = patch_experts(tiny_model("granitemoe"), layers=[1], prior_precision=100.0)
+    else:
+        handle = patch_routers(tiny_model("granitemoe"), sites, layers=[1], selection=setup.pop("selection", "top-k"))
+    steps = 24 if name == "swag" else 12  # SWAG's rank needs its snapshots
+    posterior = fit(
+        handle, mcqa_batches(), name, answer_token_ids=ANSWERS, steps=steps, lr=0.03, progress=False, **setup
+    )
+    exported = to_inference_data(posterior, held_out, num_draws=6)
+    assert exported.log_likelihood["answer"].shape == (1, 6, 10)
+    assert np.isfinite(exported.log_likelihood["answer"].values).all()
+    report = collapse_report(posterior, held_out, num_draws=20, local_draws=2, summary_draws=6)
+    assert set(report.table["site"]) == set(handle.site_names) - {n for n in handle.site_names if n.endswith(".tokens")}
     handle.unpatch()
