@@ -145,8 +145,8 @@ def check_posteriors(posteriors: Mapping[str, Posterior]) -> dict[str, Posterior
 
 
 def check_modes(modes: Sequence[str]) -> tuple[str, ...]:
-    """``modes`` as a tuple, each one of :data:`MODES`."""
-    modes = tuple(modes)
+    """``modes`` (one or several) as a tuple, each one of :data:`MODES`."""
+    modes = (modes,) if isinstance(modes, str) else tuple(modes)
     unknown = [mode for mode in modes if mode not in MODES]
     if not modes or unknown:
         raise ConfigurationError(f"unknown predictive modes {unknown or modes!r}; accepted: {list(MODES)}.")
@@ -227,7 +227,8 @@ def family_specs(
 
     Args:
         families: guide names (``"mean-field"``, ``"map+mfvr"``, ``"swag"``, ...) or complete specs.
-        sites: the router sites of every named family instead of :func:`default_family`'s.
+        sites: the router sites of every named family instead of :func:`default_family`'s (not
+            of ``expert-laplace``, whose sites are the experts).
         steps: the SVI steps the families will get (SWAG's schedule follows them).
 
     Raises:
@@ -242,7 +243,7 @@ def family_specs(
             specs.append(family)
             continue
         spec = default_family(family, steps)
-        specs.append(spec if sites is None else replace(spec, sites=dict(sites)))
+        specs.append(spec if sites is None or spec.sites == "experts" else replace(spec, sites=dict(sites)))
     names = [spec.name for spec in specs]
     if len(set(names)) != len(names):
         raise ConfigurationError(f"family names must be distinct, got {names}.")
