@@ -5,7 +5,7 @@ afresh and fitted on the same training batches; the comparison then reports, per
 
 * the final ELBO (minus the mean loss of the last tenth of the steps; ``iwae`` cases report
   their bound, ``map`` cases the log joint at the mode, which lacks the entropy term and is not
-  comparable) and the ELBO curves of all cases on one plot;
+  comparable; NaN for a family with nothing to train, ``temp-sampling``) and the ELBO curves of all cases on one plot;
 * held-out accuracy, NLL and ECE of ``model-average`` predictions;
 * PSIS-LOO on the training data from the pointwise log-likelihood, with the Pareto ``k``
   diagnostic (maximum and number above 0.7), ranked by ``az.compare`` (stacking weights). Cases
@@ -71,6 +71,7 @@ class GuideCase:
         guide: the guide's name (see :mod:`pyro_moe.guides.registry`).
         objective: ``"elbo"`` or ``"iwae"``.
         options: further keyword arguments of :func:`pyro_moe.fit` (``num_particles``, ``lr``, ...).
+        selection: ``"top-k"`` or ``"sample-k"`` (``temp-sampling`` needs the latter).
     """
 
     name: str
@@ -78,6 +79,7 @@ class GuideCase:
     guide: str
     objective: str = "elbo"
     options: Mapping[str, Any] = field(default_factory=dict)
+    selection: str = "top-k"
 
 
 @dataclass
@@ -172,7 +174,7 @@ def compare_guides(
     labels = torch.cat([batch["labels"] for batch in test])
     rows, exports, histories, elpds = {}, {}, {}, {}
     for case in cases:
-        handle = patch_routers(model_factory(), case.sites, layers=layers)
+        handle = patch_routers(model_factory(), case.sites, layers=layers, selection=case.selection)
         try:
             options = {"objective": case.objective, "seed": seed, "progress": progress, **case.options}
             posterior = fit(handle, train, case.guide, answer_token_ids=answer_token_ids, steps=steps, **options)
@@ -190,7 +192,7 @@ def compare_guides(
         rows[case.name] = {
             "guide": case.guide,
             "objective": case.objective,
-            "final_elbo": -sum(record["loss"] for record in tail) / len(tail),
+            "final_elbo": -sum(record["loss"] for record in tail) / len(tail) if tail else math.nan,  # no steps
             "accuracy": accuracy(probs, labels),
             "nll": negative_log_likelihood(probs, labels),
             "ece": expected_calibration_error(probs, labels),

@@ -95,6 +95,9 @@ def test_compare_guides_on_a_tiny_moe_writes_table_ranking_and_figures(tmp_path)
     cases = [
         GuideCase("mean-field, normal", sites, "mean-field"),
         GuideCase("map, laplace", {**sites, "weight": {"family": "laplace", "scale": 0.2}}, "map"),
+        GuideCase(
+            "temp-sampling", {"temperature": {"per": "expert", "scale": 0.3}}, "temp-sampling", selection="sample-k"
+        ),
     ]
     comparison = compare_guides(
         lambda: tiny_model("granitemoe"),
@@ -107,9 +110,10 @@ def test_compare_guides_on_a_tiny_moe_writes_table_ranking_and_figures(tmp_path)
         num_draws=8,
     )
     table = comparison.table
-    assert table.index.tolist() == ["mean-field, normal", "map, laplace"]
+    assert table.index.tolist() == ["mean-field, normal", "map, laplace", "temp-sampling"]
     assert (table["loo_method"] == "importance-corrected PSIS-LOO").all()
-    assert np.isfinite(table[["final_elbo", "accuracy", "nll", "ece", "elpd_loo"]].to_numpy()).all()
+    assert np.isfinite(table[["accuracy", "nll", "ece", "elpd_loo"]].to_numpy()).all()
+    assert np.isfinite(table["final_elbo"].iloc[:2]).all() and np.isnan(table.loc["temp-sampling", "final_elbo"])
     assert set(comparison.ranking.index) == set(table.index)
     paths = comparison.write(tmp_path, forest_variables=["temperature"])
     for name in ("forest", "elbo"):
