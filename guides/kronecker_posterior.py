@@ -189,12 +189,6 @@ class KroneckerLaplace:
         """``(n,)``: each block's ``-tau/2 ||W_map - W0||^2 - 1/2 log det ratio``."""
         return -0.5 * self.prior_precision * self.squared_distance() - 0.5 * self.log_det_ratio()
 
-    def memory_floats(self) -> int:
-        """Floats the posterior keeps beyond the mean: eigenpairs and their products."""
-        n, rg, ra = self.eigenvalue_products().shape
-        out, inp = self.mean.shape[-2:]
-        return n * (out * rg + inp * ra + rg + ra + rg * ra)
-
 
 def log_evidence(posteriors: Sequence[KroneckerLaplace], log_likelihood: float) -> float:
     """The Laplace log evidence of independent blocks: ``log p(D | W_map)`` plus every block's terms."""

@@ -17,7 +17,7 @@ from pyro_moe.errors import (
     NonFiniteError,
     UnsupportedFamilyError,
 )
-from pyro_moe.guides.kronecker_curvature import expert_targets, kronecker_curvature, router_targets
+from pyro_moe.guides.kronecker_curvature import EXPERT_FAMILIES, expert_targets, kronecker_curvature, router_targets
 from pyro_moe.guides.kronecker_factors import LowRankFactor
 from pyro_moe.guides.kronecker_posterior import KroneckerLaplace, log_evidence, optimize_prior_precision
 from tests.tiny_models import MOE_LAYERS, tiny_dense_model, tiny_model, tiny_unsupported_moe_model
@@ -142,6 +142,22 @@ def test_factors_equal_explicit_per_token_outer_products(family, dtype, fisher, 
     assert_relative(router_curvature.input_factors[0].dense(), router_a, tol)
     assert_relative(router_curvature.output_factors[0].dense(), router_g, tol)
     assert moe_block(model, layer).experts.down_proj.requires_grad  # as HF left it
+
+
+@pytest.mark.parametrize("family", EXPERT_FAMILIES)
+def test_every_supported_experts_family_matches_the_reference(family):
+    model = tiny_model(family, dtype=torch.float64)
+    model.config._experts_implementation = "eager"  # grouped_mm has no float64
+    layer = MOE_LAYERS[family][-1]
+    batch = mcqa_batch(3, padded=False)
+    targets = expert_targets(model, [layer])
+    run = kronecker_curvature(model, targets, [batch], ANSWERS, fisher="exact", tokens="all", progress=False)
+    a_ref, g_ref, counts, _, _ = reference_factors(model, layer, batch, "exact", "all")
+    curvature = run.curvature[targets[0].name]
+    assert torch.equal(curvature.tokens, counts)
+    for e in range(len(counts)):
+        assert_relative(curvature.input_factors[e].dense(), a_ref[e])
+        assert_relative(curvature.output_factors[e].dense(), g_ref[e])
 
 
 def test_collection_restores_the_experts_implementation():
