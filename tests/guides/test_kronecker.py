@@ -343,3 +343,20 @@ def test_bad_input():
             torch.eye(2)[None],
             torch.ones(1, 2),
         )
+
+
+def test_mc_fisher_averages_to_the_exact_fisher():
+    """Labels drawn from the model's predictive: G is the categorical GGN in expectation."""
+    model = tiny_model("granitemoe", dtype=torch.float64)
+    model.config._experts_implementation = "eager"
+    batch = mcqa_batch(4, padded=False)
+    targets = router_targets(model, [1])
+    exact = kronecker_curvature(model, targets, [batch], ANSWERS, fisher="exact", progress=False)
+    drawn = kronecker_curvature(model, targets, [batch], ANSWERS, fisher="mc", mc_samples=400, progress=False)
+    g_exact = exact.curvature[targets[0].name].output_factors[0].dense()
+    g_drawn = drawn.curvature[targets[0].name].output_factors[0].dense()
+    assert float(torch.linalg.norm(g_drawn - g_exact) / torch.linalg.norm(g_exact)) < 0.08  # MC error ~ 0.03
+    torch.testing.assert_close(
+        drawn.curvature[targets[0].name].input_factors[0].dense(),
+        exact.curvature[targets[0].name].input_factors[0].dense(),
+    )
