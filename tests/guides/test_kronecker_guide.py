@@ -12,7 +12,7 @@ from pyro import poutine
 from torch.func import functional_call, jacrev
 from transformers import GraniteMoeConfig, GraniteMoeForCausalLM
 
-from pyro_moe import at_prior_mean, fit, patch_routers
+from pyro_moe import at_prior_mean, fit, patch_routers, predict
 from pyro_moe.data import mcqa_batches
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.experiments.benchmark_model import load_benchmark
@@ -160,6 +160,10 @@ def test_bad_input():
         handle.unpatch()
     with pytest.raises(ConfigurationError, match="prior_precision"):
         patch_experts(tiny_model("granitemoe"), prior_precision=0.0)
+    handle = patch_experts(tiny_model("granitemoe"), layers=[1])
+    with pytest.raises(ConfigurationError, match="model-average"):
+        predict(handle, batches[0]["input_ids"], answer_token_ids=ANSWERS, num_samples=3, mode="routing-average")
+    handle.unpatch()
     with pytest.raises(ConfigurationError, match="grows without bound"):
         handle = patch_experts(model, layers=[1])
         fit(
