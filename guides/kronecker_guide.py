@@ -157,7 +157,6 @@ class KroneckerMAP(RouterAutoDelta):
         tokens: str = "last",
         mc_samples: int = 1,
         optimize_prior: str | None = None,
-        seed: int = 0,
     ) -> None:
         try:
             FisherType(fisher), TokenSelection(tokens)
@@ -174,12 +173,13 @@ class KroneckerMAP(RouterAutoDelta):
             )
         super().__init__(model, init_loc_fn=self._initial_value)
         self.curvature_options = {"rank": rank, "fisher": fisher, "tokens": tokens, "mc_samples": mc_samples}
-        self.covers, self.optimize_prior, self.seed = covers, optimize_prior, seed
+        self.covers, self.optimize_prior = covers, optimize_prior
         self.patch: RouterPatch | None = None
 
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
         super()._setup_prototype(*args, **kwargs)
-        self.targets()  # refuses sites it cannot cover before any training
+        for name in self.targets():  # refuses sites and priors it cannot cover, before any training
+            _normal_prior(self.prototype_trace.nodes[name])
 
     def _initial_value(self, site: Mapping[str, Any]) -> Tensor:
         """The model's own weights: the router weight's prior centre, or the experts' ``down_proj``."""
@@ -211,7 +211,7 @@ class KroneckerMAP(RouterAutoDelta):
             batches,
             likelihood.answer_token_ids,
             answer_logits=answer_logits,
-            seed=self.seed,
+            seed=int(torch.randint(2**31 - 1, ())),  # MC labels follow fit's seed
             progress=progress,
             **self.curvature_options,
         )

@@ -142,6 +142,10 @@ def test_bad_input():
     with pytest.raises(ConfigurationError, match="expert-laplace covers expert down_proj"):
         fit(handle, batches, "expert-laplace", answer_token_ids=ANSWERS, steps=0, progress=False)
     handle.unpatch()
+    with pytest.raises(ConfigurationError, match="Normal prior"):
+        handle = patch_routers(model, {"weight": {"family": "laplace", "scale": 0.1}}, layers=[1])
+        fit(handle, batches, "kron-laplace", answer_token_ids=ANSWERS, steps=5, progress=False)
+    handle.unpatch()
     with pytest.raises(ConfigurationError, match="steps must be a positive integer"):
         fit(patch_routers(model, {"weight": 0.3}, layers=[1]), batches, "map", answer_token_ids=ANSWERS, steps=0)
     for options, match in (({"rank": 0}, "rank"), ({"fisher": "hessian"}, "Fisher"), ({"optimize_prior": "x"}, "opt")):
