@@ -84,6 +84,10 @@ class _ExpertSite:
         self.prior_precision = torch.full((prior_mean.shape[0],), float(prior_precision), device=prior_mean.device)
 
     def prior(self) -> dist.TorchDistribution:
+        """``N(W0, tau^-1)`` over ``(E, H, I)``, on the experts' current device (the model may have moved)."""
+        device = self.experts._parameters["down_proj"].device
+        if self.prior_mean.device != device:
+            self.prior_mean, self.prior_precision = self.prior_mean.to(device), self.prior_precision.to(device)
         scale = self.prior_precision.rsqrt().to(self.prior_mean)[:, None, None].expand_as(self.prior_mean)
         return dist.Normal(self.prior_mean, scale).to_event(3)
 
