@@ -13,7 +13,8 @@ Two measurements, on random models built in code (CPU, no hub):
    intermediate 1408) with rank r = 10: computed (floats kept per expert: ``H r + I r + 2 r + r^2``;
    full factors: ``H^2 + I^2``), and measured on a scaled-down layer (60 experts, hidden 256,
    intermediate 176; 1 decoder layer): the bytes of the eigenpairs the fitted posterior holds, low
-   rank and full, beside the same formulas.
+   rank and full, beside the same formulas, and the peak bytes PyTorch allocated while collecting
+   (profiler allocation events; forward and backward passes included).
 
 Writes ``runs/bench/laplace.json`` and ``runs/bench/laplace.md`` and prints the tables.
 
@@ -32,6 +33,7 @@ import torch
 from transformers import GraniteMoeConfig, GraniteMoeForCausalLM
 
 from pyro_moe import fit, patch_routers
+from pyro_moe.experiments.efficiency import measure_peak_memory
 from pyro_moe.guides.kronecker_curvature import expert_targets, kronecker_curvature
 from pyro_moe.guides.kronecker_posterior import KroneckerLaplace
 from pyro_moe.guides.router_guide import RouterGuide
@@ -104,18 +106,22 @@ def posterior_floats(experts: int, hidden: int, intermediate: int, rank: int | N
     return experts * (hidden * rank + intermediate * rank + 2 * rank + rank * rank)
 
 
-def measured_bytes(rank: int | None) -> tuple[int, float]:
-    """Bytes of the eigenpairs the fitted posterior of the scaled-down layer holds, and the fit's seconds."""
+def measured_bytes(rank: int | None) -> tuple[int, int]:
+    """Bytes of the eigenpairs the fitted posterior of the scaled-down layer holds, and the peak bytes
+    PyTorch allocated while the factors were collected (forward and backward passes included)."""
     model = granite(SCALED["hidden"], 1, SCALED["experts"], SCALED["intermediate"])
     targets = expert_targets(model)
-    start = time.perf_counter()
-    run = kronecker_curvature(model, targets, mcqa_batches(4, 16, 16), ANSWER_IDS, rank=rank, progress=False)
-    seconds = time.perf_counter() - start
-    (curvature,) = run.curvature.values()
+    runs = []
+
+    def collect() -> None:
+        runs.append(kronecker_curvature(model, targets, mcqa_batches(4, 16, 16), ANSWER_IDS, rank=rank, progress=False))
+
+    peak = measure_peak_memory(collect, torch.device("cpu"))
+    (curvature,) = runs[0].curvature.values()
     posterior = KroneckerLaplace.from_curvature(curvature, targets[0].parameter.detach(), prior_precision=1.0)
     held = [posterior.input_vectors, posterior.input_values, posterior.output_vectors, posterior.output_values]
     products = posterior.eigenvalue_products() if rank is not None else torch.empty(0)
-    return sum(t.numel() * t.element_size() for t in held) + products.numel() * products.element_size(), seconds
+    return sum(t.numel() * t.element_size() for t in held) + products.numel() * products.element_size(), peak
 
 
 def main() -> None:
@@ -139,9 +145,9 @@ def main() -> None:
                 "computed MB": floats * FLOAT_BYTES / 1e6
             }
     for rank in (SCALED["rank"], None):
-        held, seconds = measured_bytes(rank)
+        held, peak = measured_bytes(rank)
         key = f"scaled-down layer, {'rank ' + str(rank) if rank else 'full factors'}"
-        memory[key].update({"measured MB": held / 1e6, "fit seconds": seconds})
+        memory[key].update({"measured MB": held / 1e6, "peak MB while collecting": peak / 1e6})
     dense_floats = QWEN["hidden"] * QWEN["intermediate"]
     memory["Qwen1.5-MoE-A2.7B layer, dense precision"] = {
         "computed MB": QWEN["experts"] * dense_floats**2 * FLOAT_BYTES / 1e6
@@ -158,12 +164,12 @@ def main() -> None:
         "",
         "Expert posterior memory (float64 eigenpairs and rank x rank eigenvalue products; one layer).",
         "",
-        "| layer | computed MB | measured MB |",
-        "| --- | ---: | ---: |",
+        "| layer | computed MB | measured MB | peak MB while collecting |",
+        "| --- | ---: | ---: | ---: |",
         *(
-            f"| {name} | {row['computed MB']:.4g} | {row['measured MB']:.4g} |"
+            f"| {name} | {row['computed MB']:.4g} | {row['measured MB']:.4g} | {row['peak MB while collecting']:.4g} |"
             if "measured MB" in row
-            else f"| {name} | {row['computed MB']:.4g} | |"
+            else f"| {name} | {row['computed MB']:.4g} | | |"
             for name, row in memory.items()
         ),
     ]
