@@ -43,6 +43,7 @@ from pyro_moe.data import MCQAExample, mcqa_batches
 from pyro_moe.data import answer_token_ids as letter_token_ids
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.fitting import FittedPosterior, fit
+from pyro_moe.guides.prior_precision import select_prior_precision
 from pyro_moe.guides.registry import GuideScope, parse_guide
 from pyro_moe.handlers import at_prior_mean
 from pyro_moe.metrics import mutual_information, router_logit_variance
@@ -177,6 +178,10 @@ class FamilySpec:
         selection: ``"top-k"`` or ``"sample-k"`` (router sites).
         options: further keyword arguments of :func:`pyro_moe.fit` (``objective``, ``num_particles``,
             ``guide_options``, ``lr``, ``steps``, ...), over the experiment's own.
+        layers: the family's Bayesian decoder layers; ``None``: the experiment's.
+        prior_precision_grid: expert sites: after the fit, the prior precision is chosen among
+            these by the NLL of the validation batches
+            (:func:`pyro_moe.guides.prior_precision.select_prior_precision`).
     """
 
     name: str
@@ -184,6 +189,8 @@ class FamilySpec:
     sites: Mapping[str, Any] | Sequence[str] | str
     selection: str = "top-k"
     options: Mapping[str, Any] = field(default_factory=dict)
+    layers: str | Sequence[int] | None = None
+    prior_precision_grid: Sequence[float] = ()
 
 
 def default_family(guide: str, steps: int) -> FamilySpec:
@@ -194,7 +201,10 @@ def default_family(guide: str, steps: int) -> FamilySpec:
     * ``mc-dropout``: router weights (scale 0.05) with dropout 0.1 on the router input;
     * ``swag``: rank 5, burn-in half the steps, 5 snapshots over the other half;
     * ``ensemble``: 4 members trained together (4 particles);
-    * ``expert-laplace``: the expert ``down_proj`` sites, post hoc (no SVI steps).
+    * ``expert-laplace``: the expert ``down_proj`` sites of the last layer, post hoc (no SVI steps),
+      rank-10 factors, the prior precision chosen among 3, 10, 30, 100 by validation NLL (the
+      recipe that beats the deterministic model's NLL and ECE on the embedded benchmark; over all
+      layers with precision 1 the sampled experts ruin the answers).
 
     Raises:
         ConfigurationError: an unknown guide name (the message lists the registered ones).
@@ -216,7 +226,8 @@ def default_family(guide: str, steps: int) -> FamilySpec:
         options = {"guide_options": {"ensemble": {"members": 4}}, "num_particles": 4}
         return FamilySpec(guide, guide, sites, options=options)
     if guide == "expert-laplace":
-        return FamilySpec(guide, guide, "experts", options={"steps": 0})
+        options = {"steps": 0, "guide_options": {"expert-laplace": {"rank": 10}}}
+        return FamilySpec(guide, guide, "experts", options=options, layers=[-1], prior_precision_grid=(3, 10, 30, 100))
     return FamilySpec(guide, guide, sites)
 
 
@@ -260,18 +271,27 @@ def fit_families(
     steps: int = 200,
     seed: int = 0,
     progress: bool = True,
+    validation_batches: Sequence[Mapping[str, Tensor]] | None = None,
 ) -> dict[str, FittedPosterior]:
     """Fit every spec with :func:`pyro_moe.fit` on ``batches``, each on a deep copy of ``model``
-    (``model`` itself stays unpatched); returns ``{spec name: FittedPosterior}``."""
+    (``model`` itself stays unpatched); returns ``{spec name: FittedPosterior}``.
+    ``validation_batches`` choose the prior precision of specs with a ``prior_precision_grid``."""
+    tuned = [spec.name for spec in specs if spec.prior_precision_grid]
+    if tuned and not validation_batches:
+        raise ConfigurationError(f"{tuned} choose their prior precision by validation NLL: give validation_batches.")
     posteriors = {}
     for spec in tqdm(specs, desc="families", disable=not progress or len(specs) < 2):
         copied = copy.deepcopy(model)
+        family_layers = layers if spec.layers is None else spec.layers
         if spec.sites == "experts":
-            patch = patch_experts(copied, layers=layers)
+            patch = patch_experts(copied, layers=family_layers)
         else:
-            patch = patch_routers(copied, spec.sites, layers=layers, selection=spec.selection)
+            patch = patch_routers(copied, spec.sites, layers=family_layers, selection=spec.selection)
         options = {"steps": steps, "seed": seed, "progress": progress, **spec.options}
-        posteriors[spec.name] = fit(patch, batches, spec.guide, answer_token_ids=answer_token_ids, **options)
+        posterior = fit(patch, batches, spec.guide, answer_token_ids=answer_token_ids, **options)
+        if spec.prior_precision_grid:
+            select_prior_precision(posterior, validation_batches, spec.prior_precision_grid, seed=seed)
+        posteriors[spec.name] = posterior
     return posteriors
 
 
@@ -290,15 +310,20 @@ def fit_named_families(
     batch_size: int = 32,
     seed: int = 0,
     progress: bool = True,
+    validation_split: str = "calibration",
+    validation_examples: int | None = 200,
 ) -> dict[str, FittedPosterior]:
-    """Check the families and the split, then fit every family (:func:`family_specs`,
+    """Check the families and the splits, then fit every family (:func:`family_specs`,
     :func:`fit_families`) on the first ``fit_examples`` questions of ``splits[fit_split]`` in
-    shuffled batches of ``batch_size``. No families, no fits: ``{}``."""
+    shuffled batches of ``batch_size``; families that choose a prior precision do so on the first
+    ``validation_examples`` questions of ``splits[validation_split]``. No families, no fits: ``{}``."""
     if not families:
         return {}
     specs = family_specs(families, sites, steps)
-    check_splits(splits, [fit_split])
+    tuned = any(spec.prior_precision_grid for spec in specs)
+    check_splits(splits, [fit_split, *([validation_split] if tuned else [])])
     batches = list(mcqa_batches(splits[fit_split][:fit_examples], tokenizer, batch_size, shuffle=True, seed=seed))
+    validation = split_batches(splits[validation_split], tokenizer, 100, validation_examples) if tuned else None
     return fit_families(
         model,
         batches,
@@ -308,6 +333,7 @@ def fit_named_families(
         steps=steps,
         seed=seed,
         progress=progress,
+        validation_batches=validation,
     )
 
 

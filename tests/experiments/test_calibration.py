@@ -17,6 +17,7 @@ from pyro_moe.experiments.evaluation import (
     MODES,
     TEMPERATURE_SCALING,
     family_specs,
+    fit_families,
     split_batches,
     write_results,
 )
@@ -72,13 +73,18 @@ def test_every_row_equals_the_metrics_of_predictions_recomputed_directly(tmp_pat
 
 def test_baseline_families_by_name_get_their_setups_and_expert_sites_model_average_only():
     model, tokenizer, splits, letters = tiny_inputs()
-    specs = {spec.name: spec for spec in family_specs(["temp-sampling", "mc-dropout", "swag", "ensemble"], steps=40)}
+    names = ["temp-sampling", "mc-dropout", "swag", "ensemble", "expert-laplace"]
+    specs = {spec.name: spec for spec in family_specs(names, steps=40)}
     assert specs["temp-sampling"].selection == "sample-k"
     assert specs["mc-dropout"].sites["dropout"] > 0
     schedule = specs["swag"].options["guide_options"]["swag"]
     assert schedule["burn_in"] + schedule["rank"] * schedule["every"] <= 40  # enough snapshots for the rank
     ensemble = specs["ensemble"].options
     assert ensemble["num_particles"] == ensemble["guide_options"]["ensemble"]["members"]  # trained together
+    experts = specs["expert-laplace"]
+    assert experts.sites == "experts" and experts.options["steps"] == 0 and experts.prior_precision_grid
+    with pytest.raises(ConfigurationError, match="choose their prior precision by validation NLL"):
+        fit_families(model, split_batches(splits["train"], tokenizer, 8), [experts], answer_token_ids=letters)
     results = run_calibration(
         model, tokenizer, splits, ["temp-sampling", "expert-laplace"], answer_token_ids=letters, steps=2, num_samples=2
     )
