@@ -8,12 +8,12 @@ import random
 import torch
 from torch import Tensor, nn
 
-from pyro_moe.data import MCQAExample, answer_token_ids
+from pyro_moe.data import DEFAULT_TEMPLATE, MCQAExample, answer_token_ids
 from pyro_moe.experiments.evaluation import fit_named_families
 from pyro_moe.fitting import FittedPosterior
 from tests.tiny_models import tiny_model, tiny_tokenizer
 
-__all__ = ["SPLIT_SIZES", "direct_answer_probs", "tiny_inputs", "tiny_posteriors", "tiny_splits"]
+__all__ = ["FAMILIES", "SPLIT_SIZES", "direct_answer_probs", "tiny_inputs", "tiny_posteriors", "tiny_splits"]
 
 SPLIT_SIZES = {"train": 16, "calibration": 24, "test": 24, "near_ood": 16, "far_ood": 16}
 FAMILIES = ("mean-field", "mfvr")
@@ -58,8 +58,6 @@ def tiny_posteriors(
 def direct_answer_probs(model: nn.Module, tokenizer: object, examples: list[MCQAExample], letters: Tensor) -> Tensor:
     """Answer probabilities ``(examples, choices)`` straight from the HF model's forward (no pyro-moe code):
     the logits at the last position of the left-padded prompts, restricted to the letters."""
-    from pyro_moe.data import DEFAULT_TEMPLATE
-
     encoded = tokenizer([DEFAULT_TEMPLATE.render(e) for e in examples], padding=True, return_tensors="pt")
     logits = model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]).logits
     return logits[:, -1, letters].float().softmax(-1)
