@@ -27,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -171,6 +172,11 @@ class KroneckerMAP(RouterAutoDelta):
             raise ConfigurationError(
                 f"optimize_prior must be None, 'model', 'layer' or 'expert', got {optimize_prior!r}."
             )
+        if optimize_prior is not None and covers == "router":
+            raise ConfigurationError(
+                "kron-laplace takes the router prior of the model (set its scale in patch_routers); "
+                "optimize_prior is for expert-laplace."
+            )
         super().__init__(model, init_loc_fn=self._initial_value)
         self.curvature_options = {"rank": rank, "fisher": fisher, "tokens": tokens, "mc_samples": mc_samples}
         self.covers, self.optimize_prior = covers, optimize_prior
@@ -178,7 +184,13 @@ class KroneckerMAP(RouterAutoDelta):
 
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
         super()._setup_prototype(*args, **kwargs)
-        for name in self.targets():  # refuses sites and priors it cannot cover, before any training
+        targets = self.targets()  # refuses sites and priors it cannot cover, before any training
+        weight_prior = getattr(self.patch.sites, "weight", None)
+        if weight_prior is not None and weight_prior.scale.mode != "fixed":
+            raise ConfigurationError(
+                f"Kronecker Laplace needs a fixed prior scale; the router weights' is {weight_prior.scale.mode}."
+            )
+        for name in targets:
             _normal_prior(self.prototype_trace.nodes[name])
 
     def _initial_value(self, site: Mapping[str, Any]) -> Tensor:
@@ -231,10 +243,7 @@ class KroneckerMAP(RouterAutoDelta):
 
     def locs_value(self, name: str) -> Tensor:
         """The point mass of site ``name``."""
-        module = self.locs
-        for part in name.split("."):
-            module = getattr(module, part)
-        return module
+        return operator.attrgetter(name)(self.locs)
 
 
 class _Buffers(nn.Module):

@@ -146,6 +146,15 @@ def test_bad_input():
         handle = patch_routers(model, {"weight": {"family": "laplace", "scale": 0.1}}, layers=[1])
         fit(handle, batches, "kron-laplace", answer_token_ids=ANSWERS, steps=5, progress=False)
     handle.unpatch()
+    with pytest.raises(ConfigurationError, match="fixed prior scale"):
+        handle = patch_routers(model, {"weight": {"scale": 0.1, "mode": "learned"}}, layers=[1])
+        fit(handle, batches, "kron-laplace", answer_token_ids=ANSWERS, steps=5, progress=False)
+    handle.unpatch()
+    with pytest.raises(ConfigurationError, match="optimize_prior is for expert-laplace"):
+        handle = patch_routers(model, {"weight": 0.1}, layers=[1])
+        options = {"kron-laplace": {"optimize_prior": "layer"}}
+        fit(handle, batches, "kron-laplace", answer_token_ids=ANSWERS, steps=5, guide_options=options)
+    handle.unpatch()
     with pytest.raises(ConfigurationError, match="steps must be a positive integer"):
         fit(patch_routers(model, {"weight": 0.3}, layers=[1]), batches, "map", answer_token_ids=ANSWERS, steps=0)
     for options, match in (({"rank": 0}, "rank"), ({"fisher": "hessian"}, "Fisher"), ({"optimize_prior": "x"}, "opt")):
