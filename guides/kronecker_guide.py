@@ -236,7 +236,7 @@ class KroneckerMAP(RouterAutoDelta):
         guide = KroneckerLaplaceGuide(
             posteriors, {name: values[name].shape for name in targets}, run.log_likelihood, run.num_examples
         )
-        guide.patch = self.patch
+        guide.bind(self.patch)
         if self.optimize_prior is not None:
             guide.optimize_prior_precision(self.optimize_prior)
         return guide
@@ -334,10 +334,17 @@ class KroneckerLaplaceGuide(nn.Module):
             posterior = self.posteriors()[name]
             posterior.prior_precision = tau
             buffers.prior_precision = posterior.prior_precision
-        self.patch.set_prior_precision({name: buffers_tau for name, buffers_tau in self._precisions().items()})
+        self.patch.set_prior_precision(self.prior_precisions())
 
-    def _precisions(self) -> dict[str, Tensor]:
+    def prior_precisions(self) -> dict[str, Tensor]:
+        """``tau`` ``(blocks,)`` per site."""
         return {name: buffers.prior_precision for name, buffers in zip(self.site_names, self.sites, strict=True)}
+
+    def bind(self, patch: RouterPatch) -> None:
+        """Attach to the patched model; expert sites' priors in the model take this posterior's ``tau``."""
+        self.patch = patch
+        if getattr(patch, "experts", None):
+            patch.set_prior_precision(self.prior_precisions())
 
     def optimize_prior_precision(self, per: str = "layer") -> dict[str, Tensor]:
         """Maximise the log evidence over the prior precision of the expert sites (``per`` ``"model"``,
@@ -345,4 +352,4 @@ class KroneckerLaplaceGuide(nn.Module):
         posteriors = self.posteriors()
         chosen = optimize_prior_precision(list(posteriors.values()), per=per)
         self.set_prior_precision(dict(zip(posteriors, chosen, strict=True)))
-        return self._precisions()
+        return self.prior_precisions()

@@ -233,5 +233,5 @@ class RouterGuide(nn.Module):
         """Make the global part the saved :class:`KroneckerLaplaceGuide` (``buffers`` without the
         ``global_guide.`` prefix; ``metadata`` from its ``metadata()``)."""
         guide = KroneckerLaplaceGuide.from_buffers(buffers, metadata["site_names"], metadata["shapes"], metadata)
-        guide.patch = self.patch
+        guide.bind(self.patch)
         self.global_guide = guide

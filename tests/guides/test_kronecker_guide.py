@@ -75,7 +75,7 @@ def test_expert_laplace_fit_predicts_saves_loads_and_optimises_the_evidence(tmp_
     (laplace,) = guide.posteriors().values()
     assert laplace.input_vectors.shape == (4, 48, 6) and laplace.output_vectors.shape == (4, 32, 6)
     torch.testing.assert_close(laplace.mean.float(), model.model.layers[1].block_sparse_moe.experts.down_proj)
-    tau = guide._precisions()[SITE]
+    tau = guide.prior_precisions()[SITE]
     best = guide.log_evidence()
     for factor in (1.1, 1 / 1.1):  # the chosen tau is a maximum of the evidence
         guide.set_prior_precision({SITE: tau * factor})
@@ -94,6 +94,8 @@ def test_expert_laplace_fit_predicts_saves_loads_and_optimises_the_evidence(tmp_
     handle.unpatch()
     loaded = FittedPosterior.load(tmp_path / "fit", tiny_model("granitemoe"))
     assert loaded.guide.global_guide.log_evidence() == pytest.approx(best)
+    loaded_scale = loaded.patch.expert_sites[SITE.removesuffix(".down_proj")].prior().base_dist.scale
+    torch.testing.assert_close(loaded_scale, prior_scale)  # the model's prior as fitted, not as first patched
     pyro.set_rng_seed(3)
     again = loaded.predict(first["input_ids"], first["attention_mask"], num_samples=4, return_samples=True)
     torch.testing.assert_close(again.sample_probs, prediction.sample_probs)
