@@ -48,6 +48,8 @@ class ExpertSites:
     Attributes:
         prior_precision: ``tau`` of the ``N(W0, tau^-1 I)`` prior of every ``down_proj`` entry.
         prior_mean: ``"weights"`` (the model's own ``down_proj``) or ``"zero"``.
+        selection, dropout: always Top-K and no dropout: the routers stay as they are (read by the
+            code that fits and predicts any patch).
     """
 
     prior_precision: float = 1.0
@@ -126,6 +128,11 @@ class ExpertPatch(RouterPatch):
         sites: the :class:`ExpertSites` configuration.
         locations: one per patched layer; ``path`` is the experts module's path.
         experts: the experts modules by path.
+        expert_sites: the wrapped forward (site name, prior) of each experts module by path.
+
+    It keeps :class:`RouterPatch`'s hooks (the attention mask into the routing context, the joint
+    samples folded into the batch from the first Bayesian layer on) and replaces its router swap
+    by the experts' wrapped forward.
     """
 
     def __init__(self, model: nn.Module, sites: ExpertSites, locations: list[RouterLocation]) -> None:
