@@ -29,7 +29,10 @@ Two failures make a Bayesian router useless while training looks fine:
 
 Flags (thresholds in :class:`CollapseThresholds`): ``deterministic`` when the standard-deviation
 ratio falls below ``deterministic_ratio`` or the median temperature below ``cold_temperature``;
-``prior_collapse`` when the KL per dimension falls below ``prior_kl_per_dimension``;
+``prior_collapse`` when the KL per dimension falls below ``prior_kl_per_dimension`` and, for a
+site whose prior scale is learned (empirical Bayes), so does the KL per dimension to the prior at
+its initial scale (``initial_prior_kl_per_dimension``): a posterior that follows a prior the data
+moved has learned from the data;
 ``runaway_temperature`` when the median temperature exceeds ``hot_temperature``.
 
 Example::
@@ -54,6 +57,7 @@ import pyro
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from pyro.poutine.messenger import Messenger
 from torch import Tensor
 from torch.distributions import Distribution, biject_to, kl_divergence
 
@@ -68,6 +72,21 @@ FLAGS = ("deterministic", "prior_collapse", "runaway_temperature")
 """The flags of the report, one boolean column each."""
 
 _MONTE_CARLO_DRAWS = 64
+
+
+class _InitialPriorScales(Messenger):
+    """Reads every learned prior scale (``pyro.param`` ``<site>.prior_scale``) at its initial value:
+    under it the model's priors are the unfitted ones. ``replaced`` counts the scales it replaced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.replaced = 0
+
+    def _pyro_param(self, msg: dict) -> None:
+        name, initial = msg["args"][0], msg["args"][1] if len(msg["args"]) > 1 else None
+        if name.endswith(".prior_scale") and isinstance(initial, Tensor):
+            msg["value"], msg["done"] = initial, True
+            self.replaced += 1
 
 
 def _positive(name: str, value: object) -> float:
@@ -113,7 +132,8 @@ class CollapseReport:
 
     Attributes:
         table: one row per chain and site: ``chain, site, variable, layer, scope, dimensions,
-            posterior_sd, prior_sd, sd_ratio, kl, kl_per_dimension, active_fraction,
+            posterior_sd, prior_sd, sd_ratio, kl, kl_per_dimension, initial_prior_kl_per_dimension
+            (NaN unless the prior scale is learned), active_fraction,
             mean_predicted_scale, temperature_mean, temperature_median, temperature_q05,
             temperature_q95`` and the boolean :data:`FLAGS`.
         kl_per_dimension: per ``(chain, site)``, the KL of each dimension: the site's event shape
@@ -218,6 +238,8 @@ def _global_rows(
 ) -> tuple[list[dict], dict[str, np.ndarray]]:
     values = draw_global_sites(chain, num_draws, *reference).values
     draws = run_with_draws(chain, values, *reference)
+    with _InitialPriorScales() as initial_scales:
+        initial = run_with_draws(chain, values, *reference).global_priors
     rows, per_dimension = [], {}
     for site in sites:
         value, prior = values[site].squeeze(1).double(), draws.global_priors[site]  # (S, *event), batch (S, 1, *event)
@@ -233,6 +255,11 @@ def _global_rows(
             "sd_ratio": float((posterior_sd / prior_sd).mean()),
             "kl": float(kl.sum()),
             "kl_per_dimension": float(kl.mean()),
+            "initial_prior_kl_per_dimension": (
+                float(_global_kl_per_dimension(values[site], initial[site]).double().mean())
+                if initial_scales.replaced
+                else math.nan
+            ),
         }
         if site.endswith(".temperature"):
             row.update(_quantiles(value))
@@ -260,10 +287,20 @@ class _TokenStatistics:
     def _add(self, key: str, value: Tensor) -> None:
         self.sums[key] = self.sums.get(key, 0.0) + value.double().sum(0)
 
-    def add(self, guide: Distribution, prior: Distribution, mask: Tensor, is_temperature: bool) -> None:
-        """One batch: ``guide``, ``prior`` batch ``(S, tokens)``; ``mask`` ``(tokens,)``."""
+    def add(
+        self,
+        guide: Distribution,
+        prior: Distribution,
+        mask: Tensor,
+        is_temperature: bool,
+        initial_prior: Distribution | None = None,
+    ) -> None:
+        """One batch: ``guide``, ``prior`` batch ``(S, tokens)``; ``mask`` ``(tokens,)``;
+        ``initial_prior``: the prior at its initial scale when the scale is learned."""
         real = mask.to(guide.mean.device)
         total = _kl(guide, prior)[:, real].flatten()  # (S * real tokens,)
+        if initial_prior is not None:
+            self._add("initial_kl", _kl(guide, initial_prior)[:, real].flatten())
         guide_marginal, prior_marginal = elementwise(guide), elementwise(prior)
         per_dimension = _kl(guide_marginal, prior_marginal)[:, real]
         guide_sd, prior_sd = guide_marginal.stddev[:, real], prior_marginal.stddev[:, real]
@@ -289,6 +326,9 @@ class _TokenStatistics:
             "sd_ratio": float((guide_sd / torch.as_tensor(mean["prior_sd"])).mean()),
             "kl": float(mean["kl"]),
             "kl_per_dimension": float(mean["kl"]) / int(guide_sd.numel()),
+            "initial_prior_kl_per_dimension": (
+                float(mean["initial_kl"]) / int(guide_sd.numel()) if "initial_kl" in mean else math.nan
+            ),
             "active_fraction": float(torch.as_tensor(active, dtype=torch.float64).mean()),
             "mean_predicted_scale": float(guide_sd.mean()),
         }
@@ -307,10 +347,18 @@ def _local_rows(
     values = draw_global_sites(chain, num_draws, batches[0]["input_ids"], batches[0]["attention_mask"]).values
     statistics = {site: _TokenStatistics() for site in sites}
     for batch in batches:
-        draws = run_with_draws(chain, values, batch["input_ids"], batch["attention_mask"], num_draws)
+        device = chain.patch.model.get_input_embeddings().weight.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            draws = run_with_draws(chain, values, batch["input_ids"], batch["attention_mask"], num_draws)
+        with _InitialPriorScales() as initial_scales:  # the same token draws again, at the initial prior scales
+            initial = run_with_draws(chain, values, batch["input_ids"], batch["attention_mask"], num_draws)
         for site in sites:
             statistics[site].add(
-                draws.local_guides[site], draws.local_priors[site], draws.token_mask, site.endswith(".temperature")
+                draws.local_guides[site],
+                draws.local_priors[site],
+                draws.token_mask,
+                site.endswith(".temperature"),
+                initial.local_priors[site] if initial_scales.replaced else None,
             )
     rows, per_dimension = [], {}
     for site in sites:
@@ -324,7 +372,10 @@ def _flags(table: pd.DataFrame, thresholds: CollapseThresholds) -> pd.DataFrame:
     table["deterministic"] = (table["sd_ratio"] < thresholds.deterministic_ratio) | (
         median < thresholds.cold_temperature
     )
-    table["prior_collapse"] = table["kl_per_dimension"] < thresholds.prior_kl_per_dimension
+    initial = table["initial_prior_kl_per_dimension"]
+    table["prior_collapse"] = (table["kl_per_dimension"] < thresholds.prior_kl_per_dimension) & ~(
+        initial >= thresholds.prior_kl_per_dimension
+    )
     table["runaway_temperature"] = median > thresholds.hot_temperature
     return table
 
@@ -403,6 +454,7 @@ def collapse_report(
         "sd_ratio",
         "kl",
         "kl_per_dimension",
+        "initial_prior_kl_per_dimension",
         "active_fraction",
         "mean_predicted_scale",
         "temperature_mean",

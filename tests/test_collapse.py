@@ -109,6 +109,27 @@ def test_a_guide_equal_to_the_prior_is_flagged_collapsed_to_the_prior():
     posterior.patch.unpatch()
 
 
+def test_a_guide_that_follows_a_learned_prior_the_data_moved_is_not_collapsed_to_the_prior():
+    """Empirical Bayes: q equals the fitted prior N(W u, 2^2) (KL 0) but the prior started at N(W u, 1):
+    the KL to the initial prior is the Normal closed form log(1/2) + 2^2 / 2 - 1/2 per dimension."""
+    sites = {"logits": {"scale": 1.0, "mode": "learned"}}
+    posterior = _fit(sites, "mfvr", steps=1, lr=1e-12, guide_options={"mfvr": {"init_scale": 2.0}})
+    with torch.no_grad():
+        for name, value in posterior.engine.params.items():
+            if name.endswith(".prior_scale"):
+                value.fill_(math.log(2.0))  # the unconstrained (log) value of a positive parameter
+    table = collapse_report(posterior, HELD_OUT, summary_draws=10).table
+    np.testing.assert_allclose(table["kl_per_dimension"], 0.0, atol=1e-6)
+    np.testing.assert_allclose(table["initial_prior_kl_per_dimension"], math.log(0.5) + 2.0 - 0.5, rtol=1e-5)
+    assert not table["prior_collapse"].any()
+    posterior.patch.unpatch()
+
+    fixed = _fit({"logits": 2.0}, "mfvr", steps=1, lr=1e-12, guide_options={"mfvr": {"init_scale": 2.0}})
+    table = collapse_report(fixed, HELD_OUT, summary_draws=10).table
+    assert table["initial_prior_kl_per_dimension"].isna().all() and table["prior_collapse"].all()
+    fixed.patch.unpatch()
+
+
 @pytest.mark.parametrize(
     ("temperature", "flag", "other"),
     [(0.01, "deterministic", "runaway_temperature"), (60.0, "runaway_temperature", "deterministic")],
