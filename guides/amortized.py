@@ -12,7 +12,8 @@ For every Bayesian router, an encoder maps ``u`` ``(..., tokens, hidden)`` to th
   sampling router).
 
 Every encoder starts at the deterministic router: zero residual mean and a small scale
-(``init_scale``), temperature 1.
+(``init_scale``), temperature 1. Scales are the softplus of the encoder's outputs: an exponential
+overflows to an infinite scale (and gradient) when a token's output grows during training.
 
 Example::
 
@@ -102,7 +103,7 @@ class AmortizedLogitGuide(nn.Module):
                 raise ConfigurationError(f"rank {rank} must be below the number of experts ({experts}) of {path}.")
             raw_scale = _inverse_softplus(init_scale)
             if covariance == "diagonal":
-                bias = torch.cat([torch.zeros(experts), torch.full((experts,), math.log(init_scale))])
+                bias = torch.cat([torch.zeros(experts), torch.full((experts,), raw_scale)])
             elif covariance == "full":  # residual mean, scales, strictly lower part of the unit factor
                 strict_lower = experts * (experts - 1) // 2
                 bias = torch.cat([torch.zeros(experts), torch.full((experts,), raw_scale), torch.zeros(strict_lower)])
@@ -117,7 +118,7 @@ class AmortizedLogitGuide(nn.Module):
         out = self.encoders[_key(router.path)](hidden)
         mean = loc + out[..., :experts]
         if self.covariance == "diagonal":
-            return dist.Normal(mean, out[..., experts:].exp()).to_event(1)
+            return dist.Normal(mean, nn.functional.softplus(out[..., experts:])).to_event(1)
         if self.covariance == "full":
             # L = diag(s) U with U unit lower triangular: the scales bound the factor's conditioning,
             # as AutoMultivariateNormal separates scales from correlations
@@ -141,7 +142,7 @@ class AmortizedTemperatureGuide(nn.Module):
         self.encoders = nn.ModuleDict(
             {
                 _key(path): TokenEncoder(
-                    router.weight.shape[1], 2, width, torch.tensor([0.0, math.log(init_scale)])
+                    router.weight.shape[1], 2, width, torch.tensor([0.0, _inverse_softplus(init_scale)])
                 ).to(router.weight.device)
                 for path, router in patch.routers.items()
             }
@@ -150,7 +151,7 @@ class AmortizedTemperatureGuide(nn.Module):
     def temperature_distribution(self, router: nn.Module, hidden: Tensor) -> dist.TorchDistribution:
         """``q(T | u)``: batch ``hidden.shape[:-1]`` (``(tokens,)`` or ``(draws, tokens)``)."""
         out = self.encoders[_key(router.path)](hidden)
-        return dist.LogNormal(out[..., 0], out[..., 1].exp())
+        return dist.LogNormal(out[..., 0], nn.functional.softplus(out[..., 1]))
 
 
 class LocalGuides(nn.Module):

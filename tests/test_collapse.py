@@ -89,7 +89,7 @@ def test_a_guide_forced_to_zero_scale_is_flagged_deterministic():
             if "AutoNormal.scales." in name:
                 value.fill_(-80.0)  # softplus(-80) ~ 1e-35
         for encoder in posterior.guide.local_guide.logits.encoders.values():
-            encoder.head.bias[4:].fill_(-80.0)  # log-scales of the 4 experts
+            encoder.head.bias[4:].fill_(-80.0)  # raw (inverse-softplus) scales of the 4 experts: softplus(-80) ~ 2e-35
     report = collapse_report(posterior, HELD_OUT, num_draws=50, summary_draws=10)
     assert report.table["deterministic"].all(), report.table[["site", "sd_ratio"]]
     assert not report.table["prior_collapse"].any()
