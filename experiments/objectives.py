@@ -80,8 +80,8 @@ class ObjectiveStudySettings:
     train_examples: int = 1000
     test_examples: int = 1000
     batch_size: int = 50
-    steps: int = 150
-    lr: float = 0.02
+    steps: int = 300
+    lr: float = 0.05
     num_particles: int = 4
     num_samples: int = 16
     collapse_batches: int = 4

@@ -15,7 +15,7 @@ from pyro_moe.experiments.objectives import ObjectiveStudySettings, main, run_ob
 from pyro_moe.metrics import calibration_report
 
 SETTINGS = ObjectiveStudySettings(
-    train_examples=400, test_examples=300, steps=60, lr=0.03, num_samples=8, collapse_batches=2, seed=0
+    train_examples=400, test_examples=300, steps=60, lr=0.05, num_samples=8, collapse_batches=2, seed=0
 )
 
 
