@@ -20,7 +20,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -82,25 +84,35 @@ def plot_reliability_diagram(
     edges = edges.double().cpu().numpy()
     widths = np.diff(edges)
 
-    figure = Figure(figsize=(6.4, 6.4), layout="constrained")
+    many = len(diagrams) > 3  # the legend goes beside the axes, where it covers no line
+    figure = Figure(figsize=(9.6 if many else 6.4, 6.4), layout="constrained")
     top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=(3, 1))
     top.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
     bar_width = widths / (len(diagrams) + 1)
     for number, (name, diagram) in enumerate(diagrams.items()):
+        colour = _colour(number, len(diagrams))
         count = diagram.count.double().cpu().numpy()
         accuracy = diagram.accuracy.double().cpu().numpy()
         confidence = diagram.confidence.double().cpu().numpy()
         filled = count > 0
         ece = diagram.expected_calibration_error
-        top.plot(confidence[filled], accuracy[filled], marker="o", label=f"{name} (ECE {ece:.3f})")
+        label = f"{name} (ECE {ece:.3f})"
+        top.plot(confidence[filled], accuracy[filled], marker="o", color=colour, label=label)
         offset = edges[:-1] + (number + 0.5) * bar_width
-        bottom.bar(offset, count / count.sum(), width=bar_width, align="edge", label=name)
+        bottom.bar(offset, count / count.sum(), width=bar_width, align="edge", color=colour)
     top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=title)
-    top.legend(loc="upper left")
+    if many:
+        top.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
+    else:
+        top.legend(loc="upper left")
     top.grid(alpha=0.3)
     bottom.set(xlabel="confidence (top-label probability)", ylabel="share of examples")
-    bottom.legend(loc="upper left", fontsize="small")
     return _save(figure, path)
+
+
+def _colour(number: int, total: int) -> Any:
+    """Distinct colours for up to 20 series: matplotlib's ``tab10``, ``tab20`` beyond ten."""
+    return f"C{number}" if total <= 10 else matplotlib.colormaps["tab20"](number % 20)
 
 
 def plot_stability_violins(
@@ -155,8 +167,8 @@ def plot_stability_violins(
         xlabel="decoder layer",
         ylabel="Jaccard similarity of Top-K experts",
         ylim=(-0.02, 1.02),
-        title=title or f"Routing stability under router-input noise (gamma = {gamma:g})",
     )
+    figure.suptitle(title or f"Routing stability under router-input noise (gamma = {gamma:g})")  # spans the legend
     axis.grid(axis="y", alpha=0.3)
     axis.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(figure, path)
@@ -241,18 +253,18 @@ def plot_efficiency_bars(
 
     methods = list(figures)
     positions = np.arange(len(methods))
-    colours = [f"C{i % 10}" for i in range(len(methods))]
+    colours = [_colour(i, len(methods)) for i in range(len(methods))]
     figure = Figure(figsize=(len(names) * max(4.0, 1.5 + 0.7 * len(methods)), 4.8), layout="constrained")
     axes = np.atleast_1d(figure.subplots(1, len(names)))
     for axis, name in zip(axes, names, strict=True):
         heights = [float(figures[method][name]) for method in methods]
-        bars = axis.bar(positions, heights, color=colours, label=methods)
-        axis.bar_label(bars, labels=[f"{h:.3g}" for h in heights], fontsize="small")
+        bars = axis.bar(positions, heights, color=colours)
+        axis.bar_label(bars, labels=[f"{h:.0f}" if h >= 100 else f"{h:.3g}" for h in heights], fontsize="small")
         if baseline is not None:
-            axis.axhline(figures[baseline][name], color="black", linestyle="--", linewidth=1, label=f"{baseline} level")
+            axis.axhline(figures[baseline][name], color="black", linestyle="--", linewidth=1)
         axis.set(xticks=positions, xlabel="method", ylabel=name, title=name)
-        axis.set_xticklabels(methods, rotation=30, ha="right")
+        axis.set_ylim(top=1.12 * max(max(heights), 0.0) or None)  # room for the values above the bars
+        axis.set_xticklabels(methods, rotation=30, ha="right")  # the methods are named under their bars
         axis.grid(axis="y", alpha=0.3)
-    axes[0].legend(loc="upper left", fontsize="small")
-    figure.suptitle(title)
+    figure.suptitle(title if baseline is None else f"{title} (dashed line: {baseline})")
     return _save(figure, path)
