@@ -1,144 +1,269 @@
-"""A short end-to-end run on a tiny Granite-MoE built in code: patch, sample, predict, unpatch.
+"""The demo on the embedded benchmark: stability, eight Bayesian families, calibration, OoD, ArviZ, collapse.
 
-The model has random weights (hidden 64, 3 layers, 8 experts, top-2) and a word-level tokenizer
-built with ``tokenizers``; its answers mean nothing. What the run shows is the machinery, with
-every claim checked on the spot:
+One offline run on the embedded benchmark (:func:`pyro_moe.experiments.benchmark_model.load_benchmark`),
+composed of the experiments' own functions:
 
-1. the routers of layers 1 and 2 become Pyro sample sites (per-token logits, prior scale 2);
-2. pinned at the prior mean, the patched model computes the HF model's logits;
-3. sampling changes the selected experts of some tokens, layer by layer;
-4. ``routing-average`` and ``model-average`` predictions (S = 16) against the deterministic one;
-5. ``unpatch`` gives back the HF model, bitwise.
+1. routing stability of the deterministic model picks the susceptible layers
+   (:func:`~pyro_moe.experiments.stability.stability_experiment`);
+2. the families of :data:`DEMO_FAMILIES` are fitted on those layers (expert Laplace on the last
+   layer's experts, its own recipe) with short fits (:func:`~pyro_moe.experiments.evaluation.fit_named_families`);
+3. their routing stability on the same questions (:func:`~pyro_moe.experiments.stability.posterior_stability`);
+4. calibration and OoD detection against the deterministic model and temperature scaling under both
+   predictive modes (:func:`~pyro_moe.experiments.calibration.calibration_experiment`,
+   :func:`~pyro_moe.experiments.ood.ood_experiment`);
+5. ArviZ ``InferenceData`` of the mean-field weight posterior as netCDF
+   (:func:`pyro_moe.inference_data.to_inference_data`) and the collapse report of MFVR
+   (:func:`pyro_moe.collapse.collapse_report`);
+6. ``report.md`` with the headline table, the experiments' tables and the plots.
 
-    python -m pyro_moe.experiments.demo
+    python -m pyro_moe.experiments.demo --out runs/demo            # what `make demo` runs
+    python -m pyro_moe.experiments.demo --out runs/quick --quick   # the same path, few steps and questions
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
 
-import pyro
-import torch
-from pyro import poutine
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GraniteMoeConfig, GraniteMoeForCausalLM, PreTrainedTokenizerFast
+from pyro_moe.collapse import collapse_report
+from pyro_moe.experiments.calibration import calibration_experiment
+from pyro_moe.experiments.evaluation import (
+    DETERMINISTIC,
+    MODES,
+    TEMPERATURE_SCALING,
+    BenchmarkInputs,
+    benchmark_inputs,
+    fit_named_families,
+    markdown_table,
+    posterior_modes,
+    split_batches,
+    write_results,
+)
+from pyro_moe.experiments.ood import ood_experiment
+from pyro_moe.experiments.stability import StabilityResults, posterior_stability, stability_experiment
+from pyro_moe.inference_data import to_inference_data
+from pyro_moe.routing_context import PredictiveMode
 
-from pyro_moe import at_prior_mean, find_moe_routers, patch_routers, predict
+__all__ = ["DEMO_FAMILIES", "QUICK", "DemoSettings", "headline_rows", "main", "run_demo"]
 
-__all__ = ["QUESTIONS", "build_model", "build_tokenizer", "main"]
+DEMO_FAMILIES = (
+    "mean-field",
+    "mfvr",
+    "fcvr",
+    "low-rank-logits",
+    "vtsr",
+    "mc-dropout",
+    "swag",
+    "expert-laplace",
+)
+"""Router weights (mean-field, MC dropout, SWAG), per-token logits (MFVR, FCVR, low-rank), per-token
+temperatures (VTSR) and the last layer's expert weights (expert Laplace)."""
 
-QUESTIONS = [
-    "Question : 3 plus 4 is ? A . 7 B . 5 C . 9 D . 1 Answer :",
-    "Question : which colour is the sky ? A . red B . blue C . green D . black Answer :",
-    "Question : 9 minus 2 is ? A . 6 B . 8 C . 7 D . 11 Answer :",
-    "Question : is ice cold ? A . yes B . no C . hot D . 4 Answer :",
-]
-LETTERS = ["A", "B", "C", "D"]
-
-
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over the demo's words, left padding."""
-    words = sorted({word for question in QUESTIONS for word in question.split()})
-    vocab = {token: i for i, token in enumerate(["<pad>", "<unk>", *words])}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", padding_side="left")
-
-
-def build_model(vocab_size: int, seed: int) -> GraniteMoeForCausalLM:
-    """A random Granite-MoE: hidden 64, 3 layers, 8 experts, top-2."""
-    torch.manual_seed(seed)
-    config = GraniteMoeConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        pad_token_id=0,
-        initializer_range=0.2,
-    )
-    return GraniteMoeForCausalLM(config).eval()
-
-
-def entropy(probs: torch.Tensor) -> torch.Tensor:
-    """Entropy ``(...,)`` in nats of ``probs`` ``(..., choices)``."""
-    return -(probs * probs.clamp_min(1e-12).log()).sum(-1)
+HEADLINE_COLUMNS = ("method", "accuracy", "nll", "ece", "jaccard", "auroc near_ood", "auroc far_ood")
+HEADLINE_SCORE = "predictive entropy"
+MODEL_AVERAGE = PredictiveMode.MODEL_AVERAGE.value
+ROUTING_AVERAGE = PredictiveMode.ROUTING_AVERAGE.value
 
 
-@torch.no_grad()
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="pyro-moe demo on a tiny random Granite-MoE.")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the model and of the sampling")
-    parser.add_argument("--samples", type=int, default=16, help="S, samples of the routing")
-    args = parser.parse_args(argv)
+@dataclass(frozen=True)
+class DemoSettings:
+    """Sizes of the demo run.
 
-    tokenizer = build_tokenizer()
-    model = build_model(len(tokenizer), args.seed)
-    batch = tokenizer(QUESTIONS, return_tensors="pt", padding=True)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    letters = torch.tensor(tokenizer.convert_tokens_to_ids(LETTERS))
-    reference = model(ids, attention_mask=mask).logits
-    deterministic = torch.softmax(reference[:, -1, letters], dim=-1)
+    Attributes:
+        steps: SVI steps per family.
+        fit_examples: train questions the families are fitted on.
+        examples: questions per evaluated split (test, near_ood, far_ood; ``None``: all) and of the
+            calibration split used to choose expert Laplace's prior precision.
+        stability_examples: test questions of the stability measurements.
+        susceptible: the number of least stable layers made Bayesian.
+        samples: S per prediction.
+        draws: posterior draws of the ArviZ export and the collapse report.
+        diagnostic_examples: held-out calibration questions of the ArviZ export and the collapse report.
+        families: the guide families fitted.
+        seed: seed of the fits, the noise and the sampling.
+    """
 
-    routers = find_moe_routers(model)
-    print(f"Model: {type(model).__name__}, {len(routers)} MoE layers, router family '{routers[0].family.name}'.")
-    handle = patch_routers(model, {"logits": 2.0}, layers=[1, 2])
-    print(f"Patched layers {[loc.layer_index for loc in handle.locations]}: sample sites")
-    trace = poutine.trace(model).get_trace(ids, attention_mask=mask)
-    for name in handle.site_names:
-        print(f"  {name}  value {tuple(trace.nodes[name]['value'].shape)}  (tokens, experts)")
+    steps: int = 150
+    fit_examples: int = 512
+    examples: int | None = 300
+    stability_examples: int = 100
+    susceptible: int = 2
+    samples: int = 8
+    draws: int = 50
+    diagnostic_examples: int = 50
+    families: tuple[str, ...] = DEMO_FAMILIES
+    seed: int = 0
 
-    with at_prior_mean():
-        pinned = model(ids, attention_mask=mask).logits
-    print(f"At the prior mean, max |patched - HF| logit difference: {(pinned - reference).abs().max():.2e}")
 
-    chosen: dict[str, list[torch.Tensor]] = {path: [] for path in handle.routers}
-    hooks = [
-        router.register_forward_hook(lambda m, a, out, path=path: chosen[path].append(out[2].sort(-1).values))
-        for path, router in handle.routers.items()
-    ]
-    pyro.set_rng_seed(args.seed)
-    with at_prior_mean():
-        model(ids, attention_mask=mask)
-    model(ids, attention_mask=mask)
-    for hook in hooks:
-        hook.remove()
-    real = mask.reshape(-1).bool()
-    for path, (pinned_index, sampled_index) in chosen.items():
-        changed = (pinned_index != sampled_index).any(-1)[real].float().mean()
-        print(f"One sample changes the expert set of {changed:.0%} of the tokens in {path}")
+QUICK = DemoSettings(
+    steps=12, fit_examples=32, examples=40, stability_examples=10, samples=2, draws=4, diagnostic_examples=8
+)
+"""The reduced demo the tests run: the same code path with few steps, questions and draws."""
 
+
+def headline_rows(calibration: Any, ood: Any, stability: StabilityResults) -> list[dict[str, Any]]:
+    """One row per method (``model-average`` for the families): accuracy, NLL, ECE on the test
+    split, the mean Jaccard over the susceptible layers at the stability gamma, and the AUROC of the
+    predictive entropy against each OoD split."""
     rows = []
-    for mode in ("routing-average", "model-average"):
-        prediction = predict(
-            handle,
-            ids,
-            mask,
-            answer_token_ids=letters,
-            num_samples=args.samples,
-            mode=mode,
-            return_samples=True,
-        )
-        rows.append((mode, prediction))
-    print(f"\nAnswer distributions (S = {args.samples}); entropy in nats, log 4 = {torch.log(torch.tensor(4.0)):.3f}")
-    print(f"{'question':>8} | {'deterministic':>22} | {'routing-average':>22} | {'model-average':>22}")
-    for q in range(len(QUESTIONS)):
-        cells = [deterministic[q]] + [prediction.probs[q] for _, prediction in rows]
-        print(
-            f"{q:>8} | "
-            + " | ".join(f"{LETTERS[int(p.argmax())]} p={p.max():.3f} H={entropy(p):.3f}".rjust(22) for p in cells)
-        )
-    model_average = rows[1][1]
-    mutual_information = entropy(model_average.probs) - entropy(model_average.sample_probs).mean(0)
-    print(f"Mutual information of the answer over model-average samples: {mutual_information.numpy().round(4)}")
+    methods = [DETERMINISTIC, TEMPERATURE_SCALING] + [
+        row["method"] for row in calibration.rows if row["mode"] == MODEL_AVERAGE
+    ]
+    for method in methods:
+        mode = MODEL_AVERAGE if method not in (DETERMINISTIC, TEMPERATURE_SCALING) else "any"
+        figures = calibration.row(method, mode)
+        row = {"method": method, "accuracy": figures["accuracy"], "nll": figures["nll"], "ece": figures["ece"]}
+        result = stability.stability.get(method if method != TEMPERATURE_SCALING else DETERMINISTIC)
+        if result is not None:
+            column = result.gamma_index(stability.gamma)
+            means = [
+                result.mean[i, column].item() for i, layer in enumerate(result.layers) if layer in stability.susceptible
+            ]
+            row["jaccard"] = sum(means) / len(means)
+        for split in ood.ood_splits:
+            aurocs = [
+                r["auroc"]
+                for r in ood.rows
+                if r["method"] == method
+                and r["mode"] == mode
+                and r["ood_split"] == split
+                and r["score"] == HEADLINE_SCORE
+            ]
+            if aurocs:
+                row[f"auroc {split}"] = aurocs[0]
+        rows.append(row)
+    return rows
 
-    handle.unpatch()
-    restored = torch.equal(model(ids, attention_mask=mask).logits, reference)
-    print(f"\nAfter unpatch the model's logits are bitwise the HF model's: {restored}")
-    print("(Random weights: the answers mean nothing; the trained benchmark model arrives with the evaluation suite.)")
+
+def _report(
+    settings: DemoSettings,
+    headline: list[dict[str, Any]],
+    parts: dict[str, Path],
+    stability: StabilityResults,
+    collapse_table: str,
+    netcdf: Path,
+    collapse_plot: Path,
+) -> str:
+    lines = [
+        "# pyro-moe demo on the embedded benchmark",
+        "",
+        f"Bayesian layers (the {settings.susceptible} least stable of the deterministic model at gamma "
+        f"{stability.gamma:g}): **{stability.susceptible}**; {settings.steps} SVI steps per family on "
+        f"{settings.fit_examples} train questions; S = {settings.samples}; evaluated on the first "
+        f"{settings.examples or 'all'} questions of each split. Expert Laplace puts its sites on the last "
+        "layer's experts.",
+        "",
+        "## Headline",
+        "",
+        f"Test split, families under `{MODEL_AVERAGE}`; NLL in nats; ECE with equal-width bins; jaccard: mean "
+        f"Jaccard of the Top-K sets over the Bayesian layers at gamma {stability.gamma:g} (routing-average; "
+        f"blank for expert-weight sites); AUROC of the {HEADLINE_SCORE} against each OoD split.",
+        "",
+        markdown_table(headline, HEADLINE_COLUMNS),
+    ]
+    for name, folder in parts.items():
+        text = (folder / "report.md").read_text()
+        text = text.replace("](", f"]({folder.name}/").replace("\n# ", "\n## ")
+        lines += [f"## {name}", "", text.removeprefix("# ").split("\n", 1)[1], ""]
+    lines += [
+        "## Posterior inspection",
+        "",
+        f"ArviZ InferenceData of the mean-field weight posterior: `{netcdf.name}` (`az.from_netcdf`).",
+        "",
+        "Collapse report of MFVR on held-out calibration questions:",
+        "",
+        collapse_table,
+        f"![collapse report]({collapse_plot.name})",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def run_demo(
+    out: str | Path,
+    settings: DemoSettings = DemoSettings(),
+    inputs: BenchmarkInputs | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Run the demo into ``out`` (see the module docstring); returns the headline rows.
+
+    ``inputs`` default to the embedded benchmark (:func:`~pyro_moe.experiments.evaluation.benchmark_inputs`)."""
+    out = Path(out)
+    inputs = inputs or benchmark_inputs()
+    model, tokenizer, splits, letters = inputs.model, inputs.tokenizer, inputs.splits, inputs.answer_token_ids
+    seed = settings.seed
+
+    stability = stability_experiment(
+        model, tokenizer, splits, {}, examples=settings.stability_examples, k=settings.susceptible, seed=seed
+    )
+    posteriors = fit_named_families(
+        model,
+        tokenizer,
+        splits,
+        settings.families,
+        answer_token_ids=letters,
+        fit_examples=settings.fit_examples,
+        layers=stability.susceptible,
+        steps=settings.steps,
+        seed=seed,
+        progress=progress,
+        validation_examples=settings.examples,
+    )
+    batches = split_batches(splits["test"], tokenizer, 50, settings.stability_examples)
+    for name in settings.families:
+        if ROUTING_AVERAGE in posterior_modes(posteriors[name], MODES):
+            stability.stability[name] = posterior_stability(
+                posteriors[name], batches, stability.stability[DETERMINISTIC].gammas, settings.samples, seed
+            )
+        else:
+            stability.skipped.append(name)
+    options = {"answer_token_ids": letters, "num_samples": settings.samples, "seed": seed}
+    calibration = calibration_experiment(
+        model, tokenizer, splits, posteriors, test_examples=settings.examples, **options
+    )
+    ood = ood_experiment(model, tokenizer, splits, posteriors, examples=settings.examples, **options)
+
+    out.mkdir(parents=True, exist_ok=True)
+    parts = {"Routing stability": out / "stability", "Calibration": out / "calibration", "OoD detection": out / "ood"}
+    for results, folder in zip((stability, calibration, ood), parts.values(), strict=True):
+        write_results(results, folder)
+
+    held_out = split_batches(splits["calibration"], tokenizer, 50, settings.diagnostic_examples)
+    netcdf = out / "posterior_mean-field.nc"
+    to_inference_data(posteriors["mean-field"], held_out, num_draws=settings.draws, seed=seed).to_netcdf(netcdf)
+    collapse = collapse_report(
+        posteriors["mfvr"], held_out, num_draws=settings.draws, local_draws=2, summary_draws=settings.draws, seed=seed
+    )
+    collapse.table.to_csv(out / "collapse_mfvr.csv", index=False)
+    collapse_plot = collapse.plot(out / "collapse_mfvr.png")
+    columns = ["site", "sd_ratio", "kl_per_dimension", "active_fraction", "deterministic", "prior_collapse"]
+    collapse_rows = collapse.table[[c for c in columns if c in collapse.table]].to_dict("records")
+    collapse_table = markdown_table(collapse_rows, [c for c in columns if c in collapse.table])
+
+    headline = headline_rows(calibration, ood, stability)
+    (out / "headline.json").write_text(json.dumps({"settings": asdict(settings), "rows": headline}, indent=2) + "\n")
+    report = _report(settings, headline, parts, stability, collapse_table, netcdf, collapse_plot)
+    (out / "report.md").write_text(report)
+    return headline
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line of the demo (also ``pyro-moe demo``)."""
+    parser = argparse.ArgumentParser(prog="python -m pyro_moe.experiments.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default runs/demo)")
+    parser.add_argument("--quick", action="store_true", help="the reduced run the tests use (same code path)")
+    parser.add_argument("--steps", type=int, default=None, help="SVI steps per family (default 150; quick 12)")
+    parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    args = parser.parse_args(argv)
+    settings = QUICK if args.quick else DemoSettings()
+    settings = replace(settings, seed=args.seed, steps=args.steps or settings.steps)
+    headline = run_demo(args.out, settings)
+    print(markdown_table(headline, HEADLINE_COLUMNS))
+    print(f"written: {args.out / 'report.md'}")
 
 
 if __name__ == "__main__":
