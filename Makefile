@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m pyro_moe.experiments.demo
+	$(BIN)/python -m pyro_moe demo --out runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -1,14 +1,47 @@
-"""The demo runs end to end and its checks hold."""
+"""``pyro-moe demo --quick``: the demo's code path on the embedded benchmark with few steps and questions."""
 
 from __future__ import annotations
 
-from pyro_moe.experiments import demo
+import json
+import re
+
+import arviz as az
+import pytest
+import torch
+
+from pyro_moe.cli import main
+from pyro_moe.experiments.benchmark_model import load_benchmark
+from pyro_moe.experiments.demo import DEMO_FAMILIES, QUICK
+from tests.experiments.tiny_evaluation import direct_answer_probs
 
 
-def test_demo_runs_and_reports_exactness(capsys):
-    demo.main(["--samples", "4"])
-    out = capsys.readouterr().out
-    difference = float(out.split("logit difference: ")[1].split()[0])
-    assert difference <= 1e-5
-    assert "bitwise the HF model's: True" in out
-    assert out.count("model.layers.") >= 4
+def test_quick_demo_writes_the_report(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    headline = json.loads((out / "headline.json").read_text())
+    rows = {row["method"]: row for row in headline["rows"]}
+    assert list(rows) == ["deterministic", "temperature scaling", *DEMO_FAMILIES]
+    for method in rows:
+        assert f"| {method} |" in printed
+
+    # the deterministic row against the HF model's own forward on the same test questions
+    loaded = load_benchmark()
+    test = loaded.benchmark.splits["test"][: QUICK.examples]
+    probs = direct_answer_probs(loaded.model, loaded.tokenizer, test, loaded.answer_token_ids)
+    labels = torch.tensor([example.answer for example in test])
+    accuracy = (probs.argmax(-1) == labels).float().mean().item()
+    nll = -probs[torch.arange(len(test)), labels].log().mean().item()
+    assert rows["deterministic"]["accuracy"] == pytest.approx(accuracy)
+    assert rows["deterministic"]["nll"] == pytest.approx(nll, rel=1e-4)
+
+    stability = json.loads((out / "stability" / "metrics.json").read_text())
+    assert len(stability["susceptible_layers"]) == QUICK.susceptible
+    idata = az.from_netcdf(out / "posterior_mean-field.nc")
+    assert list(idata.posterior["layer"].values) == stability["susceptible_layers"]
+    assert "expert-laplace" in json.loads((out / "calibration" / "metrics.json").read_text())["rows"][-1]["method"]
+
+    report = (out / "report.md").read_text()
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert len(images) >= 4 and all((out / image).is_file() for image in images)
+    assert "collapse_mfvr.png" in images

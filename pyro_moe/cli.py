@@ -1,0 +1,514 @@
+"""The ``pyro-moe`` command line: the demo, and the experiments on any HF MoE checkpoint and MCQA data.
+
+Commands (``pyro-moe COMMAND --help`` lists the options of each):
+
+* ``demo``: the offline demo on the embedded benchmark (:mod:`pyro_moe.experiments.demo`);
+* ``stability``: routing stability under router-input noise and the susceptible layers;
+* ``fit``: fit a guide family (SVI, or post-hoc for the Laplace families) and save the posterior;
+* ``laplace``: ``fit`` with a Laplace family (``laplace``, ``kron-laplace``, ``expert-laplace``);
+* ``evaluate``: calibration (and OoD detection with ``--ood-data``) of a saved posterior or of guide
+  families fitted on the spot, against the deterministic model and temperature scaling;
+* ``diagnose``: ArviZ ``InferenceData`` (netCDF), ``az.summary`` and the collapse report of a saved posterior;
+* ``compare``: calibration and OoD of several guide families side by side;
+* ``bench``: latency, peak memory and FLOPs of the families' predictions.
+
+Without ``--model`` the embedded benchmark model is used, without ``--data`` its splits. A model is
+loaded with ``AutoModelForCausalLM.from_pretrained`` (a local folder, or an HF id, downloaded as
+transformers does when there is a network), remote code only with ``--trust-remote-code``.
+Bad input ends with exit code 2 and a one-line reason, before anything but ``pyro-moe.log`` is
+written into ``--out``.
+
+    pyro-moe fit --model path/to/moe --data train.jsonl --guide mfvr --layers susceptible --out runs/fit
+    python -m pyro_moe evaluate --model path/to/moe --posterior runs/fit/posterior --data test.jsonl --out runs/eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pyro_moe.data import MCQAExample, load_mcqa
+from pyro_moe.errors import ConfigurationError, DataError, PyroMoEError
+from pyro_moe.families import find_moe_routers
+from pyro_moe.fitting import FittedPosterior
+from pyro_moe.guides.registry import GUIDE_FAMILIES, parse_guide
+from pyro_moe.models.priors import PRIOR_FAMILIES, prior_family
+
+__all__ = ["EXIT_BAD_INPUT", "LAPLACE_GUIDES", "build_parser", "main"]
+
+EXIT_BAD_INPUT = 2
+LOG_NAME = "pyro-moe.log"
+LAPLACE_GUIDES = ("laplace", "kron-laplace", "expert-laplace")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+CALIBRATION_FRACTION = 4
+"""With one ``--data`` file, ``evaluate`` fits temperature scaling on its first quarter and measures on the rest."""
+
+logger = logging.getLogger("pyro_moe.cli")
+
+
+class BadInput(PyroMoEError):
+    """A command-line input that cannot be used."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class Inputs:
+    """A command's model, tokenizer, answer-letter ids ``(choices,)`` and splits ``{name: questions}``."""
+
+    model: nn.Module
+    tokenizer: Any
+    answer_token_ids: Tensor
+    splits: dict[str, list[MCQAExample]]
+
+
+def _check_path(value: str, what: str) -> None:
+    """A value that names a local path (starts with ``.``, ``/`` or ``~``, or exists) must exist."""
+    path = Path(value).expanduser()
+    if value.startswith((".", "/", "~")) and not path.exists():
+        raise BadInput(f"{what} {value}: no such file or folder.")
+
+
+def load_model(args: argparse.Namespace) -> tuple[nn.Module, Any]:
+    """The model (eval mode) and tokenizer of ``--model`` (default the embedded benchmark); the
+    model must hold MoE routers of a registered family."""
+    if args.model is None:
+        from pyro_moe.experiments.benchmark_model import load_benchmark
+
+        loaded = load_benchmark(device=args.device or "cpu")
+        return loaded.model, loaded.tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _check_path(args.model, "model")
+    options: dict[str, Any] = {"dtype": DTYPES[args.dtype], "trust_remote_code": args.trust_remote_code}
+    if args.device_map is not None:
+        options["device_map"] = args.device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(args.model, **options)
+        tokenizer = AutoTokenizer.from_pretrained(
+            args.tokenizer or args.model, trust_remote_code=args.trust_remote_code
+        )
+    except (OSError, ValueError, KeyError) as error:
+        reason = " ".join(str(error).split())
+        raise BadInput(f"cannot load model {args.model}: {reason[:300]}") from None
+    if args.device_map is None and args.device is not None:
+        model = model.to(args.device)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    find_moe_routers(model)  # NoMoELayersError / UnsupportedFamilyError before any work
+    return model.eval(), tokenizer
+
+
+def _examples(source: str, split: str | None) -> list[MCQAExample]:
+    _check_path(source, "data")
+    return list(load_mcqa(source, split=split))
+
+
+def load_inputs(args: argparse.Namespace, roles: Sequence[str]) -> Inputs:
+    """Model, tokenizer and the splits of ``roles``: the embedded benchmark's, or from ``--data``
+    (every role from the same questions, except ``evaluate``'s calibration/test division, see
+    :data:`CALIBRATION_FRACTION`) and ``--ood-data`` (``near_ood`` ... one split per file)."""
+    data = getattr(args, "data", None)
+    if data is not None:  # the data first: a bad file is refused before a large model loads
+        examples = _examples(data, args.split)
+        splits = {"train": examples, "test": examples, "calibration": examples}
+        if "calibration" in roles and "test" in roles:
+            cut = max(1, len(examples) // CALIBRATION_FRACTION)
+            if len(examples) < 2:
+                raise DataError(f"{data}: evaluation needs at least 2 usable questions (calibration and test).")
+            splits["calibration"], splits["test"] = examples[:cut], examples[cut:]
+        for number, path in enumerate(getattr(args, "ood_data", None) or []):
+            splits[f"ood_{number}_{Path(path).stem}"] = _examples(path, None)
+    elif args.model is not None:
+        raise BadInput("--model needs --data (an MCQA file or data-set name); only the embedded benchmark has its own.")
+    model, tokenizer = load_model(args)
+    if data is None:
+        from pyro_moe.experiments.benchmark_model import load_benchmark
+
+        splits = {name: list(examples) for name, examples in load_benchmark().benchmark.splits.items()}
+    from pyro_moe.experiments.evaluation import default_answer_token_ids
+
+    letters = default_answer_token_ids(tokenizer, splits["test"])
+    return Inputs(model, tokenizer, letters.to(model.get_input_embeddings().weight.device), splits)
+
+
+def parse_sites(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``--sites`` (JSON, or comma-separated kinds) with ``--prior`` as the family of every sampled site."""
+    sites: dict[str, Any] | None = None
+    if args.sites is not None:
+        text = args.sites.strip()
+        try:
+            parsed = json.loads(text) if text.startswith("{") else {kind.strip(): None for kind in text.split(",")}
+        except json.JSONDecodeError as error:
+            raise BadInput(
+                f"--sites is not valid JSON ({error}); e.g. '{{\"logits\": 2.0}}' or logits,weight."
+            ) from None
+        sites = dict(parsed)
+    if args.prior is not None:
+        prior_family(args.prior)  # unknown names: ConfigurationError listing PRIOR_FAMILIES
+        if sites is None:
+            raise BadInput("--prior needs --sites (the sites whose prior family it sets), e.g. --sites logits.")
+        for kind, option in sites.items():
+            if kind == "dropout":
+                continue
+            option = dict(option) if isinstance(option, dict) else ({} if option is None else {"scale": option})
+            if "scale" not in option:
+                from pyro_moe.models.bayesian_router import DEFAULT_SCALES, SiteKind
+
+                option["scale"] = DEFAULT_SCALES[SiteKind(kind)]
+            sites[kind] = {**option, "family": args.prior}
+    return sites
+
+
+def check_guides(names: Sequence[str]) -> list[str]:
+    """Every guide name parses against the registry (errors list the registered names)."""
+    for name in names:
+        parse_guide(name)
+    return list(names)
+
+
+def resolve_layers(args: argparse.Namespace, inputs: Inputs) -> str | list[int]:
+    """``--layers``: ``all``, indices, or ``susceptible`` (the ``--susceptible-k`` least stable
+    layers of the deterministic model on the test questions, see :mod:`pyro_moe.experiments.stability`)."""
+    if args.layers == ["all"]:
+        return "all"
+    if args.layers == ["susceptible"]:
+        from pyro_moe.experiments.stability import stability_experiment
+
+        result = stability_experiment(
+            inputs.model, inputs.tokenizer, inputs.splits, {}, examples=args.examples, k=args.susceptible_k
+        )
+        logger.info("susceptible layers: %s", result.susceptible)
+        return result.susceptible
+    try:
+        return [int(layer) for layer in args.layers]
+    except ValueError:
+        raise BadInput(f"--layers takes 'all', 'susceptible' or layer indices, got {' '.join(args.layers)}.") from None
+
+
+def _fit(args: argparse.Namespace, inputs: Inputs, guides: Sequence[str], layers: Any) -> dict[str, FittedPosterior]:
+    from pyro_moe.experiments.evaluation import fit_named_families
+
+    return fit_named_families(
+        inputs.model,
+        inputs.tokenizer,
+        inputs.splits,
+        guides,
+        answer_token_ids=inputs.answer_token_ids,
+        fit_examples=args.fit_examples,
+        sites=parse_sites(args),
+        layers=layers,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        validation_examples=args.examples,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    """``demo``: the demo pipeline on the embedded benchmark."""
+    from pyro_moe.experiments.demo import HEADLINE_COLUMNS, QUICK, DemoSettings
+    from pyro_moe.experiments.demo import run_demo as demo
+    from pyro_moe.experiments.evaluation import markdown_table
+
+    settings = QUICK if args.quick else DemoSettings()
+    settings = replace(
+        settings, seed=args.seed, steps=args.steps or settings.steps, samples=args.samples or settings.samples
+    )
+    headline = demo(args.out, settings)
+    print(markdown_table(headline, HEADLINE_COLUMNS))
+    print(f"written: {args.out / 'report.md'}")
+
+
+def run_stability(args: argparse.Namespace) -> None:
+    """``stability``: Jaccard stability per layer and the susceptible layers."""
+    from pyro_moe.experiments.evaluation import write_results
+    from pyro_moe.experiments.stability import stability_experiment
+
+    inputs = load_inputs(args, ["test"])
+    results = stability_experiment(
+        inputs.model,
+        inputs.tokenizer,
+        inputs.splits,
+        {},
+        examples=args.examples,
+        k=args.susceptible_k,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    paths = write_results(results, args.out)
+    print(f"susceptible layers: {results.susceptible}")
+    print("written:", paths["metrics"], paths["report"])
+
+
+def run_fit(args: argparse.Namespace) -> None:
+    """``fit`` and ``laplace``: one guide family, saved as ``posterior/`` (safetensors + JSON)."""
+    guide = args.guide or ("laplace" if args.command == "laplace" else "mean-field")
+    if args.command == "laplace" and guide not in LAPLACE_GUIDES:
+        raise BadInput(f"laplace fits {', '.join(LAPLACE_GUIDES)}; got --guide {guide}.")
+    check_guides([guide])
+    parse_sites(args)
+    inputs = load_inputs(args, ["train"])
+    layers = resolve_layers(args, inputs)
+    posterior = _fit(args, inputs, [guide], layers)[guide]
+    folder = posterior.save(args.out / "posterior")
+    last = posterior.history[-1] if posterior.history else {}
+    summary = {"guide": guide, "layers": posterior.config["layers"], "model": args.model, "last_step": last}
+    (args.out / "fit.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"{guide} on layers {posterior.config['layers']}: {len(posterior.history)} steps; written: {folder}")
+
+
+def _posteriors(args: argparse.Namespace, inputs: Inputs, guides: Sequence[str]) -> dict[str, Any]:
+    posteriors: dict[str, Any] = {}
+    if getattr(args, "posterior", None) is not None:
+        _check_path(str(args.posterior), "posterior")
+        posteriors["posterior"] = FittedPosterior.load(args.posterior, copy.deepcopy(inputs.model))
+    if guides:
+        posteriors.update(_fit(args, inputs, guides, resolve_layers(args, inputs)))
+    return posteriors
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    """``evaluate`` and ``compare``: calibration, and OoD detection when there are OoD splits."""
+    from pyro_moe.experiments.calibration import calibration_experiment
+    from pyro_moe.experiments.evaluation import write_results
+    from pyro_moe.experiments.ood import ood_experiment
+
+    guides = check_guides(args.guides or [])
+    parse_sites(args)
+    if args.command == "compare" and len(guides) < 2:
+        raise BadInput("compare needs at least two --guides, e.g. --guides mean-field mfvr swag.")
+    if args.command == "evaluate" and args.posterior is None and not guides:
+        raise BadInput("evaluate needs --posterior (a folder written by pyro-moe fit) or --guides to fit.")
+    inputs = load_inputs(args, ["calibration", "test"])
+    ood_splits = [name for name in inputs.splits if "ood" in name]
+    posteriors = _posteriors(args, inputs, guides)
+    options = {"answer_token_ids": inputs.answer_token_ids, "num_samples": args.samples, "seed": args.seed}
+    options["batch_size"] = args.batch_size
+    calibration = calibration_experiment(
+        inputs.model, inputs.tokenizer, inputs.splits, posteriors, test_examples=args.examples, **options
+    )
+    paths = [write_results(calibration, args.out / "calibration")["report"]]
+    if ood_splits:
+        ood = ood_experiment(
+            inputs.model,
+            inputs.tokenizer,
+            inputs.splits,
+            posteriors,
+            ood_splits=ood_splits,
+            examples=args.examples,
+            **options,
+        )
+        paths.append(write_results(ood, args.out / "ood")["report"])
+    print(calibration.to_markdown())
+    print("written:", *paths)
+
+
+def run_diagnose(args: argparse.Namespace) -> None:
+    """``diagnose``: InferenceData (netCDF), its ``az.summary`` and the collapse report of a saved posterior."""
+    from pyro_moe.collapse import collapse_report
+    from pyro_moe.experiments.evaluation import split_batches
+    from pyro_moe.inference_data import to_inference_data
+
+    _check_path(str(args.posterior), "posterior")
+    inputs = load_inputs(args, ["test"])
+    posterior = FittedPosterior.load(args.posterior, inputs.model)
+    batches = split_batches(inputs.splits["test"], inputs.tokenizer, args.batch_size, args.examples)
+    draws = args.samples or 100
+    idata = to_inference_data(posterior, batches, num_draws=draws, seed=args.seed)
+    report = collapse_report(posterior, batches, num_draws=draws, summary_draws=draws, seed=args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    idata.to_netcdf(args.out / "posterior.nc")
+    report.summary.to_csv(args.out / "summary.csv")
+    report.table.to_csv(args.out / "collapse.csv", index=False)
+    report.plot(args.out / "collapse.png")
+    flags = {flag: report.flagged(flag) for flag in ("deterministic", "prior_collapse", "runaway_temperature")}
+    (args.out / "flags.json").write_text(json.dumps({k: [list(v) for v in vs] for k, vs in flags.items()}, indent=2))
+    print(report.table.to_string(max_cols=8))
+    print("written:", *(args.out / name for name in ("posterior.nc", "summary.csv", "collapse.csv", "collapse.png")))
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    """``bench``: cost of the families' predictions (:mod:`pyro_moe.experiments.efficiency`)."""
+    from pyro_moe.experiments.efficiency import run_efficiency
+    from pyro_moe.experiments.evaluation import write_results
+
+    guides = check_guides(args.guides or ["mean-field", "mfvr"])
+    inputs = load_inputs(args, ["train", "test"])
+    results = run_efficiency(
+        inputs.model,
+        inputs.tokenizer,
+        inputs.splits,
+        guides,
+        answer_token_ids=inputs.answer_token_ids,
+        fit_examples=args.fit_examples,
+        sites=parse_sites(args),
+        layers=resolve_layers(args, inputs),
+        steps=args.steps,
+        seed=args.seed,
+        num_samples=args.samples or 16,
+        batch_size=args.batch_size,
+    )
+    paths = write_results(results, args.out)
+    print(results.to_markdown())
+    print("written:", paths["report"])
+
+
+# ---------------------------------------------------------------------------------------------- parser
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", help="HF id or local folder of an MoE causal LM (default: the embedded benchmark)")
+    group.add_argument("--tokenizer", help="tokenizer id or folder (default: the model's)")
+    group.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights' dtype (default float32)")
+    group.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: where from_pretrained puts it)")
+    group.add_argument("--device-map", help="accelerate device map, e.g. auto, for models larger than one GPU")
+    group.add_argument("--trust-remote-code", action="store_true", help="run the checkpoint's own Python code")
+
+
+def _data_options(parser: argparse.ArgumentParser, ood: bool = False) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--data", help="MCQA file (.jsonl/.json/.csv/.parquet), folder or data-set name (default: benchmark)"
+    )
+    group.add_argument("--split", help="split of a data folder or data-set name")
+    group.add_argument("--examples", type=int, default=200, help="questions per evaluated split (default 200)")
+    group.add_argument("--batch-size", type=int, default=32, help="questions per batch (default 32)")
+    if ood:
+        group.add_argument("--ood-data", nargs="+", help="out-of-distribution MCQA files (one OoD split each)")
+
+
+def _posterior_options(parser: argparse.ArgumentParser, guide: bool = True) -> None:
+    group = parser.add_argument_group("posterior")
+    group.add_argument(
+        "--layers",
+        nargs="+",
+        default=["all"],
+        help="Bayesian decoder layers: all, susceptible, or indices (negative from the end)",
+    )
+    group.add_argument("--susceptible-k", type=int, default=1, help="how many layers 'susceptible' picks (default 1)")
+    group.add_argument(
+        "--sites", help="router sites: JSON '{\"logits\": 2.0}' or kinds logits,weight (default per guide)"
+    )
+    group.add_argument("--prior", help=f"prior family of the sites: {', '.join(PRIOR_FAMILIES)}")
+    if guide:
+        group.add_argument(
+            "--guide", help=f"guide family (default mean-field; laplace: laplace): {', '.join(GUIDE_FAMILIES)}"
+        )
+    group.add_argument("--steps", type=int, default=200, help="SVI steps (default 200)")
+    group.add_argument("--fit-examples", type=int, default=512, help="questions the guide is fitted on (default 512)")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True, help="run folder for the results")
+    parser.add_argument("--samples", type=int, default=None, help="S, posterior samples per prediction (default 16)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of fits, noise and sampling (default 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``pyro-moe`` parser with its subcommands."""
+    parser = _Parser(prog="pyro-moe", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    demo = commands.add_parser("demo", help="the offline demo on the embedded benchmark (make demo)")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default runs/demo)")
+    demo.add_argument("--quick", action="store_true", help="few steps and questions, same code path (for tests)")
+    demo.add_argument("--steps", type=int, default=None, help="SVI steps per family (default 150)")
+    demo.add_argument("--samples", type=int, default=None, help="S per prediction (default 8)")
+    demo.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    demo.set_defaults(run=run_demo)
+
+    stability = commands.add_parser("stability", help="routing stability per layer and the susceptible layers")
+    _model_options(stability)
+    _data_options(stability)
+    stability.add_argument("--susceptible-k", type=int, default=1, help="least stable layers reported (default 1)")
+    _common(stability)
+    stability.set_defaults(run=run_stability)
+
+    for name, text in (("fit", "fit a guide family by SVI and save it"), ("laplace", "fit a Laplace posterior")):
+        command = commands.add_parser(name, help=text)
+        _model_options(command)
+        _data_options(command)
+        _posterior_options(command)
+        _common(command)
+        command.set_defaults(run=run_fit)
+
+    for name, text in (
+        ("evaluate", "calibration and OoD of a saved posterior or fitted guides vs deterministic and temperature"),
+        ("compare", "calibration and OoD of several guide families side by side"),
+    ):
+        command = commands.add_parser(name, help=text)
+        _model_options(command)
+        _data_options(command, ood=True)
+        _posterior_options(command, guide=False)
+        command.add_argument("--guides", nargs="+", help=f"guide families to fit: {', '.join(GUIDE_FAMILIES)}")
+        if name == "evaluate":
+            command.add_argument("--posterior", type=Path, help="a posterior folder written by pyro-moe fit")
+        _common(command)
+        command.set_defaults(run=run_evaluate, samples=16)
+
+    diagnose = commands.add_parser("diagnose", help="ArviZ InferenceData, summary and collapse report of a posterior")
+    _model_options(diagnose)
+    _data_options(diagnose)
+    diagnose.add_argument("--posterior", type=Path, required=True, help="a posterior folder written by pyro-moe fit")
+    _common(diagnose)
+    diagnose.set_defaults(run=run_diagnose)
+
+    bench = commands.add_parser("bench", help="latency, peak memory and FLOPs of the families' predictions")
+    _model_options(bench)
+    _data_options(bench)
+    _posterior_options(bench, guide=False)
+    bench.add_argument("--guides", nargs="+", help="guide families (default mean-field mfvr)")
+    _common(bench)
+    bench.set_defaults(run=run_bench, steps=10, fit_examples=64)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; returns the exit code (0 ok, 2 bad input with a one-line reason on stderr)."""
+    args = build_parser().parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(args.out / LOG_NAME)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    logger.info("pyro-moe %s", " ".join(sys.argv[1:] if argv is None else argv))
+    try:
+        args.run(args)
+    except (PyroMoEError, ConfigurationError) as error:
+        message = " ".join(str(error).split())
+        logger.error("bad input: %s", message)
+        print(f"pyro-moe {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

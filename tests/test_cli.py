@@ -1,0 +1,168 @@
+"""The ``pyro-moe`` command line end to end on a tiny checkpoint saved with ``save_pretrained``,
+bad input (exit code 2, one line, nothing but the log in ``--out``) and the refusal of tampered checkpoints."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import arviz as az
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pyro_moe.checkpoint import CheckpointError
+from pyro_moe.cli import EXIT_BAD_INPUT, LOG_NAME, build_parser, main
+from pyro_moe.data import answer_token_ids
+from pyro_moe.fitting import FittedPosterior
+from pyro_moe.metrics import calibration_report
+from tests.experiments.tiny_evaluation import direct_answer_probs, tiny_splits
+from tests.tiny_models import tiny_dense_model, tiny_model, tiny_tokenizer
+
+COMMANDS = ("demo", "stability", "fit", "laplace", "evaluate", "diagnose", "compare", "bench")
+
+
+def _write_jsonl(path: Path, examples) -> Path:
+    rows = [{"question": e.question, "choices": list(e.choices), "answer": e.answer} for e in examples]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> dict[str, Path]:
+    """A tiny Granite-MoE and the tiny tokenizer saved with save_pretrained, a dense model, and JSONL files."""
+    root = tmp_path_factory.mktemp("cli")
+    tiny_model("granitemoe").save_pretrained(root / "moe")
+    tiny_tokenizer().save_pretrained(root / "moe")
+    tiny_dense_model().save_pretrained(root / "dense")
+    tiny_tokenizer().save_pretrained(root / "dense")
+    splits = tiny_splits()
+    data = _write_jsonl(root / "train.jsonl", splits["train"] + splits["test"])
+    ood = _write_jsonl(root / "far.jsonl", splits["far_ood"])
+    bad = root / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "what", "choices": ["1", "2"], "answer": 0}) + "\n")
+    return {"moe": root / "moe", "dense": root / "dense", "data": data, "ood": ood, "bad": bad, "root": root}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_of_every_command(command, capsys):
+    with pytest.raises(SystemExit) as stop:
+        build_parser().parse_args([command, "--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: pyro-moe {command}")
+    assert "--seed" in out
+
+
+def test_end_to_end_on_a_saved_checkpoint(saved, tmp_path, capsys):
+    model = ["--model", str(saved["moe"]), "--data", str(saved["data"]), "--batch-size", "8"]
+    assert main(["stability", *model, "--examples", "8", "--out", str(tmp_path / "stability")]) == 0
+    stability = json.loads((tmp_path / "stability" / "metrics.json").read_text())
+    assert len(stability["susceptible_layers"]) == 1 and stability["susceptible_layers"][0] in (0, 1)
+
+    fit = [*model, "--layers", "susceptible", "--examples", "8", "--steps", "3", "--fit-examples", "16"]
+    assert main(["fit", *fit, "--guide", "mean-field", "--out", str(tmp_path / "fit")]) == 0
+    config = json.loads((tmp_path / "fit" / "posterior" / "config.json").read_text())
+    assert config["guide"] == "mean-field" and config["layers"] == stability["susceptible_layers"]
+    assert len(config["history"]) == 3
+    assert (tmp_path / "fit" / "posterior" / "tensors.safetensors").is_file()
+
+    posterior = str(tmp_path / "fit" / "posterior")
+    evaluate = [*model, "--posterior", posterior, "--ood-data", str(saved["ood"]), "--samples", "2"]
+    assert main(["evaluate", *evaluate, "--out", str(tmp_path / "evaluate")]) == 0
+    rows = json.loads((tmp_path / "evaluate" / "calibration" / "metrics.json").read_text())["rows"]
+    assert {(row["method"], row["mode"]) for row in rows} >= {("deterministic", "any"), ("posterior", "model-average")}
+    # the deterministic row against the unpatched HF model's own forward on the test part (after the first quarter)
+    splits, tokenizer = tiny_splits(), tiny_tokenizer()
+    examples = (splits["train"] + splits["test"])[len(splits["train"] + splits["test"]) // 4 :]
+    hf = AutoModelForCausalLM.from_pretrained(saved["moe"]).eval()
+    probs = direct_answer_probs(hf, tokenizer, examples, answer_token_ids(tokenizer))
+    labels = torch.tensor([e.answer for e in examples])
+    expected = calibration_report(probs, labels)
+    deterministic = next(row for row in rows if row["method"] == "deterministic")
+    assert deterministic["accuracy"] == pytest.approx(expected["accuracy"])
+    assert deterministic["nll"] == pytest.approx(expected["nll"], rel=1e-4)
+    ood = json.loads((tmp_path / "evaluate" / "ood" / "metrics.json").read_text())["rows"]
+    assert {row["ood_split"] for row in ood} == {"ood_0_far"}
+
+    diagnose = [*model, "--posterior", posterior, "--examples", "8", "--samples", "4"]
+    assert main(["diagnose", *diagnose, "--out", str(tmp_path / "diagnose")]) == 0
+    idata = az.from_netcdf(tmp_path / "diagnose" / "posterior.nc")
+    assert idata.posterior.sizes["draw"] == 4 and "weight" in idata.posterior
+    assert list(idata.posterior["layer"].values) == stability["susceptible_layers"]
+    assert (tmp_path / "diagnose" / "collapse.csv").read_text().startswith("chain,site")
+    assert (tmp_path / "diagnose" / "collapse.png").stat().st_size > 0
+
+
+def _bad_input(tmp_path, capsys, argv) -> str:
+    out = tmp_path / "run"
+    assert main([*argv, "--out", str(out)]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err  # above the reason: progress bars of from_pretrained, if any
+    assert "Traceback" not in err
+    error = err.strip().splitlines()[-1]
+    assert error.startswith(f"pyro-moe {argv[0]}: error: ")
+    assert sorted(path.name for path in out.iterdir()) == [LOG_NAME]
+    return error
+
+
+def test_bad_model_paths_and_models(saved, tmp_path, capsys):
+    data = ["--data", str(saved["data"])]
+    error = _bad_input(tmp_path, capsys, ["fit", "--model", str(saved["root"] / "missing"), *data])
+    assert "no such file" in error and "missing" in error
+    error = _bad_input(tmp_path, capsys, ["stability", "--model", str(saved["dense"]), *data])
+    assert "Mixture-of-Experts" in error or "MoE" in error
+
+
+def test_bad_data_guide_and_prior(saved, tmp_path, capsys):
+    model = ["--model", str(saved["moe"])]
+    error = _bad_input(tmp_path, capsys, ["fit", *model, "--data", str(saved["bad"])])
+    assert "bad.jsonl" in error and "no row fits" in error
+    error = _bad_input(tmp_path, capsys, ["fit", *model, "--data", str(saved["data"]), "--guide", "mystery"])
+    assert "mystery" in error and "mean-field" in error
+    prior = ["--sites", "logits", "--prior", "cauchy-ish", "--guide", "mfvr"]
+    error = _bad_input(tmp_path, capsys, ["fit", *model, "--data", str(saved["data"]), *prior])
+    assert "cauchy-ish" in error and "student-t" in error
+
+
+class _Payload:
+    """A pickle that would create ``marker`` when unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.fixture
+def saved_posterior(saved, tmp_path) -> Path:
+    argv = ["fit", "--model", str(saved["moe"]), "--data", str(saved["data"]), "--steps", "2", "--batch-size", "8"]
+    assert main([*argv, "--fit-examples", "8", "--out", str(tmp_path / "fit")]) == 0
+    return tmp_path / "fit" / "posterior"
+
+
+def test_truncated_and_pickled_checkpoints_are_refused(saved, saved_posterior, tmp_path, capsys):
+    model = tiny_model("granitemoe")
+    routers = {name: type(module) for name, module in model.named_modules()}
+    tensors = saved_posterior / "tensors.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[: tensors.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"tensors\.safetensors.*truncated or tampered"):
+        FittedPosterior.load(saved_posterior, model)
+
+    marker = tmp_path / "executed"
+    tensors.write_bytes(pickle.dumps({"loc": _Payload(marker)}))
+    with pytest.raises(CheckpointError, match=r"tensors\.safetensors"):
+        FittedPosterior.load(saved_posterior, model)
+    torch_file = tmp_path / "torch.pt"
+    torch.save({"loc": _Payload(marker)}, torch_file)
+    tensors.write_bytes(torch_file.read_bytes())
+    with pytest.raises(CheckpointError, match=r"tensors\.safetensors"):
+        FittedPosterior.load(saved_posterior, model)
+    assert not marker.exists()
+    assert {name: type(module) for name, module in model.named_modules()} == routers  # nothing half-loaded
+
+    argv = ["diagnose", "--model", str(saved["moe"]), "--data", str(saved["data"]), "--posterior", str(saved_posterior)]
+    error = _bad_input(tmp_path, capsys, argv)
+    assert "tensors.safetensors" in error
+    assert not marker.exists()
