@@ -161,7 +161,9 @@ def _report(
         "",
         f"Test split, families under `{MODEL_AVERAGE}`; NLL in nats; ECE with equal-width bins; jaccard: mean "
         f"Jaccard of the Top-K sets over the Bayesian layers at gamma {stability.gamma:g} (routing-average; "
-        f"blank for expert-weight sites); AUROC of the {HEADLINE_SCORE} against each OoD split.",
+        f"blank for expert-weight sites; for per-token logit sites it is mostly the disagreement of two "
+        f"independent S-sample selections, see the gamma 0 column below); AUROC of the {HEADLINE_SCORE} "
+        "against each OoD split.",
         "",
         markdown_table(headline, HEADLINE_COLUMNS),
     ]
@@ -198,7 +200,14 @@ def run_demo(
     seed = settings.seed
 
     stability = stability_experiment(
-        model, tokenizer, splits, {}, examples=settings.stability_examples, k=settings.susceptible, seed=seed
+        model,
+        tokenizer,
+        splits,
+        {},
+        examples=settings.stability_examples,
+        k=settings.susceptible,
+        num_samples=settings.samples,
+        seed=seed,
     )
     posteriors = fit_named_families(
         model,
