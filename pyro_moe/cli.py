@@ -87,14 +87,14 @@ def _check_path(value: str, what: str) -> None:
         raise BadInput(f"{what} {value}: no such file or folder.")
 
 
-def load_model(args: argparse.Namespace) -> tuple[nn.Module, Any]:
-    """The model (eval mode) and tokenizer of ``--model`` (default the embedded benchmark); the
-    model must hold MoE routers of a registered family."""
+def load_model(args: argparse.Namespace) -> tuple[nn.Module, Any, dict[str, list[MCQAExample]] | None]:
+    """The model (eval mode), tokenizer and, for the embedded benchmark (no ``--model``), its
+    splits; a ``--model`` must hold MoE routers of a registered family."""
     if args.model is None:
         from pyro_moe.experiments.benchmark_model import load_benchmark
 
         loaded = load_benchmark(device=args.device or "cpu")
-        return loaded.model, loaded.tokenizer
+        return loaded.model, loaded.tokenizer, {name: list(split) for name, split in loaded.benchmark.splits.items()}
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _check_path(args.model, "model")
@@ -115,7 +115,7 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, Any]:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     find_moe_routers(model)  # NoMoELayersError / UnsupportedFamilyError before any work
-    return model.eval(), tokenizer
+    return model.eval(), tokenizer, None
 
 
 def _examples(source: str, split: str | None) -> list[MCQAExample]:
@@ -140,11 +140,9 @@ def load_inputs(args: argparse.Namespace, roles: Sequence[str]) -> Inputs:
             splits[f"ood_{number}_{Path(path).stem}"] = _examples(path, None)
     elif args.model is not None:
         raise BadInput("--model needs --data (an MCQA file or data-set name); only the embedded benchmark has its own.")
-    model, tokenizer = load_model(args)
+    model, tokenizer, benchmark_splits = load_model(args)
     if data is None:
-        from pyro_moe.experiments.benchmark_model import load_benchmark
-
-        splits = {name: list(examples) for name, examples in load_benchmark().benchmark.splits.items()}
+        splits = benchmark_splits
     from pyro_moe.experiments.evaluation import default_answer_token_ids
 
     letters = default_answer_token_ids(tokenizer, splits["test"])
