@@ -420,9 +420,10 @@ def _posterior_options(parser: argparse.ArgumentParser, guide: bool = True) -> N
     group.add_argument("--fit-examples", type=int, default=512, help="questions the guide is fitted on (default 512)")
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _common(parser: argparse.ArgumentParser, samples: str | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="run folder for the results")
-    parser.add_argument("--samples", type=int, default=None, help="S, posterior samples per prediction (default 16)")
+    if samples is not None:
+        parser.add_argument("--samples", type=int, default=None, help=samples)
     parser.add_argument("--seed", type=int, default=0, help="seed of fits, noise and sampling (default 0)")
 
 
@@ -465,14 +466,14 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--guides", nargs="+", help=f"guide families to fit: {', '.join(GUIDE_FAMILIES)}")
         if name == "evaluate":
             command.add_argument("--posterior", type=Path, help="a posterior folder written by pyro-moe fit")
-        _common(command)
+        _common(command, "S, posterior samples per prediction (default 16)")
         command.set_defaults(run=run_evaluate, samples=16)
 
     diagnose = commands.add_parser("diagnose", help="ArviZ InferenceData, summary and collapse report of a posterior")
     _model_options(diagnose)
     _data_options(diagnose)
     diagnose.add_argument("--posterior", type=Path, required=True, help="a posterior folder written by pyro-moe fit")
-    _common(diagnose)
+    _common(diagnose, "posterior draws of the export and the collapse report (default 100)")
     diagnose.set_defaults(run=run_diagnose)
 
     bench = commands.add_parser("bench", help="latency, peak memory and FLOPs of the families' predictions")
@@ -480,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_options(bench)
     _posterior_options(bench, guide=False)
     bench.add_argument("--guides", nargs="+", help="guide families (default mean-field mfvr)")
-    _common(bench)
+    _common(bench, "S, posterior samples per prediction (default 16)")
     bench.set_defaults(run=run_bench, steps=10, fit_examples=64)
     return parser
 
