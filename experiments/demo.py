@@ -16,16 +16,16 @@ composed of the experiments' own functions:
    (:func:`pyro_moe.collapse.collapse_report`);
 6. ``report.md`` with the headline table, the experiments' tables and the plots.
 
-    python -m pyro_moe.experiments.demo --out runs/demo            # what `make demo` runs
-    python -m pyro_moe.experiments.demo --out runs/quick --quick   # the same path, few steps and questions
+    pyro-moe demo --out runs/demo            # what `make demo` runs (also python -m pyro_moe.experiments.demo)
+    pyro-moe demo --out runs/quick --quick   # the same path, few steps and questions
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ from pyro_moe.experiments.stability import StabilityResults, posterior_stability
 from pyro_moe.inference_data import to_inference_data
 from pyro_moe.routing_context import PredictiveMode
 
-__all__ = ["DEMO_FAMILIES", "QUICK", "DemoSettings", "headline_rows", "main", "run_demo"]
+__all__ = ["DEMO_FAMILIES", "HEADLINE_COLUMNS", "QUICK", "DemoSettings", "headline_rows", "main", "run_demo"]
 
 DEMO_FAMILIES = (
     "mean-field",
@@ -260,20 +260,12 @@ def run_demo(
     return headline
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line of the demo (also ``pyro-moe demo``)."""
-    parser = argparse.ArgumentParser(prog="python -m pyro_moe.experiments.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default runs/demo)")
-    parser.add_argument("--quick", action="store_true", help="the reduced run the tests use (same code path)")
-    parser.add_argument("--steps", type=int, default=None, help="SVI steps per family (default 150; quick 12)")
-    parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    args = parser.parse_args(argv)
-    settings = QUICK if args.quick else DemoSettings()
-    settings = replace(settings, seed=args.seed, steps=args.steps or settings.steps)
-    headline = run_demo(args.out, settings)
-    print(markdown_table(headline, HEADLINE_COLUMNS))
-    print(f"written: {args.out / 'report.md'}")
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line of the demo: ``pyro-moe demo`` (:mod:`pyro_moe.cli`) with ``argv``."""
+    from pyro_moe.cli import main as cli_main
+
+    return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
