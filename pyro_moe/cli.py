@@ -493,6 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = logging.FileHandler(args.out / LOG_NAME)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
+    level = root.level
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     logger.info("pyro-moe %s", " ".join(sys.argv[1:] if argv is None else argv))
@@ -505,6 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     finally:
         root.removeHandler(handler)
+        root.setLevel(level)
         handler.close()
     return 0
 
