@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from pyro_moe.data import MCQAExample, load_mcqa
-from pyro_moe.errors import ConfigurationError, DataError, PyroMoEError
+from pyro_moe.errors import DataError, PyroMoEError
 from pyro_moe.families import find_moe_routers
 from pyro_moe.fitting import FittedPosterior
 from pyro_moe.guides.registry import GUIDE_FAMILIES, parse_guide
@@ -106,7 +106,7 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, Any, dict[str, list
         tokenizer = AutoTokenizer.from_pretrained(
             args.tokenizer or args.model, trust_remote_code=args.trust_remote_code
         )
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, ImportError) as error:
         reason = " ".join(str(error).split())
         raise BadInput(f"cannot load model {args.model}: {reason[:300]}") from None
     if args.device_map is None and args.device is not None:
@@ -499,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.info("pyro-moe %s", " ".join(sys.argv[1:] if argv is None else argv))
     try:
         args.run(args)
-    except (PyroMoEError, ConfigurationError) as error:
+    except PyroMoEError as error:
         message = " ".join(str(error).split())
         logger.error("bad input: %s", message)
         print(f"pyro-moe {args.command}: error: {message}", file=sys.stderr)
