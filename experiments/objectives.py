@@ -202,12 +202,16 @@ def run_objective_study(
 
     probs = {"deterministic": answer_probabilities(loaded.model, tokenizer, test_examples, settings.batch_size)}
     handle = patch_routers(loaded.model, {"logits": settings.prior_scale}, layers=layers)
-    probs["prior"] = _probabilities(
-        lambda ids, mask: predict(handle, ids, mask, answer_token_ids=letters, num_samples=settings.num_samples).probs,
-        test,
-        settings.seed,
-    )
-    handle.unpatch()
+    try:
+        probs["prior"] = _probabilities(
+            lambda ids, mask: (
+                predict(handle, ids, mask, answer_token_ids=letters, num_samples=settings.num_samples).probs
+            ),
+            test,
+            settings.seed,
+        )
+    finally:
+        handle.unpatch()
 
     guide_options = {"mfvr": {"init_scale": settings.prior_scale}}  # the guide starts at the prior
     common = dict(steps=settings.steps, lr=settings.lr, seed=settings.seed, progress=progress)
