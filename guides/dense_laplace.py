@@ -2,7 +2,8 @@
 
 Pyro's ``AutoLaplaceApproximation.laplace_approximation`` takes the Hessian on one call of the
 model; with minibatches the full-data negative log joint is the weighted sum of the batches'
-losses, each weighted by its share ``B / N`` of the data (so the prior counts once).
+losses, each weighted by its share ``B / N`` of the data (so the prior counts once). Data-parallel,
+the batches are dealt round-robin over the ranks and their Hessians summed by one all-reduce.
 
 Example::
 
@@ -21,6 +22,7 @@ from pyro.infer.autoguide import AutoLaplaceApproximation
 from pyro.ops.hessian import hessian
 from torch import Tensor
 
+from pyro_moe.distributed import DataParallel
 from pyro_moe.errors import ConfigurationError
 
 __all__ = ["dense_laplace"]
@@ -31,6 +33,7 @@ def dense_laplace(
     map_guide: AutoLaplaceApproximation,
     batches: Sequence[Mapping[str, Any]],
     weights: Sequence[float],
+    data_parallel: DataParallel | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gaussian at the MAP of ``map_guide`` with the inverse Hessian of the full-data negative log
     joint as covariance, in the guide's unconstrained latent space of dimension ``D``.
@@ -40,17 +43,28 @@ def dense_laplace(
         map_guide: the trained MAP guide.
         batches: keyword arguments of every batch.
         weights: each batch's share of the data (``B / N``; they sum to 1).
+        data_parallel: share the batches among the ranks and sum their Hessians (every rank gives
+            all ``batches`` and gets the same result).
 
     Returns:
         ``loc`` ``(D,)``, ``scale`` ``(D,)`` (posterior standard deviations) and the Cholesky factor
         ``(D, D)`` of the posterior correlation matrix, as ``AutoMultivariateNormal`` stores them.
     """
-    total = 0.0
-    for batch, weight in zip(batches, weights, strict=True):
-        guide_trace = poutine.trace(map_guide).get_trace(**batch)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(**batch)
-        total = total + weight * (guide_trace.log_prob_sum() - model_trace.log_prob_sum())
-    precision = hessian(total, map_guide.loc)
+    pairs = list(enumerate(zip(batches, weights, strict=True)))
+    if data_parallel is not None:
+        pairs = data_parallel.shard_batches([pair for _, pair in pairs])
+    loc = map_guide.loc
+    precision = loc.new_zeros(loc.numel(), loc.numel())
+    if pairs:
+        total = 0.0
+        for _, (batch, weight) in pairs:
+            guide_trace = poutine.trace(map_guide).get_trace(**batch)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(**batch)
+            total = total + weight * (guide_trace.log_prob_sum() - model_trace.log_prob_sum())
+        precision = hessian(total, loc)
+    if data_parallel is not None:
+        precision = precision.detach().contiguous()
+        data_parallel.all_reduce_([precision], "the all-reduce of the Laplace Hessian")
     with torch.no_grad():
         covariance = torch.linalg.inv(precision)
         scale = covariance.diagonal().sqrt()

@@ -24,6 +24,12 @@ Tokens: ``last`` (the last prompt token of every example, the MCQA readout posit
 hook on routers; on experts, the eager implementation's ``linear(x, down_proj[e])`` calls seen
 through a ``TorchFunctionMode``), the output gradients by ``torch.autograd.grad`` at those outputs.
 
+Monte Carlo labels are drawn with a generator of their own per batch (``seed`` plus the batch's
+index), so the factors do not depend on how the batches are shared out: data-parallel
+(``data_parallel``), the ranks take the batches round-robin, and the factors, token counts and
+log-likelihood are reduced once at the end, equal to one process's. Every factor stays on the
+device of the layer it belongs to (a model spread over GPUs with ``device_map`` is never gathered).
+
 Example::
 
     targets = expert_targets(model, layers=[-1])
@@ -45,6 +51,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
+from pyro_moe.distributed import DataParallel
 from pyro_moe.errors import ConfigurationError, LayerSelectionError, NonFiniteError, UnsupportedFamilyError
 from pyro_moe.families import RouterLocation, find_moe_routers
 from pyro_moe.guides.kronecker_factors import EigenFactor, make_factor
@@ -387,6 +394,7 @@ def kronecker_curvature(
     seed: int = 0,
     answer_logits: Callable[[Tensor, Tensor], Tensor] | None = None,
     progress: bool = True,
+    data_parallel: DataParallel | None = None,
 ) -> CurvatureRun:
     """Accumulate the Kronecker factors of ``targets`` over MCQA ``batches``; see the module docstring.
 
@@ -400,10 +408,12 @@ def kronecker_curvature(
         tokens: ``"last"`` or ``"all"``.
         rank: keep the top ``rank`` eigenpairs of every factor, streaming; ``None``: full factors.
         mc_samples: label draws per example for the MC Fisher.
-        seed: seeds the label draws.
+        seed: seeds the label draws (batch ``i``'s with ``seed + i``).
         answer_logits: ``(input_ids, attention_mask) -> (batch, choices)``; default the MCQA readout
             of ``model`` (for a patched model with sampled sites, pass a conditioned readout).
-        progress: show a progress bar.
+        progress: show a progress bar (rank 0's only, data-parallel).
+        data_parallel: share the batches among the ranks and reduce the sums once; every rank
+            gives all ``batches`` and gets the same result.
 
     Raises:
         ConfigurationError: unknown Fisher type or token selection, ``rank <= 0``, ``mc_samples < 1``,
@@ -441,17 +451,20 @@ def kronecker_curvature(
 
     input_factors = {t.name: [make_factor(t.in_features, rank) for _ in range(t.blocks)] for t in targets}
     output_factors = {t.name: [make_factor(t.out_features, rank) for _ in range(t.blocks)] for t in targets}
-    device = targets[0].parameter.device
+    device = model.get_input_embeddings().weight.device if hasattr(model, "get_input_embeddings") else None
+    device = device or targets[0].parameter.device
     token_counts = {t.name: torch.zeros(t.blocks, dtype=torch.long) for t in targets}
-    generator = torch.Generator().manual_seed(seed)
     log_likelihood, labelled, num_examples = 0.0, True, 0
-    for batch in tqdm(batches, desc="Kronecker curvature", disable=not progress):
+    mine = data_parallel.shard_batches(batches) if data_parallel else list(enumerate(batches))
+    show = progress and (data_parallel is None or data_parallel.is_main)
+    for index, batch in tqdm(mine, desc="Kronecker curvature", disable=not show):
         input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         labels = batch.get("labels")
         labels = None if labels is None else labels.to(device)
         with torch.enable_grad(), captured_linear_maps(targets) as (calls, router_records):
             logits = answer_logits(input_ids, attention_mask)
         _check_finite(logits, "the answer logits")
+        labels = None if labels is None else labels.to(logits.device)
         records = calls.records + router_records
         selected = torch.zeros_like(attention_mask, dtype=torch.bool)
         if tokens is TokenSelection.LAST:
@@ -459,13 +472,13 @@ def kronecker_curvature(
         else:
             selected = attention_mask.bool()
         selected = selected.reshape(-1)
-        keep = [selected[record.tokens] for record in records]
+        keep = [selected.to(record.tokens.device)[record.tokens] for record in records]
         for record, rows in zip(records, keep, strict=True):
             inputs = record.inputs[rows]
             _check_finite(inputs, f"the inputs of {record.target} block {record.block}")
             input_factors[record.target][record.block].update(inputs)
             token_counts[record.target][record.block] += int(rows.sum())
-        losses = _losses(logits, labels, fisher, mc_samples, generator)
+        losses = _losses(logits, labels, fisher, mc_samples, torch.Generator().manual_seed(seed + index))
         for position, (loss, scale) in enumerate(losses):
             gradients = torch.autograd.grad(
                 loss, [record.outputs for record in records], retain_graph=position < len(losses) - 1, allow_unused=True
@@ -480,13 +493,24 @@ def kronecker_curvature(
         else:
             log_likelihood += float(torch.log_softmax(logits.detach(), -1).gather(-1, labels[:, None]).sum())
         num_examples += len(input_ids)
+    if data_parallel is not None:
+        for target in targets:
+            for factor in (*input_factors[target.name], *output_factors[target.name]):
+                factor.reduce(data_parallel, target.parameter.device)
+        totals = torch.tensor([log_likelihood, float(not labelled), num_examples], dtype=torch.float64)
+        counts = [token_counts[target.name] for target in targets]
+        data_parallel.all_reduce_([totals, *counts], "the all-reduce of the token counts and the log-likelihood")
+        log_likelihood, labelled, num_examples = float(totals[0]), not totals[1], int(totals[2])
     curvature = {}
     for target in targets:
         inputs = []
         for factor, count in zip(input_factors[target.name], token_counts[target.name], strict=True):
-            eigen = factor.eigen(device)
+            eigen = factor.eigen(target.parameter.device)
             inputs.append(EigenFactor(eigen.vectors, eigen.values / max(int(count), 1), int(count)))
         curvature[target.name] = KroneckerCurvature(
-            target, inputs, [factor.eigen(device) for factor in output_factors[target.name]], token_counts[target.name]
+            target,
+            inputs,
+            [factor.eigen(target.parameter.device) for factor in output_factors[target.name]],
+            token_counts[target.name],
         )
     return CurvatureRun(curvature, log_likelihood if labelled else float("nan"), num_examples, fisher)

@@ -7,6 +7,12 @@ fed. :class:`FullFactor` keeps the ``d x d`` sum and decomposes it at the end (e
 for a batch of ``n`` rows, never a ``d x d`` matrix and never one matrix per row. With ``r >= d`` it is
 exact. Both count the rows they saw and work in float64 on the rows' device.
 
+Data-parallel, every rank feeds its own rows and :meth:`FullFactor.reduce` /
+:meth:`LowRankFactor.reduce` combine the ranks' sums once: a full factor by an all-reduce, a
+low-rank one by gathering the ranks' ``Q diag(l)^(1/2)`` and one more thin SVD (exact for
+``r >= d``; otherwise the top ``r`` of the sum of the ranks' top-``r`` parts, the same kind of
+truncation the streaming update makes).
+
 Example::
 
     factor = LowRankFactor(dim=1408, rank=10)
@@ -22,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from pyro_moe.distributed import DataParallel
 from pyro_moe.errors import ConfigurationError
 
 __all__ = ["EigenFactor", "FullFactor", "LowRankFactor", "make_factor"]
@@ -82,6 +89,15 @@ class FullFactor:
         vectors, values = _top_eigenpairs(self.total, self.dim)
         return EigenFactor(vectors, values, self.count)
 
+    def reduce(self, data_parallel: DataParallel, device: torch.device) -> None:
+        """Sum the ranks' factors and counts (every rank ends with the total; ``device``: where a
+        factor that saw nothing makes its zeros)."""
+        if self.total is None:
+            self.total = torch.zeros(self.dim, self.dim, dtype=FACTOR_DTYPE, device=device)
+        count = torch.tensor([self.count], dtype=FACTOR_DTYPE, device=self.total.device)
+        data_parallel.all_reduce_([self.total, count], "the all-reduce of a Kronecker factor")
+        self.count = int(count.item())
+
 
 class LowRankFactor:
     """The top-``rank`` eigenpairs of the sum of outer products, updated batch by batch."""
@@ -120,6 +136,19 @@ class LowRankFactor:
                 0,
             )
         return EigenFactor(self.vectors.clone(), self.values.clone(), self.count)
+
+    def reduce(self, data_parallel: DataParallel, device: torch.device) -> None:
+        """Combine the ranks' kept eigenpairs: gather every rank's ``Q diag(l)^(1/2)`` ``(dim, rank)``
+        and keep the top ``rank`` of their sum (every rank ends with the same factor)."""
+        if self.vectors is None:
+            self.vectors = torch.zeros(self.dim, self.rank, dtype=FACTOR_DTYPE, device=device)
+            self.values = torch.zeros(self.rank, dtype=FACTOR_DTYPE, device=device)
+        count = torch.tensor([self.count], dtype=FACTOR_DTYPE, device=self.vectors.device)
+        data_parallel.all_reduce_([count], "the all-reduce of a Kronecker factor's row count")
+        parts = data_parallel.all_gather(self.vectors * self.values.sqrt(), "the gathering of a low-rank factor")
+        self.vectors, self.values, self.count = None, None, 0
+        self.update(torch.cat(parts, dim=1).T)
+        self.count = int(count.item())
 
 
 def make_factor(dim: int, rank: int | None) -> FullFactor | LowRankFactor:

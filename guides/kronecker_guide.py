@@ -38,6 +38,7 @@ from pyro import poutine
 from pyro.distributions import constraints
 from torch import Tensor, nn
 
+from pyro_moe.distributed import DataParallel
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.guides.kronecker_curvature import (
     CurvatureTarget,
@@ -207,8 +208,15 @@ class KroneckerMAP(RouterAutoDelta):
             raise ConfigurationError("the Kronecker MAP guide is not bound to a patch (RouterGuide.setup binds it).")
         return site_targets(self.patch, list(self.prototype_trace.stochastic_nodes), self.covers)
 
-    def laplace(self, likelihood: Any, batches: Sequence[Mapping[str, Tensor]], progress: bool = True):
-        """The :class:`KroneckerLaplaceGuide` at the current point masses, curvature over ``batches``."""
+    def laplace(
+        self,
+        likelihood: Any,
+        batches: Sequence[Mapping[str, Tensor]],
+        progress: bool = True,
+        data_parallel: DataParallel | None = None,
+    ):
+        """The :class:`KroneckerLaplaceGuide` at the current point masses, curvature over ``batches``
+        (``data_parallel``: shared among the ranks and reduced once, the same guide on every rank)."""
         targets = self.targets()
         values = {name: self.locs_value(name).detach() for name in targets}
         probes = {name: value.clone().requires_grad_(True) for name, value in values.items()}
@@ -225,6 +233,7 @@ class KroneckerMAP(RouterAutoDelta):
             answer_logits=answer_logits,
             seed=int(torch.randint(2**31 - 1, ())),  # MC labels follow fit's seed
             progress=progress,
+            data_parallel=data_parallel,
             **self.curvature_options,
         )
         posteriors = {}

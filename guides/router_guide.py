@@ -30,6 +30,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 
+from pyro_moe.distributed import DataParallel
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.guides.amortized import LocalGuides
 from pyro_moe.guides.dense_laplace import dense_laplace
@@ -203,19 +204,26 @@ class RouterGuide(nn.Module):
         ):
             yield
 
-    def fit_laplace(self, batches: Sequence[Mapping[str, Tensor]], num_examples: int, progress: bool = True) -> None:
+    def fit_laplace(
+        self,
+        batches: Sequence[Mapping[str, Tensor]],
+        num_examples: int,
+        progress: bool = True,
+        data_parallel: DataParallel | None = None,
+    ) -> None:
         """Replace the MAP global part by its Laplace approximation: a Gaussian at the mode with the
-        inverse Hessian of the full-data negative log joint (summed over ``batches``) as covariance."""
+        inverse Hessian of the full-data negative log joint (summed over ``batches``) as covariance.
+        ``data_parallel``: the ranks share the batches and reduce their curvature once."""
         if not self.is_laplace:
             raise ConfigurationError("fit_laplace needs the 'laplace' global guide.")
         if self.local_guide is not None:
             raise ConfigurationError("the 'laplace' guide covers global sites only; the model has per-token sites.")
         if isinstance(self.global_guide, KroneckerMAP):
-            self.global_guide = self.global_guide.laplace(self.likelihood, batches, progress)
+            self.global_guide = self.global_guide.laplace(self.likelihood, batches, progress, data_parallel)
             return
         kwargs = [{**batch, "num_examples": num_examples} for batch in batches]
         weights = [batch["input_ids"].shape[0] / num_examples for batch in batches]
-        loc, scale, correlation_tril = dense_laplace(self.likelihood, self.global_guide, kwargs, weights)
+        loc, scale, correlation_tril = dense_laplace(self.likelihood, self.global_guide, kwargs, weights, data_parallel)
         self.set_laplace(loc, scale, correlation_tril, kwargs[0])
 
     def set_laplace(self, loc: Tensor, scale: Tensor, correlation_tril: Tensor, batch: Mapping[str, Any]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "ConfigurationError",
     "DataError",
+    "DistributedError",
     "LayerSelectionError",
     "NoMoELayersError",
     "NonFiniteError",
@@ -39,3 +40,7 @@ class DataError(PyroMoEError):
 
 class NonFiniteError(PyroMoEError):
     """A loss, gradient or network output became NaN or infinite; training stopped at the last finite state."""
+
+
+class DistributedError(RuntimeError):
+    """A collective of a data-parallel run failed: another process died, failed or did not answer in time."""

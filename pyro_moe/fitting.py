@@ -13,6 +13,12 @@ Example::
     prediction = posterior.predict(input_ids, attention_mask, num_samples=16)
     posterior.save("runs/low-rank")
     posterior = FittedPosterior.load("runs/low-rank", model)      # on a fresh, unpatched model
+
+Under ``torchrun`` (after :func:`pyro_moe.distributed.init_distributed`) the same calls run
+data-parallel: every rank steps on its shard of each global batch, the guide's gradients are
+averaged, a Laplace fit reduces its curvature once, and only rank 0 writes (see
+:mod:`pyro_moe.distributed`). The batches and their order do not depend on the number of
+processes, so a checkpoint resumes under any number of them.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pyro_moe.checkpoint import load_checkpoint, save_checkpoint
+from pyro_moe.distributed import DataParallel, data_parallel
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.guides.fit_hooks import fit_hooks
 from pyro_moe.guides.kronecker_guide import KroneckerLaplaceGuide
@@ -116,15 +123,25 @@ class FittedPosterior:
     def _device(self) -> torch.device:
         return self.patch.model.get_input_embeddings().weight.device
 
+    @property
+    def data_parallel(self) -> DataParallel | None:
+        """The data-parallel run this posterior trains in (``None``: one process)."""
+        return self.engine.data_parallel
+
     def train(self, data: Iterable[Mapping[str, Tensor]], steps: int, progress: bool = True) -> FittedPosterior:
         """Run ``steps`` more SVI steps on ``data`` (also how :func:`fit` trains and how a loaded
-        posterior resumes); the batch order continues from the step count."""
+        posterior resumes); the batch order continues from the step count. Data-parallel, every
+        rank gives the same ``data`` and steps on its rows of each batch."""
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < (0 if self.guide.is_laplace else 1):
             raise ConfigurationError(f"steps must be a positive integer (0: a post-hoc Laplace), got {steps!r}.")
         if self.config.get("laplace_fitted"):
             raise ConfigurationError("a fitted Laplace posterior cannot resume training; fit a new one.")
         batches = check_batches(data, self.likelihood.num_choices)
         num_examples = sum(len(batch["labels"]) for batch in batches)
+        parallel = self.data_parallel
+        if parallel is not None:
+            parallel.check_batch_sizes([len(batch["labels"]) for batch in batches])
+            progress = progress and parallel.is_main
         device, seed = self._device(), self.config["seed"]
         start = self.engine.step_count
         hooks = fit_hooks(self.guide.global_guide)
@@ -136,13 +153,14 @@ class FittedPosterior:
             for step in bar:
                 epoch, position = divmod(step, len(batches))
                 order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed + epoch))
-                batch = {k: v.to(device) for k, v in batches[int(order[position])].items()}
+                batch = batches[int(order[position])]
+                batch = {k: v.to(device) for k, v in (parallel.shard_rows(batch) if parallel else batch).items()}
                 record = self.engine.step({**batch, "num_examples": num_examples})
                 hooks.after_step(self.engine.step_count)
                 bar.set_postfix(loss=f"{record['loss']:.3g}", kl=f"{record['kl']:.3g}", nll=f"{record['nll']:.3f}")
             if self.guide.is_laplace:
                 batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
-                self.guide.fit_laplace(batches, num_examples, progress)
+                self.guide.fit_laplace(batches, num_examples, progress, parallel)
                 self.config["laplace_fitted"] = True
         return self
 
@@ -158,20 +176,31 @@ class FittedPosterior:
         )
 
     def save(self, folder: str | Path) -> Path:
-        """Write the guide's parameters, the optimiser state and the configuration (safetensors + JSON)."""
+        """Write the guide's parameters, the optimiser state and the configuration (safetensors + JSON).
+
+        Data-parallel, rank 0 writes and every rank returns once the checkpoint is complete."""
+        parallel = self.data_parallel
+        if parallel is not None and not parallel.is_main:
+            parallel.barrier(f"waiting for rank 0 to write {folder}")
+            return Path(folder)
         tensors = self.engine.state_tensors()
         tensors.update({f"buffer/{name}": value for name, value in self.guide.named_buffers()})
         config = {**self.config, "history": self.engine.history, "step_count": self.engine.step_count}
         if isinstance(self.guide.global_guide, KroneckerLaplaceGuide):
             config["kronecker_laplace"] = self.guide.global_guide.metadata()
-        return save_checkpoint(folder, tensors, config)
+        path = save_checkpoint(folder, tensors, config)
+        if parallel is not None:
+            parallel.barrier(f"telling the other ranks that {folder} is written")
+        return path
 
     @classmethod
-    def load(cls, folder: str | Path, model: nn.Module) -> FittedPosterior:
+    def load(cls, folder: str | Path, model: nn.Module, distributed: bool | None = None) -> FittedPosterior:
         """Patch ``model`` as the saved posterior was patched and restore its guide and training state.
 
         The model must be the same architecture and weights; it is patched in place (undo with
-        ``posterior.patch.unpatch()``)."""
+        ``posterior.patch.unpatch()``). ``distributed``: as in :func:`fit`; a checkpoint resumes
+        under any number of processes."""
+        parallel = data_parallel(distributed)
         tensors, config = load_checkpoint(folder)
         try:
             if "experts" in config["sites"]:
@@ -181,7 +210,7 @@ class FittedPosterior:
         except KeyError as missing:
             raise ConfigurationError(f"checkpoint {folder} lacks the configuration entry {missing}.") from None
         try:
-            posterior = _build(patch, torch.tensor(config["answer_token_ids"]), config)
+            posterior = _build(patch, torch.tensor(config["answer_token_ids"]), config, parallel)
             device = posterior._device()
             dummy = {
                 "input_ids": torch.zeros(1, 2, dtype=torch.long, device=device),
@@ -225,14 +254,18 @@ def _load_buffers(guide: nn.Module, tensors: Mapping[str, Tensor]) -> None:
 _FIT_NUMBERS = itertools.count()
 
 
-def _build(patch: RouterPatch, answer_token_ids: Tensor, config: dict) -> FittedPosterior:
+def _build(
+    patch: RouterPatch, answer_token_ids: Tensor, config: dict, parallel: DataParallel | None
+) -> FittedPosterior:
     """Likelihood, guide and engine of a fit; their parameters carry a prefix of their own."""
     prefix = f"pyro_moe.fit{next(_FIT_NUMBERS)}/"
     likelihood = MCQALikelihood(patch, answer_token_ids, param_prefix=prefix)
     guide = RouterGuide(likelihood, config["guide"], config.get("guide_options"))
     options = {k: config[k] for k in TRAINING_OPTIONS if k != "optimizer"}
     options["optimizer"] = config.get("optimizer", "adam")  # checkpoints from before the option
-    engine = SVIEngine(likelihood, guide, nll=lambda: likelihood.last_nll, param_prefix=prefix, **options)
+    engine = SVIEngine(
+        likelihood, guide, nll=lambda: likelihood.last_nll, param_prefix=prefix, data_parallel=parallel, **options
+    )
     return FittedPosterior(patch, likelihood, guide, engine, config)
 
 
@@ -255,6 +288,7 @@ def fit(
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> FittedPosterior:
     """Fit a posterior over the router sites of ``patch`` on MCQA ``data`` by SVI.
 
@@ -272,14 +306,21 @@ def fit(
         optimizer: ``"adam"`` or ``"sgd"`` (plain SGD at a constant learning rate: SWAG's recipe).
         seed: seeds Pyro, torch and the batch order.
         device: move the model (and so the guide) there first, e.g. ``"cuda"``.
-        progress: show a progress bar.
+        progress: show a progress bar (on rank 0 only, data-parallel).
+        distributed: ``None``: data-parallel when a process group of two or more processes is
+            initialised (:func:`pyro_moe.distributed.init_distributed`), every rank giving the same
+            ``data``; ``False``: fit in this process alone; ``True``: require the process group.
 
     Raises:
         ConfigurationError: unknown guide, a guide that does not cover the model's sites, empty
-            data, labels outside the choices, bad options; before training starts.
+            data, labels outside the choices, bad options, data-parallel batches with fewer rows
+            than processes; before training starts.
     """
+    parallel = data_parallel(distributed)
     answer_token_ids = torch.as_tensor(answer_token_ids).long()
     batches = check_batches(data, len(answer_token_ids))
+    if parallel is not None:
+        parallel.check_batch_sizes([len(batch["labels"]) for batch in batches])
     config = {
         "guide": guide,
         "guide_options": {k: dict(v) for k, v in (guide_options or {}).items()},
@@ -302,7 +343,7 @@ def fit(
     try:
         if device is not None:
             patch.model.to(device)
-        posterior = _build(patch, answer_token_ids, config)
+        posterior = _build(patch, answer_token_ids, config, parallel)
         first = {k: v.to(posterior._device()) for k, v in batches[0].items()}
         posterior.guide.setup(**first, num_examples=sum(len(b["labels"]) for b in batches))
     except BaseException:

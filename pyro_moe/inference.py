@@ -12,6 +12,10 @@ Objectives (vectorised particles at dim -2, ``max_plate_nesting=1``):
   importance-weighted bound, a bound on the log of the Monte Carlo predictive; per example when
   every latent site is local (see :class:`DifferentiableRenyiELBO`).
 
+Data-parallel (``data_parallel``, see :mod:`pyro_moe.distributed`): each rank steps on its shard of
+the global batch and the gradients are averaged over the ranks with weights ``B_r / B`` before
+clipping and the optimiser step, which equals one process stepping on the whole batch.
+
 Example::
 
     engine = SVIEngine(model, guide, objective="iwae", num_particles=4, lr=1e-2)
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import nullcontext
 from enum import StrEnum
 from typing import Any
 
@@ -34,7 +39,8 @@ from pyro.infer.util import get_dependent_plate_dims, is_identically_zero, torch
 from pyro.poutine.messenger import Messenger
 from torch import Tensor
 
-from pyro_moe.errors import ConfigurationError, NonFiniteError
+from pyro_moe.distributed import DataParallel, RankRandomness
+from pyro_moe.errors import ConfigurationError, DistributedError, NonFiniteError
 
 __all__ = ["OPTIMIZERS", "DifferentiableRenyiELBO", "KLWeight", "NonFiniteError", "Objective", "SVIEngine", "make_elbo"]
 
@@ -61,8 +67,15 @@ class DifferentiableRenyiELBO(RenyiELBO):
 
     With a global latent site (router weights, layer temperatures, hierarchical prior scales) the
     particles are whole joint draws and the bound is Pyro's: ``-1 / (1 - alpha) * log mean_k
-    w_k^(1 - alpha)`` over the minibatch's joint ``log w_k``.
+    w_k^(1 - alpha)`` over the minibatch's joint ``log w_k``. Data-parallel, this bound does not
+    split over the ranks' shards: the ranks' shard terms of ``log w_k`` (sites in the examples or
+    token plates) are all-reduced, weighted by their rows, and every rank evaluates the bound of the
+    whole batch; its gradient flows through its own shard's terms (``data_parallel``).
     """
+
+    def __init__(self, *args: Any, data_parallel: DataParallel | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.data_parallel = data_parallel
 
     def differentiable_loss(self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any, **kwargs: Any):
         joint_particles, example_particles, data_scale = [], [], None
@@ -72,7 +85,7 @@ class DifferentiableRenyiELBO(RenyiELBO):
                     raise ConfigurationError(f"iwae needs reparameterised guide sites; {name} is not.")
             per_example = _example_log_weights(model_trace, guide_trace)
             if per_example is None:
-                joint_particles.append(_joint_log_weight(model_trace, guide_trace))
+                joint_particles.append(_joint_log_weight(model_trace, guide_trace, self.data_parallel))
             else:
                 data_scale = per_example[1]
                 example_particles.append(per_example[0])
@@ -95,10 +108,46 @@ def _sample_sites(model_trace: Any, guide_trace: Any) -> Iterator[tuple[dict, fl
                 yield site, sign
 
 
-def _joint_log_weight(model_trace: Any, guide_trace: Any) -> Tensor:
-    """``log p - log q`` of the whole trace, ``(K,)`` (Pyro's ``RenyiELBO`` sum)."""
+def _in_data_plate(site: dict) -> bool:
+    """Whether ``site`` lives in the examples or a token plate (dim -1): a term of one shard."""
+    return any(frame.dim == -1 for frame in site["cond_indep_stack"])
+
+
+def _joint_log_weight(model_trace: Any, guide_trace: Any, data_parallel: DataParallel | None = None) -> Tensor:
+    """``log p - log q`` of the whole trace, ``(K,)`` (Pyro's ``RenyiELBO`` sum); data-parallel, the
+    shard terms are those of the whole batch (see :class:`DifferentiableRenyiELBO`)."""
     sum_dims = get_dependent_plate_dims(model_trace.nodes.values())
-    return sum(sign * torch_sum(site["log_prob"], sum_dims) for site, sign in _sample_sites(model_trace, guide_trace))
+    shared, sharded = 0.0, 0.0
+    for site, sign in _sample_sites(model_trace, guide_trace):
+        term = sign * torch_sum(site["log_prob"], sum_dims)
+        if _in_data_plate(site):
+            sharded = sharded + term
+        else:
+            shared = shared + term
+    if data_parallel is None:
+        return shared + sharded
+    return shared + _whole_batch_terms(model_trace, torch.as_tensor(shared), torch.as_tensor(sharded), data_parallel)
+
+
+def _whole_batch_terms(model_trace: Any, shared: Tensor, sharded: Tensor, data_parallel: DataParallel) -> Tensor:
+    """The shard terms of the whole batch, ``sum_r (B_r / B) t_r`` (each ``t_r`` at data scale
+    ``N / B_r``), with the gradient of this rank's own ``t_r``; refuses ranks whose global draws differ."""
+    observed = [site for site in model_trace.nodes.values() if site["type"] == "sample" and site["is_observed"]]
+    frames = [frame for site in observed for frame in site["cond_indep_stack"] if frame.dim == -1]
+    if not frames:
+        raise ConfigurationError("a data-parallel iwae needs the observations in an examples plate at dim -1.")
+    rows = frames[0].size
+    reduced = torch.cat([rows * sharded.detach().reshape(-1), sharded.new_full((1,), rows)]).double()
+    extremes = torch.cat([shared.detach().reshape(-1), -shared.detach().reshape(-1)]).double()
+    data_parallel.all_reduce_([reduced], "the all-reduce of the shards' importance weights")
+    data_parallel.all_reduce_([extremes], "comparing the global draws across ranks", op="max")
+    if not torch.allclose(extremes[: len(extremes) // 2], -extremes[len(extremes) // 2 :], rtol=1e-6, atol=1e-6):
+        raise DistributedError(
+            f"rank {data_parallel.rank}: the ranks drew different values of the global sites; the joint "
+            "importance-weighted bound needs the same draws on every rank (pyro_moe.distributed.RankRandomness)."
+        )
+    whole = (reduced[:-1] / reduced[-1]).to(sharded.dtype).reshape(sharded.shape)
+    return whole + sharded - sharded.detach()
 
 
 def _example_log_weights(model_trace: Any, guide_trace: Any) -> tuple[Tensor, float] | None:
@@ -123,8 +172,11 @@ def _example_log_weights(model_trace: Any, guide_trace: Any) -> tuple[Tensor, fl
     return torch.atleast_2d(log_weights) / scale, scale
 
 
-def make_elbo(objective: Objective | str, num_particles: int = 1, alpha: float = 0.0) -> ELBO:
-    """The Pyro loss of ``objective`` with ``num_particles`` vectorised particles."""
+def make_elbo(
+    objective: Objective | str, num_particles: int = 1, alpha: float = 0.0, data_parallel: DataParallel | None = None
+) -> ELBO:
+    """The Pyro loss of ``objective`` with ``num_particles`` vectorised particles (``data_parallel``:
+    the joint iwae bound of the whole batch, see :class:`DifferentiableRenyiELBO`)."""
     try:
         objective = Objective(objective)
     except ValueError:
@@ -137,7 +189,7 @@ def make_elbo(objective: Objective | str, num_particles: int = 1, alpha: float =
         return TraceMeanField_ELBO(**options)
     if not 0.0 <= alpha < 1.0:
         raise ConfigurationError(f"the iwae objective needs alpha in [0, 1), got {alpha!r}.")
-    return DifferentiableRenyiELBO(alpha=alpha, **options)
+    return DifferentiableRenyiELBO(alpha=alpha, data_parallel=data_parallel, **options)
 
 
 class KLWeight(Messenger):
@@ -174,6 +226,8 @@ class SVIEngine:
         nll: returns the last call's mean negative log-likelihood per example (for reports).
         param_prefix: the prefix of this fit's parameter names, left out of saved states (so that a
             reload under another prefix finds them).
+        data_parallel: step data-parallel (batches are this rank's shards, with ``input_ids``
+            ``(B_r, length)``; see :mod:`pyro_moe.distributed`); ``None``: one process.
     """
 
     def __init__(
@@ -191,6 +245,7 @@ class SVIEngine:
         nll: Callable[[], float] = lambda: math.nan,
         param_prefix: str = "",
         optimizer: str = "adam",
+        data_parallel: DataParallel | None = None,
     ) -> None:
         if not isinstance(optimizer, str) or optimizer not in OPTIMIZERS:
             raise ConfigurationError(f"unknown optimizer {optimizer!r}; accepted: {', '.join(OPTIMIZERS)}.")
@@ -200,7 +255,8 @@ class SVIEngine:
         if not isinstance(beta_anneal_steps, int) or beta_anneal_steps < 0:
             raise ConfigurationError(f"beta_anneal_steps must be a non-negative integer, got {beta_anneal_steps!r}.")
         self.model, self.guide, self.nll, self.param_prefix = model, guide, nll, param_prefix
-        self.elbo = make_elbo(objective, num_particles, alpha)
+        self.data_parallel = data_parallel
+        self.elbo = make_elbo(objective, num_particles, alpha, data_parallel)
         self.objective = Objective(objective)
         self.lr, self.beta, self.beta_anneal_steps, self.clip_norm = lr, beta, beta_anneal_steps, clip_norm
         self.kl_weight = KLWeight(beta)
@@ -219,7 +275,8 @@ class SVIEngine:
 
     def loss(self, batch: Mapping[str, Any]) -> Tensor:
         """The differentiable loss (negative objective) on ``batch`` at the current KL weight."""
-        with self.kl_weight:
+        randomness = RankRandomness(self.data_parallel.rank, self.step_count) if self.data_parallel else nullcontext()
+        with self.kl_weight, randomness:
             return self.elbo.differentiable_loss(self.model, self.guide, **batch)
 
     def _start(self, batch: Mapping[str, Any]) -> None:
@@ -229,6 +286,10 @@ class SVIEngine:
         self.params = {name: store._params[name] for name in sorted(capture.trace.nodes)}
         if not self.params:
             raise ConfigurationError("the guide has no parameters to train.")
+        if self.data_parallel is not None:  # every rank starts from rank 0's parameters, as DDP does
+            values = [param.detach() for param in self.params.values()]
+            self.data_parallel.check_same_layout(values, "guide parameters")
+            self.data_parallel.broadcast_(values, "the broadcast of the initial guide parameters")
         self.optimizer = self.optimizer_class(list(self.params.values()), lr=self.lr)
 
     def _culprit(self, batch: Mapping[str, Any]) -> str:
@@ -266,13 +327,27 @@ class SVIEngine:
                 f"at step {self.step_count}: a distribution got non-finite parameters ({error}). "
                 "The parameters keep their last finite values."
             ) from None
-        if not _finite(loss):
+        finite = _finite(loss)
+        if not finite and self.data_parallel is None:
             raise NonFiniteError(
                 f"the loss is {loss.item()} at step {self.step_count}; culprit: {self._culprit(batch)}. "
                 "The parameters keep their last finite values."
             )
         self.optimizer.zero_grad()
-        loss.backward()
+        if finite:
+            loss.backward()
+        loss_value, nll = loss.item(), self.nll()
+        if self.data_parallel is not None:
+            params, rows = list(self.params.values()), len(batch["input_ids"])
+            average = self.data_parallel.average_gradients(params, rows, [loss_value, nll], not finite)
+            if average.failed_ranks:
+                self.optimizer.zero_grad()
+                culprit = f"here: {self._culprit(batch)}" if not finite else "see that rank's error"
+                raise NonFiniteError(
+                    f"the loss is not finite on rank(s) {average.failed_ranks} at step {self.step_count}; culprit "
+                    f"{culprit}. The parameters keep their last finite values."
+                )
+            loss_value, nll = average.values
         bad = [name for name, param in self.params.items() if param.grad is not None and not _finite(param.grad)]
         if bad:
             self.optimizer.zero_grad()
@@ -283,11 +358,10 @@ class SVIEngine:
         if self.clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.clip_norm)
         self.optimizer.step()
-        nll = self.nll()
-        record = {"step": self.step_count, "loss": loss.item(), "nll": nll, "beta": beta}
+        record = {"step": self.step_count, "loss": loss_value, "nll": nll, "beta": beta}
         batch_size = len(batch["input_ids"]) if "input_ids" in batch else 1
         scale = batch.get("num_examples") or batch_size
-        record["kl"] = (loss.item() - scale * nll) / beta if self.objective is Objective.ELBO else math.nan
+        record["kl"] = (loss_value - scale * nll) / beta if self.objective is Objective.ELBO else math.nan
         self.history.append(record)
         self.step_count += 1
         return record
