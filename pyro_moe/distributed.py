@@ -14,7 +14,8 @@ the model and all the data, and :func:`pyro_moe.fit` finds the process group and
 * **Curvature**: batches are dealt round-robin (:meth:`DataParallel.shard_batches`), every rank
   accumulates its sums and they are reduced once (:meth:`DataParallel.all_reduce_`).
 * **Failures**: every collective names what it was doing; a rank that died or hung makes the others
-  raise :class:`~pyro_moe.errors.DistributedError` within the process group's timeout.
+  raise :class:`~pyro_moe.errors.DistributedError` within the process group's timeout, after
+  tearing the process group down (so that the process can end cleanly).
 
 Example (``torchrun --nproc_per_node=2 train.py``)::
 
@@ -128,9 +129,13 @@ class DataParallel:
     # ------------------------------------------------------------------------------ collectives
 
     def _collective(self, what: str, operation: Callable[[], Any]) -> Any:
+        """Run a collective; a failure tears the process group down (it cannot be used after a failed
+        collective, and a process that ends with it pending aborts) and raises :class:`DistributedError`."""
         try:
             return operation()
         except RuntimeError as error:
+            if dist.is_initialized():
+                dist.destroy_process_group()
             raise DistributedError(
                 f"rank {self.rank} of {self.world_size}: {what} failed: another process died, failed or did not "
                 f"answer within the timeout of {self.timeout:g} s ({_one_line(error)})."
