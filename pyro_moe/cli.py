@@ -18,6 +18,13 @@ transformers does when there is a network), remote code only with ``--trust-remo
 Bad input ends with exit code 2 and a one-line reason, before anything but ``pyro-moe.log`` is
 written into ``--out``.
 
+``fit`` and ``laplace`` run data-parallel when a launcher starts several processes (torchrun,
+accelerate launch; see :mod:`pyro_moe.distributed`): rank 0 writes the log, the posterior and the
+summary. A process that died or stopped answering ends the others with exit code 1 within
+``--timeout`` seconds.
+
+    torchrun --nproc_per_node=4 -m pyro_moe fit --model path/to/moe --data train.jsonl --device cuda --out runs/fit
+
     pyro-moe fit --model path/to/moe --data train.jsonl --guide mfvr --layers susceptible --out runs/fit
     python -m pyro_moe evaluate --model path/to/moe --posterior runs/fit/posterior --data test.jsonl --out runs/eval
 """
@@ -28,6 +35,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -35,18 +43,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from pyro_moe.data import MCQAExample, load_mcqa
-from pyro_moe.errors import DataError, PyroMoEError
+from pyro_moe.distributed import DEFAULT_TIMEOUT, DataParallel, init_distributed
+from pyro_moe.errors import DataError, DistributedError, PyroMoEError
 from pyro_moe.families import find_moe_routers
 from pyro_moe.fitting import FittedPosterior
 from pyro_moe.guides.registry import GUIDE_FAMILIES, parse_guide
 from pyro_moe.models.priors import PRIOR_FAMILIES, prior_family
 
-__all__ = ["EXIT_BAD_INPUT", "LAPLACE_GUIDES", "build_parser", "main"]
+__all__ = ["DATA_PARALLEL_COMMANDS", "EXIT_BAD_INPUT", "EXIT_DISTRIBUTED", "LAPLACE_GUIDES", "build_parser", "main"]
 
 EXIT_BAD_INPUT = 2
+EXIT_DISTRIBUTED = 1
+"""Exit code of a data-parallel run whose collective failed (another process died or hung)."""
+DATA_PARALLEL_COMMANDS = ("fit", "laplace")
 LOG_NAME = "pyro-moe.log"
 LAPLACE_GUIDES = ("laplace", "kron-laplace", "expert-laplace")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -85,6 +98,28 @@ def _check_path(value: str, what: str) -> None:
     path = Path(value).expanduser()
     if value.startswith((".", "/", "~")) and not path.exists():
         raise BadInput(f"{what} {value}: no such file or folder.")
+
+
+def join_process_group(args: argparse.Namespace) -> DataParallel | None:
+    """Under a launcher (``WORLD_SIZE`` > 1) ``fit`` and ``laplace`` join the process group, where
+    ``--device cuda`` means the process's own GPU; other commands run in one process only."""
+    if args.command not in DATA_PARALLEL_COMMANDS:
+        world_size = os.environ.get("WORLD_SIZE", "1")
+        if world_size not in ("", "0", "1"):
+            raise BadInput(
+                f"{args.command} runs in one process, but WORLD_SIZE is {world_size}; only "
+                f"{' and '.join(DATA_PARALLEL_COMMANDS)} run data-parallel (launch {args.command} with plain python)."
+            )
+        return None
+    if args.device_map is not None and os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):
+        raise BadInput(
+            "--device-map spreads one model over every GPU, but a launcher started several processes: run one "
+            "process with --device-map, or data-parallel processes with --device cuda (one GPU each)."
+        )
+    parallel = init_distributed(timeout=args.timeout)
+    if parallel is not None and args.device == "cuda" and torch.cuda.is_available():
+        args.device = f"cuda:{torch.cuda.current_device()}"
+    return parallel
 
 
 def load_model(args: argparse.Namespace) -> tuple[nn.Module, Any, dict[str, list[MCQAExample]] | None]:
@@ -271,9 +306,13 @@ def run_fit(args: argparse.Namespace) -> None:
     inputs = load_inputs(args, ["train"])
     layers = resolve_layers(args, inputs)
     posterior = _fit(args, inputs, [guide], layers)[guide]
-    folder = posterior.save(args.out / "posterior")
+    folder = posterior.save(args.out / "posterior")  # data-parallel: rank 0 writes, the others wait
+    if posterior.data_parallel is not None and not posterior.data_parallel.is_main:
+        return
     last = posterior.history[-1] if posterior.history else {}
-    summary = {"guide": guide, "layers": posterior.config["layers"], "model": args.model, "last_step": last}
+    processes = 1 if posterior.data_parallel is None else posterior.data_parallel.world_size
+    summary = {"guide": guide, "layers": posterior.config["layers"], "model": args.model, "processes": processes}
+    summary["last_step"] = last
     (args.out / "fit.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"{guide} on layers {posterior.config['layers']}: {len(posterior.history)} steps; written: {folder}")
 
@@ -452,6 +491,12 @@ def build_parser() -> argparse.ArgumentParser:
         _model_options(command)
         _data_options(command)
         _posterior_options(command)
+        command.add_argument(
+            "--timeout",
+            type=float,
+            default=DEFAULT_TIMEOUT,
+            help=f"data-parallel: seconds to wait for the other processes (default {DEFAULT_TIMEOUT:g})",
+        )
         _common(command)
         command.set_defaults(run=run_fit)
 
@@ -487,8 +532,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run a command; returns the exit code (0 ok, 2 bad input with a one-line reason on stderr)."""
+    """Run a command; returns the exit code (0 ok, 2 bad input, 1 a failed data-parallel collective;
+    a one-line reason on stderr)."""
     args = build_parser().parse_args(argv)
+    try:
+        parallel = join_process_group(args)
+    except (PyroMoEError, DistributedError) as error:
+        return _failure(args, error)
+    try:
+        return _run(args, parallel is None or parallel.is_main, sys.argv[1:] if argv is None else argv)
+    finally:
+        if parallel is not None and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, writes: bool, argv: Sequence[str]) -> int:
+    """Run the command; ``writes``: this process keeps the log (rank 0 of a data-parallel run)."""
+    if not writes:
+        return _outcome(args)
     args.out.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(args.out / LOG_NAME)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -496,19 +557,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = root.level
     root.addHandler(handler)
     root.setLevel(logging.INFO)
-    logger.info("pyro-moe %s", " ".join(sys.argv[1:] if argv is None else argv))
+    logger.info("pyro-moe %s", " ".join(argv))
     try:
-        args.run(args)
-    except PyroMoEError as error:
-        message = " ".join(str(error).split())
-        logger.error("bad input: %s", message)
-        print(f"pyro-moe {args.command}: error: {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return _outcome(args)
     finally:
         root.removeHandler(handler)
         root.setLevel(level)
         handler.close()
+
+
+def _outcome(args: argparse.Namespace) -> int:
+    """Run the command; bad input and failed collectives end as :func:`_failure`."""
+    try:
+        args.run(args)
+    except (PyroMoEError, DistributedError) as error:
+        return _failure(args, error)
     return 0
+
+
+def _failure(args: argparse.Namespace, error: PyroMoEError | DistributedError) -> int:
+    """One line on stderr (and in the log, where there is one); the exit code of ``error``'s kind."""
+    message = " ".join(str(error).split())
+    bad_input = isinstance(error, PyroMoEError)
+    logger.error("%s%s", "bad input: " if bad_input else "", message)
+    print(f"pyro-moe {args.command}: error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT if bad_input else EXIT_DISTRIBUTED
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ run of its ``fits`` scenario serves the comparisons (process start-up dominates 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -18,7 +19,7 @@ import torch
 from pyro import poutine
 from safetensors.torch import load_file
 
-from pyro_moe import ConfigurationError, FittedPosterior, fit, patch_routers
+from pyro_moe import ConfigurationError, FittedPosterior, cli, fit, patch_routers
 from pyro_moe.distributed import DataParallel, RankRandomness, data_parallel, init_distributed
 from pyro_moe.errors import DistributedError
 from tests.distributed_worker import (
@@ -222,3 +223,47 @@ def test_bad_input_before_any_work(monkeypatch):
 
 def test_distributed_error_is_not_an_input_error():
     assert issubclass(DistributedError, RuntimeError) and not issubclass(DistributedError, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("command", "options"),
+    [
+        ("fit", ["--guide", "mean-field", "--sites", "weight", "--steps", "2"]),
+        ("laplace", ["--guide", "expert-laplace", "--examples", "20"]),
+    ],
+)
+def test_the_command_line_under_torchrun_equals_one_process(command, options, tmp_path):
+    """``torchrun --nproc_per_node=2 -m pyro_moe fit|laplace ...`` on the embedded benchmark, unchanged."""
+    arguments = [command, *options, "--layers", "-1", "--fit-examples", "24", "--batch-size", "8", "--seed", "3"]
+    assert cli.main([*arguments, "--out", str(tmp_path / "one")]) == 0
+    torchrun = [Path(sys.executable).with_name("torchrun"), "--standalone", "--nproc_per_node=2", "-m", "pyro_moe"]
+    run = subprocess.run(
+        [*map(str, torchrun), *arguments, "--out", str(tmp_path / "two")],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    log = (tmp_path / "two" / cli.LOG_NAME).read_text()
+    assert log.count(f"pyro-moe {command}") == 1  # rank 0 alone keeps the log
+    summaries = [json.loads((tmp_path / run / "fit.json").read_text()) for run in ("one", "two")]
+    assert [summary["processes"] for summary in summaries] == [1, 2] and summaries[1]["layers"] == [2]
+    one, two = (load_file(tmp_path / run / "posterior" / "tensors.safetensors") for run in ("one", "two"))
+    assert one.keys() == two.keys()
+    for name, value in one.items():
+        if name.startswith(("param/", "buffer/")) and not name.endswith("_vectors"):
+            torch.testing.assert_close(two[name], value, rtol=1e-4, atol=1e-6, msg=name)
+    if command == "laplace":
+        for kind in ("input", "output"):
+            torch.testing.assert_close(_dense_factors(two, kind), _dense_factors(one, kind), rtol=1e-6, atol=1e-9)
+
+
+def test_other_commands_refuse_to_run_under_a_launcher(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["diagnose", "--posterior", str(tmp_path), "--out", str(tmp_path / "out")]) == cli.EXIT_BAD_INPUT
+    assert "diagnose runs in one process, but WORLD_SIZE is 2" in capsys.readouterr().err
+    assert cli.main(["fit", "--device-map", "auto", "--out", str(tmp_path / "out")]) == cli.EXIT_BAD_INPUT
+    assert "--device-map spreads one model over every GPU" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
