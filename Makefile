@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BENCH_MALLOC) $(BIN)/python benchmarks/bench_routing.py
 	$(BENCH_MALLOC) $(BIN)/python benchmarks/bench_svi.py
 	$(BENCH_MALLOC) $(BIN)/python benchmarks/bench_laplace.py
+	$(BENCH_MALLOC) $(BIN)/python benchmarks/bench_distributed.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -19,7 +19,7 @@ import torch
 from pyro import poutine
 from safetensors.torch import load_file
 
-from pyro_moe import ConfigurationError, FittedPosterior, cli, fit, patch_routers
+from pyro_moe import ConfigurationError, FittedPosterior, cli, fit, patch_experts, patch_routers
 from pyro_moe.distributed import DataParallel, RankRandomness, data_parallel, init_distributed
 from pyro_moe.errors import DistributedError
 from tests.distributed_worker import (
@@ -267,3 +267,34 @@ def test_other_commands_refuse_to_run_under_a_launcher(monkeypatch, tmp_path, ca
     assert cli.main(["fit", "--device-map", "auto", "--out", str(tmp_path / "out")]) == cli.EXIT_BAD_INPUT
     assert "--device-map spreads one model over every GPU" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_a_model_spread_over_two_gpus_keeps_each_layers_sites_and_factors_on_its_device(tmp_path):
+    """``device_map``: the guide's parameters and the Kronecker posteriors stay where their layer is."""
+    pytest.importorskip("accelerate")
+    from transformers import AutoModelForCausalLM
+
+    tiny_model("granitemoe").save_pretrained(tmp_path)
+    reference = tiny_model("granitemoe")
+    layers = len(reference.model.layers)
+    device_map = {f"model.{name}": 0 for name, _ in reference.model.named_children() if name != "layers"}
+    device_map |= {f"model.layers.{i}": int(i >= layers // 2) for i in range(layers)} | {"lm_head": 0}
+
+    def layer_device(name: str) -> torch.device:
+        index = int(name.split("layers.")[1].split(".")[0])
+        return next(model.model.layers[index].parameters()).device
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, device_map=device_map)
+    patch = patch_routers(model, {"weight": 0.2}, layers="all")
+    posterior = fit(patch, mcqa_batches(), "mean-field", answer_token_ids=ANSWERS, steps=2, progress=False)
+    devices = {param.device for param in posterior.engine.params.values()}
+    assert len(devices) == 2
+    for name, param in posterior.engine.params.items():
+        assert param.device == layer_device(name), name
+    patch.unpatch()
+    experts = patch_experts(model, layers="all")
+    laplace = fit(experts, mcqa_batches(), "expert-laplace", answer_token_ids=ANSWERS, steps=0, progress=False)
+    for name, site in laplace.guide.global_guide.posteriors().items():
+        assert site.mean.device == site.input_vectors.device == layer_device(name), name
