@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import nullcontext
+from contextlib import contextmanager
 from enum import StrEnum
 from typing import Any
 
@@ -70,12 +70,13 @@ class DifferentiableRenyiELBO(RenyiELBO):
     w_k^(1 - alpha)`` over the minibatch's joint ``log w_k``. Data-parallel, this bound does not
     split over the ranks' shards: the ranks' shard terms of ``log w_k`` (sites in the examples or
     token plates) are all-reduced, weighted by their rows, and every rank evaluates the bound of the
-    whole batch; its gradient flows through its own shard's terms (``data_parallel``).
+    whole batch; its gradient flows through its own shard's terms (``data_parallel``, set by
+    :class:`SVIEngine` while it steps, when every rank computes the loss).
     """
 
-    def __init__(self, *args: Any, data_parallel: DataParallel | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.data_parallel = data_parallel
+        self.data_parallel: DataParallel | None = None
 
     def differentiable_loss(self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any, **kwargs: Any):
         joint_particles, example_particles, data_scale = [], [], None
@@ -172,11 +173,8 @@ def _example_log_weights(model_trace: Any, guide_trace: Any) -> tuple[Tensor, fl
     return torch.atleast_2d(log_weights) / scale, scale
 
 
-def make_elbo(
-    objective: Objective | str, num_particles: int = 1, alpha: float = 0.0, data_parallel: DataParallel | None = None
-) -> ELBO:
-    """The Pyro loss of ``objective`` with ``num_particles`` vectorised particles (``data_parallel``:
-    the joint iwae bound of the whole batch, see :class:`DifferentiableRenyiELBO`)."""
+def make_elbo(objective: Objective | str, num_particles: int = 1, alpha: float = 0.0) -> ELBO:
+    """The Pyro loss of ``objective`` with ``num_particles`` vectorised particles."""
     try:
         objective = Objective(objective)
     except ValueError:
@@ -189,7 +187,7 @@ def make_elbo(
         return TraceMeanField_ELBO(**options)
     if not 0.0 <= alpha < 1.0:
         raise ConfigurationError(f"the iwae objective needs alpha in [0, 1), got {alpha!r}.")
-    return DifferentiableRenyiELBO(alpha=alpha, data_parallel=data_parallel, **options)
+    return DifferentiableRenyiELBO(alpha=alpha, **options)
 
 
 class KLWeight(Messenger):
@@ -256,7 +254,7 @@ class SVIEngine:
             raise ConfigurationError(f"beta_anneal_steps must be a non-negative integer, got {beta_anneal_steps!r}.")
         self.model, self.guide, self.nll, self.param_prefix = model, guide, nll, param_prefix
         self.data_parallel = data_parallel
-        self.elbo = make_elbo(objective, num_particles, alpha, data_parallel)
+        self.elbo = make_elbo(objective, num_particles, alpha)
         self.objective = Objective(objective)
         self.lr, self.beta, self.beta_anneal_steps, self.clip_norm = lr, beta, beta_anneal_steps, clip_norm
         self.kl_weight = KLWeight(beta)
@@ -274,13 +272,30 @@ class SVIEngine:
         return self.beta * min(1.0, (step + 1) / self.beta_anneal_steps)
 
     def loss(self, batch: Mapping[str, Any]) -> Tensor:
-        """The differentiable loss (negative objective) on ``batch`` at the current KL weight."""
-        randomness = RankRandomness(self.data_parallel.rank, self.step_count) if self.data_parallel else nullcontext()
-        with self.kl_weight, randomness:
+        """The differentiable loss (negative objective) on ``batch`` at the current KL weight (this
+        process's alone, also when data-parallel)."""
+        with self.kl_weight:
             return self.elbo.differentiable_loss(self.model, self.guide, **batch)
 
+    @contextmanager
+    def _on_shard(self, whole_batch_bound: bool) -> Iterator[None]:
+        """Data-parallel: global sites draw the same values on every rank, the rest from this rank's
+        stream (:class:`RankRandomness`); with ``whole_batch_bound`` the joint iwae bound is that of
+        the whole batch (collectives: every rank must compute its loss)."""
+        if self.data_parallel is None:
+            yield
+            return
+        if whole_batch_bound and isinstance(self.elbo, DifferentiableRenyiELBO):
+            self.elbo.data_parallel = self.data_parallel
+        try:
+            with RankRandomness(self.data_parallel.rank, self.step_count):
+                yield
+        finally:
+            if isinstance(self.elbo, DifferentiableRenyiELBO):
+                self.elbo.data_parallel = None
+
     def _start(self, batch: Mapping[str, Any]) -> None:
-        with poutine.trace(param_only=True) as capture:
+        with poutine.trace(param_only=True) as capture, self._on_shard(whole_batch_bound=False):
             self.loss(batch)
         store = pyro.get_param_store()
         self.params = {name: store._params[name] for name in sorted(capture.trace.nodes)}
@@ -316,7 +331,8 @@ class SVIEngine:
             self.resume_rng_state = None
         self.kl_weight.beta = beta = self.beta_at(self.step_count)
         try:
-            loss = self.loss(batch)
+            with self._on_shard(whole_batch_bound=True):
+                loss = self.loss(batch)
         except NonFiniteError as error:
             message = f"at step {self.step_count}: {error} The parameters keep their last finite values."
             raise NonFiniteError(message) from None
