@@ -306,7 +306,7 @@ def run_fit(args: argparse.Namespace) -> None:
     inputs = load_inputs(args, ["train"])
     layers = resolve_layers(args, inputs)
     posterior = _fit(args, inputs, [guide], layers)[guide]
-    folder = posterior.save(args.out / "posterior")  # data-parallel: rank 0 writes, the others wait
+    folder = posterior.save(args.out / "posterior")  # data-parallel: rank 0 writes
     if posterior.data_parallel is not None and not posterior.data_parallel.is_main:
         return
     last = posterior.history[-1] if posterior.history else {}

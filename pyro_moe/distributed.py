@@ -21,7 +21,7 @@ Example (``torchrun --nproc_per_node=2 train.py``)::
 
     init_distributed(timeout=600)           # from torchrun's RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
     posterior = pyro_moe.fit(patch, batches, "mean-field", answer_token_ids=ids)   # data-parallel
-    posterior.save("runs/fit")              # rank 0 writes, the others wait for it
+    posterior.save("runs/fit")              # rank 0 writes, the others return at once
 """
 
 from __future__ import annotations
@@ -166,10 +166,6 @@ class DataParallel:
         """Overwrite ``tensors`` in place with rank 0's."""
         for tensor in tensors:
             self._collective(what, lambda tensor=tensor: dist.broadcast(tensor, src=0))
-
-    def barrier(self, what: str) -> None:
-        """Wait until every rank is here."""
-        self._collective(what, dist.barrier)
 
     def check_same_layout(self, tensors: Sequence[Tensor], what: str) -> None:
         """Refuse to go on unless every rank holds tensors of the same count and sizes."""

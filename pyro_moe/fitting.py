@@ -178,20 +178,16 @@ class FittedPosterior:
     def save(self, folder: str | Path) -> Path:
         """Write the guide's parameters, the optimiser state and the configuration (safetensors + JSON).
 
-        Data-parallel, rank 0 writes and every rank returns once the checkpoint is complete."""
-        parallel = self.data_parallel
-        if parallel is not None and not parallel.is_main:
-            parallel.barrier(f"waiting for rank 0 to write {folder}")
+        Data-parallel, only rank 0 writes; the others return at once (so calling it on every rank or
+        on rank 0 alone both work)."""
+        if self.data_parallel is not None and not self.data_parallel.is_main:
             return Path(folder)
         tensors = self.engine.state_tensors()
         tensors.update({f"buffer/{name}": value for name, value in self.guide.named_buffers()})
         config = {**self.config, "history": self.engine.history, "step_count": self.engine.step_count}
         if isinstance(self.guide.global_guide, KroneckerLaplaceGuide):
             config["kronecker_laplace"] = self.guide.global_guide.metadata()
-        path = save_checkpoint(folder, tensors, config)
-        if parallel is not None:
-            parallel.barrier(f"telling the other ranks that {folder} is written")
-        return path
+        return save_checkpoint(folder, tensors, config)
 
     @classmethod
     def load(cls, folder: str | Path, model: nn.Module, distributed: bool | None = None) -> FittedPosterior:
