@@ -27,6 +27,7 @@ from pyro_moe import FittedPosterior, fit, patch_experts, patch_routers
 from pyro_moe.distributed import init_distributed
 from pyro_moe.errors import DistributedError
 from pyro_moe.inference import SVIEngine
+from tests.test_fitting import mcqa_batches
 from tests.tiny_models import tiny_model
 
 ANSWERS = torch.tensor([4, 5, 6, 7])
@@ -36,17 +37,9 @@ EXIT_DISTRIBUTED = 3
 STEPS = 4
 
 
-def mcqa_batches(count: int = 3, size: int = 5, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    """Left-padded synthetic MCQA batches; 5 rows split 3 + 2 over two processes."""
-    generator = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(count):
-        input_ids = torch.randint(8, 60, (size, 6), generator=generator)
-        attention_mask = torch.ones_like(input_ids)
-        attention_mask[1, :2] = 0
-        input_ids = input_ids.masked_fill(attention_mask == 0, 0)
-        batches.append({"input_ids": input_ids, "attention_mask": attention_mask, "labels": input_ids[:, -1] % 4})
-    return batches
+def global_batches() -> list[dict[str, torch.Tensor]]:
+    """Three synthetic MCQA batches of 5 rows: shards of 3 and 2 rows on two processes."""
+    return mcqa_batches(count=3, size=5)
 
 
 def svi_fit(objective: str, steps: int, sites: dict | None = None, guide: str | None = None) -> FittedPosterior:
@@ -54,7 +47,7 @@ def svi_fit(objective: str, steps: int, sites: dict | None = None, guide: str | 
     patch = patch_routers(tiny_model("granitemoe"), sites or ROUTER_SITES, layers=[0, 1])
     guide = guide or ("mean-field" if objective == "elbo" else "low-rank")
     options = {"objective": objective, "num_particles": 3, "lr": 0.05, "seed": 1, "progress": False}
-    return fit(patch, mcqa_batches(), guide, answer_token_ids=ANSWERS, steps=steps, **options)
+    return fit(patch, global_batches(), guide, answer_token_ids=ANSWERS, steps=steps, **options)
 
 
 def laplace_fit(name: str) -> FittedPosterior:
@@ -63,12 +56,12 @@ def laplace_fit(name: str) -> FittedPosterior:
     if name == "dense":
         patch = patch_routers(tiny_model("granitemoe"), {"weight": 0.2}, layers=[1])
         options = {"steps": 3, "lr": 0.05, "optimizer": "sgd", "progress": False}  # Adam would magnify rounding
-        return fit(patch, mcqa_batches(), "laplace", answer_token_ids=ANSWERS, **options)
+        return fit(patch, global_batches(), "laplace", answer_token_ids=ANSWERS, **options)
     patch = patch_experts(tiny_model("granitemoe"), layers=[1], prior_precision=50.0, prior_mean="zero")
     options = {"fisher": "mc", "mc_samples": 2, "optimize_prior": "layer", "rank": 64 if "low-rank" in name else None}
     return fit(
         patch,
-        mcqa_batches(),
+        global_batches(),
         "expert-laplace",
         answer_token_ids=ANSWERS,
         steps=0,
@@ -85,7 +78,7 @@ def _fits(out: Path, rank: int) -> None:
     for objective in ("elbo", "iwae"):
         posterior = svi_fit(objective, STEPS // 2)
         posterior.save(out / f"{objective}-half")
-        posterior.train(mcqa_batches(), STEPS // 2, progress=False)
+        posterior.train(global_batches(), STEPS // 2, progress=False)
         save_file(parameters(posterior), out / f"{objective}-rank{rank}.safetensors")
         posterior.save(out / f"{objective}-from-rank{rank}")  # only rank 0's folder appears
         posterior.patch.unpatch()
@@ -94,7 +87,7 @@ def _fits(out: Path, rank: int) -> None:
     losses = torch.tensor([record["loss"] for record in local.history])
     save_file({"loss": losses}, out / f"local-history-rank{rank}.safetensors")
     resumed = FittedPosterior.load(out / "single-elbo-half", tiny_model("granitemoe"))
-    resumed.train(mcqa_batches(), STEPS // 2, progress=False)
+    resumed.train(global_batches(), STEPS // 2, progress=False)
     resumed.save(out / "resumed-on-two")
     for name in ("expert", "expert-low-rank", "dense"):
         laplace_fit(name).save(out / f"laplace-{name}")

@@ -26,8 +26,8 @@ from tests.distributed_worker import (
     ANSWERS,
     EXIT_DISTRIBUTED,
     STEPS,
+    global_batches,
     laplace_fit,
-    mcqa_batches,
     parameters,
     svi_fit,
 )
@@ -113,7 +113,7 @@ def test_only_rank_zero_writes_and_every_rank_ends_with_the_same_parameters(two_
 def test_a_checkpoint_resumes_under_another_number_of_processes(two_processes):
     single = parameters(svi_fit("elbo", STEPS))
     resumed_on_one = FittedPosterior.load(two_processes / "elbo-half", tiny_model("granitemoe"))  # two -> one
-    resumed_on_one.train(mcqa_batches(), STEPS // 2, progress=False)
+    resumed_on_one.train(global_batches(), STEPS // 2, progress=False)
     resumed_on_two = FittedPosterior.load(two_processes / "resumed-on-two", tiny_model("granitemoe"))  # one -> two
     for resumed in (resumed_on_one, resumed_on_two):
         assert resumed.engine.step_count == STEPS
@@ -215,7 +215,7 @@ def test_bad_input_before_any_work(monkeypatch):
     reference = {k: v.clone() for k, v in model.state_dict().items()}
     patch = patch_routers(model, {"weight": 0.2}, layers=[1])
     with pytest.raises(ConfigurationError, match="distributed=True"):
-        fit(patch, mcqa_batches(), "mean-field", answer_token_ids=ANSWERS, steps=1, distributed=True)
+        fit(patch, global_batches(), "mean-field", answer_token_ids=ANSWERS, steps=1, distributed=True)
     patch.unpatch()
     for name, value in model.state_dict().items():
         assert torch.equal(value, reference[name])
@@ -288,13 +288,13 @@ def test_a_model_spread_over_two_gpus_keeps_each_layers_sites_and_factors_on_its
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path, device_map=device_map)
     patch = patch_routers(model, {"weight": 0.2}, layers="all")
-    posterior = fit(patch, mcqa_batches(), "mean-field", answer_token_ids=ANSWERS, steps=2, progress=False)
+    posterior = fit(patch, global_batches(), "mean-field", answer_token_ids=ANSWERS, steps=2, progress=False)
     devices = {param.device for param in posterior.engine.params.values()}
     assert len(devices) == 2
     for name, param in posterior.engine.params.items():
         assert param.device == layer_device(name), name
     patch.unpatch()
     experts = patch_experts(model, layers="all")
-    laplace = fit(experts, mcqa_batches(), "expert-laplace", answer_token_ids=ANSWERS, steps=0, progress=False)
+    laplace = fit(experts, global_batches(), "expert-laplace", answer_token_ids=ANSWERS, steps=0, progress=False)
     for name, site in laplace.guide.global_guide.posteriors().items():
         assert site.mean.device == site.input_vectors.device == layer_device(name), name
