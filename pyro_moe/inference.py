@@ -383,14 +383,14 @@ class SVIEngine:
         return record
 
     def state_tensors(self) -> dict[str, Tensor]:
-        """Parameters (unconstrained, by name: bit-exact on reload), Adam's state and the RNG, as flat tensors."""
+        """Parameters (unconstrained, by name: bit-exact on reload), optimiser state and RNG, as flat tensors."""
         tensors = {
             f"param/{name.removeprefix(self.param_prefix)}": value.detach() for name, value in self.params.items()
         }
         if self.optimizer is not None:
             for index, state in self.optimizer.state_dict()["state"].items():
                 for key, value in state.items():
-                    tensors[f"adam/{index}/{key}"] = torch.as_tensor(value)
+                    tensors[f"optimizer/{index}/{key}"] = torch.as_tensor(value)
         tensors["rng/torch"] = torch.get_rng_state()
         return tensors
 
@@ -410,18 +410,18 @@ class SVIEngine:
             raise ConfigurationError(
                 f"the checkpoint's parameters {sorted(names)[:5]} differ from the guide's {sorted(self.params)[:5]}."
             )
-        adam: dict[int, dict[str, Tensor]] = {}
+        moments: dict[int, dict[str, Tensor]] = {}
         for key, value in tensors.items():
-            if key.startswith("adam/"):
+            if key.startswith(("optimizer/", "adam/")):  # "adam/": checkpoints from before SGD
                 _, index, field = key.split("/")
-                adam.setdefault(int(index), {})[field] = value
-        if adam:
+                moments.setdefault(int(index), {})[field] = value
+        if moments:
             state = self.optimizer.state_dict()
             state["state"] = {
                 index: {
                     k: v.to(self.params[sorted(self.params)[index]].device) if k != "step" else v for k, v in s.items()
                 }
-                for index, s in adam.items()
+                for index, s in moments.items()
             }
             self.optimizer.load_state_dict(state)
         self.resume_rng_state = tensors.get("rng/torch")
