@@ -39,6 +39,7 @@ from pyro.poutine.messenger import Messenger
 from torch import Tensor
 
 from pyro_moe.errors import ConfigurationError, DistributedError
+from pyro_moe.random_streams import RandomState
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -278,18 +279,6 @@ def init_distributed(timeout: float = DEFAULT_TIMEOUT) -> DataParallel | None:
     return data_parallel()
 
 
-def _random_states() -> tuple[Tensor, list[Tensor]]:
-    """The CPU and (initialised) CUDA generator states."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    return torch.get_rng_state(), cuda
-
-
-def _set_random_states(states: tuple[Tensor, list[Tensor]]) -> None:
-    torch.set_rng_state(states[0])
-    if states[1]:
-        torch.cuda.set_rng_state_all(states[1])
-
-
 class RankRandomness(Messenger):
     """Inside one SVI step of a data-parallel run: global latent sites (in no plate at dim -1) draw
     from the random stream every rank shares, so all ranks draw the same values; everything else
@@ -303,8 +292,8 @@ class RankRandomness(Messenger):
     def __init__(self, rank: int, step: int) -> None:
         super().__init__()
         self.rank, self.step = rank, step
-        self._shared: tuple[Tensor, list[Tensor]] | None = None
-        self._own: tuple[Tensor, list[Tensor]] | None = None
+        self._shared: RandomState | None = None
+        self._own: RandomState | None = None
 
     @staticmethod
     def _is_global_draw(msg: dict) -> bool:
@@ -315,24 +304,24 @@ class RankRandomness(Messenger):
         )
 
     def __enter__(self) -> RankRandomness:
-        self._shared = _random_states()
+        self._shared = RandomState.current()
         digest = hashlib.blake2b(digest_size=8)
-        for state in (self._shared[0], *self._shared[1]):
+        for state in self._shared.tensors().values():
             digest.update(state.numpy().tobytes())
         digest.update(f"rank {self.rank} step {self.step}".encode())
         torch.manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
-        _set_random_states(self._shared)
+        self._shared.restore()
         return super().__exit__(*exc)
 
     def _process_message(self, msg: dict) -> None:
         if self._is_global_draw(msg):
-            self._own = _random_states()
-            _set_random_states(self._shared)
+            self._own = RandomState.current()
+            self._shared.restore()
 
     def _postprocess_message(self, msg: dict) -> None:
         if self._is_global_draw(msg):
-            self._shared = _random_states()
-            _set_random_states(self._own)
+            self._shared = RandomState.current()
+            self._own.restore()

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from pyro_moe.distributed import DataParallel, RankRandomness
 from pyro_moe.errors import ConfigurationError, DistributedError, NonFiniteError
+from pyro_moe.random_streams import RandomState
 
 __all__ = ["OPTIMIZERS", "DifferentiableRenyiELBO", "KLWeight", "NonFiniteError", "Objective", "SVIEngine", "make_elbo"]
 
@@ -263,7 +264,7 @@ class SVIEngine:
         self.optimizer: torch.optim.Optimizer | None = None
         self.step_count = 0
         self.history: list[dict[str, float]] = []
-        self.resume_rng_state: Tensor | None = None
+        self.resume_rng_state: RandomState | None = None
 
     def beta_at(self, step: int) -> float:
         """The KL weight at ``step`` (0-based)."""
@@ -326,8 +327,8 @@ class SVIEngine:
         """One optimisation step on ``batch``; returns and records ``step, loss, nll, kl, beta``."""
         if self.optimizer is None:
             self._start(batch)
-        if self.resume_rng_state is not None:  # a resumed run continues the saved random stream
-            torch.set_rng_state(self.resume_rng_state)
+        if self.resume_rng_state is not None:  # a resumed run continues the saved random streams
+            self.resume_rng_state.restore()
             self.resume_rng_state = None
         self.kl_weight.beta = beta = self.beta_at(self.step_count)
         try:
@@ -391,7 +392,7 @@ class SVIEngine:
             for index, state in self.optimizer.state_dict()["state"].items():
                 for key, value in state.items():
                     tensors[f"optimizer/{index}/{key}"] = torch.as_tensor(value)
-        tensors["rng/torch"] = torch.get_rng_state()
+        tensors.update(RandomState.current().tensors())
         return tensors
 
     def load_state_tensors(self, tensors: Mapping[str, Tensor], batch: Mapping[str, Any]) -> None:
@@ -424,4 +425,4 @@ class SVIEngine:
                 for index, s in moments.items()
             }
             self.optimizer.load_state_dict(state)
-        self.resume_rng_state = tensors.get("rng/torch")
+        self.resume_rng_state = RandomState.from_tensors(dict(tensors))

@@ -306,6 +306,25 @@ def test_fit_on_cuda_moves_model_and_guide():
     assert posterior.predict(batch["input_ids"], batch["attention_mask"], num_samples=2).probs.is_cuda
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_resume_on_cuda_continues_the_gpu_random_stream(tmp_path):
+    """Per-token logit draws happen on the GPU: the checkpoint keeps its generator's state too."""
+
+    def fitted(steps: int) -> FittedPosterior:
+        pyro.clear_param_store()
+        handle = patch_routers(tiny_model("granitemoe"), {"logits": 1.0}, layers=[1])
+        return fit(handle, mcqa_batches(), "mfvr", answer_token_ids=ANSWERS, steps=steps, device="cuda", progress=False)
+
+    reference = [record["loss"] for record in fitted(4).history]
+    fitted(2).save(tmp_path / "fit")
+    assert "rng/cuda" in load_file(tmp_path / "fit" / "tensors.safetensors")
+    pyro.clear_param_store()
+    resumed = FittedPosterior.load(tmp_path / "fit", tiny_model("granitemoe").to("cuda"))
+    resumed.train(mcqa_batches(), steps=2, progress=False)
+    assert [record["loss"] for record in resumed.history] == pytest.approx(reference, rel=1e-6)
+
+
 def test_fitted_laplace_saves_loads_and_refuses_to_resume(tmp_path):
     batches = mcqa_batches(count=2, size=4)
     handle = patch_routers(tiny_model("granitemoe"), {"weight": 0.2}, layers=[1])

@@ -1,0 +1,50 @@
+"""The state of torch's random generators: the CPU's and, where CUDA is in use, every GPU's.
+
+Checkpoints save it so that a resumed fit continues the same random stream; data-parallel steps
+switch between the stream all ranks share and a rank's own (:mod:`pyro_moe.distributed`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["RandomState"]
+
+
+@dataclass(frozen=True)
+class RandomState:
+    """A snapshot of the generators.
+
+    Attributes:
+        cpu: the CPU generator's state ``(bytes,)`` (uint8).
+        cuda: every GPU's state, ``(devices, bytes)`` (uint8), or ``None`` where CUDA is not in use.
+    """
+
+    cpu: Tensor
+    cuda: Tensor | None = None
+
+    @classmethod
+    def current(cls) -> RandomState:
+        """The generators' state now."""
+        in_use = torch.cuda.is_available() and torch.cuda.is_initialized()
+        return cls(torch.get_rng_state(), torch.stack(torch.cuda.get_rng_state_all()) if in_use else None)
+
+    def restore(self) -> None:
+        """Set the generators to this state (the GPUs' only where as many GPUs are in use)."""
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None and torch.cuda.is_available() and torch.cuda.device_count() == len(self.cuda):
+            torch.cuda.set_rng_state_all(list(self.cuda))
+
+    def tensors(self) -> dict[str, Tensor]:
+        """As checkpoint entries ``rng/torch`` and ``rng/cuda``."""
+        return {"rng/torch": self.cpu} | ({} if self.cuda is None else {"rng/cuda": self.cuda})
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor]) -> RandomState | None:
+        """From checkpoint entries (``None`` when there are none)."""
+        if "rng/torch" not in tensors:
+            return None
+        return cls(tensors["rng/torch"], tensors.get("rng/cuda"))
