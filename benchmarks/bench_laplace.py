@@ -33,9 +33,10 @@ import torch
 from transformers import GraniteMoeConfig, GraniteMoeForCausalLM
 
 from pyro_moe import fit, patch_routers
+from pyro_moe.core.curvature_targets import expert_targets
 from pyro_moe.experiments.efficiency import measure_peak_memory
-from pyro_moe.guides.kronecker_curvature import expert_targets, kronecker_curvature
-from pyro_moe.guides.kronecker_posterior import KroneckerLaplace
+from pyro_moe.guides.laplace.kronecker_curvature import kronecker_curvature
+from pyro_moe.guides.laplace.kronecker_posterior import KroneckerLaplace
 from pyro_moe.guides.router_guide import RouterGuide
 
 ANSWER_IDS = torch.tensor([10, 11, 12, 13])

@@ -46,10 +46,10 @@ from torch import Tensor
 from transformers import GraniteMoeConfig, GraniteMoeForCausalLM
 
 from pyro_moe import patch_routers
-from pyro_moe.fitting import _frozen
 from pyro_moe.guides.amortized import AmortizedLogitGuide
 from pyro_moe.guides.router_guide import RouterGuide
-from pyro_moe.inference import SVIEngine
+from pyro_moe.inference.fitting import _frozen
+from pyro_moe.inference.svi import SVIEngine
 from pyro_moe.models.likelihoods import MCQALikelihood
 
 HIDDEN, LAYERS, EXPERTS, TOP_K, BATCH, LENGTH, VOCAB = 256, 8, 32, 2, 8, 64, 1024

@@ -3,7 +3,7 @@
 The model is the thesis' architecture, a Granite-MoE with hidden size 96, 3 decoder layers and
 8 experts of which each token uses 2, trained on the ``train`` split of
 :mod:`pyro_moe.experiments.benchmark_data` to answer its four-choice questions. Its readout is the
-MCQA one: next-token logits at the last prompt position (:func:`pyro_moe.readout.last_token_logits`)
+MCQA one: next-token logits at the last prompt position (:func:`pyro_moe.core.readout.last_token_logits`)
 restricted to the answer letters; prompts follow :data:`pyro_moe.data.DEFAULT_TEMPLATE`. The
 trained model ships in ``experiments/checkpoints/benchmark/`` (safetensors, config, tokenizer,
 ``metrics.json`` with its figures and the command that rebuilt it); loading it needs no network.
@@ -15,8 +15,8 @@ Rebuild the checkpoint (about 3 minutes on 2 CPU cores)::
 Example::
 
     from pyro_moe.experiments.benchmark_model import answer_probabilities, labels_of, load_benchmark
-    from pyro_moe.metrics import calibration_report
-from pyro_moe.readout import last_token_logits
+    from pyro_moe.evaluation.metrics import calibration_report
+from pyro_moe.core.readout import last_token_logits
 
     loaded = load_benchmark()
     test = loaded.benchmark.splits["test"]
@@ -42,11 +42,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import BatchEncoding, GraniteMoeConfig, GraniteMoeForCausalLM, PreTrainedTokenizerFast
 
+from pyro_moe.core.readout import last_token_logits
 from pyro_moe.data import DEFAULT_TEMPLATE, MCQAExample, answer_token_ids, mcqa_batches
 from pyro_moe.errors import ConfigurationError
+from pyro_moe.evaluation.metrics import calibration_report
 from pyro_moe.experiments.benchmark_data import SPLITS, VOCABULARY, Benchmark, generate_benchmark
-from pyro_moe.metrics import calibration_report
-from pyro_moe.readout import last_token_logits
 
 __all__ = [
     "CHECKPOINT_DIR",

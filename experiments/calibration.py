@@ -3,8 +3,8 @@ model, temperature scaling and every Bayesian family, under both predictive mode
 
 The deterministic model is the model with every router at its prior mean; temperature scaling
 divides its answer logits by one temperature fitted on the calibration split
-(:mod:`pyro_moe.temperature_scaling`). Both are independent of the predictive mode and appear in
-the table of each mode beside the families. Figures come from :func:`pyro_moe.metrics.calibration_report`
+(:mod:`pyro_moe.evaluation.temperature_scaling`). Both are independent of the predictive mode and appear in
+the table of each mode beside the families. Figures come from :func:`pyro_moe.evaluation.metrics.calibration_report`
 (equal-width bins); one reliability diagram per mode.
 
 Example::
@@ -30,6 +30,8 @@ from torch import Tensor, nn
 
 from pyro_moe.data import MCQAExample
 from pyro_moe.errors import PyroMoEError
+from pyro_moe.evaluation.metrics import DEFAULT_BINS, ReliabilityDiagram, calibration_report, reliability_diagram_data
+from pyro_moe.evaluation.plots import plot_reliability_diagram
 from pyro_moe.experiments.evaluation import (
     DEFAULT_FAMILIES,
     DETERMINISTIC,
@@ -54,8 +56,6 @@ from pyro_moe.experiments.evaluation import (
     split_labels,
     write_results,
 )
-from pyro_moe.metrics import DEFAULT_BINS, ReliabilityDiagram, calibration_report, reliability_diagram_data
-from pyro_moe.plots import plot_reliability_diagram
 
 __all__ = ["CalibrationResults", "calibration_experiment", "main", "run_calibration"]
 

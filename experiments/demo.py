@@ -12,24 +12,24 @@ composed of the experiments' own functions:
    predictive modes (:func:`~pyro_moe.experiments.calibration.calibration_experiment`,
    :func:`~pyro_moe.experiments.ood.ood_experiment`);
 5. ArviZ ``InferenceData`` of the mean-field weight posterior as netCDF
-   (:func:`pyro_moe.inference_data.to_inference_data`) and the collapse report of MFVR
-   (:func:`pyro_moe.collapse.collapse_report`);
+   (:func:`pyro_moe.diagnostics.arviz_export.to_inference_data`) and the collapse report of MFVR
+   (:func:`pyro_moe.diagnostics.collapse.collapse_report`);
 6. ``report.md`` with the headline table, the experiments' tables and the plots.
 
-    pyro-moe demo --out runs/demo            # what `make demo` runs (also python -m pyro_moe.experiments.demo)
+    pyro-moe demo --out runs/demo            # what `make demo` runs
     pyro-moe demo --out runs/quick --quick   # the same path, few steps and questions
 """
 
 from __future__ import annotations
 
 import json
-import sys
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pyro_moe.collapse import collapse_report
+from pyro_moe.core.routing_context import PredictiveMode
+from pyro_moe.diagnostics.arviz_export import to_inference_data
+from pyro_moe.diagnostics.collapse import collapse_report
 from pyro_moe.experiments.calibration import calibration_experiment
 from pyro_moe.experiments.evaluation import (
     DETERMINISTIC,
@@ -45,10 +45,8 @@ from pyro_moe.experiments.evaluation import (
 )
 from pyro_moe.experiments.ood import ood_experiment
 from pyro_moe.experiments.stability import StabilityResults, posterior_stability, stability_experiment
-from pyro_moe.inference_data import to_inference_data
-from pyro_moe.routing_context import PredictiveMode
 
-__all__ = ["DEMO_FAMILIES", "HEADLINE_COLUMNS", "QUICK", "DemoSettings", "headline_rows", "main", "run_demo"]
+__all__ = ["DEMO_FAMILIES", "HEADLINE_COLUMNS", "QUICK", "DemoSettings", "headline_rows", "run_demo"]
 
 DEMO_FAMILIES = (
     "mean-field",
@@ -258,14 +256,3 @@ def run_demo(
     report = _report(settings, headline, parts, stability, collapse_table, netcdf, collapse_plot)
     (out / "report.md").write_text(report)
     return headline
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line of the demo: ``pyro-moe demo`` (:mod:`pyro_moe.cli`) with ``argv``."""
-    from pyro_moe.cli import main as cli_main
-
-    return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -45,6 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pyro_moe.data import MCQAExample
 from pyro_moe.errors import ConfigurationError, PyroMoEError
+from pyro_moe.evaluation.plots import plot_efficiency_bars
 from pyro_moe.experiments.evaluation import (
     DEFAULT_FAMILIES,
     DETERMINISTIC,
@@ -64,7 +65,6 @@ from pyro_moe.experiments.evaluation import (
     split_batches,
     write_results,
 )
-from pyro_moe.plots import plot_efficiency_bars
 
 __all__ = [
     "EfficiencyResults",

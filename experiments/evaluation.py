@@ -39,20 +39,20 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from pyro_moe.core.handlers import at_prior_mean
+from pyro_moe.core.readout import last_token_logits
+from pyro_moe.core.routing_context import PredictiveMode
 from pyro_moe.data import MCQAExample, mcqa_batches
 from pyro_moe.data import answer_token_ids as letter_token_ids
 from pyro_moe.errors import ConfigurationError
-from pyro_moe.fitting import FittedPosterior, fit
-from pyro_moe.guides.prior_precision import select_prior_precision
+from pyro_moe.evaluation.metrics import mutual_information, router_logit_variance
+from pyro_moe.evaluation.temperature_scaling import TemperatureScaling, fit_temperature
+from pyro_moe.guides.laplace.prior_precision import select_prior_precision
 from pyro_moe.guides.registry import GuideScope, parse_guide
-from pyro_moe.handlers import at_prior_mean
-from pyro_moe.metrics import mutual_information, router_logit_variance
-from pyro_moe.models.expert_weights import ExpertPatch, patch_experts
-from pyro_moe.patching import patch_routers
-from pyro_moe.predictive import RoutedPrediction
-from pyro_moe.readout import last_token_logits
-from pyro_moe.routing_context import PredictiveMode
-from pyro_moe.temperature_scaling import TemperatureScaling, fit_temperature
+from pyro_moe.inference.fitting import FittedPosterior, fit
+from pyro_moe.inference.predictive import RoutedPrediction
+from pyro_moe.models.expert_patch import ExpertPatch, patch_experts
+from pyro_moe.models.router_patch import patch_routers
 
 __all__ = [
     "DEFAULT_FAMILIES",
@@ -156,7 +156,7 @@ def check_modes(modes: Sequence[str]) -> tuple[str, ...]:
 
 def posterior_modes(posterior: Posterior, modes: Sequence[str]) -> tuple[str, ...]:
     """The ``modes`` ``posterior`` predicts in: expert-weight posteriors (an
-    :class:`~pyro_moe.models.expert_weights.ExpertPatch`) run their own experts per joint sample,
+    :class:`~pyro_moe.models.expert_patch.ExpertPatch`) run their own experts per joint sample,
     so they have ``model-average`` only."""
     if isinstance(getattr(posterior, "patch", None), ExpertPatch):
         return tuple(mode for mode in modes if mode == PredictiveMode.MODEL_AVERAGE.value)
@@ -174,14 +174,14 @@ class FamilySpec:
         name: the label in tables and plots.
         guide: the guide's name (see :mod:`pyro_moe.guides.registry`).
         sites: the router sites (as :func:`pyro_moe.patch_routers` takes them), or ``"experts"``
-            for the expert ``down_proj`` sites of :func:`pyro_moe.models.expert_weights.patch_experts`.
+            for the expert ``down_proj`` sites of :func:`pyro_moe.models.expert_patch.patch_experts`.
         selection: ``"top-k"`` or ``"sample-k"`` (router sites).
         options: further keyword arguments of :func:`pyro_moe.fit` (``objective``, ``num_particles``,
             ``guide_options``, ``lr``, ``steps``, ...), over the experiment's own.
         layers: the family's Bayesian decoder layers; ``None``: the experiment's.
         prior_precision_grid: expert sites: after the fit, the prior precision is chosen among
             these by the NLL of the validation batches
-            (:func:`pyro_moe.guides.prior_precision.select_prior_precision`).
+            (:func:`pyro_moe.guides.laplace.prior_precision.select_prior_precision`).
     """
 
     name: str
@@ -386,7 +386,7 @@ def fit_temperature_scaling(
     model: nn.Module, tokenizer: Any, examples: Sequence[MCQAExample], answer_token_ids: Tensor, batch_size: int
 ) -> TemperatureScaling:
     """Temperature scaling of the deterministic model's answer logits, fitted on ``examples``
-    (:func:`pyro_moe.temperature_scaling.fit_temperature`)."""
+    (:func:`pyro_moe.evaluation.temperature_scaling.fit_temperature`)."""
     logits = deterministic_logits(model, split_batches(examples, tokenizer, batch_size), answer_token_ids)
     return fit_temperature(logits, split_labels(examples))
 

@@ -17,7 +17,7 @@ afresh and fitted on the same training batches; the comparison then reports, per
   then says that ``q`` cannot be importance-weighted into the posterior;
 * a forest plot of the same sites across the cases.
 
-All ArviZ calls go through :mod:`pyro_moe.inference_data`.
+All ArviZ calls go through :mod:`pyro_moe.diagnostics.arviz_export`.
 
 Example::
 
@@ -49,11 +49,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
+from pyro_moe.diagnostics.arviz_export import compare, loo, plot_forest, to_inference_data
 from pyro_moe.errors import ConfigurationError
-from pyro_moe.fitting import fit
-from pyro_moe.inference_data import compare, loo, plot_forest, to_inference_data
-from pyro_moe.metrics import accuracy, expected_calibration_error, negative_log_likelihood
-from pyro_moe.patching import patch_routers
+from pyro_moe.evaluation.metrics import accuracy, expected_calibration_error, negative_log_likelihood
+from pyro_moe.inference.fitting import fit
+from pyro_moe.models.router_patch import patch_routers
 
 __all__ = ["GuideCase", "GuideComparison", "compare_guides", "main", "plot_elbo_curves"]
 

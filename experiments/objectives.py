@@ -14,7 +14,7 @@ the prior's scale). Two fits on the calibration split, same data, steps and seed
 
 Both are compared with the deterministic model and with the unfitted prior (the prior at its
 initial scale, no guide) on held-out test questions under ``model-average``, and checked with
-:func:`pyro_moe.collapse.collapse_report`.
+:func:`pyro_moe.diagnostics.collapse.collapse_report`.
 
 Example::
 
@@ -40,15 +40,15 @@ import pyro
 import torch
 from torch import Tensor
 
-from pyro_moe.collapse import CollapseReport, collapse_report
 from pyro_moe.data import mcqa_batches
+from pyro_moe.diagnostics.collapse import CollapseReport, collapse_report
 from pyro_moe.errors import ConfigurationError
+from pyro_moe.evaluation.metrics import calibration_report
 from pyro_moe.experiments.benchmark_model import LoadedBenchmark, answer_probabilities
 from pyro_moe.experiments.guide_comparison import plot_elbo_curves
-from pyro_moe.fitting import FittedPosterior, fit
-from pyro_moe.metrics import calibration_report
-from pyro_moe.patching import patch_routers
-from pyro_moe.predictive import predict
+from pyro_moe.inference.fitting import FittedPosterior, fit
+from pyro_moe.inference.predictive import predict
+from pyro_moe.models.router_patch import patch_routers
 
 __all__ = ["ObjectiveStudy", "ObjectiveStudySettings", "main", "run_objective_study"]
 

@@ -10,8 +10,8 @@ Scores (higher means more out-of-distribution), per method and predictive mode:
   logits, S >= 2).
 
 The deterministic model and temperature scaling (fitted on the calibration split) have the first
-two. AUROC and AUPRC (OoD the positive class) come from :func:`pyro_moe.metrics.ood_auroc` and
-:func:`pyro_moe.metrics.ood_auprc` (scikit-learn); one ROC figure per OoD split and method.
+two. AUROC and AUPRC (OoD the positive class) come from :func:`pyro_moe.evaluation.metrics.ood_auroc` and
+:func:`pyro_moe.evaluation.metrics.ood_auprc` (scikit-learn); one ROC figure per OoD split and method.
 
 Example::
 
@@ -34,6 +34,8 @@ from torch import Tensor, nn
 
 from pyro_moe.data import MCQAExample
 from pyro_moe.errors import ConfigurationError, PyroMoEError
+from pyro_moe.evaluation.metrics import ood_auprc, ood_auroc, predictive_entropy
+from pyro_moe.evaluation.plots import plot_roc_curves
 from pyro_moe.experiments.evaluation import (
     DEFAULT_FAMILIES,
     DETERMINISTIC,
@@ -58,8 +60,6 @@ from pyro_moe.experiments.evaluation import (
     split_batches,
     write_results,
 )
-from pyro_moe.metrics import ood_auprc, ood_auroc, predictive_entropy
-from pyro_moe.plots import plot_roc_curves
 
 __all__ = ["SCORES", "OoDResults", "main", "ood_experiment", "run_ood", "uncertainty_scores"]
 

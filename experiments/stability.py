@@ -1,13 +1,13 @@
 """Stability experiment: per-layer Jaccard similarity of the Top-K expert sets under router-input
 noise, for the deterministic model and every fitted posterior, and the susceptible layers.
 
-:func:`pyro_moe.stability.routing_stability` adds ``N(0, gamma^2 I)`` to each router's input and
+:func:`pyro_moe.evaluation.stability.routing_stability` adds ``N(0, gamma^2 I)`` to each router's input and
 compares the Top-K sets of the clean and noisy inputs token by token. The deterministic model is
 measured at its prior mean; a posterior is measured with its routers drawing from the posterior
 under the thesis' ``routing-average`` rule (S samples of the scores averaged, one selection), so
 its Jaccard also counts the disagreement of two independent S-sample selections: the ``gamma = 0``
 column measures that part alone. The susceptible layers are the deterministic model's least stable
-ones at the chosen ``gamma`` (:func:`pyro_moe.stability.susceptible_layers`): the ``k`` lowest, or
+ones at the chosen ``gamma`` (:func:`pyro_moe.evaluation.stability.susceptible_layers`): the ``k`` lowest, or
 those below a ``threshold``.
 
 Example::
@@ -32,8 +32,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from pyro_moe.core.handlers import at_prior_mean
+from pyro_moe.core.routing_context import PARTICLE_DIM, PredictiveMode, routing_context
 from pyro_moe.data import MCQAExample
 from pyro_moe.errors import ConfigurationError, PyroMoEError
+from pyro_moe.evaluation.plots import plot_stability_violins
+from pyro_moe.evaluation.stability import GAMMAS, RoutingStability, routing_stability, susceptible_layers
 from pyro_moe.experiments.evaluation import (
     DEFAULT_FAMILIES,
     DETERMINISTIC,
@@ -51,10 +55,6 @@ from pyro_moe.experiments.evaluation import (
     split_batches,
     write_results,
 )
-from pyro_moe.handlers import at_prior_mean
-from pyro_moe.plots import plot_stability_violins
-from pyro_moe.routing_context import PARTICLE_DIM, PredictiveMode, routing_context
-from pyro_moe.stability import GAMMAS, RoutingStability, routing_stability, susceptible_layers
 
 __all__ = [
     "GAMMA",
@@ -170,7 +170,7 @@ def posterior_stability(
     num_samples: int,
     seed: int = 0,
 ) -> RoutingStability:
-    """:func:`pyro_moe.stability.routing_stability` of a fitted posterior's model with its routers
+    """:func:`pyro_moe.evaluation.stability.routing_stability` of a fitted posterior's model with its routers
     drawing from the posterior (``routing-average``, S = ``num_samples``), batch by batch.
 
     Args:

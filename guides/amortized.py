@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from pyro_moe.errors import ConfigurationError
-from pyro_moe.patching import RouterPatch
+from pyro_moe.models.router_patch import RouterPatch
 
 __all__ = ["COVARIANCES", "AmortizedLogitGuide", "AmortizedTemperatureGuide", "LocalGuides", "TokenEncoder"]
 

@@ -3,7 +3,7 @@
 Every global site holds ``M`` values ``(M, *site shape)``, member ``m`` starting at its own draw
 from the prior (the prior is centred on the pretrained router, so the members start around it at
 the spread the prior allows, as deep ensembles start from different random seeds). Under a plate
-of ``S`` joint samples at :data:`~pyro_moe.routing_context.PARTICLE_DIM` sample ``s`` is member
+of ``S`` joint samples at :data:`~pyro_moe.core.routing_context.PARTICLE_DIM` sample ``s`` is member
 ``(o + s) mod M`` with ``o`` uniform at random: every member is drawn ``S / M`` times when ``M``
 divides ``S`` (so ``S = M`` averages the members exactly, in one pass: the members are the
 samples of ``model-average``), and each draw on its own is a draw of the uniform mixture of the
@@ -34,10 +34,10 @@ from pyro.nn import PyroModule, PyroParam
 from pyro.poutine.runtime import get_plates
 from torch import Tensor
 
+from pyro_moe.core.routing_context import PARTICLE_DIM
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.guides.fit_hooks import FitHooks
-from pyro_moe.patching import RouterPatch
-from pyro_moe.routing_context import PARTICLE_DIM
+from pyro_moe.models.router_patch import RouterPatch
 
 __all__ = ["RouterEnsemble"]
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pyro_moe.patching import RouterPatch
+from pyro_moe.models.router_patch import RouterPatch
 
 __all__ = ["FitHooks", "fit_hooks"]
 

@@ -9,7 +9,7 @@ A guide is named by one family or by families joined with ``+``, one for the glo
 
 Global families build a Pyro autoguide around a model callable; local families build a module
 with ``logits_distribution`` / ``temperature_distribution`` (see
-:class:`pyro_moe.routing_context.LocalGuide`). A third party registers a family with
+:class:`pyro_moe.core.routing_context.LocalGuide`). A third party registers a family with
 :func:`register_guide`::
 
     register_guide(GuideFamily("my-flow", GuideScope.GLOBAL, build_my_flow, "a normalising flow"))
@@ -17,29 +17,24 @@ with ``logits_distribution`` / ``temperature_distribution`` (see
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-import pyro
-import pyro.distributions as dist
 from pyro.infer.autoguide import (
-    AutoDelta,
-    AutoGuide,
     AutoLaplaceApproximation,
     AutoLowRankMultivariateNormal,
     AutoMultivariateNormal,
     AutoNormal,
     init_to_mean,
 )
-from pyro.infer.autoguide.utils import deep_setattr
-from pyro.nn import PyroModule, PyroParam
 
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.guides.amortized import AmortizedLogitGuide, AmortizedTemperatureGuide
+from pyro_moe.guides.delta import RouterAutoDelta
 from pyro_moe.guides.ensemble import RouterEnsemble
+from pyro_moe.guides.laplace.kronecker_guide import KroneckerMAP
 from pyro_moe.guides.swag import SWAG
 from pyro_moe.guides.temperature_sampling import TemperatureSampling
 
@@ -47,7 +42,6 @@ __all__ = [
     "GUIDE_FAMILIES",
     "GuideFamily",
     "GuideScope",
-    "RouterAutoDelta",
     "guide_family",
     "parse_guide",
     "register_guide",
@@ -97,29 +91,6 @@ def register_guide(family: GuideFamily) -> GuideFamily:
     return family
 
 
-class RouterAutoDelta(AutoDelta):
-    """``AutoDelta`` that keeps its point masses in a ``locs`` container, as ``AutoNormal`` does.
-
-    ``AutoDelta`` sets each site's parameter at the attribute path of the site's name; router sites
-    are named after module paths (``model.layers.0.mlp.gate.weight``), and ``model`` is already an
-    attribute of every autoguide, so the parameters would not be registered.
-    """
-
-    def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
-        AutoGuide._setup_prototype(self, *args, **kwargs)
-        self.locs = PyroModule()
-        for name, site in self.prototype_trace.iter_stochastic_nodes():
-            deep_setattr(self.locs, name, PyroParam(site["value"].detach(), site["fn"].support, site["fn"].event_dim))
-
-    def forward(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
-        return {
-            name: pyro.sample(name, dist.Delta(operator.attrgetter(name)(self.locs), event_dim=site["fn"].event_dim))
-            for name, site in self.prototype_trace.iter_stochastic_nodes()
-        }
-
-
 def _autoguide(cls: type, *, scaled: bool = True) -> Callable[..., Any]:
     def build(model: Callable[..., Any], init_scale: float = 0.01, **options: Any) -> Any:
         if scaled:
@@ -130,8 +101,6 @@ def _autoguide(cls: type, *, scaled: bool = True) -> Callable[..., Any]:
 
 
 def _kronecker_map(model: Callable[..., Any], covers: str, **options: Any) -> Any:
-    from pyro_moe.guides.kronecker_guide import KroneckerMAP  # it builds on RouterAutoDelta, defined here
-
     return KroneckerMAP(model, covers=covers, **options)
 
 

@@ -30,15 +30,15 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 
+from pyro_moe.core.readout import last_token_logits
+from pyro_moe.core.routing_context import routing_context
 from pyro_moe.distributed import DataParallel
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.guides.amortized import LocalGuides
-from pyro_moe.guides.dense_laplace import dense_laplace
-from pyro_moe.guides.kronecker_guide import KroneckerLaplaceGuide, KroneckerMAP
+from pyro_moe.guides.laplace.dense import dense_laplace
+from pyro_moe.guides.laplace.kronecker_guide import KroneckerLaplaceGuide, KroneckerMAP
 from pyro_moe.guides.registry import GuideScope, parse_guide
 from pyro_moe.models.likelihoods import data_scale
-from pyro_moe.readout import last_token_logits
-from pyro_moe.routing_context import routing_context
 
 __all__ = ["RouterGuide", "is_local_site"]
 

@@ -36,7 +36,7 @@ from torch import nn
 
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.guides.fit_hooks import FitHooks
-from pyro_moe.patching import RouterPatch
+from pyro_moe.models.router_patch import RouterPatch
 
 __all__ = ["SWAG"]
 

@@ -27,7 +27,7 @@ from torch import Tensor
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.guides.fit_hooks import FitHooks
 from pyro_moe.models.bayesian_router import Selection
-from pyro_moe.patching import RouterPatch
+from pyro_moe.models.router_patch import RouterPatch
 
 __all__ = ["TemperatureSampling"]
 

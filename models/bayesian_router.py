@@ -45,8 +45,15 @@ import torch
 from pyro import poutine
 from torch import Tensor, nn
 
+from pyro_moe.core.families import RouterFamily
+from pyro_moe.core.routing_context import (
+    TOKEN_DIM,
+    RoutingContext,
+    current_context,
+    folded_samples,
+    num_particles,
+)
 from pyro_moe.errors import ConfigurationError
-from pyro_moe.families import RouterFamily
 from pyro_moe.models.priors import (
     LogNormalPrior,
     NormalPrior,
@@ -55,13 +62,6 @@ from pyro_moe.models.priors import (
     family_name,
     family_params,
     prior_family,
-)
-from pyro_moe.routing_context import (
-    TOKEN_DIM,
-    RoutingContext,
-    current_context,
-    folded_samples,
-    num_particles,
 )
 
 __all__ = ["BayesianRouter", "RouterSites", "Selection", "SiteKind", "bayesian_router_class"]
@@ -303,6 +303,13 @@ class BayesianRouter(nn.Module):
         self.family = family
         self.sites = sites
         self.path = path
+
+    def hand_back(self, original: nn.Module) -> None:
+        """Give ``original`` (the router this one stands in for) the current parameters, buffers and hooks."""
+        original._parameters.update(self._parameters)
+        original._buffers.update(self._buffers)
+        for hooks in _HOOK_DICTS:
+            getattr(original, hooks).update(getattr(self, hooks))
 
     def site_name(self, kind: str) -> str:
         """Name of this router's sample site of ``kind`` (``"<path>.<kind>"``)."""

@@ -22,10 +22,10 @@ import pyro.distributions as dist
 import torch
 from torch import Tensor
 
+from pyro_moe.core.readout import last_token_logits
+from pyro_moe.core.routing_context import routing_context
 from pyro_moe.errors import ConfigurationError, NonFiniteError
-from pyro_moe.patching import RouterPatch
-from pyro_moe.readout import last_token_logits
-from pyro_moe.routing_context import routing_context
+from pyro_moe.models.router_patch import RouterPatch
 
 __all__ = ["MCQALikelihood", "NextTokenLikelihood", "data_scale"]
 

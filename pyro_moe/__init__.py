@@ -8,6 +8,10 @@ Example::
     handle.unpatch()
 """
 
+from pyro_moe.core.families import FAMILIES, RouterFamily, RouterLocation, find_moe_routers, register_family
+from pyro_moe.core.handlers import PriorMeanMessenger, at_prior_mean
+from pyro_moe.core.readout import last_positions, last_token_logits
+from pyro_moe.core.routing_context import PARTICLE_DIM, TOKEN_DIM, PredictiveMode, routing_context
 from pyro_moe.errors import (
     ConfigurationError,
     LayerSelectionError,
@@ -15,14 +19,10 @@ from pyro_moe.errors import (
     PyroMoEError,
     UnsupportedFamilyError,
 )
-from pyro_moe.families import FAMILIES, RouterFamily, RouterLocation, find_moe_routers, register_family
-from pyro_moe.fitting import FittedPosterior, fit
-from pyro_moe.handlers import PriorMeanMessenger, at_prior_mean
-from pyro_moe.models.expert_weights import ExpertPatch, patch_experts
-from pyro_moe.patching import RouterPatch, patch_routers
-from pyro_moe.predictive import RoutedPrediction, predict
-from pyro_moe.readout import last_positions, last_token_logits
-from pyro_moe.routing_context import PARTICLE_DIM, TOKEN_DIM, PredictiveMode, routing_context
+from pyro_moe.inference.fitting import FittedPosterior, fit
+from pyro_moe.inference.predictive import RoutedPrediction, predict
+from pyro_moe.models.expert_patch import ExpertPatch, patch_experts
+from pyro_moe.models.router_patch import RouterPatch, patch_routers
 
 __all__ = [
     "FAMILIES",

@@ -46,12 +46,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from pyro_moe.core.families import find_moe_routers
 from pyro_moe.data import MCQAExample, load_mcqa
 from pyro_moe.distributed import DEFAULT_TIMEOUT, DataParallel, init_distributed
 from pyro_moe.errors import DataError, DistributedError, PyroMoEError
-from pyro_moe.families import find_moe_routers
-from pyro_moe.fitting import FittedPosterior
 from pyro_moe.guides.registry import GUIDE_FAMILIES, parse_guide
+from pyro_moe.inference.fitting import FittedPosterior
 from pyro_moe.models.priors import PRIOR_FAMILIES, prior_family
 
 __all__ = ["DATA_PARALLEL_COMMANDS", "EXIT_BAD_INPUT", "EXIT_DISTRIBUTED", "LAPLACE_GUIDES", "build_parser", "main"]
@@ -365,9 +365,9 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
 def run_diagnose(args: argparse.Namespace) -> None:
     """``diagnose``: InferenceData (netCDF), its ``az.summary`` and the collapse report of a saved posterior."""
-    from pyro_moe.collapse import collapse_report
+    from pyro_moe.diagnostics.arviz_export import to_inference_data
+    from pyro_moe.diagnostics.collapse import collapse_report
     from pyro_moe.experiments.evaluation import split_batches
-    from pyro_moe.inference_data import to_inference_data
 
     _check_path(str(args.posterior), "posterior")
     inputs = load_inputs(args, ["test"])

@@ -26,8 +26,8 @@ from safetensors.torch import save_file
 from pyro_moe import FittedPosterior, fit, patch_experts, patch_routers
 from pyro_moe.distributed import init_distributed
 from pyro_moe.errors import DistributedError
-from pyro_moe.inference import SVIEngine
-from tests.test_fitting import mcqa_batches
+from pyro_moe.inference.svi import SVIEngine
+from tests.helpers import mcqa_batches
 from tests.tiny_models import tiny_model
 
 ANSWERS = torch.tensor([4, 5, 6, 7])

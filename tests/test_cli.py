@@ -12,11 +12,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pyro_moe.checkpoint import CheckpointError
 from pyro_moe.cli import EXIT_BAD_INPUT, LOG_NAME, build_parser, main
 from pyro_moe.data import answer_token_ids
-from pyro_moe.fitting import FittedPosterior
-from pyro_moe.metrics import calibration_report
+from pyro_moe.evaluation.metrics import calibration_report
+from pyro_moe.inference.checkpoint import CheckpointError
+from pyro_moe.inference.fitting import FittedPosterior
 from tests.experiments.tiny_evaluation import direct_answer_probs, tiny_splits
 from tests.tiny_models import tiny_dense_model, tiny_model, tiny_tokenizer
 

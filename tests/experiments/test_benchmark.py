@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from pyro_moe.data import DEFAULT_TEMPLATE, MCQAExample, answer_token_ids
 from pyro_moe.errors import ConfigurationError
+from pyro_moe.evaluation.metrics import calibration_report
 from pyro_moe.experiments.benchmark_data import SPLITS, Benchmark, generate_benchmark
 from pyro_moe.experiments.benchmark_model import (
     CHECKPOINT_DIR,
@@ -27,7 +28,6 @@ from pyro_moe.experiments.benchmark_model import (
     load_benchmark,
     train_benchmark_model,
 )
-from pyro_moe.metrics import calibration_report
 
 SMALL = {"train": 40, "calibration": 20, "test": 20, "near_ood": 20, "far_ood": 20}
 

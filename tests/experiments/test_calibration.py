@@ -1,4 +1,4 @@
-"""Calibration experiment: its rows against pyro_moe.metrics on predictions recomputed directly (the HF
+"""Calibration experiment: its rows against pyro_moe.evaluation.metrics on predictions recomputed directly (the HF
 forward, a temperature fitted on the calibration logits, the posteriors' own predict), files, CLI, bad input."""
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from pyro_moe import ConfigurationError
+from pyro_moe.evaluation.metrics import calibration_report
+from pyro_moe.evaluation.temperature_scaling import fit_temperature
 from pyro_moe.experiments import calibration, evaluation
 from pyro_moe.experiments.calibration import calibration_experiment, run_calibration
 from pyro_moe.experiments.evaluation import (
@@ -21,8 +23,6 @@ from pyro_moe.experiments.evaluation import (
     split_batches,
     write_results,
 )
-from pyro_moe.metrics import calibration_report
-from pyro_moe.temperature_scaling import fit_temperature
 from tests.experiments.tiny_evaluation import direct_answer_probs, tiny_inputs, tiny_posteriors
 
 

@@ -11,9 +11,9 @@ import pytest
 from scipy import stats
 
 from pyro_moe import ConfigurationError
+from pyro_moe.diagnostics.arviz_export import compare, loo
 from pyro_moe.experiments.guide_comparison import GuideCase, compare_guides
-from pyro_moe.inference_data import compare, loo
-from tests.test_fitting import ANSWERS, mcqa_batches
+from tests.helpers import ANSWERS, mcqa_batches
 from tests.tiny_models import tiny_model
 
 PRIOR_SD, DRAWS = 3.0, 4000

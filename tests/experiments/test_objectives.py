@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from pyro_moe import ConfigurationError
+from pyro_moe.evaluation.metrics import calibration_report
 from pyro_moe.experiments.benchmark_model import answer_probabilities, load_benchmark
 from pyro_moe.experiments.objectives import ObjectiveStudySettings, main, run_objective_study
-from pyro_moe.metrics import calibration_report
 
 SETTINGS = ObjectiveStudySettings(
     train_examples=400, test_examples=300, steps=60, lr=0.05, num_samples=8, collapse_batches=2, seed=0

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from pyro_moe import ConfigurationError
+from pyro_moe.evaluation.stability import routing_stability, susceptible_layers
 from pyro_moe.experiments import evaluation, stability
 from pyro_moe.experiments.evaluation import DETERMINISTIC, split_batches, write_results
 from pyro_moe.experiments.stability import run_stability, stability_experiment
-from pyro_moe.stability import routing_stability, susceptible_layers
 from tests.experiments.tiny_evaluation import tiny_inputs, tiny_posteriors
 
 GAMMAS = (0.0, 0.01, 0.5)

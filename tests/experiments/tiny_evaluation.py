@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from pyro_moe.data import DEFAULT_TEMPLATE, MCQAExample, answer_token_ids
 from pyro_moe.experiments.evaluation import fit_named_families
-from pyro_moe.fitting import FittedPosterior
+from pyro_moe.inference.fitting import FittedPosterior
 from tests.tiny_models import tiny_model, tiny_tokenizer
 
 __all__ = ["FAMILIES", "SPLIT_SIZES", "direct_answer_probs", "tiny_inputs", "tiny_posteriors", "tiny_splits"]

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pyro_moe import patch_routers
-from pyro_moe.fitting import FittedPosterior, fit
-from tests.test_fitting import ANSWERS, FAMILY_SETUPS, mcqa_batches
+from pyro_moe.inference.fitting import FittedPosterior, fit
+from tests.helpers import ANSWERS, FAMILY_SETUPS, mcqa_batches
 from tests.tiny_models import tiny_model
 
 BASELINES = ("temp-sampling", "mc-dropout", "swag", "ensemble")

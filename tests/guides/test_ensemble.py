@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from pyro_moe import ConfigurationError, patch_routers
-from pyro_moe.fitting import fit
 from pyro_moe.guides.router_guide import RouterGuide
-from pyro_moe.inference import SVIEngine
+from pyro_moe.inference.fitting import fit
+from pyro_moe.inference.svi import SVIEngine
 from pyro_moe.models.likelihoods import MCQALikelihood
-from tests.test_fitting import ANSWERS, mcqa_batches
+from tests.helpers import ANSWERS, mcqa_batches
 from tests.tiny_models import tiny_model
 
 WEIGHT = "model.layers.1.block_sparse_moe.router.weight"

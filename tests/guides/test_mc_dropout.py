@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pyro_moe import ConfigurationError, patch_routers
-from pyro_moe.fitting import fit
-from tests.test_fitting import ANSWERS, mcqa_batches
+from pyro_moe.inference.fitting import fit
+from tests.helpers import ANSWERS, mcqa_batches
 from tests.tiny_models import tiny_model
 
 WEIGHT = "model.layers.1.block_sparse_moe.router.weight"

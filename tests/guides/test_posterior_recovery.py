@@ -12,9 +12,9 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_moe.guides.dense_laplace import dense_laplace
+from pyro_moe.guides.laplace.dense import dense_laplace
 from pyro_moe.guides.registry import guide_family
-from pyro_moe.inference import SVIEngine
+from pyro_moe.inference.svi import SVIEngine
 
 SIGMA, N, D = 0.5, 40, 3
 

@@ -16,10 +16,10 @@ import scipy.linalg
 import torch
 
 from pyro_moe import ConfigurationError, patch_routers
-from pyro_moe.fitting import fit
 from pyro_moe.guides.swag import SWAG
-from pyro_moe.inference import SVIEngine
-from tests.test_fitting import ANSWERS, mcqa_batches
+from pyro_moe.inference.fitting import fit
+from pyro_moe.inference.svi import SVIEngine
+from tests.helpers import ANSWERS, mcqa_batches
 from tests.tiny_models import tiny_model
 
 CURVATURE = torch.tensor([[2.0, 0.6, 0.0], [0.6, 1.5, 0.4], [0.0, 0.4, 1.2]], dtype=torch.float64)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pyro_moe import ConfigurationError, patch_routers
-from pyro_moe.fitting import fit
-from tests.test_fitting import ANSWERS, mcqa_batches
+from pyro_moe.inference.fitting import fit
+from tests.helpers import ANSWERS, mcqa_batches
 from tests.tiny_models import tiny_model
 
 TEMPERATURE = 2.0

@@ -248,7 +248,7 @@ REAL_FAMILIES = ["laplace", "student-t", "horseshoe", "scale-mixture", "spike-an
     ids=[*REAL_FAMILIES, "gamma", "half-cauchy"],
 )
 def test_every_prior_family_trains_without_nan(sites, guide):
-    from tests.test_fitting import ANSWERS, mcqa_batches
+    from tests.helpers import ANSWERS, mcqa_batches
 
     handle = patch_routers(tiny_model("granitemoe"), sites, layers=[1])
     posterior = fit(handle, mcqa_batches(count=2), guide, answer_token_ids=ANSWERS, steps=6, lr=0.03, progress=False)

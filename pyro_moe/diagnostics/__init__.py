@@ -1,0 +1,2 @@
+"""Reading a fitted posterior: joint draws of its sites, the ArviZ export and the collapse report.
+Builds on inference."""

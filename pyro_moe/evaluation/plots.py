@@ -1,0 +1,270 @@
+"""PNG figures of the evaluation: reliability diagrams, per-layer stability violins, ROC curves and
+efficiency bars.
+
+Figures are drawn on matplotlib's Agg canvas without pyplot, so nothing opens a window and the
+global backend is left alone. Every function writes one PNG (creating its folder), with a title,
+axis labels and a legend, and returns its path.
+
+Example::
+
+    from pyro_moe.evaluation import metrics, plots
+    plots.plot_reliability_diagram({"deterministic": metrics.reliability_diagram_data(p, y)}, "out/reliability.png")
+    plots.plot_stability_violins(stability, "out/stability.png", threshold=0.9)
+    plots.plot_roc_curves({"mutual information": (mi_in, mi_ood)}, "out/roc.png")
+    plots.plot_efficiency_bars({"deterministic": {"latency (ms)": 12.0}, "MFVR": {"latency (ms)": 30.0}},
+                               "out/efficiency.png", baseline="deterministic")
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from sklearn.metrics import roc_curve
+from torch import Tensor
+
+from pyro_moe.errors import ConfigurationError
+from pyro_moe.evaluation.metrics import ReliabilityDiagram, ood_auroc
+from pyro_moe.evaluation.stability import DEFAULT_GAMMA, RoutingStability
+
+__all__ = ["plot_efficiency_bars", "plot_reliability_diagram", "plot_roc_curves", "plot_stability_violins"]
+
+DPI = 120
+"""Resolution of the written PNGs."""
+
+
+def _png_path(path: str | Path) -> Path:
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ConfigurationError(f"plots are written as PNG: the path must end in .png, got {str(path)!r}.")
+    return path
+
+
+def _save(figure: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(figure)
+    figure.savefig(path, dpi=DPI)
+    return path
+
+
+def _non_empty(mapping: Mapping, what: str) -> None:
+    if not isinstance(mapping, Mapping) or not mapping:
+        raise ConfigurationError(f"{what} must be a non-empty mapping from names to values.")
+
+
+def plot_reliability_diagram(
+    diagrams: Mapping[str, ReliabilityDiagram] | ReliabilityDiagram,
+    path: str | Path,
+    *,
+    title: str = "Reliability diagram",
+) -> Path:
+    """Accuracy against confidence per bin, one line per method, over the diagonal of perfect
+    calibration, with the share of examples per bin underneath; the legend gives each ECE.
+
+    Args:
+        diagrams: ``{method: ReliabilityDiagram}`` (from :func:`pyro_moe.evaluation.metrics.reliability_diagram_data`),
+            or one diagram; all with the same bins.
+        path: the ``.png`` to write.
+        title: the figure title.
+    """
+    path = _png_path(path)
+    if isinstance(diagrams, ReliabilityDiagram):
+        diagrams = {"model": diagrams}
+    _non_empty(diagrams, "diagrams")
+    edges = next(iter(diagrams.values())).edges
+    for name, diagram in diagrams.items():
+        if not isinstance(diagram, ReliabilityDiagram) or diagram.edges.shape != edges.shape:
+            raise ConfigurationError(f"diagram {name!r} must be a ReliabilityDiagram with {len(edges) - 1} bins.")
+    edges = edges.double().cpu().numpy()
+    widths = np.diff(edges)
+
+    many = len(diagrams) > 3  # the legend goes beside the axes, where it covers no line
+    figure = Figure(figsize=(9.6 if many else 6.4, 6.4), layout="constrained")
+    top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+    top.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
+    bar_width = widths / (len(diagrams) + 1)
+    for number, (name, diagram) in enumerate(diagrams.items()):
+        colour = _colour(number, len(diagrams))
+        count = diagram.count.double().cpu().numpy()
+        accuracy = diagram.accuracy.double().cpu().numpy()
+        confidence = diagram.confidence.double().cpu().numpy()
+        filled = count > 0
+        ece = diagram.expected_calibration_error
+        label = f"{name} (ECE {ece:.3f})"
+        top.plot(confidence[filled], accuracy[filled], marker="o", color=colour, label=label)
+        offset = edges[:-1] + (number + 0.5) * bar_width
+        bottom.bar(offset, count / count.sum(), width=bar_width, align="edge", color=colour)
+    top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=title)
+    if many:
+        top.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
+    else:
+        top.legend(loc="upper left")
+    top.grid(alpha=0.3)
+    bottom.set(xlabel="confidence (top-label probability)", ylabel="share of examples")
+    return _save(figure, path)
+
+
+def _colour(number: int, total: int) -> Any:
+    """Distinct colours for up to 20 series: matplotlib's ``tab10``, ``tab20`` beyond ten."""
+    return f"C{number}" if total <= 10 else matplotlib.colormaps["tab20"](number % 20)
+
+
+def plot_stability_violins(
+    result: RoutingStability,
+    path: str | Path,
+    *,
+    gamma: float = DEFAULT_GAMMA,
+    threshold: float | None = None,
+    title: str | None = None,
+) -> Path:
+    """Per-layer violins of the tokens' Jaccard similarities at noise level ``gamma``, means
+    marked; with a ``threshold`` line, layers whose mean falls below it are coloured as susceptible.
+
+    Args:
+        result: from :func:`pyro_moe.evaluation.stability.routing_stability`.
+        path: the ``.png`` to write.
+        gamma: the noise level to show (one of ``result.gammas``).
+        threshold: the Jaccard level below which a layer counts as susceptible.
+        title: the figure title (default names gamma).
+    """
+    path = _png_path(path)
+    if not isinstance(result, RoutingStability):
+        raise ConfigurationError("result must be a RoutingStability (from routing_stability).")
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise ConfigurationError(f"threshold must be a Jaccard similarity in [0, 1], got {threshold!r}.")
+    values = result.values[:, result.gamma_index(gamma)].double().numpy()  # (routers, tokens)
+    means = values.mean(-1)
+    positions = np.arange(len(result.layers))
+
+    figure = Figure(figsize=(max(8.0, 0.6 * len(positions) + 4), 4.8), layout="constrained")
+    axis = figure.subplots()
+    parts = axis.violinplot(list(values), positions=positions, showmeans=False, showextrema=True)
+    susceptible = means < threshold if threshold is not None else np.zeros(len(means), dtype=bool)
+    for body, low in zip(parts["bodies"], susceptible, strict=True):
+        body.set_facecolor("tab:red" if low else "tab:blue")
+        body.set_alpha(0.5)
+    for lines in ("cmins", "cmaxes", "cbars"):
+        parts[lines].set_color("grey")
+    handles = []
+    if not susceptible.all():
+        handles.append(axis.scatter([], [], marker="s", color="tab:blue", alpha=0.5, label="per-token Jaccard"))
+    if susceptible.any():
+        handles.append(
+            axis.scatter([], [], marker="s", color="tab:red", alpha=0.5, label="per-token Jaccard, susceptible layer")
+        )
+    handles.append(axis.scatter(positions, means, marker="o", color="black", zorder=3, s=14, label="mean"))
+    if threshold is not None:
+        handles.append(axis.axhline(threshold, color="tab:red", linestyle="--", label=f"threshold {threshold:g}"))
+    axis.set(
+        xticks=positions,
+        xticklabels=[str(layer) for layer in result.layers],
+        xlabel="decoder layer",
+        ylabel="Jaccard similarity of Top-K experts",
+        ylim=(-0.02, 1.02),
+    )
+    figure.suptitle(title or f"Routing stability under router-input noise (gamma = {gamma:g})")  # spans the legend
+    axis.grid(axis="y", alpha=0.3)
+    axis.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _save(figure, path)
+
+
+def _scores(value: Tensor, name: str, which: str) -> np.ndarray:
+    if not isinstance(value, Tensor) or value.dim() != 1 or value.numel() == 0:
+        raise ConfigurationError(f"{which} scores of {name!r} must be a non-empty 1-D tensor.")
+    return value.detach().double().cpu().numpy()
+
+
+def plot_roc_curves(
+    scores: Mapping[str, tuple[Tensor, Tensor]],
+    path: str | Path,
+    *,
+    title: str = "OoD detection: ROC curves",
+) -> Path:
+    """ROC curves of telling OoD from in-distribution examples, one per score, AUROC in the legend.
+
+    Args:
+        scores: ``{score name: (in-distribution scores (n_in,), OoD scores (n_ood,))}``, higher
+            meaning more OoD.
+        path: the ``.png`` to write.
+        title: the figure title.
+    """
+    path = _png_path(path)
+    _non_empty(scores, "scores")
+    curves = []
+    for name, pair in scores.items():
+        if not isinstance(pair, tuple | list) or len(pair) != 2:
+            raise ConfigurationError(f"scores[{name!r}] must be a pair (in-distribution scores, OoD scores).")
+        in_scores, ood_scores = _scores(pair[0], name, "in-distribution"), _scores(pair[1], name, "OoD")
+        labels = np.r_[np.zeros(len(in_scores)), np.ones(len(ood_scores))]
+        false_positive, true_positive, _ = roc_curve(labels, np.r_[in_scores, ood_scores])
+        curves.append((name, false_positive, true_positive, ood_auroc(pair[0], pair[1])))
+
+    figure = Figure(figsize=(6.4, 6.0), layout="constrained")
+    axis = figure.subplots()
+    for name, false_positive, true_positive, auroc in curves:
+        axis.plot(false_positive, true_positive, label=f"{name} (AUROC {auroc:.3f})")
+    axis.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance (AUROC 0.5)")
+    axis.set(
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+        xlabel="false positive rate (in-distribution flagged as OoD)",
+        ylabel="true positive rate (OoD detected)",
+        title=title,
+    )
+    axis.grid(alpha=0.3)
+    axis.legend(loc="lower right")
+    return _save(figure, path)
+
+
+def plot_efficiency_bars(
+    figures: Mapping[str, Mapping[str, float]],
+    path: str | Path,
+    *,
+    baseline: str | None = None,
+    title: str = "Cost against the deterministic model",
+) -> Path:
+    """Bars of each method's cost figures, one panel per figure (latency, peak memory, FLOPs per
+    token, ...), values written on the bars; ``baseline``'s value is drawn as a dashed line.
+
+    Args:
+        figures: ``{method: {figure name with unit: value}}``; every method has the same figures.
+        path: the ``.png`` to write.
+        baseline: the method to compare against (e.g. ``"deterministic"``).
+        title: the figure title.
+    """
+    path = _png_path(path)
+    _non_empty(figures, "figures")
+    names = list(next(iter(figures.values())))
+    if not names:
+        raise ConfigurationError("figures must name at least one cost figure per method.")
+    for method, values in figures.items():
+        if not isinstance(values, Mapping) or list(values) != names:
+            raise ConfigurationError(f"method {method!r} must give the figures {names} (in this order).")
+        if not all(isinstance(v, int | float) and math.isfinite(v) for v in values.values()):
+            raise ConfigurationError(f"the figures of {method!r} must be finite numbers.")
+    if baseline is not None and baseline not in figures:
+        raise ConfigurationError(f"baseline {baseline!r} is not among the methods {list(figures)}.")
+
+    methods = list(figures)
+    positions = np.arange(len(methods))
+    colours = [_colour(i, len(methods)) for i in range(len(methods))]
+    figure = Figure(figsize=(len(names) * max(4.0, 1.5 + 0.7 * len(methods)), 4.8), layout="constrained")
+    axes = np.atleast_1d(figure.subplots(1, len(names)))
+    for axis, name in zip(axes, names, strict=True):
+        heights = [float(figures[method][name]) for method in methods]
+        bars = axis.bar(positions, heights, color=colours)
+        axis.bar_label(bars, labels=[f"{h:.0f}" if h >= 100 else f"{h:.3g}" for h in heights], fontsize="small")
+        if baseline is not None:
+            axis.axhline(figures[baseline][name], color="black", linestyle="--", linewidth=1)
+        axis.set(xticks=positions, xlabel="method", ylabel=name, title=name)
+        axis.set_ylim(top=1.12 * max(max(heights), 0.0) or None)  # room for the values above the bars
+        axis.set_xticklabels(methods, rotation=30, ha="right")  # the methods are named under their bars
+        axis.grid(axis="y", alpha=0.3)
+    figure.suptitle(title if baseline is None else f"{title} (dashed line: {baseline})")
+    return _save(figure, path)

@@ -1,0 +1,348 @@
+"""``fit``: posteriors over the router sites of a patched model, by SVI, with guides by name.
+
+Every guide family trains the same model on the same data with the same loop: the MCQA
+likelihood on minibatches (an unbiased estimate of the full-data objective), the frozen
+backbone, Adam, an optional KL weight with linear annealing, gradient clipping, a seed, and a
+progress bar with the loss, KL and NLL. The result predicts with both predictive modes, saves as
+safetensors plus JSON and resumes.
+
+Example::
+
+    handle = patch_routers(model, {"weight": 0.05}, layers=[1, 2])
+    posterior = fit(handle, batches, guide="low-rank", answer_token_ids=letter_ids, steps=300)
+    prediction = posterior.predict(input_ids, attention_mask, num_samples=16)
+    posterior.save("runs/low-rank")
+    posterior = FittedPosterior.load("runs/low-rank", model)      # on a fresh, unpatched model
+
+Under ``torchrun`` (after :func:`pyro_moe.distributed.init_distributed`) the same calls run
+data-parallel: every rank steps on its shard of each global batch, the guide's gradients are
+averaged, a Laplace fit reduces its curvature once, and only rank 0 writes (see
+:mod:`pyro_moe.distributed`). The batches and their order do not depend on the number of
+processes, so a checkpoint resumes under any number of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from pyro_moe.distributed import DataParallel, data_parallel
+from pyro_moe.errors import ConfigurationError
+from pyro_moe.guides.fit_hooks import fit_hooks
+from pyro_moe.guides.laplace.kronecker_guide import KroneckerLaplaceGuide
+from pyro_moe.guides.router_guide import RouterGuide
+from pyro_moe.inference.checkpoint import load_checkpoint, save_checkpoint
+from pyro_moe.inference.predictive import RoutedPrediction, predict
+from pyro_moe.inference.svi import SVIEngine
+from pyro_moe.models.expert_patch import patch_experts
+from pyro_moe.models.likelihoods import MCQALikelihood
+from pyro_moe.models.router_patch import RouterPatch, patch_routers
+
+__all__ = ["FittedPosterior", "check_batches", "fit"]
+
+BATCH_KEYS = ("input_ids", "attention_mask", "labels")
+TRAINING_OPTIONS = ("objective", "num_particles", "alpha", "lr", "beta", "beta_anneal_steps", "clip_norm", "optimizer")
+
+
+def check_batches(data: Iterable[Mapping[str, Tensor]], num_choices: int) -> list[dict[str, Tensor]]:
+    """The batches as a list, checked: non-empty, the keys ``input_ids`` ``(batch, length)``,
+    ``attention_mask`` (same shape) and ``labels`` ``(batch,)`` in ``[0, num_choices)``."""
+    batches = [dict(batch) for batch in data]
+    if not batches:
+        raise ConfigurationError("the data are empty: give at least one batch of input_ids, attention_mask, labels.")
+    for index, batch in enumerate(batches):
+        missing = [key for key in BATCH_KEYS if key not in batch]
+        if missing:
+            raise ConfigurationError(f"batch {index} lacks {missing}; every batch needs {', '.join(BATCH_KEYS)}.")
+        ids, mask, labels = (batch[key] for key in BATCH_KEYS)
+        if ids.dim() != 2 or mask.shape != ids.shape or labels.shape != ids.shape[:1]:
+            raise ConfigurationError(
+                f"batch {index}: input_ids {tuple(ids.shape)}, attention_mask {tuple(mask.shape)} and labels "
+                f"{tuple(labels.shape)} must be (batch, length), (batch, length) and (batch,)."
+            )
+        if labels.dtype.is_floating_point or labels.min() < 0 or labels.max() >= num_choices:
+            raise ConfigurationError(
+                f"batch {index}: labels must be integers in [0, {num_choices}) (one per answer letter), "
+                f"got values in [{labels.min().item()}, {labels.max().item()}]."
+            )
+    return batches
+
+
+@contextlib.contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """The backbone does not train: no gradients for its parameters (restored afterwards)."""
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    for param, _ in flags:
+        param.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def _training(guide: nn.Module) -> Iterator[None]:
+    """The guide in training mode while it trains, in evaluation mode afterwards (SWAG: iterate, then Gaussian)."""
+    guide.train()
+    try:
+        yield
+    finally:
+        guide.eval()
+
+
+class FittedPosterior:
+    """A trained guide with its model; see the module docstring.
+
+    Attributes:
+        patch: the patched model.
+        likelihood: the MCQA likelihood.
+        guide: the :class:`~pyro_moe.guides.router_guide.RouterGuide`.
+        engine: the SVI engine (history, optimiser state).
+        config: everything that rebuilds the patch, the guide and the training.
+    """
+
+    def __init__(
+        self, patch: RouterPatch, likelihood: MCQALikelihood, guide: RouterGuide, engine: SVIEngine, config: dict
+    ) -> None:
+        self.patch, self.likelihood, self.guide, self.engine, self.config = patch, likelihood, guide, engine, config
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        """One record per step: ``step, loss, nll, kl, beta``."""
+        return self.engine.history
+
+    def _device(self) -> torch.device:
+        return self.patch.model.get_input_embeddings().weight.device
+
+    @property
+    def data_parallel(self) -> DataParallel | None:
+        """The data-parallel run this posterior trains in (``None``: one process)."""
+        return self.engine.data_parallel
+
+    def train(self, data: Iterable[Mapping[str, Tensor]], steps: int, progress: bool = True) -> FittedPosterior:
+        """Run ``steps`` more SVI steps on ``data`` (also how :func:`fit` trains and how a loaded
+        posterior resumes); the batch order continues from the step count. Data-parallel, every
+        rank gives the same ``data`` and steps on its rows of each batch."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < (0 if self.guide.is_laplace else 1):
+            raise ConfigurationError(f"steps must be a positive integer (0: a post-hoc Laplace), got {steps!r}.")
+        if self.config.get("laplace_fitted"):
+            raise ConfigurationError("a fitted Laplace posterior cannot resume training; fit a new one.")
+        batches = check_batches(data, self.likelihood.num_choices)
+        num_examples = sum(len(batch["labels"]) for batch in batches)
+        parallel = self.data_parallel
+        if parallel is not None:
+            parallel.check_batch_sizes([len(batch["labels"]) for batch in batches])
+            progress = progress and parallel.is_main
+        device, seed = self._device(), self.config["seed"]
+        start = self.engine.step_count
+        hooks = fit_hooks(self.guide.global_guide)
+        hooks.check_fit(self.patch, start, steps, self.config["num_particles"])
+        if not hooks.trains:  # nothing to optimise (temp-sampling)
+            return self
+        bar = tqdm(range(start, start + steps), desc=f"fit {self.guide.spec}", disable=not progress)
+        with _frozen(self.patch.model), _training(self.guide):
+            for step in bar:
+                epoch, position = divmod(step, len(batches))
+                order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed + epoch))
+                batch = batches[int(order[position])]
+                batch = {k: v.to(device) for k, v in (parallel.shard_rows(batch) if parallel else batch).items()}
+                record = self.engine.step({**batch, "num_examples": num_examples})
+                hooks.after_step(self.engine.step_count)
+                bar.set_postfix(loss=f"{record['loss']:.3g}", kl=f"{record['kl']:.3g}", nll=f"{record['nll']:.3f}")
+            if self.guide.is_laplace:
+                batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+                self.guide.fit_laplace(batches, num_examples, progress, parallel)
+                self.config["laplace_fitted"] = True
+        return self
+
+    def predict(self, input_ids: Tensor, attention_mask: Tensor | None = None, **options: Any) -> RoutedPrediction:
+        """:func:`pyro_moe.predict` with this posterior (``model-average`` by default)."""
+        return predict(
+            self.patch,
+            input_ids,
+            attention_mask,
+            answer_token_ids=self.likelihood.answer_token_ids,
+            guide=self.guide,
+            **options,
+        )
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the guide's parameters, the optimiser state and the configuration (safetensors + JSON).
+
+        Data-parallel, only rank 0 writes; the others return at once (so calling it on every rank or
+        on rank 0 alone both work)."""
+        if self.data_parallel is not None and not self.data_parallel.is_main:
+            return Path(folder)
+        tensors = self.engine.state_tensors()
+        tensors.update({f"buffer/{name}": value for name, value in self.guide.named_buffers()})
+        config = {**self.config, "history": self.engine.history, "step_count": self.engine.step_count}
+        if isinstance(self.guide.global_guide, KroneckerLaplaceGuide):
+            config["kronecker_laplace"] = self.guide.global_guide.metadata()
+        return save_checkpoint(folder, tensors, config)
+
+    @classmethod
+    def load(cls, folder: str | Path, model: nn.Module, distributed: bool | None = None) -> FittedPosterior:
+        """Patch ``model`` as the saved posterior was patched and restore its guide and training state.
+
+        The model must be the same architecture and weights; it is patched in place (undo with
+        ``posterior.patch.unpatch()``). ``distributed``: as in :func:`fit`; a checkpoint resumes
+        under any number of processes."""
+        parallel = data_parallel(distributed)
+        tensors, config = load_checkpoint(folder)
+        try:
+            if "experts" in config["sites"]:
+                patch = patch_experts(model, config["layers"], sites=config["sites"])
+            else:
+                patch = patch_routers(model, config["sites"], layers=config["layers"], selection=config["selection"])
+        except KeyError as missing:
+            raise ConfigurationError(f"checkpoint {folder} lacks the configuration entry {missing}.") from None
+        try:
+            posterior = _build(patch, torch.tensor(config["answer_token_ids"]), config, parallel)
+            device = posterior._device()
+            dummy = {
+                "input_ids": torch.zeros(1, 2, dtype=torch.long, device=device),
+                "attention_mask": torch.ones(1, 2, dtype=torch.long, device=device),
+                "labels": torch.zeros(1, dtype=torch.long, device=device),
+                "num_examples": 1,
+            }
+            posterior.guide.setup(**dummy)
+            if config.get("laplace_fitted"):
+                buffers = {
+                    name.removeprefix("buffer/global_guide."): tensor.to(device)
+                    for name, tensor in tensors.items()
+                    if name.startswith("buffer/global_guide.")
+                }
+                if "kronecker_laplace" in config:
+                    posterior.guide.load_kronecker_laplace(buffers, config["kronecker_laplace"])
+                else:
+                    posterior.guide.set_laplace(buffers["loc"], buffers["scale"], buffers["scale_tril"], dummy)
+            elif fit_hooks(posterior.guide.global_guide).trains:
+                posterior.engine.load_state_tensors(tensors, dummy)
+                _load_buffers(posterior.guide, tensors)
+            posterior.guide.eval()
+            posterior.engine.history = list(config.get("history", []))
+            posterior.engine.step_count = int(config.get("step_count", 0))
+        except BaseException:
+            patch.unpatch()
+            raise
+        return posterior
+
+
+def _load_buffers(guide: nn.Module, tensors: Mapping[str, Tensor]) -> None:
+    """Copy the saved buffers of ``guide`` (SWAG's moments) into the rebuilt one."""
+    missing = [name for name, _ in guide.named_buffers() if f"buffer/{name}" not in tensors]
+    if missing:
+        raise ConfigurationError(f"the checkpoint lacks the guide's buffers {missing[:3]}.")
+    with torch.no_grad():
+        for name, buffer in guide.named_buffers():
+            buffer.copy_(tensors[f"buffer/{name}"])
+
+
+_FIT_NUMBERS = itertools.count()
+
+
+def _build(
+    patch: RouterPatch, answer_token_ids: Tensor, config: dict, parallel: DataParallel | None
+) -> FittedPosterior:
+    """Likelihood, guide and engine of a fit; their parameters carry a prefix of their own."""
+    prefix = f"pyro_moe.fit{next(_FIT_NUMBERS)}/"
+    likelihood = MCQALikelihood(patch, answer_token_ids, param_prefix=prefix)
+    guide = RouterGuide(likelihood, config["guide"], config.get("guide_options"))
+    options = {k: config[k] for k in TRAINING_OPTIONS if k != "optimizer"}
+    options["optimizer"] = config.get("optimizer", "adam")  # checkpoints from before the option
+    engine = SVIEngine(
+        likelihood, guide, nll=lambda: likelihood.last_nll, param_prefix=prefix, data_parallel=parallel, **options
+    )
+    return FittedPosterior(patch, likelihood, guide, engine, config)
+
+
+def fit(
+    patch: RouterPatch,
+    data: Iterable[Mapping[str, Tensor]],
+    guide: str = "mean-field",
+    *,
+    answer_token_ids: Tensor | Sequence[int],
+    steps: int = 200,
+    guide_options: Mapping[str, Mapping[str, Any]] | None = None,
+    objective: str = "elbo",
+    num_particles: int = 1,
+    alpha: float = 0.0,
+    lr: float = 1e-2,
+    beta: float = 1.0,
+    beta_anneal_steps: int = 0,
+    clip_norm: float | None = 10.0,
+    optimizer: str = "adam",
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    distributed: bool | None = None,
+) -> FittedPosterior:
+    """Fit a posterior over the router sites of ``patch`` on MCQA ``data`` by SVI.
+
+    Args:
+        patch: the patched model; its sites decide which guide parts are needed.
+        data: batches (dicts of ``input_ids``, ``attention_mask``, ``labels``), e.g. from
+            :func:`pyro_moe.data.mcqa_batches`; the full data set is all of them.
+        guide: a registered guide name, ``"global+local"`` (see :mod:`pyro_moe.guides.registry`).
+        answer_token_ids: ``(choices,)`` token ids of the answer letters.
+        steps: SVI steps (one minibatch each); a guide with nothing to train (``temp-sampling``) does none.
+        guide_options: options per guide family, e.g. ``{"low-rank": {"rank": 4}}``.
+        objective, num_particles, alpha: ``"elbo"`` or ``"iwae"`` (see :mod:`pyro_moe.inference.svi`).
+        lr, beta, beta_anneal_steps, clip_norm: Adam step size, KL weight and its linear warm-up,
+            gradient clipping.
+        optimizer: ``"adam"`` or ``"sgd"`` (plain SGD at a constant learning rate: SWAG's recipe).
+        seed: seeds Pyro, torch and the batch order.
+        device: move the model (and so the guide) there first, e.g. ``"cuda"``.
+        progress: show a progress bar (on rank 0 only, data-parallel).
+        distributed: ``None``: data-parallel when a process group of two or more processes is
+            initialised (:func:`pyro_moe.distributed.init_distributed`), every rank giving the same
+            ``data``; ``False``: fit in this process alone; ``True``: require the process group.
+
+    Raises:
+        ConfigurationError: unknown guide, a guide that does not cover the model's sites, empty
+            data, labels outside the choices, bad options, data-parallel batches with fewer rows
+            than processes; before training starts.
+    """
+    parallel = data_parallel(distributed)
+    answer_token_ids = torch.as_tensor(answer_token_ids).long()
+    batches = check_batches(data, len(answer_token_ids))
+    if parallel is not None:
+        parallel.check_batch_sizes([len(batch["labels"]) for batch in batches])
+    config = {
+        "guide": guide,
+        "guide_options": {k: dict(v) for k, v in (guide_options or {}).items()},
+        "objective": objective,
+        "num_particles": num_particles,
+        "alpha": alpha,
+        "lr": lr,
+        "beta": beta,
+        "beta_anneal_steps": beta_anneal_steps,
+        "clip_norm": clip_norm,
+        "optimizer": optimizer,
+        "seed": seed,
+        "sites": patch.sites.to_config(),
+        "selection": patch.sites.selection.value,
+        "layers": [location.layer_index for location in patch.locations],
+        "answer_token_ids": answer_token_ids.tolist(),
+    }
+    pyro.set_rng_seed(seed)
+    original_device = patch.model.get_input_embeddings().weight.device
+    try:
+        if device is not None:
+            patch.model.to(device)
+        posterior = _build(patch, answer_token_ids, config, parallel)
+        first = {k: v.to(posterior._device()) for k, v in batches[0].items()}
+        posterior.guide.setup(**first, num_examples=sum(len(b["labels"]) for b in batches))
+    except BaseException:
+        patch.model.to(original_device)  # a refused guide leaves the model where it was
+        raise
+    return posterior.train(batches, steps, progress=progress)

@@ -1,0 +1,90 @@
+"""Every plot writes a non-empty PNG that matplotlib reads back; bad input raises before drawing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.image import imread
+
+from pyro_moe.errors import ConfigurationError
+from pyro_moe.evaluation import metrics, plots
+from pyro_moe.evaluation.stability import RoutingStability
+
+
+def _assert_png(path: Path) -> None:
+    assert path.suffix == ".png" and path.stat().st_size > 1000
+    image = imread(path)
+    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200
+    assert np.ptp(image[..., :3]) > 0.5  # something is drawn, not a blank canvas
+
+
+def _stability(layers: int = 4, tokens: int = 30) -> RoutingStability:
+    values = torch.rand(layers, 2, tokens, generator=torch.Generator().manual_seed(0))
+    values[:, 0] = 1.0
+    return RoutingStability(
+        tuple(range(layers)), tuple(f"model.layers.{i}.mlp.gate" for i in range(layers)), (0.0, 0.01), values
+    )
+
+
+def test_reliability_diagram(tmp_path: Path) -> None:
+    generator = torch.Generator().manual_seed(1)
+    logits = 3 * torch.randn(200, 4, generator=generator)
+    labels = torch.randint(0, 4, (200,), generator=generator)
+    diagrams = {
+        "deterministic": metrics.reliability_diagram_data(logits.softmax(-1), labels),
+        "tempered": metrics.reliability_diagram_data((logits / 3).softmax(-1), labels),
+    }
+    path = plots.plot_reliability_diagram(diagrams, tmp_path / "nested" / "reliability.png")
+    assert path == tmp_path / "nested" / "reliability.png"
+    _assert_png(path)
+    _assert_png(plots.plot_reliability_diagram(diagrams["deterministic"], tmp_path / "one.png"))
+
+
+def test_stability_violins(tmp_path: Path) -> None:
+    result = _stability()
+    _assert_png(plots.plot_stability_violins(result, tmp_path / "violins.png", threshold=0.5))
+    _assert_png(plots.plot_stability_violins(result, tmp_path / "constant.png", gamma=0.0))  # all ones
+    _assert_png(plots.plot_stability_violins(_stability(tokens=1), tmp_path / "single.png"))
+
+
+def test_roc_curves(tmp_path: Path) -> None:
+    generator = torch.Generator().manual_seed(2)
+    in_scores, ood_scores = torch.randn(100, generator=generator), torch.randn(60, generator=generator) + 1
+    scores = {"mutual information": (in_scores, ood_scores), "max probability": (in_scores, -ood_scores)}
+    _assert_png(plots.plot_roc_curves(scores, tmp_path / "roc.png"))
+
+
+def test_efficiency_bars(tmp_path: Path) -> None:
+    figures = {
+        "deterministic": {"latency (ms)": 10.0, "peak memory (MB)": 300.0},
+        "model-average S=16": {"latency (ms)": 120.0, "peak memory (MB)": 800.0},
+    }
+    _assert_png(plots.plot_efficiency_bars(figures, tmp_path / "efficiency.png", baseline="deterministic"))
+    _assert_png(plots.plot_efficiency_bars({"a": {"FLOPs": 1.0}}, tmp_path / "single.png"))
+
+
+def test_bad_input_raises(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match=r"must end in \.png"):
+        plots.plot_roc_curves({"s": (torch.zeros(2), torch.ones(2))}, tmp_path / "roc.pdf")
+    with pytest.raises(ConfigurationError, match="non-empty mapping"):
+        plots.plot_roc_curves({}, tmp_path / "roc.png")
+    with pytest.raises(ConfigurationError, match="OoD scores of 's' must be a non-empty 1-D tensor"):
+        plots.plot_roc_curves({"s": (torch.zeros(2), torch.ones(2, 1))}, tmp_path / "roc.png")
+    with pytest.raises(ConfigurationError, match=r"gamma 0.05 was not measured"):
+        plots.plot_stability_violins(_stability(), tmp_path / "v.png", gamma=0.05)
+    with pytest.raises(ConfigurationError, match=r"threshold must be a Jaccard similarity"):
+        plots.plot_stability_violins(_stability(), tmp_path / "v.png", threshold=2.0)
+    with pytest.raises(ConfigurationError, match=r"'b' must give the figures \['latency'\]"):
+        plots.plot_efficiency_bars({"a": {"latency": 1.0}, "b": {"memory": 2.0}}, tmp_path / "e.png")
+    with pytest.raises(ConfigurationError, match="baseline 'c' is not among"):
+        plots.plot_efficiency_bars({"a": {"latency": 1.0}}, tmp_path / "e.png", baseline="c")
+    with pytest.raises(ConfigurationError, match="must be finite numbers"):
+        plots.plot_efficiency_bars({"a": {"latency": float("nan")}}, tmp_path / "e.png")
+    diagram = metrics.reliability_diagram_data(torch.tensor([[0.7, 0.3]]), torch.tensor([0]), n_bins=5)
+    other = metrics.reliability_diagram_data(torch.tensor([[0.7, 0.3]]), torch.tensor([0]), n_bins=10)
+    with pytest.raises(ConfigurationError, match="with 5 bins"):
+        plots.plot_reliability_diagram({"a": diagram, "b": other}, tmp_path / "r.png")
+    assert not list(tmp_path.iterdir())  # nothing was written
