@@ -7,7 +7,7 @@ Two measurements, on random models built in code (CPU, no hub):
    8 random MCQA prompts of 16 tokens. Both families run the same MAP stage (``--steps`` SVI steps),
    then their Laplace step: ``laplace`` (Pyro's ``AutoLaplaceApproximation`` mode, dense Hessian of the
    full-data loss by double backward) and ``kron-laplace`` (K-FAC factors per router, full rank, MC
-   Fisher). The Laplace step is timed on its own (``RouterGuide.fit_laplace``), fastest of ``--repeats``.
+   Fisher). The Laplace step is timed on its own (``RouterGuide.finish_post_hoc``), fastest of ``--repeats``.
 
 2. **Memory of the expert posterior** of a Qwen1.5-MoE-A2.7B-shaped layer (60 experts, hidden 2048,
    intermediate 1408) with rank r = 10: computed (floats kept per expert: ``H r + I r + 2 r + r^2``;
@@ -83,19 +83,19 @@ def laplace_step_seconds(family: str, steps: int) -> float:
     batches = mcqa_batches(4, 8, 16)
     handle = patch_routers(model, {"weight": 0.1}, layers="all")
     seconds = []
-    original = RouterGuide.fit_laplace
+    original = RouterGuide.finish_post_hoc
 
     def timed(self, *args, **kwargs):
         start = time.perf_counter()
         original(self, *args, **kwargs)
         seconds.append(time.perf_counter() - start)
 
-    RouterGuide.fit_laplace = timed
+    RouterGuide.finish_post_hoc = timed
     try:
         pyro.clear_param_store()
         fit(handle, batches, family, answer_token_ids=ANSWER_IDS, steps=steps, progress=False)
     finally:
-        RouterGuide.fit_laplace = original
+        RouterGuide.finish_post_hoc = original
         handle.unpatch()
     return seconds[0]
 

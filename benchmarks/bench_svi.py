@@ -49,6 +49,7 @@ from pyro_moe import patch_routers
 from pyro_moe.guides.amortized import AmortizedLogitGuide
 from pyro_moe.guides.router_guide import RouterGuide
 from pyro_moe.inference.fitting import _frozen
+from pyro_moe.inference.options import TrainingOptions
 from pyro_moe.inference.svi import SVIEngine
 from pyro_moe.models.likelihoods import MCQALikelihood
 
@@ -149,7 +150,7 @@ def svi_step_cases() -> dict[str, Callable[[], object]]:
     guide = RouterGuide(likelihood, "mean-field")
     svi_batch = {**batch, "num_examples": NUM_EXAMPLES}
     guide.setup(**svi_batch)
-    engine = SVIEngine(likelihood, guide, nll=lambda: likelihood.last_nll, lr=1e-2, clip_norm=10.0)
+    engine = SVIEngine(likelihood, guide, TrainingOptions(lr=1e-2, clip_norm=10.0), nll=lambda: likelihood.last_nll)
 
     def svi_step() -> dict[str, float]:
         with _frozen(patched):

@@ -37,7 +37,6 @@ from pyro_moe.experiments.evaluation import (
     DETERMINISTIC,
     MODES,
     TEMPERATURE_SCALING,
-    FamilySpec,
     Posterior,
     add_common_arguments,
     benchmark_inputs,
@@ -56,6 +55,7 @@ from pyro_moe.experiments.evaluation import (
     split_labels,
     write_results,
 )
+from pyro_moe.inference.presets import FamilySpec
 
 __all__ = ["CalibrationResults", "calibration_experiment", "main", "run_calibration"]
 

@@ -50,7 +50,6 @@ from pyro_moe.experiments.evaluation import (
     DEFAULT_FAMILIES,
     DETERMINISTIC,
     MODES,
-    FamilySpec,
     Posterior,
     add_common_arguments,
     benchmark_inputs,
@@ -65,6 +64,7 @@ from pyro_moe.experiments.evaluation import (
     split_batches,
     write_results,
 )
+from pyro_moe.inference.presets import FamilySpec
 
 __all__ = [
     "EfficiencyResults",

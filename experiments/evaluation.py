@@ -1,8 +1,7 @@
 """Shared pieces of the evaluation experiments (stability, calibration, OoD, efficiency).
 
-* guide families by name become :class:`FamilySpec` s with default sites for the scopes they cover
-  and the setups the weight-space baselines need (:func:`default_family`, :func:`family_specs`) and
-  are fitted, each on its own copy of the model (:func:`fit_families`);
+* guide families by name are fitted on the splits (:func:`fit_named_families`, through the presets
+  of :mod:`pyro_moe.inference.presets`), each on its own copy of the model;
 * the deterministic model's answer logits (:func:`deterministic_logits`) and a posterior's
   predictions with their uncertainty scores (:func:`predict_batches`) on MCQA batches;
 * the checks every experiment makes before any work (:func:`check_splits`,
@@ -16,8 +15,7 @@ A posterior is anything with the :class:`Posterior` ``predict`` method, e.g. a
 
 Example::
 
-    specs = family_specs(["mean-field", "mfvr", "swag"])              # default sites and setups
-    posteriors = fit_families(model, train_batches, specs, answer_token_ids=letters, steps=200)
+    posteriors = fit_named_families(model, tokenizer, splits, ["mean-field", "mfvr", "swag"], answer_token_ids=letters)
     logits = deterministic_logits(model, test_batches, letters)      # (examples, choices)
     scored = predict_batches(posteriors["mfvr"], test_batches, "model-average", 16, scores=True)
 """
@@ -25,12 +23,11 @@ Example::
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -47,21 +44,16 @@ from pyro_moe.data import answer_token_ids as letter_token_ids
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.evaluation.metrics import mutual_information, router_logit_variance
 from pyro_moe.evaluation.temperature_scaling import TemperatureScaling, fit_temperature
-from pyro_moe.guides.laplace.prior_precision import select_prior_precision
-from pyro_moe.guides.registry import GuideScope, parse_guide
-from pyro_moe.inference.fitting import FittedPosterior, fit
+from pyro_moe.inference.fitting import FittedPosterior
 from pyro_moe.inference.predictive import RoutedPrediction
-from pyro_moe.models.expert_patch import ExpertPatch, patch_experts
-from pyro_moe.models.router_patch import patch_routers
+from pyro_moe.inference.presets import FamilySpec, family_specs, fit_families
 
 __all__ = [
     "DEFAULT_FAMILIES",
-    "DEFAULT_SITES",
     "DETERMINISTIC",
     "MODES",
     "TEMPERATURE_SCALING",
     "BenchmarkInputs",
-    "FamilySpec",
     "Posterior",
     "Predictions",
     "Results",
@@ -71,10 +63,7 @@ __all__ = [
     "check_posteriors",
     "check_splits",
     "default_answer_token_ids",
-    "default_family",
     "deterministic_logits",
-    "family_specs",
-    "fit_families",
     "fit_named_families",
     "fit_temperature_scaling",
     "markdown_table",
@@ -97,16 +86,6 @@ MODES = (PredictiveMode.MODEL_AVERAGE.value, PredictiveMode.ROUTING_AVERAGE.valu
 
 DEFAULT_FAMILIES = ("mean-field", "mfvr")
 """Families the experiment CLIs fit by default: router weights (mean-field) and per-token logits (MFVR)."""
-
-DEFAULT_SITES: dict[GuideScope, dict[str, Any]] = {
-    GuideScope.GLOBAL: {"weight": 0.05},
-    GuideScope.LOGITS: {"logits": 2.0},
-    GuideScope.TOKEN_TEMPERATURE: {"temperature": {"per": "token", "scale": 0.3}},
-}
-"""Sites (as :func:`pyro_moe.patch_routers` takes them) a family gets for each scope it covers when
-none are given: router weights with prior scale 0.05 (the benchmark's router weights have standard
-deviation 0.035), per-token logits with prior scale 2 (the design brief's calibrating setting),
-per-token temperatures with scale 0.3."""
 
 
 class Posterior(Protocol):
@@ -155,144 +134,15 @@ def check_modes(modes: Sequence[str]) -> tuple[str, ...]:
 
 
 def posterior_modes(posterior: Posterior, modes: Sequence[str]) -> tuple[str, ...]:
-    """The ``modes`` ``posterior`` predicts in: expert-weight posteriors (an
-    :class:`~pyro_moe.models.expert_patch.ExpertPatch`) run their own experts per joint sample,
-    so they have ``model-average`` only."""
-    if isinstance(getattr(posterior, "patch", None), ExpertPatch):
-        return tuple(mode for mode in modes if mode == PredictiveMode.MODEL_AVERAGE.value)
-    return tuple(modes)
+    """The ``modes`` ``posterior`` predicts in: those of its patch (``predictive_modes``; expert-weight
+    posteriors run their own experts per joint sample, so they have ``model-average`` only)."""
+    patch = getattr(posterior, "patch", None)
+    if patch is None:
+        return tuple(modes)
+    return tuple(mode for mode in modes if mode in patch.predictive_modes)
 
 
 # ---------------------------------------------------------------------------------------------- families
-
-
-@dataclass(frozen=True)
-class FamilySpec:
-    """How one family is patched and fitted.
-
-    Attributes:
-        name: the label in tables and plots.
-        guide: the guide's name (see :mod:`pyro_moe.guides.registry`).
-        sites: the router sites (as :func:`pyro_moe.patch_routers` takes them), or ``"experts"``
-            for the expert ``down_proj`` sites of :func:`pyro_moe.models.expert_patch.patch_experts`.
-        selection: ``"top-k"`` or ``"sample-k"`` (router sites).
-        options: further keyword arguments of :func:`pyro_moe.fit` (``objective``, ``num_particles``,
-            ``guide_options``, ``lr``, ``steps``, ...), over the experiment's own.
-        layers: the family's Bayesian decoder layers; ``None``: the experiment's.
-        prior_precision_grid: expert sites: after the fit, the prior precision is chosen among
-            these by the NLL of the validation batches
-            (:func:`pyro_moe.guides.laplace.prior_precision.select_prior_precision`).
-    """
-
-    name: str
-    guide: str
-    sites: Mapping[str, Any] | Sequence[str] | str
-    selection: str = "top-k"
-    options: Mapping[str, Any] = field(default_factory=dict)
-    layers: str | Sequence[int] | None = None
-    prior_precision_grid: Sequence[float] = ()
-
-
-def default_family(guide: str, steps: int) -> FamilySpec:
-    """The :class:`FamilySpec` of a guide name: its scopes' :data:`DEFAULT_SITES`, except for the
-    families that need more (``steps`` sets SWAG's schedule):
-
-    * ``temp-sampling``: per-layer temperature sites, Sample-K selection;
-    * ``mc-dropout``: router weights (scale 0.05) with dropout 0.1 on the router input;
-    * ``swag``: rank 5, burn-in half the steps, 5 snapshots over the other half;
-    * ``ensemble``: 4 members trained together (4 particles);
-    * ``expert-laplace``: the expert ``down_proj`` sites of the last layer, post hoc (no SVI steps),
-      rank-10 factors, the prior precision chosen among 3, 10, 30, 100 by validation NLL (the
-      recipe that beats the deterministic model's NLL and ECE on the embedded benchmark; over all
-      layers with precision 1 the sampled experts ruin the answers).
-
-    Raises:
-        ConfigurationError: an unknown guide name (the message lists the registered ones).
-    """
-    scopes = parse_guide(guide)
-    sites: dict[str, Any] = {}
-    for scope in scopes:
-        if scope not in DEFAULT_SITES:
-            raise ConfigurationError(f"no default sites for the {scope.value} scope of {guide!r}: give a FamilySpec.")
-        sites.update(DEFAULT_SITES[scope])
-    if guide == "temp-sampling":
-        return FamilySpec(guide, guide, ["temperature"], selection="sample-k")
-    if guide == "mc-dropout":
-        return FamilySpec(guide, guide, {**sites, "dropout": 0.1})
-    if guide == "swag":
-        schedule = {"rank": 5, "burn_in": steps // 2, "every": max(1, steps // 10)}
-        return FamilySpec(guide, guide, sites, options={"guide_options": {"swag": schedule}})
-    if guide == "ensemble":
-        options = {"guide_options": {"ensemble": {"members": 4}}, "num_particles": 4}
-        return FamilySpec(guide, guide, sites, options=options)
-    if guide == "expert-laplace":
-        options = {"steps": 0, "guide_options": {"expert-laplace": {"rank": 10}}}
-        return FamilySpec(guide, guide, "experts", options=options, layers=[-1], prior_precision_grid=(3, 10, 30, 100))
-    return FamilySpec(guide, guide, sites)
-
-
-def family_specs(
-    families: Sequence[str | FamilySpec], sites: Mapping[str, Any] | None = None, steps: int = 200
-) -> list[FamilySpec]:
-    """One :class:`FamilySpec` per family, checked against the guide registry before anything is fitted.
-
-    Args:
-        families: guide names (``"mean-field"``, ``"map+mfvr"``, ``"swag"``, ...) or complete specs.
-        sites: the router sites of every named family instead of :func:`default_family`'s (not
-            of ``expert-laplace``, whose sites are the experts).
-        steps: the SVI steps the families will get (SWAG's schedule follows them).
-
-    Raises:
-        ConfigurationError: an unknown guide name, no family, or two families of the same name.
-    """
-    if isinstance(families, str) or not families:
-        raise ConfigurationError(f"families must be a non-empty list of guide names or FamilySpecs, got {families!r}.")
-    specs = []
-    for family in families:
-        if isinstance(family, FamilySpec):
-            parse_guide(family.guide)
-            specs.append(family)
-            continue
-        spec = default_family(family, steps)
-        specs.append(spec if sites is None or spec.sites == "experts" else replace(spec, sites=dict(sites)))
-    names = [spec.name for spec in specs]
-    if len(set(names)) != len(names):
-        raise ConfigurationError(f"family names must be distinct, got {names}.")
-    return specs
-
-
-def fit_families(
-    model: nn.Module,
-    batches: Sequence[Mapping[str, Tensor]],
-    specs: Sequence[FamilySpec],
-    *,
-    answer_token_ids: Tensor,
-    layers: str | Sequence[int] = "all",
-    steps: int = 200,
-    seed: int = 0,
-    progress: bool = True,
-    validation_batches: Sequence[Mapping[str, Tensor]] | None = None,
-) -> dict[str, FittedPosterior]:
-    """Fit every spec with :func:`pyro_moe.fit` on ``batches``, each on a deep copy of ``model``
-    (``model`` itself stays unpatched); returns ``{spec name: FittedPosterior}``.
-    ``validation_batches`` choose the prior precision of specs with a ``prior_precision_grid``."""
-    tuned = [spec.name for spec in specs if spec.prior_precision_grid]
-    if tuned and not validation_batches:
-        raise ConfigurationError(f"{tuned} choose their prior precision by validation NLL: give validation_batches.")
-    posteriors = {}
-    for spec in tqdm(specs, desc="families", disable=not progress or len(specs) < 2):
-        copied = copy.deepcopy(model)
-        family_layers = layers if spec.layers is None else spec.layers
-        if spec.sites == "experts":
-            patch = patch_experts(copied, layers=family_layers)
-        else:
-            patch = patch_routers(copied, spec.sites, layers=family_layers, selection=spec.selection)
-        options = {"steps": steps, "seed": seed, "progress": progress, **spec.options}
-        posterior = fit(patch, batches, spec.guide, answer_token_ids=answer_token_ids, **options)
-        if spec.prior_precision_grid:
-            select_prior_precision(posterior, validation_batches, spec.prior_precision_grid, seed=seed)
-        posteriors[spec.name] = posterior
-    return posteriors
 
 
 def fit_named_families(
@@ -320,7 +170,7 @@ def fit_named_families(
     if not families:
         return {}
     specs = family_specs(families, sites, steps)
-    tuned = any(spec.prior_precision_grid for spec in specs)
+    tuned = any(spec.tune is not None for spec in specs)
     check_splits(splits, [fit_split, *([validation_split] if tuned else [])])
     batches = list(mcqa_batches(splits[fit_split][:fit_examples], tokenizer, batch_size, shuffle=True, seed=seed))
     validation = split_batches(splits[validation_split], tokenizer, 100, validation_examples) if tuned else None

@@ -41,7 +41,6 @@ from pyro_moe.experiments.evaluation import (
     DETERMINISTIC,
     MODES,
     TEMPERATURE_SCALING,
-    FamilySpec,
     Posterior,
     Predictions,
     add_common_arguments,
@@ -60,6 +59,7 @@ from pyro_moe.experiments.evaluation import (
     split_batches,
     write_results,
 )
+from pyro_moe.inference.presets import FamilySpec
 
 __all__ = ["SCORES", "OoDResults", "main", "ood_experiment", "run_ood", "uncertainty_scores"]
 

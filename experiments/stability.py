@@ -42,7 +42,6 @@ from pyro_moe.experiments.evaluation import (
     DEFAULT_FAMILIES,
     DETERMINISTIC,
     MODES,
-    FamilySpec,
     add_common_arguments,
     benchmark_inputs,
     check_posteriors,
@@ -55,6 +54,7 @@ from pyro_moe.experiments.evaluation import (
     split_batches,
     write_results,
 )
+from pyro_moe.inference.presets import FamilySpec
 
 __all__ = [
     "GAMMA",

@@ -31,9 +31,20 @@ import torch
 from torch import Tensor, nn
 
 from pyro_moe.errors import ConfigurationError
+from pyro_moe.guides.family import GuideFamily, GuideScope
 from pyro_moe.models.router_patch import RouterPatch
 
-__all__ = ["COVARIANCES", "AmortizedLogitGuide", "AmortizedTemperatureGuide", "LocalGuides", "TokenEncoder"]
+__all__ = [
+    "COVARIANCES",
+    "FCVR",
+    "LOW_RANK_LOGITS",
+    "MFVR",
+    "VTSR",
+    "AmortizedLogitGuide",
+    "AmortizedTemperatureGuide",
+    "LocalGuides",
+    "TokenEncoder",
+]
 
 COVARIANCES = ("diagonal", "full", "low-rank")
 
@@ -170,3 +181,26 @@ class LocalGuides(nn.Module):
         if self.temperature is None:
             raise ConfigurationError("the model has per-token temperatures but the guide has no 'vtsr' part.")
         return self.temperature.temperature_distribution(router, hidden)
+
+
+MFVR = GuideFamily(
+    "mfvr",
+    GuideScope.LOGITS,
+    lambda patch, **options: AmortizedLogitGuide(patch, covariance="diagonal", **options),
+    "amortized diagonal Normal on the logits (MFVR)",
+)
+FCVR = GuideFamily(
+    "fcvr",
+    GuideScope.LOGITS,
+    lambda patch, **options: AmortizedLogitGuide(patch, covariance="full", **options),
+    "amortized full-covariance Normal on the logits (FCVR), O(E^2) per token",
+)
+LOW_RANK_LOGITS = GuideFamily(
+    "low-rank-logits",
+    GuideScope.LOGITS,
+    lambda patch, **options: AmortizedLogitGuide(patch, covariance="low-rank", **options),
+    "amortized diagonal plus rank-r Normal on the logits (option rank), O(E r) per token",
+)
+VTSR = GuideFamily(
+    "vtsr", GuideScope.TOKEN_TEMPERATURE, AmortizedTemperatureGuide, "amortized per-token LogNormal temperature"
+)

@@ -36,13 +36,13 @@ from torch import Tensor
 
 from pyro_moe.core.routing_context import PARTICLE_DIM
 from pyro_moe.errors import ConfigurationError
-from pyro_moe.guides.fit_hooks import FitHooks
+from pyro_moe.guides.family import FamilyPreset, GuideFamily, GuideScope, PosteriorPart
 from pyro_moe.models.router_patch import RouterPatch
 
-__all__ = ["RouterEnsemble"]
+__all__ = ["ENSEMBLE", "RouterEnsemble"]
 
 
-class RouterEnsemble(AutoGuide, FitHooks):
+class RouterEnsemble(AutoGuide, PosteriorPart):
     """``M`` point masses of the global sites of ``model``; see the module docstring.
 
     Args:
@@ -97,3 +97,13 @@ class RouterEnsemble(AutoGuide, FitHooks):
                 value = value.reshape(draws, *(1,) * padding, *value.shape[1:])
             values[name] = pyro.sample(name, dist.Delta(value, event_dim=site["fn"].event_dim))
         return values
+
+
+ENSEMBLE = GuideFamily(
+    "ensemble",
+    GuideScope.GLOBAL,
+    RouterEnsemble,
+    "M MAP point masses from prior draws, one particle each; a uniform mixture (option members)",
+    preset=lambda steps: FamilyPreset(training={"num_particles": 4}, guide_options={"members": 4}),
+)
+"""By name, 4 members trained together (4 particles)."""

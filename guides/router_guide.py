@@ -24,7 +24,6 @@ from typing import Any
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer.autoguide import AutoLaplaceApproximation, AutoMultivariateNormal
 from pyro.nn import PyroModule
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
@@ -35,9 +34,8 @@ from pyro_moe.core.routing_context import routing_context
 from pyro_moe.distributed import DataParallel
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.guides.amortized import LocalGuides
-from pyro_moe.guides.laplace.dense import dense_laplace
-from pyro_moe.guides.laplace.kronecker_guide import KroneckerLaplaceGuide, KroneckerMAP
-from pyro_moe.guides.registry import GuideScope, parse_guide
+from pyro_moe.guides.family import GuideScope, PostHocData, hooks_of
+from pyro_moe.guides.registry import parse_guide
 from pyro_moe.models.likelihoods import data_scale
 
 __all__ = ["RouterGuide", "is_local_site"]
@@ -144,8 +142,7 @@ class RouterGuide(nn.Module):
             )
         if self.global_sites:
             self.global_guide = self._build(GuideScope.GLOBAL, self._global_model)
-            if isinstance(self.global_guide, KroneckerMAP):  # its point masses start at the model's weights
-                self.global_guide.patch = self.patch
+            hooks_of(self.global_guide).bind(self.patch)
             with torch.no_grad(), poutine.block():
                 self.global_guide(*args, **kwargs)  # creates the autoguide's parameters
         if local_kinds:
@@ -162,9 +159,9 @@ class RouterGuide(nn.Module):
         pyro.module(f"{self.param_prefix}local_guide", self.local_guide, update_module_params=True)
 
     @property
-    def is_laplace(self) -> bool:
-        """The global part is a MAP awaiting its Laplace approximation (:meth:`fit_laplace`): dense or Kronecker."""
-        return isinstance(self.global_guide, AutoLaplaceApproximation | KroneckerMAP)
+    def post_hoc(self) -> bool:
+        """The global part is fitted post hoc after its SVI steps (:meth:`finish_post_hoc`): a Laplace."""
+        return hooks_of(self.global_guide).post_hoc
 
     def _run_network_with_local_guide(self, values: Mapping[str, Tensor], input_ids: Tensor, attention_mask: Tensor):
         self._register_local_guide()
@@ -204,42 +201,39 @@ class RouterGuide(nn.Module):
         ):
             yield
 
-    def fit_laplace(
+    def _post_hoc_data(
+        self,
+        batches: Sequence[Mapping[str, Tensor]],
+        num_examples: int,
+        progress: bool = True,
+        data_parallel: DataParallel | None = None,
+    ) -> PostHocData:
+        if self.local_guide is not None:
+            raise ConfigurationError(
+                f"the post-hoc {self.families[GuideScope.GLOBAL].name!r} guide covers global sites only; "
+                "the model has per-token sites."
+            )
+        return PostHocData(self.likelihood, self._global_model, batches, num_examples, progress, data_parallel)
+
+    def finish_post_hoc(
         self,
         batches: Sequence[Mapping[str, Tensor]],
         num_examples: int,
         progress: bool = True,
         data_parallel: DataParallel | None = None,
     ) -> None:
-        """Replace the MAP global part by its Laplace approximation: a Gaussian at the mode with the
-        inverse Hessian of the full-data negative log joint (summed over ``batches``) as covariance.
-        ``data_parallel``: the ranks share the batches and reduce their curvature once."""
-        if not self.is_laplace:
-            raise ConfigurationError("fit_laplace needs the 'laplace' global guide.")
-        if self.local_guide is not None:
-            raise ConfigurationError("the 'laplace' guide covers global sites only; the model has per-token sites.")
-        if isinstance(self.global_guide, KroneckerMAP):
-            self.global_guide = self.global_guide.laplace(self.likelihood, batches, progress, data_parallel)
-            return
-        kwargs = [{**batch, "num_examples": num_examples} for batch in batches]
-        weights = [batch["input_ids"].shape[0] / num_examples for batch in batches]
-        loc, scale, correlation_tril = dense_laplace(self.likelihood, self.global_guide, kwargs, weights, data_parallel)
-        self.set_laplace(loc, scale, correlation_tril, kwargs[0])
+        """Replace the trained global part by its post-hoc posterior (a Laplace at the mode, the curvature
+        of the full-data loss summed over ``batches``); ``data_parallel``: the ranks share the batches."""
+        if not self.post_hoc:
+            raise ConfigurationError(f"the guide {self.spec!r} has no post-hoc stage.")
+        data = self._post_hoc_data(batches, num_examples, progress, data_parallel)
+        self.global_guide = hooks_of(self.global_guide).finish_fit(data)
 
-    def set_laplace(self, loc: Tensor, scale: Tensor, correlation_tril: Tensor, batch: Mapping[str, Any]) -> None:
-        """Make the global part the Gaussian ``N(loc, diag(scale) C C^T diag(scale))`` over the
-        unconstrained global sites (``C = correlation_tril``), as a fitted or loaded Laplace."""
-        gaussian = AutoMultivariateNormal(self._global_model)
-        gaussian._setup_prototype(**batch)
-        del gaussian.loc, gaussian.scale, gaussian.scale_tril
-        gaussian.register_buffer("loc", loc)
-        gaussian.register_buffer("scale", scale)
-        gaussian.register_buffer("scale_tril", correlation_tril)
-        self.global_guide = gaussian
-
-    def load_kronecker_laplace(self, buffers: Mapping[str, Tensor], metadata: Mapping[str, Any]) -> None:
-        """Make the global part the saved :class:`KroneckerLaplaceGuide` (``buffers`` without the
-        ``global_guide.`` prefix; ``metadata`` from its ``metadata()``)."""
-        guide = KroneckerLaplaceGuide.from_buffers(buffers, metadata["site_names"], metadata["shapes"], metadata)
-        guide.bind(self.patch)
-        self.global_guide = guide
+    def restore_post_hoc(
+        self, buffers: Mapping[str, Tensor], metadata: Mapping[str, Any], batch: Mapping[str, Any]
+    ) -> None:
+        """Make the global part the saved post-hoc posterior: ``buffers`` without the ``global_guide.``
+        prefix, ``metadata`` from its ``fitted_metadata()``, ``batch`` a dummy batch with ``num_examples``."""
+        plain = {key: value for key, value in batch.items() if key != "num_examples"}
+        data = self._post_hoc_data([plain], batch["num_examples"], progress=False)
+        self.global_guide = hooks_of(self.global_guide).restore_fitted(buffers, metadata, data)

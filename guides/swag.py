@@ -15,7 +15,7 @@ The posterior is ``N(theta_bar, scale * (diag(variance) + Dev^T Dev / (rank - 1)
 sites (temperatures) are transformed from it as Pyro's ``AutoContinuous`` guides do.
 
 As a module the guide is the iterate (a point mass) in training mode and the SWAG Gaussian in
-evaluation mode; the fit loop switches (see :mod:`pyro_moe.guides.fit_hooks`).
+evaluation mode; the fit loop switches (see :mod:`pyro_moe.guides.family`).
 
 Example::
 
@@ -35,10 +35,10 @@ from pyro.infer.autoguide import AutoContinuous, init_to_mean
 from torch import nn
 
 from pyro_moe.errors import ConfigurationError
-from pyro_moe.guides.fit_hooks import FitHooks
+from pyro_moe.guides.family import FamilyPreset, GuideFamily, GuideScope, PosteriorPart
 from pyro_moe.models.router_patch import RouterPatch
 
-__all__ = ["SWAG"]
+__all__ = ["SWAG", "SWAG_FAMILY"]
 
 
 def _check_integer(name: str, value: object, minimum: int) -> None:
@@ -46,7 +46,7 @@ def _check_integer(name: str, value: object, minimum: int) -> None:
         raise ConfigurationError(f"SWAG's {name} must be an integer >= {minimum}, got {value!r}.")
 
 
-class SWAG(AutoContinuous, FitHooks):
+class SWAG(AutoContinuous, PosteriorPart):
     """SWAG over the global sites of ``model``; see the module docstring.
 
     Args:
@@ -136,3 +136,17 @@ class SWAG(AutoContinuous, FitHooks):
         variance = self.snapshot_variance.clamp(min=self.VARIANCE_FLOOR)
         cov_factor = self.deviations.T * math.sqrt(self.scale / (self.rank - 1))
         return dist.LowRankMultivariateNormal(self.snapshot_mean, cov_factor, self.scale * variance)
+
+
+def _swag_preset(steps: int) -> FamilyPreset:
+    """Rank 5, burn-in half the steps, 5 snapshots over the other half."""
+    return FamilyPreset(guide_options={"rank": 5, "burn_in": steps // 2, "every": max(1, steps // 10)})
+
+
+SWAG_FAMILY = GuideFamily(
+    "swag",
+    GuideScope.GLOBAL,
+    SWAG,
+    "SWAG: mean, diagonal and rank-K deviations of the SGD iterates (options rank, burn_in, every, scale)",
+    preset=_swag_preset,
+)

@@ -25,16 +25,16 @@ from pyro.infer.autoguide import AutoGuide
 from torch import Tensor
 
 from pyro_moe.errors import ConfigurationError
-from pyro_moe.guides.fit_hooks import FitHooks
+from pyro_moe.guides.family import FamilyPreset, GuideFamily, GuideScope, PosteriorPart
 from pyro_moe.models.bayesian_router import Selection
 from pyro_moe.models.router_patch import RouterPatch
 
-__all__ = ["TemperatureSampling"]
+__all__ = ["TEMP_SAMPLING", "TemperatureSampling"]
 
 _USAGE = "patch with temperature sites and Sample-K, e.g. patch_routers(model, ['temperature'], selection='sample-k')"
 
 
-class TemperatureSampling(AutoGuide, FitHooks):
+class TemperatureSampling(AutoGuide, PosteriorPart):
     """Every global temperature site at ``temperature``; see the module docstring.
 
     Args:
@@ -76,3 +76,13 @@ class TemperatureSampling(AutoGuide, FitHooks):
             )
             for name, site in self.prototype_trace.iter_stochastic_nodes()
         }
+
+
+TEMP_SAMPLING = GuideFamily(
+    "temp-sampling",
+    GuideScope.GLOBAL,
+    TemperatureSampling,
+    "fixed temperature (option temperature) with Sample-K selection; nothing trained",
+    preset=lambda steps: FamilyPreset(sites=["temperature"], selection="sample-k"),
+)
+"""By name: per-layer temperature sites and Sample-K selection."""

@@ -135,6 +135,10 @@ class ExpertPatch(RouterPatch):
     by the experts' wrapped forward.
     """
 
+    predictive_modes = (PredictiveMode.MODEL_AVERAGE,)
+    """Each joint sample runs its own experts: ``model-average`` only (``routing-average`` averages router
+    scores, and the routers here are the model's own)."""
+
     def __init__(self, model: nn.Module, sites: ExpertSites, locations: list[RouterLocation]) -> None:
         self.model, self.sites, self.locations = model, sites, locations
         self.experts = {loc.path: model.get_submodule(loc.path) for loc in locations}

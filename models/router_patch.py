@@ -35,6 +35,7 @@ from torch.utils.hooks import RemovableHandle
 
 from pyro_moe.core.families import RouterLocation, find_moe_routers
 from pyro_moe.core.routing_context import (
+    PredictiveMode,
     RoutingContext,
     current_context,
     folded_samples,
@@ -97,6 +98,9 @@ class RouterPatch:
         routers: the Bayesian routers by module path, in module order.
         locations: where they sit.
     """
+
+    predictive_modes: tuple[PredictiveMode, ...] = (PredictiveMode.MODEL_AVERAGE, PredictiveMode.ROUTING_AVERAGE)
+    """The predictive modes a posterior over this patch's sites predicts in."""
 
     def __init__(self, model: nn.Module, sites: RouterSites, locations: list[RouterLocation]) -> None:
         self.model = model

@@ -19,20 +19,28 @@ from pyro_moe.errors import (
     PyroMoEError,
     UnsupportedFamilyError,
 )
+from pyro_moe.guides.family import FamilyPreset, GuideFamily, GuideScope, PosteriorPart
+from pyro_moe.guides.registry import GUIDE_FAMILIES, register_guide
 from pyro_moe.inference.fitting import FittedPosterior, fit
+from pyro_moe.inference.options import TrainingOptions
 from pyro_moe.inference.predictive import RoutedPrediction, predict
 from pyro_moe.models.expert_patch import ExpertPatch, patch_experts
 from pyro_moe.models.router_patch import RouterPatch, patch_routers
 
 __all__ = [
     "FAMILIES",
+    "GUIDE_FAMILIES",
     "PARTICLE_DIM",
     "TOKEN_DIM",
     "ConfigurationError",
     "ExpertPatch",
+    "FamilyPreset",
     "FittedPosterior",
+    "GuideFamily",
+    "GuideScope",
     "LayerSelectionError",
     "NoMoELayersError",
+    "PosteriorPart",
     "PredictiveMode",
     "PriorMeanMessenger",
     "PyroMoEError",
@@ -40,6 +48,7 @@ __all__ = [
     "RouterFamily",
     "RouterLocation",
     "RouterPatch",
+    "TrainingOptions",
     "UnsupportedFamilyError",
     "at_prior_mean",
     "find_moe_routers",
@@ -50,5 +59,6 @@ __all__ = [
     "patch_routers",
     "predict",
     "register_family",
+    "register_guide",
     "routing_context",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from pyro_moe.guides.registry import GuideScope
+from pyro_moe.guides.family import GuideScope
 
 __all__ = ["ANSWERS", "FAMILY_SETUPS", "SITES_FOR_SCOPE", "mcqa_batches"]
 

@@ -41,7 +41,8 @@ from torch import Tensor, nn
 from pyro_moe.core.curvature_targets import CurvatureTarget, TargetKind
 from pyro_moe.distributed import DataParallel
 from pyro_moe.errors import ConfigurationError
-from pyro_moe.guides.delta import RouterAutoDelta
+from pyro_moe.guides.autoguides import RouterAutoDelta
+from pyro_moe.guides.family import PosteriorPart, PostHocData
 from pyro_moe.guides.laplace.kronecker_curvature import FisherType, TokenSelection, kronecker_curvature
 from pyro_moe.guides.laplace.kronecker_posterior import KroneckerLaplace, log_evidence, optimize_prior_precision
 from pyro_moe.models.router_patch import RouterPatch
@@ -133,7 +134,7 @@ def _normal_prior(site: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
     return loc.detach(), per_block[:, 0].detach().double() ** -2
 
 
-class KroneckerMAP(RouterAutoDelta):
+class KroneckerMAP(RouterAutoDelta, PosteriorPart):
     """Point masses for the weight sites, to be turned into a Kronecker Laplace by :meth:`laplace`.
 
     Args:
@@ -177,6 +178,24 @@ class KroneckerMAP(RouterAutoDelta):
         self.curvature_options = {"rank": rank, "fisher": fisher, "tokens": tokens, "mc_samples": mc_samples}
         self.covers, self.optimize_prior = covers, optimize_prior
         self.patch: RouterPatch | None = None
+
+    post_hoc = True
+
+    def bind(self, patch: RouterPatch) -> None:
+        """The point masses start at the weights of ``patch``'s model; the curvature runs through it."""
+        self.patch = patch
+
+    def finish_fit(self, data: PostHocData) -> KroneckerLaplaceGuide:
+        """The Kronecker Laplace at the current point masses (:meth:`laplace`)."""
+        return self.laplace(data.likelihood, data.batches, data.progress, data.data_parallel)
+
+    def restore_fitted(
+        self, buffers: Mapping[str, Tensor], metadata: Mapping[str, Any], data: PostHocData
+    ) -> KroneckerLaplaceGuide:
+        """The saved :class:`KroneckerLaplaceGuide`, bound to the patch (its prior precisions reach the model)."""
+        guide = KroneckerLaplaceGuide.from_buffers(buffers, metadata["site_names"], metadata["shapes"], metadata)
+        guide.bind(self.patch)
+        return guide
 
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
         super()._setup_prototype(*args, **kwargs)
@@ -259,7 +278,7 @@ class _Buffers(nn.Module):
             self.register_buffer(field, tensors[field])
 
 
-class KroneckerLaplaceGuide(nn.Module):
+class KroneckerLaplaceGuide(nn.Module, PosteriorPart):
     """Draws every weight site from its Kronecker Laplace posterior; a global guide like any other.
 
     Args:
@@ -297,7 +316,7 @@ class KroneckerLaplaceGuide(nn.Module):
         log_likelihood = meta["log_likelihood"]
         return cls(posteriors, shapes, math.nan if log_likelihood is None else log_likelihood, meta["num_examples"])
 
-    def metadata(self) -> dict[str, Any]:
+    def fitted_metadata(self) -> dict[str, Any]:
         """JSON-serialisable facts :meth:`from_buffers` needs besides the buffers."""
         return {
             "site_names": self.site_names,

@@ -42,7 +42,7 @@ from torch.distributions.constraints import Constraint
 
 from pyro_moe.core.routing_context import PARTICLE_DIM, routing_context
 from pyro_moe.errors import ConfigurationError
-from pyro_moe.guides.fit_hooks import fit_hooks
+from pyro_moe.guides.family import hooks_of
 from pyro_moe.inference.fitting import FittedPosterior
 
 __all__ = [
@@ -84,7 +84,7 @@ def fit_parameters(posterior: FittedPosterior) -> Iterator[None]:
     """Within the block, Pyro's parameter store holds exactly ``posterior``'s trained parameters
     (the tensors its engine trained), where its guide modules read them; the store is restored
     afterwards. Fits of the same model share parameter names, so this keeps chains apart."""
-    if not posterior.engine.params and fit_hooks(posterior.guide.global_guide).trains:
+    if not posterior.engine.params and hooks_of(posterior.guide.global_guide).trains:
         raise ConfigurationError("the posterior has no trained parameters: fit it (fit or FittedPosterior.load) first.")
     state = {"params": dict(posterior.engine.params), "constraints": _parameter_constraints(posterior)}
     with pyro.get_param_store().scope(state):

@@ -10,6 +10,7 @@ Example::
 
     handle = patch_routers(model, {"weight": 0.05}, layers=[1, 2])
     posterior = fit(handle, batches, guide="low-rank", answer_token_ids=letter_ids, steps=300)
+    posterior = fit(handle, batches, "low-rank", answer_token_ids=letter_ids, training=TrainingOptions(steps=300))
     prediction = posterior.predict(input_ids, attention_mask, num_samples=16)
     posterior.save("runs/low-rank")
     posterior = FittedPosterior.load("runs/low-rank", model)      # on a fresh, unpatched model
@@ -36,20 +37,20 @@ from tqdm.auto import tqdm
 
 from pyro_moe.distributed import DataParallel, data_parallel
 from pyro_moe.errors import ConfigurationError
-from pyro_moe.guides.fit_hooks import fit_hooks
-from pyro_moe.guides.laplace.kronecker_guide import KroneckerLaplaceGuide
+from pyro_moe.guides.family import hooks_of
 from pyro_moe.guides.router_guide import RouterGuide
 from pyro_moe.inference.checkpoint import load_checkpoint, save_checkpoint
+from pyro_moe.inference.options import TrainingOptions
 from pyro_moe.inference.predictive import RoutedPrediction, predict
 from pyro_moe.inference.svi import SVIEngine
 from pyro_moe.models.expert_patch import patch_experts
 from pyro_moe.models.likelihoods import MCQALikelihood
 from pyro_moe.models.router_patch import RouterPatch, patch_routers
+from pyro_moe.validation import check_integer
 
 __all__ = ["FittedPosterior", "check_batches", "fit"]
 
 BATCH_KEYS = ("input_ids", "attention_mask", "labels")
-TRAINING_OPTIONS = ("objective", "num_particles", "alpha", "lr", "beta", "beta_anneal_steps", "clip_norm", "optimizer")
 
 
 def check_batches(data: Iterable[Mapping[str, Tensor]], num_choices: int) -> list[dict[str, Tensor]]:
@@ -116,6 +117,16 @@ class FittedPosterior:
         self.patch, self.likelihood, self.guide, self.engine, self.config = patch, likelihood, guide, engine, config
 
     @property
+    def training(self) -> TrainingOptions:
+        """How this posterior trains (from :attr:`config`)."""
+        return TrainingOptions.from_config(self.config)
+
+    @property
+    def fitted_post_hoc(self) -> bool:
+        """Whether the post-hoc stage ran (a fitted Laplace; ``laplace_fitted`` in older checkpoints)."""
+        return bool(self.config.get("post_hoc_fitted", self.config.get("laplace_fitted", False)))
+
+    @property
     def history(self) -> list[dict[str, float]]:
         """One record per step: ``step, loss, nll, kl, beta``."""
         return self.engine.history
@@ -132,10 +143,10 @@ class FittedPosterior:
         """Run ``steps`` more SVI steps on ``data`` (also how :func:`fit` trains and how a loaded
         posterior resumes); the batch order continues from the step count. Data-parallel, every
         rank gives the same ``data`` and steps on its rows of each batch."""
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < (0 if self.guide.is_laplace else 1):
-            raise ConfigurationError(f"steps must be a positive integer (0: a post-hoc Laplace), got {steps!r}.")
-        if self.config.get("laplace_fitted"):
-            raise ConfigurationError("a fitted Laplace posterior cannot resume training; fit a new one.")
+        hooks = hooks_of(self.guide.global_guide)
+        check_integer("steps", steps, minimum=0 if hooks.post_hoc else 1)
+        if self.fitted_post_hoc:
+            raise ConfigurationError("a posterior fitted post hoc (a Laplace) cannot resume training; fit a new one.")
         batches = check_batches(data, self.likelihood.num_choices)
         num_examples = sum(len(batch["labels"]) for batch in batches)
         parallel = self.data_parallel
@@ -144,7 +155,6 @@ class FittedPosterior:
             progress = progress and parallel.is_main
         device, seed = self._device(), self.config["seed"]
         start = self.engine.step_count
-        hooks = fit_hooks(self.guide.global_guide)
         hooks.check_fit(self.patch, start, steps, self.config["num_particles"])
         if not hooks.trains:  # nothing to optimise (temp-sampling)
             return self
@@ -158,10 +168,10 @@ class FittedPosterior:
                 record = self.engine.step({**batch, "num_examples": num_examples})
                 hooks.after_step(self.engine.step_count)
                 bar.set_postfix(loss=f"{record['loss']:.3g}", kl=f"{record['kl']:.3g}", nll=f"{record['nll']:.3f}")
-            if self.guide.is_laplace:
+            if hooks.post_hoc:
                 batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
-                self.guide.fit_laplace(batches, num_examples, progress, parallel)
-                self.config["laplace_fitted"] = True
+                self.guide.finish_post_hoc(batches, num_examples, progress, parallel)
+                self.config["post_hoc_fitted"] = True
         return self
 
     def predict(self, input_ids: Tensor, attention_mask: Tensor | None = None, **options: Any) -> RoutedPrediction:
@@ -185,8 +195,8 @@ class FittedPosterior:
         tensors = self.engine.state_tensors()
         tensors.update({f"buffer/{name}": value for name, value in self.guide.named_buffers()})
         config = {**self.config, "history": self.engine.history, "step_count": self.engine.step_count}
-        if isinstance(self.guide.global_guide, KroneckerLaplaceGuide):
-            config["kronecker_laplace"] = self.guide.global_guide.metadata()
+        if self.fitted_post_hoc:
+            config["post_hoc_state"] = hooks_of(self.guide.global_guide).fitted_metadata()
         return save_checkpoint(folder, tensors, config)
 
     @classmethod
@@ -215,17 +225,15 @@ class FittedPosterior:
                 "num_examples": 1,
             }
             posterior.guide.setup(**dummy)
-            if config.get("laplace_fitted"):
+            if posterior.fitted_post_hoc:
                 buffers = {
                     name.removeprefix("buffer/global_guide."): tensor.to(device)
                     for name, tensor in tensors.items()
                     if name.startswith("buffer/global_guide.")
                 }
-                if "kronecker_laplace" in config:
-                    posterior.guide.load_kronecker_laplace(buffers, config["kronecker_laplace"])
-                else:
-                    posterior.guide.set_laplace(buffers["loc"], buffers["scale"], buffers["scale_tril"], dummy)
-            elif fit_hooks(posterior.guide.global_guide).trains:
+                metadata = config.get("post_hoc_state", config.get("kronecker_laplace", {}))  # older: kronecker_laplace
+                posterior.guide.restore_post_hoc(buffers, metadata, dummy)
+            elif hooks_of(posterior.guide.global_guide).trains:
                 posterior.engine.load_state_tensors(tensors, dummy)
                 _load_buffers(posterior.guide, tensors)
             posterior.guide.eval()
@@ -257,10 +265,9 @@ def _build(
     prefix = f"pyro_moe.fit{next(_FIT_NUMBERS)}/"
     likelihood = MCQALikelihood(patch, answer_token_ids, param_prefix=prefix)
     guide = RouterGuide(likelihood, config["guide"], config.get("guide_options"))
-    options = {k: config[k] for k in TRAINING_OPTIONS if k != "optimizer"}
-    options["optimizer"] = config.get("optimizer", "adam")  # checkpoints from before the option
+    options = TrainingOptions.from_config(config)
     engine = SVIEngine(
-        likelihood, guide, nll=lambda: likelihood.last_nll, param_prefix=prefix, data_parallel=parallel, **options
+        likelihood, guide, options, nll=lambda: likelihood.last_nll, param_prefix=prefix, data_parallel=parallel
     )
     return FittedPosterior(patch, likelihood, guide, engine, config)
 
@@ -271,20 +278,12 @@ def fit(
     guide: str = "mean-field",
     *,
     answer_token_ids: Tensor | Sequence[int],
-    steps: int = 200,
+    training: TrainingOptions | None = None,
     guide_options: Mapping[str, Mapping[str, Any]] | None = None,
-    objective: str = "elbo",
-    num_particles: int = 1,
-    alpha: float = 0.0,
-    lr: float = 1e-2,
-    beta: float = 1.0,
-    beta_anneal_steps: int = 0,
-    clip_norm: float | None = 10.0,
-    optimizer: str = "adam",
-    seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool = True,
     distributed: bool | None = None,
+    **overrides: Any,
 ) -> FittedPosterior:
     """Fit a posterior over the router sites of ``patch`` on MCQA ``data`` by SVI.
 
@@ -294,24 +293,24 @@ def fit(
             :func:`pyro_moe.data.mcqa_batches`; the full data set is all of them.
         guide: a registered guide name, ``"global+local"`` (see :mod:`pyro_moe.guides.registry`).
         answer_token_ids: ``(choices,)`` token ids of the answer letters.
-        steps: SVI steps (one minibatch each); a guide with nothing to train (``temp-sampling``) does none.
+        training: steps, objective, particles, step size, optimiser, KL weight, clipping and seed
+            (:class:`~pyro_moe.inference.options.TrainingOptions`; default: its defaults). A guide with
+            nothing to train (``temp-sampling``) does no steps.
         guide_options: options per guide family, e.g. ``{"low-rank": {"rank": 4}}``.
-        objective, num_particles, alpha: ``"elbo"`` or ``"iwae"`` (see :mod:`pyro_moe.inference.svi`).
-        lr, beta, beta_anneal_steps, clip_norm: Adam step size, KL weight and its linear warm-up,
-            gradient clipping.
-        optimizer: ``"adam"`` or ``"sgd"`` (plain SGD at a constant learning rate: SWAG's recipe).
-        seed: seeds Pyro, torch and the batch order.
         device: move the model (and so the guide) there first, e.g. ``"cuda"``.
         progress: show a progress bar (on rank 0 only, data-parallel).
         distributed: ``None``: data-parallel when a process group of two or more processes is
             initialised (:func:`pyro_moe.distributed.init_distributed`), every rank giving the same
             ``data``; ``False``: fit in this process alone; ``True``: require the process group.
+        overrides: fields of :class:`~pyro_moe.inference.options.TrainingOptions` replacing those of
+            ``training`` (``steps=300, lr=0.05``).
 
     Raises:
         ConfigurationError: unknown guide, a guide that does not cover the model's sites, empty
             data, labels outside the choices, bad options, data-parallel batches with fewer rows
             than processes; before training starts.
     """
+    options = (training or TrainingOptions()).with_overrides(overrides)
     parallel = data_parallel(distributed)
     answer_token_ids = torch.as_tensor(answer_token_ids).long()
     batches = check_batches(data, len(answer_token_ids))
@@ -320,21 +319,13 @@ def fit(
     config = {
         "guide": guide,
         "guide_options": {k: dict(v) for k, v in (guide_options or {}).items()},
-        "objective": objective,
-        "num_particles": num_particles,
-        "alpha": alpha,
-        "lr": lr,
-        "beta": beta,
-        "beta_anneal_steps": beta_anneal_steps,
-        "clip_norm": clip_norm,
-        "optimizer": optimizer,
-        "seed": seed,
+        **options.to_config(),
         "sites": patch.sites.to_config(),
         "selection": patch.sites.selection.value,
         "layers": [location.layer_index for location in patch.locations],
         "answer_token_ids": answer_token_ids.tolist(),
     }
-    pyro.set_rng_seed(seed)
+    pyro.set_rng_seed(options.seed)
     original_device = patch.model.get_input_embeddings().weight.device
     try:
         if device is not None:
@@ -345,4 +336,4 @@ def fit(
     except BaseException:
         patch.model.to(original_device)  # a refused guide leaves the model where it was
         raise
-    return posterior.train(batches, steps, progress=progress)
+    return posterior.train(batches, options.steps, progress=progress)

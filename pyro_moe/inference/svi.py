@@ -18,7 +18,7 @@ clipping and the optimiser step, which equals one process stepping on the whole 
 
 Example::
 
-    engine = SVIEngine(model, guide, objective="iwae", num_particles=4, lr=1e-2)
+    engine = SVIEngine(model, guide, TrainingOptions(objective="iwae", num_particles=4, lr=1e-2))
     for batch in batches:
         record = engine.step(batch)           # {"step", "loss", "nll", "kl", "beta"}
 """
@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from enum import StrEnum
 from typing import Any
 
 import pyro
@@ -41,19 +40,11 @@ from torch import Tensor
 
 from pyro_moe.distributed import DataParallel, RankRandomness
 from pyro_moe.errors import ConfigurationError, DistributedError, NonFiniteError
+from pyro_moe.inference.options import OPTIMIZERS, Objective, TrainingOptions
 from pyro_moe.random_streams import RandomState
+from pyro_moe.validation import check_integer, check_number
 
-__all__ = ["OPTIMIZERS", "DifferentiableRenyiELBO", "KLWeight", "NonFiniteError", "Objective", "SVIEngine", "make_elbo"]
-
-
-class Objective(StrEnum):
-    """Training objectives."""
-
-    ELBO = "elbo"
-    """The evidence lower bound (TraceMeanField_ELBO)."""
-
-    IWAE = "iwae"
-    """Renyi / importance-weighted bound (RenyiELBO, alpha in [0, 1), K particles)."""
+__all__ = ["DifferentiableRenyiELBO", "KLWeight", "NonFiniteError", "SVIEngine", "make_elbo"]
 
 
 class DifferentiableRenyiELBO(RenyiELBO):
@@ -181,13 +172,11 @@ def make_elbo(objective: Objective | str, num_particles: int = 1, alpha: float =
     except ValueError:
         accepted = ", ".join(o.value for o in Objective)
         raise ConfigurationError(f"unknown objective {objective!r}; accepted: {accepted}.") from None
-    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
-        raise ConfigurationError(f"num_particles must be a positive integer, got {num_particles!r}.")
+    check_integer("num_particles", num_particles)
     options = dict(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1)
     if objective is Objective.ELBO:
         return TraceMeanField_ELBO(**options)
-    if not 0.0 <= alpha < 1.0:
-        raise ConfigurationError(f"the iwae objective needs alpha in [0, 1), got {alpha!r}.")
+    check_number("the iwae objective's alpha", alpha, inclusive=True, below=1.0)
     return DifferentiableRenyiELBO(alpha=alpha, **options)
 
 
@@ -208,20 +197,13 @@ def _finite(value: Tensor) -> bool:
     return bool(torch.isfinite(value).all())
 
 
-OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
-"""Optimisers by name: Adam (the default), plain SGD at a constant learning rate (SWAG's recipe)."""
-
-
 class SVIEngine:
     """Stochastic variational inference on ``model`` and ``guide`` with Adam (or plain SGD).
 
     Args:
         model, guide: Pyro callables taking a batch's keyword arguments.
-        objective, num_particles, alpha: see :func:`make_elbo`.
-        lr: learning rate.
-        optimizer: ``"adam"`` or ``"sgd"`` (see :data:`OPTIMIZERS`).
-        beta: final KL weight; ``beta_anneal_steps`` > 0 ramps it linearly from 0.
-        clip_norm: gradient-norm clipping (``None``: off).
+        options: the objective, particles, step size, optimiser, KL weight and its warm-up, clipping
+            (:class:`~pyro_moe.inference.options.TrainingOptions`; ``steps`` and ``seed`` are the caller's).
         nll: returns the last call's mean negative log-likelihood per example (for reports).
         param_prefix: the prefix of this fit's parameter names, left out of saved states (so that a
             reload under another prefix finds them).
@@ -233,34 +215,20 @@ class SVIEngine:
         self,
         model: Callable[..., Any],
         guide: Callable[..., Any],
+        options: TrainingOptions | None = None,
         *,
-        objective: Objective | str = Objective.ELBO,
-        num_particles: int = 1,
-        alpha: float = 0.0,
-        lr: float = 1e-2,
-        beta: float = 1.0,
-        beta_anneal_steps: int = 0,
-        clip_norm: float | None = 10.0,
         nll: Callable[[], float] = lambda: math.nan,
         param_prefix: str = "",
-        optimizer: str = "adam",
         data_parallel: DataParallel | None = None,
     ) -> None:
-        if not isinstance(optimizer, str) or optimizer not in OPTIMIZERS:
-            raise ConfigurationError(f"unknown optimizer {optimizer!r}; accepted: {', '.join(OPTIMIZERS)}.")
-        for name, value in (("lr", lr), ("beta", beta)):
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise ConfigurationError(f"{name} must be a positive number, got {value!r}.")
-        if not isinstance(beta_anneal_steps, int) or beta_anneal_steps < 0:
-            raise ConfigurationError(f"beta_anneal_steps must be a non-negative integer, got {beta_anneal_steps!r}.")
+        options = TrainingOptions() if options is None else options
         self.model, self.guide, self.nll, self.param_prefix = model, guide, nll, param_prefix
         self.data_parallel = data_parallel
-        self.elbo = make_elbo(objective, num_particles, alpha)
-        self.objective = Objective(objective)
-        self.lr, self.beta, self.beta_anneal_steps, self.clip_norm = lr, beta, beta_anneal_steps, clip_norm
-        self.kl_weight = KLWeight(beta)
+        self.options = options
+        self.elbo = make_elbo(options.objective, options.num_particles, options.alpha)
+        self.objective = Objective(options.objective)
+        self.kl_weight = KLWeight(options.beta)
         self.params: dict[str, Tensor] = {}
-        self.optimizer_class = OPTIMIZERS[optimizer]
         self.optimizer: torch.optim.Optimizer | None = None
         self.step_count = 0
         self.history: list[dict[str, float]] = []
@@ -268,9 +236,8 @@ class SVIEngine:
 
     def beta_at(self, step: int) -> float:
         """The KL weight at ``step`` (0-based)."""
-        if self.beta_anneal_steps == 0:
-            return self.beta
-        return self.beta * min(1.0, (step + 1) / self.beta_anneal_steps)
+        beta, warm_up = self.options.beta, self.options.beta_anneal_steps
+        return beta if warm_up == 0 else beta * min(1.0, (step + 1) / warm_up)
 
     def loss(self, batch: Mapping[str, Any]) -> Tensor:
         """The differentiable loss (negative objective) on ``batch`` at the current KL weight (this
@@ -306,7 +273,7 @@ class SVIEngine:
             values = [param.detach() for param in self.params.values()]
             self.data_parallel.check_same_layout(values, "guide parameters")
             self.data_parallel.broadcast_(values, "the broadcast of the initial guide parameters")
-        self.optimizer = self.optimizer_class(list(self.params.values()), lr=self.lr)
+        self.optimizer = OPTIMIZERS[self.options.optimizer](list(self.params.values()), lr=self.options.lr)
 
     def _culprit(self, batch: Mapping[str, Any]) -> str:
         """Name the first site whose value or log-density is not finite."""
@@ -372,8 +339,8 @@ class SVIEngine:
                 f"non-finite gradients of {bad[:3]} at step {self.step_count}; culprit: {self._culprit(batch)}. "
                 "The parameters keep their last finite values."
             )
-        if self.clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.clip_norm)
+        if self.options.clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.options.clip_norm)
         self.optimizer.step()
         record = {"step": self.step_count, "loss": loss_value, "nll": nll, "beta": beta}
         batch_size = len(batch["input_ids"]) if "input_ids" in batch else 1

@@ -18,11 +18,10 @@ from pyro_moe.experiments.evaluation import (
     DETERMINISTIC,
     MODES,
     TEMPERATURE_SCALING,
-    family_specs,
-    fit_families,
     split_batches,
     write_results,
 )
+from pyro_moe.inference.presets import family_specs, fit_families
 from tests.experiments.tiny_evaluation import direct_answer_probs, tiny_inputs, tiny_posteriors
 
 
@@ -82,8 +81,8 @@ def test_baseline_families_by_name_get_their_setups_and_expert_sites_model_avera
     ensemble = specs["ensemble"].options
     assert ensemble["num_particles"] == ensemble["guide_options"]["ensemble"]["members"]  # trained together
     experts = specs["expert-laplace"]
-    assert experts.sites == "experts" and experts.options["steps"] == 0 and experts.prior_precision_grid
-    with pytest.raises(ConfigurationError, match="choose their prior precision by validation NLL"):
+    assert experts.sites == "experts" and experts.options["steps"] == 0 and experts.tune.grid == (3, 10, 30, 100)
+    with pytest.raises(ConfigurationError, match="choose hyperparameters on validation data"):
         fit_families(model, split_batches(splits["train"], tokenizer, 8), [experts], answer_token_ids=letters)
     results = run_calibration(
         model, tokenizer, splits, ["temp-sampling", "expert-laplace"], answer_token_ids=letters, steps=2, num_samples=2

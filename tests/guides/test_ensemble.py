@@ -9,6 +9,7 @@ import torch
 from pyro_moe import ConfigurationError, patch_routers
 from pyro_moe.guides.router_guide import RouterGuide
 from pyro_moe.inference.fitting import fit
+from pyro_moe.inference.options import TrainingOptions
 from pyro_moe.inference.svi import SVIEngine
 from pyro_moe.models.likelihoods import MCQALikelihood
 from tests.helpers import ANSWERS, mcqa_batches
@@ -72,7 +73,7 @@ def test_each_member_follows_its_own_map_fit():
     ensemble = RouterGuide(MCQALikelihood(handle, ANSWERS), "ensemble", {"ensemble": {"members": 2}})
     ensemble.setup(**batches[0])
     starts = ensemble.global_guide.member_values(WEIGHT).detach().clone()
-    engine = SVIEngine(ensemble.likelihood, ensemble, num_particles=2, lr=0.02, clip_norm=None)
+    engine = SVIEngine(ensemble.likelihood, ensemble, TrainingOptions(num_particles=2, lr=0.02, clip_norm=None))
     for batch in batches:
         engine.step(batch)
     for member, start in enumerate(starts):
@@ -81,7 +82,7 @@ def test_each_member_follows_its_own_map_fit():
         (point,) = [value for name, value in single.global_guide.named_parameters()]
         with torch.no_grad():
             point.copy_(start)
-        engine = SVIEngine(single.likelihood, single, num_particles=1, lr=0.02, clip_norm=None)
+        engine = SVIEngine(single.likelihood, single, TrainingOptions(num_particles=1, lr=0.02, clip_norm=None))
         for batch in batches:
             engine.step(batch)
         trained = ensemble.global_guide.member_values(WEIGHT)[member]

@@ -14,6 +14,7 @@ import torch
 
 from pyro_moe.guides.laplace.dense import dense_laplace
 from pyro_moe.guides.registry import guide_family
+from pyro_moe.inference.options import TrainingOptions
 from pyro_moe.inference.svi import SVIEngine
 
 SIGMA, N, D = 0.5, 40, 3
@@ -45,7 +46,7 @@ def train(guide, steps: int, particles: int = 16):
     x, y = data()
     batches = [{"x": x[:20], "y": y[:20], "num_examples": N}, {"x": x[20:], "y": y[20:], "num_examples": N}]
     for lr in (0.05, 0.005):
-        engine = SVIEngine(model, guide, num_particles=particles, lr=lr, clip_norm=None)
+        engine = SVIEngine(model, guide, TrainingOptions(num_particles=particles, lr=lr, clip_norm=None))
         for step in range(steps // 2):
             engine.step(batches[step % 2])
     return batches

@@ -18,6 +18,7 @@ import torch
 from pyro_moe import ConfigurationError, patch_routers
 from pyro_moe.guides.swag import SWAG
 from pyro_moe.inference.fitting import fit
+from pyro_moe.inference.options import TrainingOptions
 from pyro_moe.inference.svi import SVIEngine
 from tests.helpers import ANSWERS, mcqa_batches
 from tests.tiny_models import tiny_model
@@ -43,7 +44,7 @@ def test_swag_on_a_quadratic_recovers_the_stationary_law_of_sgd_and_samples_its_
     stationary = scipy.linalg.solve_discrete_lyapunov(step, LR**2 * NOISE_COVARIANCE.numpy())
 
     guide = SWAG(quadratic_model, rank=RANK, burn_in=BURN_IN, every=EVERY)
-    engine = SVIEngine(quadratic_model, guide, optimizer="sgd", lr=LR, clip_norm=None)
+    engine = SVIEngine(quadratic_model, guide, TrainingOptions(optimizer="sgd", lr=LR, clip_norm=None))
     noise = torch.distributions.MultivariateNormal(torch.zeros(3, dtype=torch.float64), NOISE_COVARIANCE)
     iterates = []
     for _ in range(BURN_IN + EVERY * SNAPSHOTS):

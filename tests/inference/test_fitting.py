@@ -11,7 +11,7 @@ from pyro.infer import RenyiELBO, Trace_ELBO
 from safetensors.torch import load_file, save_file
 
 from pyro_moe import ConfigurationError, patch_routers
-from pyro_moe.guides.fit_hooks import fit_hooks
+from pyro_moe.guides.family import hooks_of
 from pyro_moe.guides.registry import GUIDE_FAMILIES
 from pyro_moe.guides.router_guide import RouterGuide
 from pyro_moe.inference.checkpoint import CheckpointError
@@ -35,7 +35,7 @@ def test_every_registered_family_trains_and_predicts(name):
     batches = mcqa_batches()
     posterior = fit(handle, batches, name, answer_token_ids=ANSWERS, steps=24, lr=0.03, progress=False, **setup)
     losses = [record["loss"] for record in posterior.history]
-    if fit_hooks(posterior.guide.global_guide).trains:
+    if hooks_of(posterior.guide.global_guide).trains:
         assert sum(losses[-6:]) / 6 < sum(losses[:6]) / 6
     else:
         assert losses == []  # nothing to optimise: no steps
@@ -253,7 +253,7 @@ def test_bad_input_is_refused_before_training(sites, guide, data, message):
 def test_bad_training_options_and_tampered_checkpoints(tmp_path):
     model = tiny_model("granitemoe")
     handle = patch_routers(model, {"weight": 0.1}, layers=[1])
-    with pytest.raises(ConfigurationError, match=r"iwae objective needs alpha in \[0, 1\)"):
+    with pytest.raises(ConfigurationError, match=r"alpha must be a number in \[0, 1\), got 1.0"):
         fit(handle, mcqa_batches(), "map", answer_token_ids=ANSWERS, objective="iwae", alpha=1.0, progress=False)
     with pytest.raises(ConfigurationError, match=r"unknown objective 'kl'; accepted: elbo, iwae"):
         fit(handle, mcqa_batches(), "map", answer_token_ids=ANSWERS, objective="kl", progress=False)
