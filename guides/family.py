@@ -163,6 +163,8 @@ class GuideFamily:
             ``logits_distribution`` / ``temperature_distribution``.
         description: one line for listings.
         preset: ``preset(steps) -> FamilyPreset``, the setup for a fit of ``steps`` SVI steps.
+        post_hoc: its part is fitted post hoc (:attr:`PosteriorPart.post_hoc`; the CLI's ``laplace``
+            command lists these families).
     """
 
     name: str
@@ -170,3 +172,4 @@ class GuideFamily:
     build: Callable[..., Any]
     description: str
     preset: Callable[[int], FamilyPreset] = field(default=lambda steps: FamilyPreset())
+    post_hoc: bool = False

@@ -57,12 +57,14 @@ LAPLACE = GuideFamily(
     GuideScope.GLOBAL,
     autoguide_builder(DenseLaplaceMAP, scaled=False),
     "MAP, then a Gaussian with the dense Hessian of the full-data loss at the mode (small site sets)",
+    post_hoc=True,
 )
 KRON_LAPLACE = GuideFamily(
     "kron-laplace",
     GuideScope.GLOBAL,
     _kronecker_builder("router"),
     "MAP router weights, then a Kronecker-factored Laplace (options rank, fisher, tokens, mc_samples)",
+    post_hoc=True,
 )
 EXPERT_LAPLACE = GuideFamily(
     "expert-laplace",
@@ -77,4 +79,5 @@ EXPERT_LAPLACE = GuideFamily(
         layers=[-1],
         tune=PriorPrecisionSelection((3, 10, 30, 100)),
     ),
+    post_hoc=True,
 )

@@ -34,6 +34,7 @@ def test_every_registered_family_trains_and_predicts(name):
         handle = patch_routers(tiny_model("granitemoe"), sites, layers=[1], selection=setup.pop("selection", "top-k"))
     batches = mcqa_batches()
     posterior = fit(handle, batches, name, answer_token_ids=ANSWERS, steps=24, lr=0.03, progress=False, **setup)
+    assert posterior.fitted_post_hoc == GUIDE_FAMILIES[name].post_hoc  # the registry entry says what the part does
     losses = [record["loss"] for record in posterior.history]
     if hooks_of(posterior.guide.global_guide).trains:
         assert sum(losses[-6:]) / 6 < sum(losses[:6]) / 6
