@@ -117,7 +117,7 @@ class FittedPosterior:
         self.patch, self.likelihood, self.guide, self.engine, self.config = patch, likelihood, guide, engine, config
 
     @property
-    def training(self) -> TrainingOptions:
+    def training_options(self) -> TrainingOptions:
         """How this posterior trains (from :attr:`config`)."""
         return TrainingOptions.from_config(self.config)
 

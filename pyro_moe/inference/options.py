@@ -6,7 +6,7 @@ Example::
     options = TrainingOptions(steps=300, objective="iwae", num_particles=4, lr=0.05)
     posterior = fit(patch, batches, "mfvr", answer_token_ids=letters, training=options)
     posterior = fit(patch, batches, "mfvr", answer_token_ids=letters, steps=300, lr=0.05)   # the same fields
-    TrainingOptions.from_config(posterior.config) == posterior.training                     # True
+    TrainingOptions.from_config(posterior.config) == posterior.training_options                   # True
 """
 
 from __future__ import annotations
