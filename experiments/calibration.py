@@ -13,7 +13,9 @@ Example::
     results.rows                      # one dict per method and mode
     write_results(results, "runs/calibration")
 
-    results = run_calibration(model, tokenizer, benchmark.splits, ["mean-field", "mfvr"], steps=200)
+    settings = CalibrationSettings(num_samples=8, test_examples=300)
+    results = run_calibration(model, tokenizer, benchmark.splits, ["mean-field", "mfvr"], settings=settings,
+                              fitting=FitSettings(steps=200))
 
     python -m pyro_moe.experiments.calibration --out runs/calibration      # on the embedded benchmark
 """
@@ -35,17 +37,19 @@ from pyro_moe.evaluation.plots import plot_reliability_diagram
 from pyro_moe.experiments.evaluation import (
     DEFAULT_FAMILIES,
     DETERMINISTIC,
-    MODES,
     TEMPERATURE_SCALING,
+    FitSettings,
     Posterior,
+    PredictionSettings,
     add_common_arguments,
     benchmark_inputs,
-    check_modes,
+    check_count,
     check_posteriors,
     check_splits,
     default_answer_token_ids,
     deterministic_logits,
     fit_named_families,
+    fit_settings,
     fit_temperature_scaling,
     markdown_table,
     posterior_modes,
@@ -56,12 +60,36 @@ from pyro_moe.experiments.evaluation import (
     write_results,
 )
 from pyro_moe.inference.presets import FamilySpec
+from pyro_moe.validation import check_integer
 
-__all__ = ["CalibrationResults", "calibration_experiment", "main", "run_calibration"]
+__all__ = ["CalibrationResults", "CalibrationSettings", "calibration_experiment", "main", "run_calibration"]
 
 COLUMNS = ("method", "mode", "accuracy", "nll", "ece", "mce", "brier", "confidence", "count")
 BASELINE_MODE = "any"
 """The mode column of the deterministic model and temperature scaling (they draw no samples)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibrationSettings(PredictionSettings):
+    """What :func:`calibration_experiment` measures, besides the prediction settings it inherits
+    (``num_samples``, ``modes``, ``batch_size``, ``seed``); checked when built.
+
+    Attributes:
+        test_split: where the figures are measured.
+        calibration_split: where temperature scaling is fitted.
+        test_examples: measure on the first this many test questions (``None``: all).
+        n_bins: equal-width bins of ECE, MCE and the reliability diagrams.
+    """
+
+    test_split: str = "test"
+    calibration_split: str = "calibration"
+    test_examples: int | None = None
+    n_bins: int = DEFAULT_BINS
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_count("test_examples", self.test_examples)
+        check_integer("n_bins", self.n_bins)
 
 
 @dataclass
@@ -141,16 +169,9 @@ def calibration_experiment(
     tokenizer: Any,
     splits: Mapping[str, Sequence[MCQAExample]],
     posteriors: Mapping[str, Posterior],
+    settings: CalibrationSettings = CalibrationSettings(),
     *,
     answer_token_ids: Tensor | None = None,
-    modes: Sequence[str] = MODES,
-    num_samples: int = 16,
-    test_split: str = "test",
-    calibration_split: str = "calibration",
-    test_examples: int | None = None,
-    batch_size: int = 100,
-    n_bins: int = DEFAULT_BINS,
-    seed: int = 0,
 ) -> CalibrationResults:
     """Calibration of the deterministic model, temperature scaling and ``posteriors``; see the module docstring.
 
@@ -159,23 +180,18 @@ def calibration_experiment(
         tokenizer: its tokenizer (left padding, a pad token).
         splits: ``{split name: questions}``.
         posteriors: ``{name: fitted posterior}`` (e.g. from :func:`run_calibration`'s fitting).
+        settings: the splits, sizes, samples, modes and bins.
         answer_token_ids: ``(choices,)`` ids of the answer letters; default the tokenizer's ``A, B, ...``.
-        modes: predictive modes of the posteriors.
-        num_samples: S per prediction.
-        test_split, calibration_split: where to measure and where temperature scaling is fitted.
-        test_examples: measure on the first this many test questions (default all).
-        batch_size: questions per prediction batch.
-        n_bins: bins of ECE, MCE and the diagrams.
-        seed: seed of the sampling.
 
     Raises:
-        ConfigurationError: an unknown or empty split, an unknown mode, a posterior without
-            ``predict``; before any prediction.
+        ConfigurationError: an unknown or empty split, a posterior without ``predict``; before
+            any prediction.
     """
+    test_split, calibration_split = settings.test_split, settings.calibration_split
+    num_samples, batch_size, n_bins = settings.num_samples, settings.batch_size, settings.n_bins
     check_splits(splits, [test_split, calibration_split])
-    modes = check_modes(modes)
     posteriors = check_posteriors(posteriors)
-    test = list(splits[test_split][:test_examples])
+    test = list(splits[test_split][: settings.test_examples])
     if answer_token_ids is None:
         answer_token_ids = default_answer_token_ids(tokenizer, test)
     test_batches = split_batches(test, tokenizer, batch_size)
@@ -190,10 +206,10 @@ def calibration_experiment(
         for name, probs in baselines.items()
     ]
     baseline_diagrams = {name: reliability_diagram_data(probs, labels, n_bins) for name, probs in baselines.items()}
-    diagrams = {mode: dict(baseline_diagrams) for mode in modes}
+    diagrams = {mode: dict(baseline_diagrams) for mode in settings.modes}
     for name, posterior in posteriors.items():
-        for mode in posterior_modes(posterior, modes):
-            probs = predict_batches(posterior, test_batches, mode, num_samples, seed=seed).probs
+        for mode in posterior_modes(posterior, settings.modes):
+            probs = predict_batches(posterior, test_batches, mode, num_samples, seed=settings.seed).probs
             rows.append({"method": name, "mode": mode, **calibration_report(probs, labels, n_bins)})
             diagrams[mode][name] = reliability_diagram_data(probs, labels, n_bins)
     return CalibrationResults(
@@ -213,42 +229,21 @@ def run_calibration(
     splits: Mapping[str, Sequence[MCQAExample]],
     families: Sequence[str | FamilySpec] = DEFAULT_FAMILIES,
     *,
+    settings: CalibrationSettings = CalibrationSettings(),
+    fitting: FitSettings = FitSettings(),
     answer_token_ids: Tensor | None = None,
-    fit_split: str = "train",
-    fit_examples: int | None = 512,
-    sites: Mapping[str, Any] | None = None,
-    layers: str | Sequence[int] = "all",
-    steps: int = 200,
-    seed: int = 0,
-    progress: bool = True,
-    **options: Any,
 ) -> CalibrationResults:
-    """Fit ``families`` by name (:func:`pyro_moe.experiments.evaluation.fit_named_families`), each on
-    a copy of ``model``, then run :func:`calibration_experiment` (``options`` go there).
+    """Fit ``families`` by name as ``fitting`` says
+    (:func:`pyro_moe.experiments.evaluation.fit_named_families`), each on a copy of ``model``, then
+    run :func:`calibration_experiment` with ``settings``.
 
-    Everything is checked first: the families against the guide registry, the splits."""
-    test_split, calibration_split = options.get("test_split", "test"), options.get("calibration_split", "calibration")
-    check_splits(splits, [test_split, calibration_split])
-    check_modes(options.get("modes", MODES))
+    Everything is checked before anything is fitted: the numbers when the settings were built, the
+    families against the guide registry, SWAG's schedule, the splits."""
+    check_splits(splits, [settings.test_split, settings.calibration_split])
     if answer_token_ids is None:
-        answer_token_ids = default_answer_token_ids(tokenizer, splits[test_split])
-    posteriors = fit_named_families(
-        model,
-        tokenizer,
-        splits,
-        families,
-        answer_token_ids=answer_token_ids,
-        fit_split=fit_split,
-        fit_examples=fit_examples,
-        sites=sites,
-        layers=layers,
-        steps=steps,
-        seed=seed,
-        progress=progress,
-    )
-    return calibration_experiment(
-        model, tokenizer, splits, posteriors, answer_token_ids=answer_token_ids, seed=seed, **options
-    )
+        answer_token_ids = default_answer_token_ids(tokenizer, splits[settings.test_split])
+    posteriors = fit_named_families(model, tokenizer, splits, families, fitting, answer_token_ids=answer_token_ids)
+    return calibration_experiment(model, tokenizer, splits, posteriors, settings, answer_token_ids=answer_token_ids)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -262,24 +257,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--test-examples", type=int, default=None, help="test questions to use (default all)")
     parser.add_argument("--bins", type=int, default=DEFAULT_BINS, help=f"ECE bins (default {DEFAULT_BINS})")
     args = parser.parse_args(argv)
-    inputs = benchmark_inputs()
-    try:
+    try:  # the settings first: a bad number is refused before the benchmark is loaded
+        fitting = fit_settings(args)
+        settings = CalibrationSettings(
+            num_samples=args.samples,
+            test_examples=args.test_examples,
+            batch_size=args.batch_size,
+            n_bins=args.bins,
+            seed=args.seed,
+        )
+        inputs = benchmark_inputs()
         results = run_calibration(
             inputs.model,
             inputs.tokenizer,
             inputs.splits,
             args.families,
+            settings=settings,
+            fitting=fitting,
             answer_token_ids=inputs.answer_token_ids,
-            fit_split=args.fit_split,
-            fit_examples=args.fit_examples,
-            sites=args.sites,
-            layers=args.layers or "all",
-            steps=args.steps,
-            seed=args.seed,
-            num_samples=args.samples,
-            test_examples=args.test_examples,
-            batch_size=args.batch_size,
-            n_bins=args.bins,
         )
     except PyroMoEError as error:  # bad input: a one-line reason, exit code 2
         parser.error(str(error))

@@ -23,28 +23,36 @@ composed of the experiments' own functions:
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from pyro_moe.core.routing_context import PredictiveMode
 from pyro_moe.diagnostics.arviz_export import to_inference_data
 from pyro_moe.diagnostics.collapse import collapse_report
-from pyro_moe.experiments.calibration import calibration_experiment
+from pyro_moe.experiments.calibration import CalibrationSettings, calibration_experiment
 from pyro_moe.experiments.evaluation import (
     DETERMINISTIC,
     MODES,
     TEMPERATURE_SCALING,
     BenchmarkInputs,
+    FitSettings,
     benchmark_inputs,
+    check_count,
     fit_named_families,
     markdown_table,
     posterior_modes,
     split_batches,
     write_results,
 )
-from pyro_moe.experiments.ood import ood_experiment
-from pyro_moe.experiments.stability import StabilityResults, posterior_stability, stability_experiment
+from pyro_moe.experiments.ood import OoDSettings, ood_experiment
+from pyro_moe.experiments.stability import (
+    StabilityResults,
+    StabilitySettings,
+    posterior_stability,
+    stability_experiment,
+)
+from pyro_moe.validation import check_integer
 
 __all__ = ["DEMO_FAMILIES", "HEADLINE_COLUMNS", "QUICK", "DemoSettings", "headline_rows", "run_demo"]
 
@@ -69,7 +77,7 @@ ROUTING_AVERAGE = PredictiveMode.ROUTING_AVERAGE.value
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Sizes of the demo run.
+    """Sizes of the demo run, checked when built (before any work).
 
     Attributes:
         steps: SVI steps per family.
@@ -95,6 +103,20 @@ class DemoSettings:
     diagnostic_examples: int = 50
     families: tuple[str, ...] = DEMO_FAMILIES
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in (
+            "steps",
+            "fit_examples",
+            "stability_examples",
+            "susceptible",
+            "samples",
+            "draws",
+            "diagnostic_examples",
+        ):
+            check_integer(name, getattr(self, name))
+        check_count("examples", self.examples)
+        check_integer("seed", self.seed, minimum=0)
 
 
 QUICK = DemoSettings(
@@ -195,44 +217,33 @@ def run_demo(
     out = Path(out)
     inputs = inputs or benchmark_inputs()
     model, tokenizer, splits, letters = inputs.model, inputs.tokenizer, inputs.splits, inputs.answer_token_ids
-    seed = settings.seed
-
-    stability = stability_experiment(
-        model,
-        tokenizer,
-        splits,
-        {},
-        examples=settings.stability_examples,
-        k=settings.susceptible,
-        num_samples=settings.samples,
-        seed=seed,
+    seed, samples = settings.seed, settings.samples
+    measured = StabilitySettings(
+        examples=settings.stability_examples, k=settings.susceptible, num_samples=samples, seed=seed
     )
-    posteriors = fit_named_families(
-        model,
-        tokenizer,
-        splits,
-        settings.families,
-        answer_token_ids=letters,
-        fit_examples=settings.fit_examples,
-        layers=stability.susceptible,
+    fitting = FitSettings(
+        examples=settings.fit_examples,
         steps=settings.steps,
         seed=seed,
         progress=progress,
         validation_examples=settings.examples,
     )
-    batches = split_batches(splits["test"], tokenizer, 50, settings.stability_examples)
+    calibration_settings = CalibrationSettings(num_samples=samples, test_examples=settings.examples, seed=seed)
+    ood_settings = OoDSettings(num_samples=samples, examples=settings.examples, seed=seed)
+
+    stability = stability_experiment(model, tokenizer, splits, {}, measured)
+    fitting = replace(fitting, layers=stability.susceptible)
+    posteriors = fit_named_families(model, tokenizer, splits, settings.families, fitting, answer_token_ids=letters)
+    batches = split_batches(splits[measured.split], tokenizer, measured.batch_size, measured.examples)
     for name in settings.families:
         if ROUTING_AVERAGE in posterior_modes(posteriors[name], MODES):
-            stability.stability[name] = posterior_stability(
-                posteriors[name], batches, stability.stability[DETERMINISTIC].gammas, settings.samples, seed
-            )
+            stability.stability[name] = posterior_stability(posteriors[name], batches, measured.gammas, samples, seed)
         else:
             stability.skipped.append(name)
-    options = {"answer_token_ids": letters, "num_samples": settings.samples, "seed": seed}
     calibration = calibration_experiment(
-        model, tokenizer, splits, posteriors, test_examples=settings.examples, **options
+        model, tokenizer, splits, posteriors, calibration_settings, answer_token_ids=letters
     )
-    ood = ood_experiment(model, tokenizer, splits, posteriors, examples=settings.examples, **options)
+    ood = ood_experiment(model, tokenizer, splits, posteriors, ood_settings, answer_token_ids=letters)
 
     out.mkdir(parents=True, exist_ok=True)
     parts = {"Routing stability": out / "stability", "Calibration": out / "calibration", "OoD detection": out / "ood"}

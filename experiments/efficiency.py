@@ -20,6 +20,7 @@ Example::
 
     results = efficiency_experiment(model, tokenizer, benchmark.splits, {"mfvr": fitted_mfvr})
     results.rows                           # latency_ms, peak_memory_mib, mflops_per_token and ratios
+    results = efficiency_experiment(model, tokenizer, benchmark.splits, posteriors, EfficiencySettings(repeats=10))
     write_results(results, "runs/efficiency")
 
     python -m pyro_moe.experiments.efficiency --out runs/efficiency      # on the embedded benchmark
@@ -44,30 +45,34 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from pyro_moe.data import MCQAExample
-from pyro_moe.errors import ConfigurationError, PyroMoEError
+from pyro_moe.errors import PyroMoEError
 from pyro_moe.evaluation.plots import plot_efficiency_bars
 from pyro_moe.experiments.evaluation import (
     DEFAULT_FAMILIES,
     DETERMINISTIC,
-    MODES,
+    FitSettings,
     Posterior,
+    PredictionSettings,
     add_common_arguments,
     benchmark_inputs,
-    check_modes,
     check_posteriors,
     check_splits,
     default_answer_token_ids,
     deterministic_logits,
     fit_named_families,
+    fit_settings,
     markdown_table,
     posterior_modes,
     split_batches,
     write_results,
 )
 from pyro_moe.inference.presets import FamilySpec
+from pyro_moe.validation import check_integer
 
 __all__ = [
+    "COST_FIT",
     "EfficiencyResults",
+    "EfficiencySettings",
     "count_flops",
     "efficiency_experiment",
     "main",
@@ -88,6 +93,28 @@ COLUMNS = (
 )
 BASELINE_MODE = "any"
 MIB = 2**20
+
+COST_FIT = FitSettings(examples=64, steps=10)
+"""The fit :func:`run_efficiency` makes by default: few steps on few questions (the cost does not depend on the fit)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class EfficiencySettings(PredictionSettings):
+    """What :func:`efficiency_experiment` measures, besides the prediction settings it inherits
+    (``num_samples``, ``modes``, ``batch_size``: the questions of the measured batch, ``seed``);
+    checked when built.
+
+    Attributes:
+        split: where the measured batch comes from (its first ``batch_size`` questions).
+        repeats: timed calls per method.
+    """
+
+    split: str = "test"
+    repeats: int = 5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_integer("repeats", self.repeats)
 
 
 def _synchronise(device: torch.device) -> None:
@@ -218,14 +245,9 @@ def efficiency_experiment(
     tokenizer: Any,
     splits: Mapping[str, Sequence[MCQAExample]],
     posteriors: Mapping[str, Posterior],
+    settings: EfficiencySettings = EfficiencySettings(),
     *,
     answer_token_ids: Tensor | None = None,
-    modes: Sequence[str] = MODES,
-    num_samples: int = 16,
-    split: str = "test",
-    batch_size: int = 100,
-    repeats: int = 5,
-    seed: int = 0,
 ) -> EfficiencyResults:
     """Latency, peak memory and FLOPs per token of every method; see the module docstring.
 
@@ -234,22 +256,21 @@ def efficiency_experiment(
         tokenizer: its tokenizer.
         splits: ``{split name: questions}``.
         posteriors: ``{name: fitted posterior}``.
+        settings: the batch, S, the modes and the timed calls.
         answer_token_ids: ``(choices,)`` ids of the answer letters; default the tokenizer's ``A, B, ...``.
-        modes: predictive modes of the posteriors.
-        num_samples: S per prediction.
-        split: where the batch comes from; batch_size: its questions.
-        repeats: timed calls per method.
-        seed: seed of the sampling.
 
     Raises:
-        ConfigurationError: an unknown or empty split, an unknown mode, ``repeats < 1``, a
-            posterior without ``predict``; before any measurement.
+        ConfigurationError: an unknown or empty split, a posterior without ``predict``; before any
+            measurement.
     """
+    split, batch_size, num_samples, repeats = (
+        settings.split,
+        settings.batch_size,
+        settings.num_samples,
+        settings.repeats,
+    )
     check_splits(splits, [split])
-    modes = check_modes(modes)
     posteriors = check_posteriors(posteriors)
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ConfigurationError(f"repeats must be a positive integer, got {repeats!r}.")
     if answer_token_ids is None:
         answer_token_ids = default_answer_token_ids(tokenizer, splits[split])
     (batch,) = split_batches(splits[split][:batch_size], tokenizer, batch_size)
@@ -261,12 +282,12 @@ def efficiency_experiment(
         (DETERMINISTIC, BASELINE_MODE): lambda: deterministic_logits(model, [batch], answer_token_ids)
     }
     for name, posterior in posteriors.items():
-        for mode in posterior_modes(posterior, modes):
+        for mode in posterior_modes(posterior, settings.modes):
             calls[name, mode] = lambda posterior=posterior, mode=mode: posterior.predict(
                 input_ids, attention_mask, num_samples=num_samples, mode=mode
             )
     rows = []
-    pyro.set_rng_seed(seed)
+    pyro.set_rng_seed(settings.seed)
     models = [model, *(posterior.patch.model for posterior in posteriors.values() if hasattr(posterior, "patch"))]
     with _inference_only(models):
         for (method, mode), call in calls.items():
@@ -298,41 +319,19 @@ def run_efficiency(
     splits: Mapping[str, Sequence[MCQAExample]],
     families: Sequence[str | FamilySpec] = DEFAULT_FAMILIES,
     *,
+    settings: EfficiencySettings = EfficiencySettings(),
+    fitting: FitSettings = COST_FIT,
     answer_token_ids: Tensor | None = None,
-    fit_split: str = "train",
-    fit_examples: int | None = 64,
-    sites: Mapping[str, Any] | None = None,
-    layers: str | Sequence[int] = "all",
-    steps: int = 10,
-    seed: int = 0,
-    progress: bool = True,
-    **options: Any,
 ) -> EfficiencyResults:
-    """Fit ``families`` by name (few steps: the cost does not depend on the fit), each on a copy of
-    ``model``, then run :func:`efficiency_experiment` (``options`` go there). The families, split
-    and modes are checked before anything is fitted."""
-    split = options.get("split", "test")
-    check_splits(splits, [split])
-    check_modes(options.get("modes", MODES))
+    """Fit ``families`` by name as ``fitting`` says (by default :data:`COST_FIT`, few steps: the
+    cost does not depend on the fit), each on a copy of ``model``, then run
+    :func:`efficiency_experiment` with ``settings``. The numbers (when the settings were built), the
+    families, SWAG's schedule and the split are checked before anything is fitted."""
+    check_splits(splits, [settings.split])
     if answer_token_ids is None:
-        answer_token_ids = default_answer_token_ids(tokenizer, splits[split])
-    posteriors = fit_named_families(
-        model,
-        tokenizer,
-        splits,
-        families,
-        answer_token_ids=answer_token_ids,
-        fit_split=fit_split,
-        fit_examples=fit_examples,
-        sites=sites,
-        layers=layers,
-        steps=steps,
-        seed=seed,
-        progress=progress,
-    )
-    return efficiency_experiment(
-        model, tokenizer, splits, posteriors, answer_token_ids=answer_token_ids, seed=seed, **options
-    )
+        answer_token_ids = default_answer_token_ids(tokenizer, splits[settings.split])
+    posteriors = fit_named_families(model, tokenizer, splits, families, fitting, answer_token_ids=answer_token_ids)
+    return efficiency_experiment(model, tokenizer, splits, posteriors, settings, answer_token_ids=answer_token_ids)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -342,28 +341,28 @@ def main(argv: Sequence[str] | None = None) -> None:
         description="Latency, peak memory and FLOPs per token of Bayesian guide families' predictions (both predictive "
         "modes) against the deterministic model, on the embedded benchmark.",
     )
-    add_common_arguments(parser, families=DEFAULT_FAMILIES, steps=10, fit_examples=64)
+    add_common_arguments(parser, families=DEFAULT_FAMILIES, steps=COST_FIT.steps, fit_examples=COST_FIT.examples)
     parser.add_argument("--split", default="test", help="split the measured batch comes from (default test)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per method (default 5)")
     args = parser.parse_args(argv)
-    inputs = benchmark_inputs()
-    try:
+    try:  # the settings first: a bad number is refused before the benchmark is loaded
+        fitting = fit_settings(args)
+        settings = EfficiencySettings(
+            num_samples=args.samples,
+            split=args.split,
+            batch_size=args.batch_size,
+            repeats=args.repeats,
+            seed=args.seed,
+        )
+        inputs = benchmark_inputs()
         results = run_efficiency(
             inputs.model,
             inputs.tokenizer,
             inputs.splits,
             args.families,
+            settings=settings,
+            fitting=fitting,
             answer_token_ids=inputs.answer_token_ids,
-            fit_split=args.fit_split,
-            fit_examples=args.fit_examples,
-            sites=args.sites,
-            layers=args.layers or "all",
-            steps=args.steps,
-            seed=args.seed,
-            num_samples=args.samples,
-            split=args.split,
-            batch_size=args.batch_size,
-            repeats=args.repeats,
         )
     except PyroMoEError as error:  # bad input: a one-line reason, exit code 2
         parser.error(str(error))

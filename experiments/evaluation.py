@@ -4,6 +4,9 @@
   of :mod:`pyro_moe.inference.presets`), each on its own copy of the model;
 * the deterministic model's answer logits (:func:`deterministic_logits`) and a posterior's
   predictions with their uncertainty scores (:func:`predict_batches`) on MCQA batches;
+* the settings of the fits by name (:class:`FitSettings`) and of the posteriors' predictions
+  (:class:`PredictionSettings`, the base of the experiments' own settings), every number checked
+  when the settings are built, so a bad value is refused before any fit starts;
 * the checks every experiment makes before any work (:func:`check_splits`,
   :func:`check_posteriors`), Markdown tables and the writing of ``metrics.json``, ``report.md``
   and the PNGs (:func:`write_results`);
@@ -15,9 +18,11 @@ A posterior is anything with the :class:`Posterior` ``predict`` method, e.g. a
 
 Example::
 
-    posteriors = fit_named_families(model, tokenizer, splits, ["mean-field", "mfvr", "swag"], answer_token_ids=letters)
+    posteriors = fit_named_families(model, tokenizer, splits, ["mean-field", "mfvr", "swag"], FitSettings(steps=200),
+                                    answer_token_ids=letters)
     logits = deterministic_logits(model, test_batches, letters)      # (examples, choices)
     scored = predict_batches(posteriors["mfvr"], test_batches, "model-average", 16, scores=True)
+    PredictionSettings(num_samples=0)                                # ConfigurationError, nothing fitted
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from pyro_moe.evaluation.temperature_scaling import TemperatureScaling, fit_temp
 from pyro_moe.inference.fitting import FittedPosterior
 from pyro_moe.inference.predictive import RoutedPrediction
 from pyro_moe.inference.presets import FamilySpec, family_specs, fit_families
+from pyro_moe.validation import check_integer
 
 __all__ = [
     "DEFAULT_FAMILIES",
@@ -54,17 +60,21 @@ __all__ = [
     "MODES",
     "TEMPERATURE_SCALING",
     "BenchmarkInputs",
+    "FitSettings",
     "Posterior",
+    "PredictionSettings",
     "Predictions",
     "Results",
     "add_common_arguments",
     "benchmark_inputs",
+    "check_count",
     "check_modes",
     "check_posteriors",
     "check_splits",
     "default_answer_token_ids",
     "deterministic_logits",
     "fit_named_families",
+    "fit_settings",
     "fit_temperature_scaling",
     "markdown_table",
     "posterior_modes",
@@ -133,6 +143,11 @@ def check_modes(modes: Sequence[str]) -> tuple[str, ...]:
     return modes
 
 
+def check_count(name: str, value: object) -> int | None:
+    """``value`` if it is ``None`` (all) or a positive integer: how many questions of a split to use."""
+    return None if value is None else check_integer(name, value)
+
+
 def posterior_modes(posterior: Posterior, modes: Sequence[str]) -> tuple[str, ...]:
     """The ``modes`` ``posterior`` predicts in: those of its patch (``predictive_modes``; expert-weight
     posteriors run their own experts per joint sample, so they have ``model-average`` only)."""
@@ -145,44 +160,108 @@ def posterior_modes(posterior: Posterior, modes: Sequence[str]) -> tuple[str, ..
 # ---------------------------------------------------------------------------------------------- families
 
 
+@dataclass(frozen=True, kw_only=True)
+class FitSettings:
+    """How :func:`fit_named_families` fits guide families by name (the fits of the ``run_*``
+    experiments). The numbers are checked when the settings are built, before any fit.
+
+    Example::
+
+        fitting = FitSettings(examples=256, layers=[2], steps=100)
+        posteriors = fit_named_families(model, tokenizer, splits, ["mfvr"], fitting, answer_token_ids=letters)
+
+    Attributes:
+        split: the split the families are fitted on.
+        examples: its first this many questions are used (``None``: all).
+        sites: the router sites of every named family (as :func:`pyro_moe.patch_routers` takes
+            them) instead of the defaults of its guide scopes (:data:`DEFAULT_SITES`); not of
+            ``expert-laplace``, whose sites are the experts.
+        layers: the Bayesian decoder layers, ``"all"`` or indices.
+        steps: SVI steps per family (SWAG's default schedule follows them).
+        batch_size: questions per shuffled training batch.
+        seed: seed of the shuffling and the fits.
+        progress: show the fits' progress bars.
+        validation_split: where the families that choose their prior precision (expert Laplace)
+            measure the validation NLL.
+        validation_examples: its first this many questions are used (``None``: all).
+    """
+
+    split: str = "train"
+    examples: int | None = 512
+    sites: Mapping[str, Any] | None = None
+    layers: str | Sequence[int] = "all"
+    steps: int = 200
+    batch_size: int = 32
+    seed: int = 0
+    progress: bool = True
+    validation_split: str = "calibration"
+    validation_examples: int | None = 200
+
+    def __post_init__(self) -> None:
+        check_count("examples", self.examples)
+        check_integer("steps", self.steps)
+        check_integer("batch_size", self.batch_size)
+        check_integer("seed", self.seed, minimum=0)
+        check_count("validation_examples", self.validation_examples)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PredictionSettings:
+    """How the experiments predict with the posteriors; the base of the experiments' own settings
+    (e.g. :class:`pyro_moe.experiments.calibration.CalibrationSettings`). The numbers and modes
+    are checked when the settings are built, before any fit.
+
+    Attributes:
+        num_samples: S, samples of the routing per prediction.
+        modes: the predictive modes of the posteriors (see :data:`MODES`), a tuple once built.
+        batch_size: questions per prediction batch.
+        seed: seed of the sampling.
+    """
+
+    num_samples: int = 16
+    modes: Sequence[str] = MODES
+    batch_size: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_integer("num_samples", self.num_samples)
+        object.__setattr__(self, "modes", check_modes(self.modes))
+        check_integer("batch_size", self.batch_size)
+        check_integer("seed", self.seed, minimum=0)
+
+
 def fit_named_families(
     model: nn.Module,
     tokenizer: Any,
     splits: Mapping[str, Sequence[MCQAExample]],
     families: Sequence[str | FamilySpec],
+    fitting: FitSettings = FitSettings(),
     *,
     answer_token_ids: Tensor,
-    fit_split: str = "train",
-    fit_examples: int | None = 512,
-    sites: Mapping[str, Any] | None = None,
-    layers: str | Sequence[int] = "all",
-    steps: int = 200,
-    batch_size: int = 32,
-    seed: int = 0,
-    progress: bool = True,
-    validation_split: str = "calibration",
-    validation_examples: int | None = 200,
 ) -> dict[str, FittedPosterior]:
-    """Check the families and the splits, then fit every family (:func:`family_specs`,
-    :func:`fit_families`) on the first ``fit_examples`` questions of ``splits[fit_split]`` in
-    shuffled batches of ``batch_size``; families that choose a prior precision do so on the first
-    ``validation_examples`` questions of ``splits[validation_split]``. No families, no fits: ``{}``."""
+    """Check the families, their options and the splits, then fit every family
+    (:func:`family_specs`, :func:`fit_families`) as ``fitting`` says: on the first
+    ``fitting.examples`` questions of ``splits[fitting.split]`` in shuffled batches; families that
+    choose a prior precision do so on the validation split. No families, no fits: ``{}``."""
     if not families:
         return {}
-    specs = family_specs(families, sites, steps)
+    specs = family_specs(families, fitting.sites, fitting.steps)
     tuned = any(spec.tune is not None for spec in specs)
-    check_splits(splits, [fit_split, *([validation_split] if tuned else [])])
-    batches = list(mcqa_batches(splits[fit_split][:fit_examples], tokenizer, batch_size, shuffle=True, seed=seed))
-    validation = split_batches(splits[validation_split], tokenizer, 100, validation_examples) if tuned else None
+    check_splits(splits, [fitting.split, *([fitting.validation_split] if tuned else [])])
+    examples = splits[fitting.split][: fitting.examples]
+    batches = list(mcqa_batches(examples, tokenizer, fitting.batch_size, shuffle=True, seed=fitting.seed))
+    validation = None
+    if tuned:
+        validation = split_batches(splits[fitting.validation_split], tokenizer, 100, fitting.validation_examples)
     return fit_families(
         model,
         batches,
         specs,
         answer_token_ids=answer_token_ids,
-        layers=layers,
-        steps=steps,
-        seed=seed,
-        progress=progress,
+        layers=fitting.layers,
+        steps=fitting.steps,
+        seed=fitting.seed,
+        progress=fitting.progress,
         validation_batches=validation,
     )
 
@@ -384,6 +463,18 @@ def add_common_arguments(
     )
     parser.add_argument("--batch-size", type=int, default=100, help="questions per prediction batch (default 100)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fits and the sampling (default 0)")
+
+
+def fit_settings(args: argparse.Namespace) -> FitSettings:
+    """The :class:`FitSettings` of the options :func:`add_common_arguments` adds (no ``--layers``: all)."""
+    return FitSettings(
+        split=args.fit_split,
+        examples=args.fit_examples,
+        sites=args.sites,
+        layers=args.layers or "all",
+        steps=args.steps,
+        seed=args.seed,
+    )
 
 
 @dataclass

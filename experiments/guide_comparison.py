@@ -54,6 +54,7 @@ from pyro_moe.errors import ConfigurationError
 from pyro_moe.evaluation.metrics import accuracy, expected_calibration_error, negative_log_likelihood
 from pyro_moe.inference.fitting import fit
 from pyro_moe.models.router_patch import patch_routers
+from pyro_moe.validation import check_integer
 
 __all__ = ["GuideCase", "GuideComparison", "compare_guides", "main", "plot_elbo_curves"]
 
@@ -171,6 +172,7 @@ def compare_guides(
     names = [case.name for case in cases]
     if len(cases) < 2 or len(set(names)) != len(names):
         raise ConfigurationError(f"give at least two cases with distinct names, got {names}.")
+    check_integer("num_draws", num_draws)  # before the first fit, not when its predictions start
     labels = torch.cat([batch["labels"] for batch in test])
     rows, exports, histories, elpds = {}, {}, {}, {}
     for case in cases:

@@ -49,6 +49,7 @@ from pyro_moe.experiments.guide_comparison import plot_elbo_curves
 from pyro_moe.inference.fitting import FittedPosterior, fit
 from pyro_moe.inference.predictive import predict
 from pyro_moe.models.router_patch import patch_routers
+from pyro_moe.validation import check_integer, check_number
 
 __all__ = ["ObjectiveStudy", "ObjectiveStudySettings", "main", "run_objective_study"]
 
@@ -97,13 +98,9 @@ class ObjectiveStudySettings:
             "num_samples",
             "collapse_batches",
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigurationError(f"{name} must be a positive integer, got {value!r}.")
+            check_integer(name, getattr(self, name))
         for name in ("prior_scale", "lr"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise ConfigurationError(f"{name} must be a positive number, got {value!r}.")
+            check_number(name, getattr(self, name))
 
 
 @dataclass

@@ -19,6 +19,8 @@ Example::
     results.auroc("mfvr", "model-average", "far_ood", "mutual information")
     write_results(results, "runs/ood")
 
+    results = run_ood(model, tokenizer, benchmark.splits, ["mfvr"], settings=OoDSettings(ood_splits=["far_ood"]))
+
     python -m pyro_moe.experiments.ood --out runs/ood      # on the embedded benchmark
 """
 
@@ -39,18 +41,20 @@ from pyro_moe.evaluation.plots import plot_roc_curves
 from pyro_moe.experiments.evaluation import (
     DEFAULT_FAMILIES,
     DETERMINISTIC,
-    MODES,
     TEMPERATURE_SCALING,
+    FitSettings,
     Posterior,
     Predictions,
+    PredictionSettings,
     add_common_arguments,
     benchmark_inputs,
-    check_modes,
+    check_count,
     check_posteriors,
     check_splits,
     default_answer_token_ids,
     deterministic_logits,
     fit_named_families,
+    fit_settings,
     fit_temperature_scaling,
     markdown_table,
     posterior_modes,
@@ -61,7 +65,7 @@ from pyro_moe.experiments.evaluation import (
 )
 from pyro_moe.inference.presets import FamilySpec
 
-__all__ = ["SCORES", "OoDResults", "main", "ood_experiment", "run_ood", "uncertainty_scores"]
+__all__ = ["SCORES", "OoDResults", "OoDSettings", "main", "ood_experiment", "run_ood", "uncertainty_scores"]
 
 SCORES = ("max probability", "predictive entropy", "mutual information", "router-logit variance")
 """The uncertainty scores, in table order."""
@@ -81,6 +85,36 @@ def uncertainty_scores(predictions: Predictions) -> dict[str, Tensor]:
     if predictions.router_logit_variance is not None:
         scores["router-logit variance"] = predictions.router_logit_variance
     return scores
+
+
+@dataclass(frozen=True, kw_only=True)
+class OoDSettings(PredictionSettings):
+    """Which splits :func:`ood_experiment` tells apart, besides the prediction settings it inherits
+    (``num_samples``, ``modes``, ``batch_size``, ``seed``); checked when built.
+
+    Attributes:
+        in_split: the in-distribution split.
+        ood_splits: the OoD splits (at least one, not ``in_split``), a tuple once built.
+        calibration_split: where temperature scaling is fitted.
+        examples: use the first this many questions of each in-distribution and OoD split
+            (``None``: all).
+    """
+
+    in_split: str = "test"
+    ood_splits: Sequence[str] = ("near_ood", "far_ood")
+    calibration_split: str = "calibration"
+    examples: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        ood_splits = (self.ood_splits,) if isinstance(self.ood_splits, str) else tuple(self.ood_splits)
+        if not ood_splits or self.in_split in ood_splits:
+            raise ConfigurationError(
+                f"give at least one OoD split other than the in-distribution split {self.in_split!r}, "
+                f"got {list(ood_splits)}."
+            )
+        object.__setattr__(self, "ood_splits", ood_splits)
+        check_count("examples", self.examples)
 
 
 @dataclass
@@ -172,33 +206,14 @@ class OoDResults:
         return paths
 
 
-def _check_split_roles(
-    splits: Mapping[str, Sequence[MCQAExample]], in_split: str, ood_splits: Sequence[str], calibration_split: str
-) -> list[str]:
-    ood_splits = [ood_splits] if isinstance(ood_splits, str) else list(ood_splits)
-    if not ood_splits or in_split in ood_splits:
-        raise ConfigurationError(
-            f"give at least one OoD split other than the in-distribution split {in_split!r}, got {ood_splits}."
-        )
-    check_splits(splits, [in_split, *ood_splits, calibration_split])
-    return ood_splits
-
-
 def ood_experiment(
     model: nn.Module,
     tokenizer: Any,
     splits: Mapping[str, Sequence[MCQAExample]],
     posteriors: Mapping[str, Posterior],
+    settings: OoDSettings = OoDSettings(),
     *,
     answer_token_ids: Tensor | None = None,
-    modes: Sequence[str] = MODES,
-    num_samples: int = 16,
-    in_split: str = "test",
-    ood_splits: Sequence[str] = ("near_ood", "far_ood"),
-    calibration_split: str = "calibration",
-    examples: int | None = None,
-    batch_size: int = 100,
-    seed: int = 0,
 ) -> OoDResults:
     """AUROC and AUPRC of every score, method and mode; see the module docstring.
 
@@ -207,37 +222,32 @@ def ood_experiment(
         tokenizer: its tokenizer.
         splits: ``{split name: questions}``.
         posteriors: ``{name: fitted posterior}``.
+        settings: the splits, sizes, samples and modes.
         answer_token_ids: ``(choices,)`` ids of the answer letters; default the tokenizer's ``A, B, ...``.
-        modes: predictive modes of the posteriors.
-        num_samples: S per prediction.
-        in_split: the in-distribution split; ood_splits: the OoD ones.
-        calibration_split: where temperature scaling is fitted.
-        examples: use the first this many questions of each in-distribution and OoD split (default all).
-        batch_size: questions per prediction batch.
-        seed: seed of the sampling.
 
     Raises:
-        ConfigurationError: an unknown or empty split, no OoD split, an unknown mode, a posterior
-            without ``predict``; before any prediction.
+        ConfigurationError: an unknown or empty split, a posterior without ``predict``; before
+            any prediction.
     """
-    ood_splits = _check_split_roles(splits, in_split, ood_splits, calibration_split)
-    modes = check_modes(modes)
+    in_split, ood_splits, num_samples = settings.in_split, settings.ood_splits, settings.num_samples
+    check_splits(splits, [in_split, *ood_splits, settings.calibration_split])
     posteriors = check_posteriors(posteriors)
     if answer_token_ids is None:
         answer_token_ids = default_answer_token_ids(tokenizer, splits[in_split])
-    scaling = fit_temperature_scaling(model, tokenizer, splits[calibration_split], answer_token_ids, batch_size)
+    calibration = splits[settings.calibration_split]
+    scaling = fit_temperature_scaling(model, tokenizer, calibration, answer_token_ids, settings.batch_size)
 
     scores: dict[str, dict[tuple[str, str], dict[str, Tensor]]] = {}
     for split in [in_split, *ood_splits]:
-        batches = split_batches(splits[split], tokenizer, batch_size, examples)
+        batches = split_batches(splits[split], tokenizer, settings.batch_size, settings.examples)
         logits = deterministic_logits(model, batches, answer_token_ids)
         scores[split] = {
             (DETERMINISTIC, BASELINE_MODE): uncertainty_scores(Predictions(logits.softmax(-1))),
             (TEMPERATURE_SCALING, BASELINE_MODE): uncertainty_scores(Predictions(scaling.probs(logits))),
         }
         for name, posterior in posteriors.items():
-            for mode in posterior_modes(posterior, modes):
-                predictions = predict_batches(posterior, batches, mode, num_samples, scores=True, seed=seed)
+            for mode in posterior_modes(posterior, settings.modes):
+                predictions = predict_batches(posterior, batches, mode, num_samples, scores=True, seed=settings.seed)
                 scores[split][name, mode] = uncertainty_scores(predictions)
 
     rows = []
@@ -268,39 +278,18 @@ def run_ood(
     splits: Mapping[str, Sequence[MCQAExample]],
     families: Sequence[str | FamilySpec] = DEFAULT_FAMILIES,
     *,
+    settings: OoDSettings = OoDSettings(),
+    fitting: FitSettings = FitSettings(),
     answer_token_ids: Tensor | None = None,
-    fit_split: str = "train",
-    fit_examples: int | None = 512,
-    sites: Mapping[str, Any] | None = None,
-    layers: str | Sequence[int] = "all",
-    steps: int = 200,
-    seed: int = 0,
-    progress: bool = True,
-    **options: Any,
 ) -> OoDResults:
-    """Fit ``families`` by name, each on a copy of ``model``, then run :func:`ood_experiment`
-    (``options`` go there). The families and splits are checked before anything is fitted."""
-    in_split = options.get("in_split", "test")
-    ood_splits = options.get("ood_splits", ("near_ood", "far_ood"))
-    _check_split_roles(splits, in_split, ood_splits, options.get("calibration_split", "calibration"))
-    check_modes(options.get("modes", MODES))
+    """Fit ``families`` by name as ``fitting`` says, each on a copy of ``model``, then run
+    :func:`ood_experiment` with ``settings``. The numbers (when the settings were built), the
+    families, SWAG's schedule and the splits are checked before anything is fitted."""
+    check_splits(splits, [settings.in_split, *settings.ood_splits, settings.calibration_split])
     if answer_token_ids is None:
-        answer_token_ids = default_answer_token_ids(tokenizer, splits[in_split])
-    posteriors = fit_named_families(
-        model,
-        tokenizer,
-        splits,
-        families,
-        answer_token_ids=answer_token_ids,
-        fit_split=fit_split,
-        fit_examples=fit_examples,
-        sites=sites,
-        layers=layers,
-        steps=steps,
-        seed=seed,
-        progress=progress,
-    )
-    return ood_experiment(model, tokenizer, splits, posteriors, answer_token_ids=answer_token_ids, seed=seed, **options)
+        answer_token_ids = default_answer_token_ids(tokenizer, splits[settings.in_split])
+    posteriors = fit_named_families(model, tokenizer, splits, families, fitting, answer_token_ids=answer_token_ids)
+    return ood_experiment(model, tokenizer, splits, posteriors, settings, answer_token_ids=answer_token_ids)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -319,24 +308,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--ood-splits", nargs="+", default=["near_ood", "far_ood"], help="OoD splits (default near_ood far_ood)"
     )
     args = parser.parse_args(argv)
-    inputs = benchmark_inputs()
-    try:
+    try:  # the settings first: a bad number is refused before the benchmark is loaded
+        fitting = fit_settings(args)
+        settings = OoDSettings(
+            num_samples=args.samples,
+            ood_splits=args.ood_splits,
+            examples=args.examples,
+            batch_size=args.batch_size,
+            seed=args.seed,
+        )
+        inputs = benchmark_inputs()
         results = run_ood(
             inputs.model,
             inputs.tokenizer,
             inputs.splits,
             args.families,
+            settings=settings,
+            fitting=fitting,
             answer_token_ids=inputs.answer_token_ids,
-            fit_split=args.fit_split,
-            fit_examples=args.fit_examples,
-            sites=args.sites,
-            layers=args.layers or "all",
-            steps=args.steps,
-            seed=args.seed,
-            num_samples=args.samples,
-            ood_splits=args.ood_splits,
-            examples=args.examples,
-            batch_size=args.batch_size,
         )
     except PyroMoEError as error:  # bad input: a one-line reason, exit code 2
         parser.error(str(error))

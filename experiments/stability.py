@@ -12,7 +12,7 @@ those below a ``threshold``.
 
 Example::
 
-    results = stability_experiment(model, tokenizer, benchmark.splits, {"mfvr": fitted_mfvr}, k=2)
+    results = stability_experiment(model, tokenizer, benchmark.splits, {"mfvr": fitted_mfvr}, StabilitySettings(k=2))
     results.susceptible                                      # e.g. [0, 2]
     write_results(results, "runs/stability")
 
@@ -42,12 +42,15 @@ from pyro_moe.experiments.evaluation import (
     DEFAULT_FAMILIES,
     DETERMINISTIC,
     MODES,
+    FitSettings,
     add_common_arguments,
     benchmark_inputs,
+    check_count,
     check_posteriors,
     check_splits,
     default_answer_token_ids,
     fit_named_families,
+    fit_settings,
     markdown_table,
     posterior_modes,
     slug,
@@ -55,10 +58,12 @@ from pyro_moe.experiments.evaluation import (
     write_results,
 )
 from pyro_moe.inference.presets import FamilySpec
+from pyro_moe.validation import check_integer, check_number
 
 __all__ = [
     "GAMMA",
     "StabilityResults",
+    "StabilitySettings",
     "main",
     "posterior_stability",
     "run_stability",
@@ -70,6 +75,52 @@ ROUTING_AVERAGE = PredictiveMode.ROUTING_AVERAGE.value
 GAMMA = 0.05
 """The noise level at which layers are compared and the violins drawn (the grid's largest: at
 0.01 the embedded benchmark's routers keep 99.7 % of their experts and the layers barely differ)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StabilitySettings:
+    """What :func:`stability_experiment` measures; checked when built.
+
+    Attributes:
+        split: the split measured.
+        examples: its first this many questions (``None``: all).
+        gammas: the noise levels (numbers >= 0, a tuple of floats once built; must include ``gamma``).
+        gamma: the noise level of the susceptible-layer selection and the violins.
+        threshold: susceptible layers are those whose mean Jaccard is below this level in [0, 1] ...
+        k: ... or the ``k`` least stable (default ``k = 1`` when neither is given); give at most one.
+        num_samples: S of the posteriors' routing-average selection.
+        batch_size: questions per batch.
+        seed: seed of the noise and the sampling.
+    """
+
+    split: str = "test"
+    examples: int | None = 200
+    gammas: Sequence[float] = (0.0, *GAMMAS)
+    gamma: float = GAMMA
+    threshold: float | None = None
+    k: int | None = None
+    num_samples: int = 16
+    batch_size: int = 50
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_count("examples", self.examples)
+        if isinstance(self.gammas, str) or not isinstance(self.gammas, Sequence) or not self.gammas:
+            raise ConfigurationError(f"gammas must be a non-empty list of noise levels >= 0, got {self.gammas!r}.")
+        gammas = tuple(check_number("gammas", g, inclusive=True) for g in self.gammas)
+        object.__setattr__(self, "gammas", gammas)
+        check_number("gamma", self.gamma, inclusive=True)
+        if not any(abs(g - self.gamma) < 1e-12 for g in gammas):
+            raise ConfigurationError(f"gamma {self.gamma!r} must be one of the measured gammas {list(gammas)}.")
+        if self.threshold is not None and self.k is not None:
+            raise ConfigurationError("give at most one of threshold (a Jaccard level) and k (a number of layers).")
+        if self.threshold is not None and check_number("threshold", self.threshold, inclusive=True) > 1:
+            raise ConfigurationError(f"threshold must be a Jaccard similarity in [0, 1], got {self.threshold!r}.")
+        if self.k is not None:
+            check_integer("k", self.k)
+        check_integer("num_samples", self.num_samples)
+        check_integer("batch_size", self.batch_size)
+        check_integer("seed", self.seed, minimum=0)
 
 
 @dataclass
@@ -208,16 +259,7 @@ def stability_experiment(
     tokenizer: Any,
     splits: Mapping[str, Sequence[MCQAExample]],
     posteriors: Mapping[str, Any],
-    *,
-    split: str = "test",
-    examples: int | None = 200,
-    gammas: Sequence[float] = (0.0, *GAMMAS),
-    gamma: float = GAMMA,
-    threshold: float | None = None,
-    k: int | None = None,
-    num_samples: int = 16,
-    batch_size: int = 50,
-    seed: int = 0,
+    settings: StabilitySettings = StabilitySettings(),
 ) -> StabilityResults:
     """Routing stability of the deterministic model and ``posteriors``; see the module docstring.
 
@@ -226,19 +268,14 @@ def stability_experiment(
         tokenizer: its tokenizer.
         splits: ``{split name: questions}``.
         posteriors: ``{name: FittedPosterior}`` (each on its own patched copy of the model).
-        split: the split measured; examples: its first this many questions (default 200; ``None``: all).
-        gammas: the noise levels (must include ``gamma``).
-        gamma: the noise level of the susceptible-layer selection and the violins.
-        threshold, k: susceptible layers below this mean Jaccard, or the ``k`` least stable
-            (default ``k = 1``); give at most one.
-        num_samples: S of the posteriors' routing-average selection.
-        batch_size: questions per batch.
-        seed: seed of the noise and the sampling.
+        settings: the split, the noise levels, the selection of the susceptible layers, S.
 
     Raises:
-        ConfigurationError: an unknown or empty split, both ``threshold`` and ``k``, ``gamma`` not
-            among ``gammas``, a posterior that is not a fitted posterior; before any work.
+        ConfigurationError: an unknown or empty split, a posterior that is not a fitted posterior;
+            before any work.
     """
+    split, gammas, gamma, threshold, k = settings.split, settings.gammas, settings.gamma, settings.threshold, settings.k
+    num_samples, seed = settings.num_samples, settings.seed
     check_splits(splits, [split])
     posteriors = check_posteriors(posteriors)
     for name, posterior in posteriors.items():
@@ -247,14 +284,9 @@ def stability_experiment(
     skipped = [
         name for name, posterior in posteriors.items() if ROUTING_AVERAGE not in posterior_modes(posterior, MODES)
     ]
-    if threshold is not None and k is not None:
-        raise ConfigurationError("give at most one of threshold (a Jaccard level) and k (a number of layers).")
-    gammas = tuple(float(g) for g in gammas)
-    if not any(abs(g - gamma) < 1e-12 for g in gammas):
-        raise ConfigurationError(f"gamma {gamma!r} must be one of the measured gammas {list(gammas)}.")
     if threshold is None and k is None:
         k = 1
-    batches = split_batches(splits[split], tokenizer, batch_size, examples)
+    batches = split_batches(splits[split], tokenizer, settings.batch_size, settings.examples)
     with torch.no_grad(), at_prior_mean():
         deterministic = routing_stability(model, batches, gammas, seed=seed)
     chosen = susceptible_layers(deterministic, threshold=threshold, k=k, gamma=gamma)
@@ -272,39 +304,18 @@ def run_stability(
     splits: Mapping[str, Sequence[MCQAExample]],
     families: Sequence[str | FamilySpec] = DEFAULT_FAMILIES,
     *,
+    settings: StabilitySettings = StabilitySettings(),
+    fitting: FitSettings = FitSettings(),
     answer_token_ids: Tensor | None = None,
-    fit_split: str = "train",
-    fit_examples: int | None = 512,
-    sites: Mapping[str, Any] | None = None,
-    layers: str | Sequence[int] = "all",
-    steps: int = 200,
-    seed: int = 0,
-    progress: bool = True,
-    **options: Any,
 ) -> StabilityResults:
-    """Fit ``families`` by name, each on a copy of ``model``, then run :func:`stability_experiment`
-    (``options`` go there). The families and the split are checked before anything is fitted."""
-    split = options.get("split", "test")
-    check_splits(splits, [split])
-    if options.get("threshold") is not None and options.get("k") is not None:
-        raise ConfigurationError("give at most one of threshold (a Jaccard level) and k (a number of layers).")
+    """Fit ``families`` by name as ``fitting`` says, each on a copy of ``model``, then run
+    :func:`stability_experiment` with ``settings``. The numbers (when the settings were built), the
+    families, SWAG's schedule and the split are checked before anything is fitted."""
+    check_splits(splits, [settings.split])
     if answer_token_ids is None:
-        answer_token_ids = default_answer_token_ids(tokenizer, splits[split])
-    posteriors = fit_named_families(
-        model,
-        tokenizer,
-        splits,
-        families,
-        answer_token_ids=answer_token_ids,
-        fit_split=fit_split,
-        fit_examples=fit_examples,
-        sites=sites,
-        layers=layers,
-        steps=steps,
-        seed=seed,
-        progress=progress,
-    )
-    return stability_experiment(model, tokenizer, splits, posteriors, seed=seed, **options)
+        answer_token_ids = default_answer_token_ids(tokenizer, splits[settings.split])
+    posteriors = fit_named_families(model, tokenizer, splits, families, fitting, answer_token_ids=answer_token_ids)
+    return stability_experiment(model, tokenizer, splits, posteriors, settings)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -322,20 +333,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     selection.add_argument("--threshold", type=float, default=None, help="susceptible: mean Jaccard below this")
     selection.add_argument("--k", type=int, default=None, help="susceptible: the k least stable layers (default 1)")
     args = parser.parse_args(argv)
-    inputs = benchmark_inputs()
-    try:
-        results = run_stability(
-            inputs.model,
-            inputs.tokenizer,
-            inputs.splits,
-            args.families,
-            answer_token_ids=inputs.answer_token_ids,
-            fit_split=args.fit_split,
-            fit_examples=args.fit_examples,
-            sites=args.sites,
-            layers=args.layers or "all",
-            steps=args.steps,
-            seed=args.seed,
+    try:  # the settings first: a bad number is refused before the benchmark is loaded
+        fitting = fit_settings(args)
+        settings = StabilitySettings(
             split=args.split,
             examples=args.examples,
             gamma=args.gamma,
@@ -343,6 +343,17 @@ def main(argv: Sequence[str] | None = None) -> None:
             k=args.k,
             num_samples=args.samples,
             batch_size=args.batch_size,
+            seed=args.seed,
+        )
+        inputs = benchmark_inputs()
+        results = run_stability(
+            inputs.model,
+            inputs.tokenizer,
+            inputs.splits,
+            args.families,
+            settings=settings,
+            fitting=fitting,
+            answer_token_ids=inputs.answer_token_ids,
         )
     except PyroMoEError as error:  # bad input: a one-line reason, exit code 2
         parser.error(str(error))

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.guides.family import GuideFamily, GuideScope
 from pyro_moe.models.router_patch import RouterPatch
+from pyro_moe.validation import check_integer, check_number
 
 __all__ = [
     "COVARIANCES",
@@ -74,11 +75,6 @@ def _inverse_softplus(value: float) -> float:
     return math.log(math.expm1(value))
 
 
-def _check_positive(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ConfigurationError(f"{name} must be a positive number, got {value!r}.")
-
-
 class AmortizedLogitGuide(nn.Module):
     """``q(l | u)`` of every patched router's logit site (MFVR, FCVR or low-rank).
 
@@ -101,11 +97,9 @@ class AmortizedLogitGuide(nn.Module):
         super().__init__()
         if covariance not in COVARIANCES:
             raise ConfigurationError(f"unknown covariance {covariance!r}; accepted: {', '.join(COVARIANCES)}.")
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ConfigurationError(f"rank must be a positive integer, got {rank!r}.")
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ConfigurationError(f"width must be a positive integer, got {width!r}.")
-        _check_positive("init_scale", init_scale)
+        check_integer("rank", rank)
+        check_integer("width", width)
+        check_number("init_scale", init_scale)
         self.covariance, self.rank = covariance, rank
         self.encoders = nn.ModuleDict()
         for path, router in patch.routers.items():
@@ -149,7 +143,7 @@ class AmortizedTemperatureGuide(nn.Module):
 
     def __init__(self, patch: RouterPatch, width: int = 64, init_scale: float = 0.01) -> None:
         super().__init__()
-        _check_positive("init_scale", init_scale)
+        check_number("init_scale", init_scale)
         self.encoders = nn.ModuleDict(
             {
                 _key(path): TokenEncoder(

@@ -38,6 +38,7 @@ from pyro_moe.core.routing_context import PARTICLE_DIM
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.guides.family import FamilyPreset, GuideFamily, GuideScope, PosteriorPart
 from pyro_moe.models.router_patch import RouterPatch
+from pyro_moe.validation import check_integer
 
 __all__ = ["ENSEMBLE", "RouterEnsemble"]
 
@@ -51,8 +52,7 @@ class RouterEnsemble(AutoGuide, PosteriorPart):
     """
 
     def __init__(self, model: Any, members: int = 4) -> None:
-        if isinstance(members, bool) or not isinstance(members, int) or members < 1:
-            raise ConfigurationError(f"the ensemble needs a positive integer number of members M, got {members!r}.")
+        check_integer("the ensemble's members M", members)
         super().__init__(model)
         self.members = members
 

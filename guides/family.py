@@ -87,6 +87,7 @@ class PosteriorPart:
     """Whether the part has anything to optimise; ``False``: ``fit`` does no steps (temperature sampling)."""
 
     post_hoc: bool = False
+    check_options: Callable[[Mapping[str, Any], int], None] | None = None
     """Whether :meth:`finish_fit` turns the trained part into the posterior (Laplace): ``fit`` then accepts
     0 steps (a post-hoc posterior at the model's weights) and a fitted posterior does not resume."""
 
@@ -165,6 +166,9 @@ class GuideFamily:
         preset: ``preset(steps) -> FamilyPreset``, the setup for a fit of ``steps`` SVI steps.
         post_hoc: its part is fitted post hoc (:attr:`PosteriorPart.post_hoc`; the CLI's ``laplace``
             command lists these families).
+        check_options: ``check_options(options, steps)`` refuses, before any fit, part options (and a
+            schedule over ``steps`` steps) the part would refuse only once built or trained (SWAG's
+            snapshots); ``None``: nothing to check early.
     """
 
     name: str
@@ -173,3 +177,4 @@ class GuideFamily:
     description: str
     preset: Callable[[int], FamilyPreset] = field(default=lambda steps: FamilyPreset())
     post_hoc: bool = False
+    check_options: Callable[[Mapping[str, Any], int], None] | None = None

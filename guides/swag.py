@@ -27,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import pyro.distributions as dist
@@ -37,13 +38,9 @@ from torch import nn
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.guides.family import FamilyPreset, GuideFamily, GuideScope, PosteriorPart
 from pyro_moe.models.router_patch import RouterPatch
+from pyro_moe.validation import check_integer, check_number
 
 __all__ = ["SWAG", "SWAG_FAMILY"]
-
-
-def _check_integer(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigurationError(f"SWAG's {name} must be an integer >= {minimum}, got {value!r}.")
 
 
 class SWAG(AutoContinuous, PosteriorPart):
@@ -76,11 +73,10 @@ class SWAG(AutoContinuous, PosteriorPart):
         scale: float = 0.5,
         init_loc_fn: Any = init_to_mean,
     ) -> None:
-        _check_integer("rank", rank, 2)
-        _check_integer("burn_in", burn_in, 0)
-        _check_integer("every", every, 1)
-        if isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 0:
-            raise ConfigurationError(f"SWAG's scale must be a positive number, got {scale!r}.")
+        check_integer("SWAG's rank", rank, minimum=2)
+        check_integer("SWAG's burn_in", burn_in, minimum=0)
+        check_integer("SWAG's every", every)
+        check_number("SWAG's scale", scale)
         super().__init__(model, init_loc_fn=init_loc_fn)
         self.rank, self.burn_in, self.every, self.scale = rank, burn_in, every, float(scale)
 
@@ -99,7 +95,13 @@ class SWAG(AutoContinuous, PosteriorPart):
 
     def check_fit(self, patch: RouterPatch, start: int, steps: int, num_particles: int) -> None:
         """Refuse a run after which fewer than ``rank`` snapshots exist."""
-        collected = int(self.num_snapshots) + self.snapshots_by(start + steps) - self.snapshots_by(start)
+        self.check_schedule(steps, start, int(self.num_snapshots))
+
+    def check_schedule(self, steps: int, start: int = 0, collected: int = 0) -> None:
+        """Refuse ``steps`` steps from step ``start`` with ``collected`` snapshots already taken
+        after which fewer than ``rank`` snapshots exist. It reads the schedule only, so it can run
+        before any fit, on a guide built for a model that never runs."""
+        collected += self.snapshots_by(start + steps) - self.snapshots_by(start)
         if collected < self.rank:
             needed = self.burn_in + self.rank * self.every
             raise ConfigurationError(
@@ -143,10 +145,16 @@ def _swag_preset(steps: int) -> FamilyPreset:
     return FamilyPreset(guide_options={"rank": 5, "burn_in": steps // 2, "every": max(1, steps // 10)})
 
 
+def _check_swag_options(options: Mapping[str, Any], steps: int) -> None:
+    """SWAG's options and its schedule over ``steps`` steps, before any fit (on a guide whose model never runs)."""
+    SWAG(lambda *args, **kwargs: None, **options).check_schedule(steps)
+
+
 SWAG_FAMILY = GuideFamily(
     "swag",
     GuideScope.GLOBAL,
     SWAG,
     "SWAG: mean, diagonal and rank-K deviations of the SGD iterates (options rank, burn_in, every, scale)",
     preset=_swag_preset,
+    check_options=_check_swag_options,
 )

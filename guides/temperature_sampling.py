@@ -28,6 +28,7 @@ from pyro_moe.errors import ConfigurationError
 from pyro_moe.guides.family import FamilyPreset, GuideFamily, GuideScope, PosteriorPart
 from pyro_moe.models.bayesian_router import Selection
 from pyro_moe.models.router_patch import RouterPatch
+from pyro_moe.validation import check_number
 
 __all__ = ["TEMP_SAMPLING", "TemperatureSampling"]
 
@@ -45,8 +46,7 @@ class TemperatureSampling(AutoGuide, PosteriorPart):
     trains = False
 
     def __init__(self, model: Any, temperature: float = 1.0) -> None:
-        if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not temperature > 0:
-            raise ConfigurationError(f"temp-sampling's temperature must be a positive number, got {temperature!r}.")
+        check_number("temp-sampling's temperature", temperature)
         super().__init__(model)
         self.temperature = float(temperature)
 

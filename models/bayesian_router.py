@@ -63,6 +63,7 @@ from pyro_moe.models.priors import (
     family_params,
     prior_family,
 )
+from pyro_moe.validation import check_number
 
 __all__ = ["BayesianRouter", "RouterSites", "Selection", "SiteKind", "bayesian_router_class"]
 
@@ -138,8 +139,7 @@ class RouterSites:
             )
         if self.temperature is not None and self.temperature.scale.per == "expert" and self.temperature_per != "expert":
             raise ConfigurationError("a per-expert temperature prior scale needs per-expert temperatures.")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float) or not 0 <= self.dropout < 1:
-            raise ConfigurationError(f"dropout rate must be in [0, 1), got {self.dropout!r}.")
+        check_number("dropout rate", self.dropout, minimum=0.0, inclusive=True, below=1.0)
         try:
             object.__setattr__(self, "selection", Selection(self.selection))
         except ValueError:

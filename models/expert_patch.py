@@ -37,6 +37,7 @@ from pyro_moe.core.routing_context import PredictiveMode, current_context, num_p
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.models.bayesian_router import Selection
 from pyro_moe.models.router_patch import RouterPatch
+from pyro_moe.validation import check_number
 
 __all__ = ["ExpertPatch", "ExpertSites", "patch_experts"]
 
@@ -58,9 +59,7 @@ class ExpertSites:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        tau = self.prior_precision
-        if isinstance(tau, bool) or not isinstance(tau, int | float) or not 0 < tau < float("inf"):
-            raise ConfigurationError(f"prior_precision must be a positive finite number, got {tau!r}.")
+        check_number("prior_precision", self.prior_precision)
         if self.prior_mean not in ("weights", "zero"):
             raise ConfigurationError(f"prior_mean must be 'weights' or 'zero', got {self.prior_mean!r}.")
 

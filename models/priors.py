@@ -55,6 +55,7 @@ from pyro.distributions import constraints
 from torch import Tensor
 
 from pyro_moe.errors import ConfigurationError
+from pyro_moe.validation import check_number
 
 __all__ = [
     "PRIOR_FAMILIES",
@@ -85,12 +86,6 @@ class Prior(Protocol):
     """An elementwise prior family with mean ``centre`` and a positive ``scale``."""
 
     def __call__(self, centre: Tensor, scale: Tensor) -> dist.TorchDistribution: ...
-
-
-def _positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        raise ConfigurationError(f"{name} must be a positive finite number, got {value!r}.")
-    return float(value)
 
 
 @dataclass(frozen=True)
@@ -124,8 +119,7 @@ class StudentTPrior:
     df: float = 3.0
 
     def __post_init__(self) -> None:
-        if _positive("student-t df", self.df) <= 1:
-            raise ConfigurationError(f"student-t df must be > 1 (so that the mean is the centre), got {self.df!r}.")
+        check_number("student-t df", self.df, minimum=1.0)  # df > 1: the mean exists and is the centre
 
     def __call__(self, centre: Tensor, scale: Tensor) -> dist.StudentT:
         return dist.StudentT(torch.as_tensor(self.df, dtype=centre.dtype, device=centre.device), centre, scale)
@@ -229,7 +223,7 @@ def _normal_scale_mixture(
 def _floats(name: str, values: object) -> tuple[float, ...]:
     if isinstance(values, str) or not isinstance(values, tuple | list) or not values:
         raise ConfigurationError(f"{name} must be a non-empty list of positive numbers, got {values!r}.")
-    return tuple(_positive(name, value) for value in values)
+    return tuple(check_number(name, value) for value in values)
 
 
 @dataclass(frozen=True)
@@ -273,9 +267,7 @@ class SpikeAndSlabPrior:
 
     def __post_init__(self) -> None:
         for name in ("slab_weight", "spike_scale"):
-            value = getattr(self, name)
-            if _positive(f"spike-and-slab {name}", value) >= 1:
-                raise ConfigurationError(f"spike-and-slab {name} must be in (0, 1), got {value!r}.")
+            check_number(f"spike-and-slab {name}", getattr(self, name), below=1.0)
 
     def __call__(self, centre: Tensor, scale: Tensor) -> NormalScaleMixture:
         weights = (1.0 - self.slab_weight, self.slab_weight)
@@ -438,8 +430,8 @@ class PriorScale:
     hyperprior_scale: float = 0.5
 
     def __post_init__(self) -> None:
-        _positive("prior scale", self.value)
-        _positive("hyperprior scale", self.hyperprior_scale)
+        check_number("prior scale", self.value)
+        check_number("hyperprior scale", self.hyperprior_scale)
         if self.mode not in SCALE_MODES:
             raise ConfigurationError(f"unknown prior-scale mode {self.mode!r}; accepted: {', '.join(SCALE_MODES)}.")
         if self.per not in SCALE_SHARING:

@@ -54,14 +54,13 @@ from pyro_moe.guides.registry import GUIDE_FAMILIES, parse_guide
 from pyro_moe.inference.fitting import FittedPosterior
 from pyro_moe.models.priors import PRIOR_FAMILIES, prior_family
 
-__all__ = ["DATA_PARALLEL_COMMANDS", "EXIT_BAD_INPUT", "EXIT_DISTRIBUTED", "LAPLACE_GUIDES", "build_parser", "main"]
+__all__ = ["DATA_PARALLEL_COMMANDS", "EXIT_BAD_INPUT", "EXIT_DISTRIBUTED", "build_parser", "main"]
 
 EXIT_BAD_INPUT = 2
 EXIT_DISTRIBUTED = 1
 """Exit code of a data-parallel run whose collective failed (another process died or hung)."""
 DATA_PARALLEL_COMMANDS = ("fit", "laplace")
 LOG_NAME = "pyro-moe.log"
-LAPLACE_GUIDES = ("laplace", "kron-laplace", "expert-laplace")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CALIBRATION_FRACTION = 4
 """With one ``--data`` file, ``evaluate`` fits temperature scaling on its first quarter and measures on the rest."""
@@ -225,11 +224,10 @@ def resolve_layers(args: argparse.Namespace, inputs: Inputs) -> str | list[int]:
     if args.layers == ["all"]:
         return "all"
     if args.layers == ["susceptible"]:
-        from pyro_moe.experiments.stability import stability_experiment
+        from pyro_moe.experiments.stability import StabilitySettings, stability_experiment
 
-        result = stability_experiment(
-            inputs.model, inputs.tokenizer, inputs.splits, {}, examples=args.examples, k=args.susceptible_k
-        )
+        settings = StabilitySettings(examples=args.examples, k=args.susceptible_k)
+        result = stability_experiment(inputs.model, inputs.tokenizer, inputs.splits, {}, settings)
         logger.info("susceptible layers: %s", result.susceptible)
         return result.susceptible
     try:
@@ -239,21 +237,19 @@ def resolve_layers(args: argparse.Namespace, inputs: Inputs) -> str | list[int]:
 
 
 def _fit(args: argparse.Namespace, inputs: Inputs, guides: Sequence[str], layers: Any) -> dict[str, FittedPosterior]:
-    from pyro_moe.experiments.evaluation import fit_named_families
+    from pyro_moe.experiments.evaluation import FitSettings, fit_named_families
 
-    return fit_named_families(
-        inputs.model,
-        inputs.tokenizer,
-        inputs.splits,
-        guides,
-        answer_token_ids=inputs.answer_token_ids,
-        fit_examples=args.fit_examples,
+    fitting = FitSettings(
+        examples=args.fit_examples,
         sites=parse_sites(args),
         layers=layers,
         steps=args.steps,
         batch_size=args.batch_size,
         seed=args.seed,
         validation_examples=args.examples,
+    )
+    return fit_named_families(
+        inputs.model, inputs.tokenizer, inputs.splits, guides, fitting, answer_token_ids=inputs.answer_token_ids
     )
 
 
@@ -278,19 +274,13 @@ def run_demo(args: argparse.Namespace) -> None:
 def run_stability(args: argparse.Namespace) -> None:
     """``stability``: Jaccard stability per layer and the susceptible layers."""
     from pyro_moe.experiments.evaluation import write_results
-    from pyro_moe.experiments.stability import stability_experiment
+    from pyro_moe.experiments.stability import StabilitySettings, stability_experiment
 
-    inputs = load_inputs(args, ["test"])
-    results = stability_experiment(
-        inputs.model,
-        inputs.tokenizer,
-        inputs.splits,
-        {},
-        examples=args.examples,
-        k=args.susceptible_k,
-        batch_size=args.batch_size,
-        seed=args.seed,
+    settings = StabilitySettings(
+        examples=args.examples, k=args.susceptible_k, batch_size=args.batch_size, seed=args.seed
     )
+    inputs = load_inputs(args, ["test"])
+    results = stability_experiment(inputs.model, inputs.tokenizer, inputs.splits, {}, settings)
     paths = write_results(results, args.out)
     print(f"susceptible layers: {results.susceptible}")
     print("written:", paths["metrics"], paths["report"])
@@ -299,8 +289,9 @@ def run_stability(args: argparse.Namespace) -> None:
 def run_fit(args: argparse.Namespace) -> None:
     """``fit`` and ``laplace``: one guide family, saved as ``posterior/`` (safetensors + JSON)."""
     guide = args.guide or ("laplace" if args.command == "laplace" else "mean-field")
-    if args.command == "laplace" and guide not in LAPLACE_GUIDES:
-        raise BadInput(f"laplace fits {', '.join(LAPLACE_GUIDES)}; got --guide {guide}.")
+    post_hoc = [name for name, family in GUIDE_FAMILIES.items() if family.post_hoc]
+    if args.command == "laplace" and guide not in post_hoc:
+        raise BadInput(f"laplace fits the post-hoc families {', '.join(post_hoc)}; got --guide {guide}.")
     check_guides([guide])
     parse_sites(args)
     inputs = load_inputs(args, ["train"])
@@ -329,9 +320,9 @@ def _posteriors(args: argparse.Namespace, inputs: Inputs, guides: Sequence[str])
 
 def run_evaluate(args: argparse.Namespace) -> None:
     """``evaluate`` and ``compare``: calibration, and OoD detection when there are OoD splits."""
-    from pyro_moe.experiments.calibration import calibration_experiment
+    from pyro_moe.experiments.calibration import CalibrationSettings, calibration_experiment
     from pyro_moe.experiments.evaluation import write_results
-    from pyro_moe.experiments.ood import ood_experiment
+    from pyro_moe.experiments.ood import OoDSettings, ood_experiment
 
     guides = check_guides(args.guides or [])
     parse_sites(args)
@@ -342,10 +333,14 @@ def run_evaluate(args: argparse.Namespace) -> None:
     inputs = load_inputs(args, ["calibration", "test"])
     ood_splits = [name for name in inputs.splits if "ood" in name]
     posteriors = _posteriors(args, inputs, guides)
-    options = {"answer_token_ids": inputs.answer_token_ids, "num_samples": args.samples, "seed": args.seed}
-    options["batch_size"] = args.batch_size
+    common = {"num_samples": args.samples, "batch_size": args.batch_size, "seed": args.seed}
     calibration = calibration_experiment(
-        inputs.model, inputs.tokenizer, inputs.splits, posteriors, test_examples=args.examples, **options
+        inputs.model,
+        inputs.tokenizer,
+        inputs.splits,
+        posteriors,
+        CalibrationSettings(test_examples=args.examples, **common),
+        answer_token_ids=inputs.answer_token_ids,
     )
     paths = [write_results(calibration, args.out / "calibration")["report"]]
     if ood_splits:
@@ -354,9 +349,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
             inputs.tokenizer,
             inputs.splits,
             posteriors,
-            ood_splits=ood_splits,
-            examples=args.examples,
-            **options,
+            OoDSettings(ood_splits=ood_splits, examples=args.examples, **common),
+            answer_token_ids=inputs.answer_token_ids,
         )
         paths.append(write_results(ood, args.out / "ood")["report"])
     print(calibration.to_markdown())
@@ -389,24 +383,27 @@ def run_diagnose(args: argparse.Namespace) -> None:
 
 def run_bench(args: argparse.Namespace) -> None:
     """``bench``: cost of the families' predictions (:mod:`pyro_moe.experiments.efficiency`)."""
-    from pyro_moe.experiments.efficiency import run_efficiency
-    from pyro_moe.experiments.evaluation import write_results
+    from pyro_moe.experiments.efficiency import EfficiencySettings, run_efficiency
+    from pyro_moe.experiments.evaluation import FitSettings, write_results
 
     guides = check_guides(args.guides or ["mean-field", "mfvr"])
+    settings = EfficiencySettings(num_samples=args.samples or 16, batch_size=args.batch_size, seed=args.seed)
     inputs = load_inputs(args, ["train", "test"])
+    fitting = FitSettings(
+        examples=args.fit_examples,
+        sites=parse_sites(args),
+        layers=resolve_layers(args, inputs),
+        steps=args.steps,
+        seed=args.seed,
+    )
     results = run_efficiency(
         inputs.model,
         inputs.tokenizer,
         inputs.splits,
         guides,
+        settings=settings,
+        fitting=fitting,
         answer_token_ids=inputs.answer_token_ids,
-        fit_examples=args.fit_examples,
-        sites=parse_sites(args),
-        layers=resolve_layers(args, inputs),
-        steps=args.steps,
-        seed=args.seed,
-        num_samples=args.samples or 16,
-        batch_size=args.batch_size,
     )
     paths = write_results(results, args.out)
     print(results.to_markdown())

@@ -65,6 +65,7 @@ from pyro_moe.diagnostics.arviz_export import SiteLayout, posterior_summary, sel
 from pyro_moe.diagnostics.draws import draw_global_sites, elementwise, fit_parameters, run_with_draws
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.inference.fitting import FittedPosterior, check_batches
+from pyro_moe.validation import check_number
 
 __all__ = ["FLAGS", "CollapseReport", "CollapseThresholds", "collapse_report"]
 
@@ -87,12 +88,6 @@ class _InitialPriorScales(Messenger):
         if name.endswith(".prior_scale") and isinstance(initial, Tensor):
             msg["value"], msg["done"] = initial, True
             self.replaced += 1
-
-
-def _positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        raise ConfigurationError(f"{name} must be a positive finite number, got {value!r}.")
-    return float(value)
 
 
 @dataclass(frozen=True)
@@ -119,8 +114,8 @@ class CollapseThresholds:
 
     def __post_init__(self) -> None:
         for name in ("deterministic_ratio", "prior_kl_per_dimension", "cold_temperature", "active_unit_variance"):
-            _positive(name, getattr(self, name))
-        if _positive("hot_temperature", self.hot_temperature) <= self.cold_temperature:
+            check_number(name, getattr(self, name))
+        if check_number("hot_temperature", self.hot_temperature) <= self.cold_temperature:
             raise ConfigurationError(
                 f"hot_temperature ({self.hot_temperature}) must exceed cold_temperature ({self.cold_temperature})."
             )

@@ -44,6 +44,7 @@ from pyro_moe.core.routing_context import PARTICLE_DIM, routing_context
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.guides.family import hooks_of
 from pyro_moe.inference.fitting import FittedPosterior
+from pyro_moe.validation import check_integer
 
 __all__ = [
     "GlobalDraws",
@@ -54,11 +55,6 @@ __all__ = [
     "fit_parameters",
     "run_with_draws",
 ]
-
-
-def _check_draws(num_draws: int) -> None:
-    if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 1:
-        raise ConfigurationError(f"the number of draws must be a positive integer, got {num_draws!r}.")
 
 
 def _parameter_constraints(posterior: FittedPosterior) -> dict[str, Constraint]:
@@ -114,7 +110,7 @@ def draw_global_sites(
     """``num_draws`` joint draws of every global site from the guide and their log-density.
     ``input_ids``/``attention_mask`` ``(batch, length)`` are any batch of the model's inputs (the
     global guide does not depend on them)."""
-    _check_draws(num_draws)
+    check_integer("num_draws", num_draws)
     guide = posterior.guide.global_guide
     if guide is None:
         return GlobalDraws({}, torch.zeros(num_draws))
@@ -141,7 +137,7 @@ def draw_prior_global_sites(
 ) -> dict[str, Tensor]:
     """``num_draws`` joint draws of every global site from its prior (learned prior scales at
     their fitted values, hierarchical scales drawn from their hyperpriors): ``{site: (S, 1, *event)}``."""
-    _check_draws(num_draws)
+    check_integer("num_draws", num_draws)
     if not posterior.guide.global_sites:
         return {}
     with pyro.plate("samples", num_draws, dim=PARTICLE_DIM), routing_context(local_guide=None):
@@ -200,7 +196,7 @@ def run_with_draws(
     draws ``{site: (S, 1, *event)}`` (from :func:`draw_global_sites`), the per-token sites drawn
     from the guide; ``num_draws`` is ``S`` when there are no global sites."""
     draws = next(iter(global_values.values())).shape[0] if global_values else num_draws
-    _check_draws(draws)
+    check_integer("num_draws", draws)
     guide, likelihood = posterior.guide, posterior.likelihood
     device = posterior.patch.model.get_input_embeddings().weight.device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)

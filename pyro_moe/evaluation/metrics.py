@@ -38,6 +38,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from torch import Tensor
 
 from pyro_moe.errors import ConfigurationError
+from pyro_moe.validation import check_integer
 
 __all__ = [
     "ReliabilityDiagram",
@@ -110,11 +111,6 @@ def _check_labels(labels: Tensor, probs: Tensor) -> Tensor:
             f"{labels.min().item()} to {labels.max().item()}."
         )
     return labels.to(device=probs.device, dtype=torch.long)
-
-
-def _check_bins(n_bins: int) -> None:
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
-        raise ConfigurationError(f"n_bins must be a positive integer, got {n_bins!r}.")
 
 
 # ---------------------------------------------------------------------------------------------- point metrics
@@ -204,7 +200,7 @@ def reliability_diagram_data(probs: Tensor, labels: Tensor, n_bins: int = DEFAUL
     """
     probs = _check_probs(probs)
     labels = _check_labels(labels, probs)
-    _check_bins(n_bins)
+    check_integer("n_bins", n_bins)
     confidence, predicted = probs.max(-1)
     correct = (predicted == labels).to(probs.dtype)
     edges = torch.linspace(0, 1, n_bins + 1, dtype=probs.dtype, device=probs.device)

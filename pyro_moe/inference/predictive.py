@@ -30,6 +30,7 @@ from pyro_moe.core.readout import last_token_logits
 from pyro_moe.core.routing_context import PARTICLE_DIM, PredictiveMode, routing_context
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.models.router_patch import RouterPatch
+from pyro_moe.validation import check_integer
 
 __all__ = ["PosteriorGuide", "RoutedPrediction", "predict"]
 
@@ -67,12 +68,9 @@ def _check(
 ) -> None:
     if not isinstance(patch, RouterPatch) or not patch.active:
         raise ConfigurationError("predict needs an active RouterPatch (from patch_routers).")
-    counts = {"num_samples": num_samples}
+    check_integer("num_samples", num_samples)
     if samples_per_pass is not None:
-        counts["samples_per_pass"] = samples_per_pass
-    for name, value in counts.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigurationError(f"{name} must be a positive integer, got {value!r}.")
+        check_integer("samples_per_pass", samples_per_pass)
     if input_ids.dim() != 2:
         raise ConfigurationError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}.")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:

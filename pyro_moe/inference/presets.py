@@ -161,7 +161,16 @@ def fit_families(
         layers: the Bayesian decoder layers of specs that do not choose their own.
         steps, seed, progress: as in :func:`pyro_moe.fit` (a spec's options override them).
         validation_batches: held-out batches for the specs that ``tune`` hyperparameters after the fit.
+
+    Raises:
+        ConfigurationError: options a family refuses (``GuideFamily.check_options``: SWAG's schedule),
+            tuned specs without validation batches; before any fit.
     """
+    for spec in specs:  # every family's options, before any fit
+        for family in parse_guide(spec.guide).values():
+            if family.check_options is not None:
+                options = spec.options.get("guide_options", {}).get(family.name, {})
+                family.check_options(options, spec.options.get("steps", steps))
     tuned = [spec.name for spec in specs if spec.tune is not None]
     if tuned and not validation_batches:
         raise ConfigurationError(f"{tuned} choose hyperparameters on validation data: give validation_batches.")

@@ -165,7 +165,11 @@ def test_temperature_statistics_and_flags(temperature, flag, other):
             r"per-token only: give held-out batches",
         ),
         (lambda fits: CollapseThresholds(hot_temperature=0.01), ConfigurationError, r"must exceed cold_temperature"),
-        (lambda fits: CollapseThresholds(deterministic_ratio=0), ConfigurationError, r"positive finite number"),
+        (
+            lambda fits: CollapseThresholds(deterministic_ratio=0),
+            ConfigurationError,
+            r"deterministic_ratio must be a positive number, got 0",
+        ),
     ],
     ids=["unknown-site", "no-fit", "no-draws", "per-token-without-data", "hot-below-cold", "zero-threshold"],
 )

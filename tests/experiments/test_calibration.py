@@ -13,11 +13,12 @@ from pyro_moe import ConfigurationError
 from pyro_moe.evaluation.metrics import calibration_report
 from pyro_moe.evaluation.temperature_scaling import fit_temperature
 from pyro_moe.experiments import calibration, evaluation
-from pyro_moe.experiments.calibration import calibration_experiment, run_calibration
+from pyro_moe.experiments.calibration import CalibrationSettings, calibration_experiment, run_calibration
 from pyro_moe.experiments.evaluation import (
     DETERMINISTIC,
     MODES,
     TEMPERATURE_SCALING,
+    FitSettings,
     split_batches,
     write_results,
 )
@@ -32,7 +33,8 @@ def _labels(examples):
 def test_every_row_equals_the_metrics_of_predictions_recomputed_directly(tmp_path):
     model, tokenizer, splits, letters = tiny_inputs()
     posteriors = tiny_posteriors(model, tokenizer, splits, letters)
-    results = calibration_experiment(model, tokenizer, splits, posteriors, num_samples=3, batch_size=10, seed=5)
+    settings = CalibrationSettings(num_samples=3, batch_size=10, seed=5)
+    results = calibration_experiment(model, tokenizer, splits, posteriors, settings)
     labels = _labels(splits["test"])
 
     probs = direct_answer_probs(model, tokenizer, splits["test"], letters)  # the unpatched HF forward
@@ -85,7 +87,13 @@ def test_baseline_families_by_name_get_their_setups_and_expert_sites_model_avera
     with pytest.raises(ConfigurationError, match="choose hyperparameters on validation data"):
         fit_families(model, split_batches(splits["train"], tokenizer, 8), [experts], answer_token_ids=letters)
     results = run_calibration(
-        model, tokenizer, splits, ["temp-sampling", "expert-laplace"], answer_token_ids=letters, steps=2, num_samples=2
+        model,
+        tokenizer,
+        splits,
+        ["temp-sampling", "expert-laplace"],
+        settings=CalibrationSettings(num_samples=2),
+        fitting=FitSettings(steps=2),
+        answer_token_ids=letters,
     )
     modes = {(row["method"], row["mode"]) for row in results.rows}
     assert {("temp-sampling", MODES[0]), ("temp-sampling", MODES[1]), ("expert-laplace", "model-average")} <= modes
@@ -102,15 +110,36 @@ def test_bad_input_is_refused_before_anything_is_fitted(monkeypatch):
     with pytest.raises(ConfigurationError, match=r"unknown guide 'no-such-guide'; registered guides: .*mean-field"):
         run_calibration(model, tokenizer, splits, ["no-such-guide"], answer_token_ids=letters)
     with pytest.raises(ConfigurationError, match="unknown split 'held_out'; the splits given are"):
-        run_calibration(model, tokenizer, splits, ["mfvr"], test_split="held_out")
+        run_calibration(model, tokenizer, splits, ["mfvr"], settings=CalibrationSettings(test_split="held_out"))
     with pytest.raises(ConfigurationError, match="split 'calibration' is empty"):
         run_calibration(model, tokenizer, {**splits, "calibration": []}, ["mfvr"])
     with pytest.raises(ConfigurationError, match="unknown predictive modes"):
-        run_calibration(model, tokenizer, splits, ["mfvr"], modes=["bayesian"])
+        CalibrationSettings(modes=["bayesian"])
+    with pytest.raises(ConfigurationError, match=r"SWAG rank 5 needs at least 5 snapshots, but 8 steps"):
+        run_calibration(model, tokenizer, splits, ["mean-field", "swag"], fitting=FitSettings(steps=8))
     with pytest.raises(ConfigurationError, match="family names must be distinct"):
         run_calibration(model, tokenizer, splits, ["mfvr", "mfvr"])
     with pytest.raises(ConfigurationError, match="has no predict method"):
         calibration_experiment(model, tokenizer, splits, {"mfvr": object()})
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--test-examples", "0"], "test_examples must be a positive integer, got 0"),
+        (["--bins", "0"], "n_bins must be a positive integer, got 0"),
+        (["--samples", "0"], "num_samples must be a positive integer, got 0"),
+        (["--batch-size", "0"], "batch_size must be a positive integer, got 0"),
+        (["--steps", "0"], "steps must be a positive integer, got 0"),
+        (["--fit-examples", "-1"], "examples must be a positive integer, got -1"),
+    ],
+)
+def test_cli_refuses_a_bad_number_before_loading_or_fitting(monkeypatch, capsys, tmp_path, option, message):
+    monkeypatch.setattr(calibration, "benchmark_inputs", lambda: pytest.fail("the benchmark loaded before the check"))
+    monkeypatch.setattr(evaluation, "fit", lambda *a, **k: pytest.fail("fit ran before the input was checked"))
+    with pytest.raises(SystemExit) as exit_info:
+        calibration.main(["--out", str(tmp_path), *option])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_cli_writes_metrics_report_and_plots_on_the_benchmark(tmp_path, capsys):

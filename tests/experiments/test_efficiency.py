@@ -12,8 +12,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pyro_moe import ConfigurationError
 from pyro_moe.experiments import efficiency, evaluation
-from pyro_moe.experiments.efficiency import count_flops, efficiency_experiment, measure_peak_memory, run_efficiency
-from pyro_moe.experiments.evaluation import DETERMINISTIC, MODES, split_batches, write_results
+from pyro_moe.experiments.efficiency import (
+    EfficiencySettings,
+    count_flops,
+    efficiency_experiment,
+    measure_peak_memory,
+    run_efficiency,
+)
+from pyro_moe.experiments.evaluation import DETERMINISTIC, MODES, FitSettings, split_batches, write_results
 from tests.experiments.tiny_evaluation import tiny_inputs, tiny_posteriors
 
 
@@ -32,7 +38,8 @@ def test_peak_memory_and_flops_of_known_computations():
 def test_rows_against_flop_counts_of_the_hf_forward(tmp_path):
     model, tokenizer, splits, letters = tiny_inputs()
     posteriors = tiny_posteriors(model, tokenizer, splits, letters)
-    results = efficiency_experiment(model, tokenizer, splits, posteriors, num_samples=4, batch_size=8, repeats=1)
+    settings = EfficiencySettings(num_samples=4, batch_size=8, repeats=1)
+    results = efficiency_experiment(model, tokenizer, splits, posteriors, settings)
 
     (batch,) = split_batches(splits["test"][:8], tokenizer, 8)
     with FlopCounterMode(display=False) as counter, torch.no_grad():  # the unpatched HF forward, last position
@@ -63,11 +70,29 @@ def test_bad_input_is_refused_before_anything_is_fitted(monkeypatch):
     with pytest.raises(ConfigurationError, match="unknown guide 'kron'"):
         run_efficiency(model, tokenizer, splits, ["kron"], answer_token_ids=letters)
     with pytest.raises(ConfigurationError, match="unknown split 'bench'"):
-        run_efficiency(model, tokenizer, splits, ["mfvr"], split="bench")
+        run_efficiency(model, tokenizer, splits, ["mfvr"], settings=EfficiencySettings(split="bench"))
     with pytest.raises(ConfigurationError, match="unknown predictive modes"):
-        run_efficiency(model, tokenizer, splits, ["mfvr"], modes=[])
+        EfficiencySettings(modes=[])
     with pytest.raises(ConfigurationError, match="repeats must be a positive integer"):
-        efficiency_experiment(model, tokenizer, splits, {}, repeats=0)
+        EfficiencySettings(repeats=0)
+    with pytest.raises(ConfigurationError, match=r"SWAG rank 5 needs at least 5 snapshots"):
+        run_efficiency(model, tokenizer, splits, ["swag"], fitting=FitSettings(steps=5))
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--repeats", "0"], "repeats must be a positive integer, got 0"),
+        (["--samples", "0"], "num_samples must be a positive integer, got 0"),
+        (["--batch-size", "0"], "batch_size must be a positive integer, got 0"),
+    ],
+)
+def test_cli_refuses_a_bad_number_before_loading_or_fitting(monkeypatch, capsys, tmp_path, option, message):
+    monkeypatch.setattr(efficiency, "benchmark_inputs", lambda: pytest.fail("the benchmark loaded before the check"))
+    monkeypatch.setattr(evaluation, "fit", lambda *a, **k: pytest.fail("fit ran before the input was checked"))
+    with pytest.raises(SystemExit) as exit_info:
+        efficiency.main(["--out", str(tmp_path), *option])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_cli_writes_metrics_report_and_bars_on_the_benchmark(tmp_path, capsys):

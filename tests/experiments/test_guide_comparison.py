@@ -120,3 +120,5 @@ def test_compare_guides_on_a_tiny_moe_writes_table_ranking_and_figures(tmp_path)
         assert paths[name].read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ConfigurationError, match="at least two cases with distinct names"):
         compare_guides(lambda: tiny_model("granitemoe"), cases[:1], [], [], answer_token_ids=ANSWERS)
+    with pytest.raises(ConfigurationError, match="num_draws must be a positive integer, got 0"):  # before any fit
+        compare_guides(lambda: pytest.fail("a model was built"), cases, [], [], answer_token_ids=ANSWERS, num_draws=0)

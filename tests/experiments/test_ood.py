@@ -14,7 +14,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from pyro_moe import ConfigurationError
 from pyro_moe.experiments import evaluation, ood
 from pyro_moe.experiments.evaluation import DETERMINISTIC, MODES, TEMPERATURE_SCALING, split_batches, write_results
-from pyro_moe.experiments.ood import SCORES, ood_experiment, run_ood
+from pyro_moe.experiments.ood import SCORES, OoDSettings, ood_experiment, run_ood
 from tests.experiments.tiny_evaluation import direct_answer_probs, tiny_inputs, tiny_posteriors
 
 
@@ -36,7 +36,7 @@ def _row(results, **key):
 def test_rows_equal_sklearn_on_scores_recomputed_directly(tmp_path):
     model, tokenizer, splits, letters = tiny_inputs()
     posteriors = tiny_posteriors(model, tokenizer, splits, letters)
-    results = ood_experiment(model, tokenizer, splits, posteriors, num_samples=4, batch_size=8, seed=3)
+    results = ood_experiment(model, tokenizer, splits, posteriors, OoDSettings(num_samples=4, batch_size=8, seed=3))
 
     direct = {split: direct_answer_probs(model, tokenizer, splits[split], letters) for split in ("test", "far_ood")}
     for score, function in (("max probability", lambda p: 1 - p.max(-1).values), ("predictive entropy", _entropy)):
@@ -91,11 +91,27 @@ def test_bad_input_is_refused_before_anything_is_fitted(monkeypatch):
     with pytest.raises(ConfigurationError, match="unknown guide 'swag-typo'"):
         run_ood(model, tokenizer, splits, ["swag-typo"], answer_token_ids=letters)
     with pytest.raises(ConfigurationError, match="unknown split 'very_far'"):
-        run_ood(model, tokenizer, splits, ["mfvr"], ood_splits=["very_far"])
+        run_ood(model, tokenizer, splits, ["mfvr"], settings=OoDSettings(ood_splits=["very_far"]))
     with pytest.raises(ConfigurationError, match="OoD split other than the in-distribution split 'test'"):
-        run_ood(model, tokenizer, splits, ["mfvr"], ood_splits=["test"])
+        OoDSettings(ood_splits=["test"])
     with pytest.raises(ConfigurationError, match="split 'far_ood' is empty"):
         ood_experiment(model, tokenizer, {**splits, "far_ood": []}, {})
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--examples", "0"], "examples must be a positive integer, got 0"),
+        (["--samples", "-2"], "num_samples must be a positive integer, got -2"),
+        (["--seed", "-1"], "seed must be a non-negative integer, got -1"),
+    ],
+)
+def test_cli_refuses_a_bad_number_before_loading_or_fitting(monkeypatch, capsys, tmp_path, option, message):
+    monkeypatch.setattr(ood, "benchmark_inputs", lambda: pytest.fail("the benchmark loaded before the check"))
+    monkeypatch.setattr(evaluation, "fit", lambda *a, **k: pytest.fail("fit ran before the input was checked"))
+    with pytest.raises(SystemExit) as exit_info:
+        ood.main(["--out", str(tmp_path), *option])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_cli_writes_metrics_report_and_roc_curves_on_the_benchmark(tmp_path, capsys):

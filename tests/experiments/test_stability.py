@@ -11,8 +11,8 @@ import torch
 from pyro_moe import ConfigurationError
 from pyro_moe.evaluation.stability import routing_stability, susceptible_layers
 from pyro_moe.experiments import evaluation, stability
-from pyro_moe.experiments.evaluation import DETERMINISTIC, split_batches, write_results
-from pyro_moe.experiments.stability import run_stability, stability_experiment
+from pyro_moe.experiments.evaluation import DETERMINISTIC, FitSettings, split_batches, write_results
+from pyro_moe.experiments.stability import StabilitySettings, run_stability, stability_experiment
 from tests.experiments.tiny_evaluation import tiny_inputs, tiny_posteriors
 
 GAMMAS = (0.0, 0.01, 0.5)
@@ -21,9 +21,8 @@ GAMMAS = (0.0, 0.01, 0.5)
 def test_deterministic_entry_susceptible_layers_and_posteriors(tmp_path):
     model, tokenizer, splits, letters = tiny_inputs()
     posteriors = tiny_posteriors(model, tokenizer, splits, letters)
-    results = stability_experiment(
-        model, tokenizer, splits, posteriors, gammas=GAMMAS, gamma=0.5, k=1, num_samples=4, batch_size=8, seed=2
-    )
+    settings = StabilitySettings(gammas=GAMMAS, gamma=0.5, k=1, num_samples=4, batch_size=8, seed=2)
+    results = stability_experiment(model, tokenizer, splits, posteriors, settings)
     direct = routing_stability(model, split_batches(splits["test"], tokenizer, 8), GAMMAS, seed=2)  # unpatched
     assert torch.equal(results.stability[DETERMINISTIC].values, direct.values)
     assert results.susceptible == susceptible_layers(direct, k=1, gamma=0.5)
@@ -50,10 +49,13 @@ def test_deterministic_entry_susceptible_layers_and_posteriors(tmp_path):
 def test_threshold_selection_expert_posteriors_skipped_and_bad_input(monkeypatch):
     model, tokenizer, splits, letters = tiny_inputs()
     experts = tiny_posteriors(model, tokenizer, splits, letters, families=("expert-laplace",))
-    skipping = stability_experiment(model, tokenizer, splits, experts, gammas=GAMMAS, gamma=0.5, examples=8)
+    skipping = stability_experiment(
+        model, tokenizer, splits, experts, StabilitySettings(gammas=GAMMAS, gamma=0.5, examples=8)
+    )
     assert skipping.skipped == ["expert-laplace"] and list(skipping.stability) == [DETERMINISTIC]
     assert "Not measured" in skipping.to_markdown()
-    results = stability_experiment(model, tokenizer, splits, {}, gammas=GAMMAS, gamma=0.5, threshold=1.0, examples=8)
+    settings = StabilitySettings(gammas=GAMMAS, gamma=0.5, threshold=1.0, examples=8)
+    results = stability_experiment(model, tokenizer, splits, {}, settings)
     direct = routing_stability(model, split_batches(splits["test"][:8], tokenizer, 50), GAMMAS)
     assert results.susceptible == susceptible_layers(direct, threshold=1.0, gamma=0.5) and results.threshold == 1.0
 
@@ -61,15 +63,35 @@ def test_threshold_selection_expert_posteriors_skipped_and_bad_input(monkeypatch
     with pytest.raises(ConfigurationError, match="unknown guide 'mfvrr'"):
         run_stability(model, tokenizer, splits, ["mfvrr"], answer_token_ids=letters)
     with pytest.raises(ConfigurationError, match="unknown split 'dev'"):
-        run_stability(model, tokenizer, splits, ["mfvr"], split="dev")
+        run_stability(model, tokenizer, splits, ["mfvr"], settings=StabilitySettings(split="dev"))
     with pytest.raises(ConfigurationError, match="at most one of threshold"):
-        run_stability(model, tokenizer, splits, ["mfvr"], threshold=0.9, k=1)
+        StabilitySettings(threshold=0.9, k=1)
+    with pytest.raises(ConfigurationError, match=r"SWAG rank 5 needs at least 5 snapshots"):
+        run_stability(model, tokenizer, splits, ["mfvr", "swag"], fitting=FitSettings(steps=4))
     with pytest.raises(ConfigurationError, match="split 'test' is empty"):
         stability_experiment(model, tokenizer, {**splits, "test": []}, {})
     with pytest.raises(ConfigurationError, match=r"gamma 0.3 must be one of the measured gammas"):
-        stability_experiment(model, tokenizer, splits, {}, gammas=GAMMAS, gamma=0.3)
+        StabilitySettings(gammas=GAMMAS, gamma=0.3)
     with pytest.raises(ConfigurationError, match="must be a FittedPosterior"):
         stability_experiment(model, tokenizer, splits, {"ensemble": type("P", (), {"predict": lambda self: None})()})
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--k", "0"], "k must be a positive integer, got 0"),
+        (["--gamma", "-0.1"], "gamma must be a finite number >= 0, got -0.1"),
+        (["--threshold", "1.5"], "threshold must be a Jaccard similarity in [0, 1], got 1.5"),
+        (["--examples", "0"], "examples must be a positive integer, got 0"),
+        (["--samples", "0"], "num_samples must be a positive integer, got 0"),
+    ],
+)
+def test_cli_refuses_a_bad_number_before_loading_or_fitting(monkeypatch, capsys, tmp_path, option, message):
+    monkeypatch.setattr(stability, "benchmark_inputs", lambda: pytest.fail("the benchmark loaded before the check"))
+    monkeypatch.setattr(evaluation, "fit", lambda *a, **k: pytest.fail("fit ran before the input was checked"))
+    with pytest.raises(SystemExit) as exit_info:
+        stability.main(["--out", str(tmp_path), *option])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_cli_writes_metrics_report_and_violins_on_the_benchmark(tmp_path, capsys):

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from pyro_moe.data import DEFAULT_TEMPLATE, MCQAExample, answer_token_ids
-from pyro_moe.experiments.evaluation import fit_named_families
+from pyro_moe.experiments.evaluation import FitSettings, fit_named_families
 from pyro_moe.inference.fitting import FittedPosterior
 from tests.tiny_models import tiny_model, tiny_tokenizer
 
@@ -49,9 +49,8 @@ def tiny_posteriors(
     model: nn.Module, tokenizer: object, splits: dict, letters: Tensor, families: tuple[str, ...] = FAMILIES
 ) -> dict[str, FittedPosterior]:
     """``families`` fitted for 3 steps on the train split, each on a copy of ``model``."""
-    return fit_named_families(
-        model, tokenizer, splits, families, answer_token_ids=letters, steps=3, batch_size=8, progress=False
-    )
+    fitting = FitSettings(steps=3, batch_size=8, progress=False)
+    return fit_named_families(model, tokenizer, splits, families, fitting, answer_token_ids=letters)
 
 
 @torch.no_grad()

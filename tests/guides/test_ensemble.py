@@ -93,9 +93,9 @@ def test_each_member_follows_its_own_map_fit():
 @pytest.mark.parametrize(
     ("members", "num_particles", "message"),
     [
-        (0, 1, r"positive integer number of members M, got 0"),
-        (-2, 1, r"positive integer number of members M, got -2"),
-        (2.5, 1, r"positive integer number of members M, got 2.5"),
+        (0, 1, r"ensemble's members M must be a positive integer, got 0"),
+        (-2, 1, r"ensemble's members M must be a positive integer, got -2"),
+        (2.5, 1, r"ensemble's members M must be a positive integer, got 2.5"),
         (3, 1, r"trains its 3 members together, one per particle: fit with num_particles=3 \(got 1\)"),
     ],
 )

@@ -112,8 +112,8 @@ def test_swag_through_fit_collects_on_schedule_and_predicts_from_its_gaussian():
     [
         ({"rank": 5, "burn_in": 10, "every": 5}, r"SWAG rank 5 needs at least 5 snapshots, but 30 steps .* leave 4"),
         ({"rank": 1}, r"SWAG's rank must be an integer >= 2, got 1"),
-        ({"every": 0}, r"SWAG's every must be an integer >= 1, got 0"),
-        ({"burn_in": -1}, r"SWAG's burn_in must be an integer >= 0, got -1"),
+        ({"every": 0}, r"SWAG's every must be a positive integer, got 0"),
+        ({"burn_in": -1}, r"SWAG's burn_in must be a non-negative integer, got -1"),
         ({"scale": 0.0}, r"SWAG's scale must be a positive number, got 0.0"),
     ],
 )
