@@ -245,7 +245,7 @@ def _read_parquet(path: Path) -> list[Any]:
         raise DataError(f"{path}: reading Parquet needs pyarrow: pip install 'pyro-moe[data]'.") from None
     try:
         return pq.read_table(path).to_pylist()
-    except (pa.ArrowException, OSError) as error:
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as error:  # text columns are decoded by to_pylist
         raise DataError(f"{path}: cannot read it as parquet: {type(error).__name__}: {error}") from error
 
 
