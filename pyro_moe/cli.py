@@ -16,7 +16,8 @@ Without ``--model`` the embedded benchmark model is used, without ``--data`` its
 loaded with ``AutoModelForCausalLM.from_pretrained`` (a local folder, or an HF id, downloaded as
 transformers does when there is a network), remote code only with ``--trust-remote-code``.
 Bad input ends with exit code 2 and a one-line reason, before anything but ``pyro-moe.log`` is
-written into ``--out``.
+written into ``--out`` (a folder: an existing file there is refused). Data rows that are skipped
+(broken lines, rows that fit no schema) are named by file line in a warning on stderr and in the log.
 
 ``fit`` and ``laplace`` run data-parallel when a launcher starts several processes (torchrun,
 accelerate launch; see :mod:`pyro_moe.distributed`): rank 0 writes the log, the posterior and the
@@ -97,6 +98,14 @@ def _check_path(value: str, what: str) -> None:
     path = Path(value).expanduser()
     if value.startswith((".", "/", "~")) and not path.exists():
         raise BadInput(f"{what} {value}: no such file or folder.")
+
+
+def check_out(out: Path) -> None:
+    """``--out`` must be a folder or a path where one can be made: neither it nor a folder above it is a file."""
+    for path in (out, *out.parents):
+        if path.exists() and not path.is_dir():
+            where = "is a file" if path == out else f"is under the file {path}"
+            raise BadInput(f"--out {out} {where}: --out needs a folder (existing or new) to write the results into.")
 
 
 def join_process_group(args: argparse.Namespace) -> DataParallel | None:
@@ -533,6 +542,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a one-line reason on stderr)."""
     args = build_parser().parse_args(argv)
     try:
+        check_out(args.out)  # before any work, in every process
         parallel = join_process_group(args)
     except (PyroMoEError, DistributedError) as error:
         return _failure(args, error)
@@ -547,17 +557,25 @@ def _run(args: argparse.Namespace, writes: bool, argv: Sequence[str]) -> int:
     """Run the command; ``writes``: this process keeps the log (rank 0 of a data-parallel run)."""
     if not writes:
         return _outcome(args)
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # e.g. no permission to write there
+        return _failure(args, BadInput(f"--out {args.out}: cannot create the folder: {error.strerror or error}."))
     handler = logging.FileHandler(args.out / LOG_NAME)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     level = root.level
     root.addHandler(handler)
     root.setLevel(logging.INFO)
+    data_warnings = logging.StreamHandler(sys.stderr)  # skipped rows and their file lines, on the terminal too
+    data_warnings.setLevel(logging.WARNING)
+    data_warnings.setFormatter(logging.Formatter(f"pyro-moe {args.command}: warning: %(message)s"))
+    logging.getLogger("pyro_moe.data").addHandler(data_warnings)
     logger.info("pyro-moe %s", " ".join(argv))
     try:
         return _outcome(args)
     finally:
+        logging.getLogger("pyro_moe.data").removeHandler(data_warnings)
         root.removeHandler(handler)
         root.setLevel(level)
         handler.close()
@@ -576,7 +594,8 @@ def _failure(args: argparse.Namespace, error: PyroMoEError | DistributedError) -
     """One line on stderr (and in the log, where there is one); the exit code of ``error``'s kind."""
     message = " ".join(str(error).split())
     bad_input = isinstance(error, PyroMoEError)
-    logger.error("%s%s", "bad input: " if bad_input else "", message)
+    if logger.hasHandlers():  # not before the log exists: logging's last resort would print a second line
+        logger.error("%s%s", "bad input: " if bad_input else "", message)
     print(f"pyro-moe {args.command}: error: {message}", file=sys.stderr)
     return EXIT_BAD_INPUT if bad_input else EXIT_DISTRIBUTED
 

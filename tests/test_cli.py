@@ -125,6 +125,42 @@ def test_bad_data_guide_and_prior(saved, tmp_path, capsys):
     assert "cauchy-ish" in error and "student-t" in error
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+def test_out_must_be_a_folder(command, tmp_path, capsys):
+    results = tmp_path / "results.txt"
+    results.write_text("kept")
+    posterior = ["--posterior", str(tmp_path)] if command == "diagnose" else []
+    for out, reason in ((results, "is a file"), (results / "run", f"is under the file {results}")):
+        assert main([command, *posterior, "--out", str(out)]) == EXIT_BAD_INPUT
+        err = capsys.readouterr().err
+        message = f"--out {out} {reason}: --out needs a folder (existing or new) to write the results into."
+        assert err == f"pyro-moe {command}: error: {message}\n"  # one line, no traceback
+    assert results.read_text() == "kept"
+
+
+def test_a_broken_jsonl_line_is_skipped_and_named_by_file_line(saved, tmp_path, capsys):
+    lines = saved["data"].read_text().splitlines()
+    lines[2] = lines[2][: len(lines[2]) // 2]  # file line 3 cut short
+    data = tmp_path / "damaged.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    argv = ["stability", "--model", str(saved["moe"]), "--data", str(data), "--examples", "8", "--batch-size", "8"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0  # an existing folder is a fine --out
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    warning = (
+        f"pyro-moe stability: warning: {data}: skipped 1 of {len(lines)} rows (invalid JSON: 1); first: file line 3\n"
+    )
+    assert warning in err
+    assert warning.removeprefix("pyro-moe stability: warning: ").strip() in (tmp_path / LOG_NAME).read_text()
+
+
+def test_a_file_of_broken_lines_is_refused(saved, tmp_path, capsys):
+    data = tmp_path / "broken.jsonl"
+    data.write_text('{"question": "q", "choices": ["a"\n\n{"question"\n')
+    error = _bad_input(tmp_path, capsys, ["stability", "--model", str(saved["moe"]), "--data", str(data)])
+    assert error.endswith("broken.jsonl: no usable row ({'invalid JSON': 2}); first: file lines 1, 3.")
+
+
 class _Payload:
     """A pickle that would create ``marker`` when unpickled."""
 

@@ -16,8 +16,11 @@ schema         columns
 ``generic``    ``question``, ``choices`` (list), ``answer`` (index or letter), optional ``context``
 =============  ===============================================================================
 
-Rows that do not fit (wrong number of choices, missing answer, ...) are skipped; the dataset's
-:class:`LoadReport` counts them and keeps the first few row numbers, and a warning is logged.
+Rows that do not fit (wrong number of choices, missing answer, ...) and records that cannot be read
+(a JSON line that is not valid JSON or not UTF-8 text, a CSV record with the wrong number of fields)
+are skipped; the dataset's :class:`LoadReport` counts them and keeps the first few row positions
+and, for JSON-lines and CSV files, their file lines, and a warning naming the file lines is logged.
+A UTF-8 byte-order mark and CRLF line ends are accepted.
 
 Conventions checked against the sources: SciQ lists the correct answer apart, so it is placed at a
 position drawn from a SHA-256 hash of the question (independent of Python's hash seed). MedMCQA's

@@ -246,6 +246,69 @@ def test_malformed_rows_are_skipped_and_reported(tmp_path: Path, caplog: pytest.
     assert "skipped 6 of 9 rows" in caplog.text and str(path) in caplog.text
 
 
+def test_broken_json_lines_are_skipped_with_their_file_lines(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    def row(question: str, choices: str = "abcd") -> bytes:
+        return json.dumps({"question": question, "choices": list(choices), "answer": 1}).encode()
+
+    lines = [
+        b"\xef\xbb\xbf" + row("q0"),  # 1: a byte-order mark
+        b"",  # 2: blank, not a row
+        b'{"question": "q1", "choices": [',  # 3: broken
+        row("q2"),  # 4
+        row("caf\xe9").replace(b"\\u00e9", b"\xe9"),  # 5: Latin-1, not UTF-8
+        b"[1, 2]",  # 6: JSON, not an object
+        row("q3", "abc"),  # 7: three choices
+        row("q4") + b",",  # 8: a trailing comma
+        row("q5"),  # 9
+    ]
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b"\r\n".join(lines) + b"\r\n")
+    with caplog.at_level(logging.WARNING, logger="pyro_moe.data"):
+        dataset = load_mcqa(path)
+    assert [example.question for example in dataset] == ["q0", "q2", "q5"]
+    report = dataset.report
+    assert (report.rows, report.skipped, report.kept) == (8, 5, 3)
+    assert report.skipped_rows == (1, 3, 4, 5, 6)  # positions among the rows: the blank line is no row
+    assert report.skipped_lines == (3, 5, 6, 7, 8)  # as an editor numbers the lines
+    assert report.reasons == {
+        "invalid JSON": 2,
+        "not UTF-8 text": 1,
+        "not an object of columns": 1,
+        "3 choices instead of 4": 1,
+    }
+    assert f"{path}: skipped 5 of 8 rows" in caplog.text and "first: file lines 3, 5, 6, 7, 8" in caplog.text
+
+
+def test_a_file_of_broken_lines_has_no_usable_row(tmp_path: Path) -> None:
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"question": "q", "choices": [\n\n{"question": "r",\n')
+    with pytest.raises(
+        DataError, match=r"broken\.jsonl: no usable row \(\{'invalid JSON': 2\}\); first: file lines 1, 3\."
+    ):
+        load_mcqa(path)
+
+
+def test_csv_records_are_skipped_with_their_file_lines(tmp_path: Path) -> None:
+    path = tmp_path / "rows.csv"
+    text = (
+        "question,choices,answer\r\n"
+        'q0,"[""None"", ""NA"", ""c"", ""d""]",0\r\n'  # 2: option texts pandas would read as missing
+        'q1,"[""a"", ""b"", ""c"", ""d""]",1,extra\r\n'  # 3: a field too many
+        '"q2\r\non two lines","[""a"", ""b"", ""c"", ""d""]",2\r\n'  # 4-5: one record
+        "q3,,3\r\n"  # 6: empty choices
+        '"q4, cut short\r\n'  # 7: an open quote up to the end of the file
+    )
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    dataset = load_mcqa(path)
+    assert [(example.question, example.choices[:2]) for example in dataset] == [
+        ("q0", ("None", "NA")),
+        ("q2\r\non two lines", ("a", "b")),
+    ]
+    report = dataset.report
+    assert report.skipped_rows == (1, 3, 4) and report.skipped_lines == (3, 6, 7)
+    assert report.reasons == {"wrong number of CSV fields": 2, "choices are not a list": 1}
+
+
 def test_file_that_fits_no_schema(tmp_path: Path) -> None:
     path = _write(tmp_path / "other.jsonl", [{"prompt": "x", "completion": "y"}])
     with pytest.raises(DataError, match=r"other\.jsonl: columns \['completion', 'prompt'\] fit no recognised schema"):
@@ -258,10 +321,14 @@ def test_file_that_fits_no_schema(tmp_path: Path) -> None:
 
 
 def test_unreadable_files(tmp_path: Path) -> None:
-    broken = tmp_path / "broken.jsonl"
-    broken.write_text('{"question": "q", "choices": [\n')
-    with pytest.raises(DataError, match=r"broken\.jsonl: cannot read it as jsonl: JSONDecodeError"):
+    broken = tmp_path / "broken.json"
+    broken.write_text('[\n{"question": "q", "choices": ["a", "b", "c", "d"], "answer": 0},\n{"question": "r",\n')
+    with pytest.raises(DataError, match=r"broken\.json: invalid JSON at line 4 column 1: Expecting"):
         load_mcqa(broken)
+    latin = tmp_path / "latin.json"
+    latin.write_bytes('[\n{"question": "café"}]'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin\.json: not UTF-8 text \(line 2\)"):
+        load_mcqa(latin)
     fake = tmp_path / "fake.parquet"
     fake.write_bytes(b"not a parquet file")
     with pytest.raises(DataError, match=r"fake\.parquet: cannot read it as parquet"):
