@@ -40,7 +40,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -53,6 +53,9 @@ from pyro_moe.errors import DataError, DistributedError, PyroMoEError
 from pyro_moe.guides.registry import GUIDE_FAMILIES, parse_guide
 from pyro_moe.inference.fitting import FittedPosterior
 from pyro_moe.models.priors import PRIOR_FAMILIES, prior_family
+
+if TYPE_CHECKING:
+    from pyro_moe.experiments.stability import StabilityResults
 
 __all__ = ["DATA_PARALLEL_COMMANDS", "EXIT_BAD_INPUT", "EXIT_DISTRIBUTED", "LAPLACE_GUIDES", "build_parser", "main"]
 
@@ -219,17 +222,33 @@ def check_guides(names: Sequence[str]) -> list[str]:
     return list(names)
 
 
+def deterministic_stability(args: argparse.Namespace, inputs: Inputs) -> StabilityResults:
+    """The deterministic model's routing stability on the first ``--examples`` test questions and
+    its ``--susceptible-k`` susceptible layers, by the library's rule at its default noise level
+    (:func:`pyro_moe.evaluation.stability.susceptible_layers`,
+    :data:`~pyro_moe.evaluation.stability.DEFAULT_GAMMA`): what ``stability`` reports and
+    ``--layers susceptible`` picks."""
+    from pyro_moe.experiments.stability import stability_experiment
+
+    return stability_experiment(
+        inputs.model,
+        inputs.tokenizer,
+        inputs.splits,
+        {},
+        examples=args.examples,
+        k=args.susceptible_k,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+
+
 def resolve_layers(args: argparse.Namespace, inputs: Inputs) -> str | list[int]:
-    """``--layers``: ``all``, indices, or ``susceptible`` (the ``--susceptible-k`` least stable
-    layers of the deterministic model on the test questions, see :mod:`pyro_moe.experiments.stability`)."""
+    """``--layers``: ``all``, indices, or ``susceptible`` (the layers :func:`deterministic_stability`
+    picks)."""
     if args.layers == ["all"]:
         return "all"
     if args.layers == ["susceptible"]:
-        from pyro_moe.experiments.stability import stability_experiment
-
-        result = stability_experiment(
-            inputs.model, inputs.tokenizer, inputs.splits, {}, examples=args.examples, k=args.susceptible_k
-        )
+        result = deterministic_stability(args, inputs)
         logger.info("susceptible layers: %s", result.susceptible)
         return result.susceptible
     try:
@@ -278,19 +297,8 @@ def run_demo(args: argparse.Namespace) -> None:
 def run_stability(args: argparse.Namespace) -> None:
     """``stability``: Jaccard stability per layer and the susceptible layers."""
     from pyro_moe.experiments.evaluation import write_results
-    from pyro_moe.experiments.stability import stability_experiment
 
-    inputs = load_inputs(args, ["test"])
-    results = stability_experiment(
-        inputs.model,
-        inputs.tokenizer,
-        inputs.splits,
-        {},
-        examples=args.examples,
-        k=args.susceptible_k,
-        batch_size=args.batch_size,
-        seed=args.seed,
-    )
+    results = deterministic_stability(args, load_inputs(args, ["test"]))
     paths = write_results(results, args.out)
     print(f"susceptible layers: {results.susceptible}")
     print("written:", paths["metrics"], paths["report"])

@@ -13,8 +13,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pyro_moe.cli import EXIT_BAD_INPUT, LOG_NAME, build_parser, main
-from pyro_moe.data import answer_token_ids
+from pyro_moe.data import answer_token_ids, load_mcqa, mcqa_batches
 from pyro_moe.evaluation.metrics import calibration_report
+from pyro_moe.evaluation.stability import DEFAULT_GAMMA, routing_stability, susceptible_layers
 from pyro_moe.inference.checkpoint import CheckpointError
 from pyro_moe.inference.fitting import FittedPosterior
 from tests.experiments.tiny_evaluation import direct_answer_probs, tiny_splits
@@ -93,6 +94,24 @@ def test_end_to_end_on_a_saved_checkpoint(saved, tmp_path, capsys):
     assert list(idata.posterior["layer"].values) == stability["susceptible_layers"]
     assert (tmp_path / "diagnose" / "collapse.csv").read_text().startswith("chain,site")
     assert (tmp_path / "diagnose" / "collapse.png").stat().st_size > 0
+
+
+def test_cli_and_library_choose_the_same_susceptible_layers(saved, tmp_path):
+    """``stability`` and ``fit --layers susceptible`` pick what the library's rule picks with its defaults."""
+    common = ["--model", str(saved["moe"]), "--data", str(saved["data"]), "--examples", "12", "--batch-size", "4"]
+    assert main(["stability", *common, "--out", str(tmp_path / "stability")]) == 0
+    reported = json.loads((tmp_path / "stability" / "metrics.json").read_text())
+    fit = [*common, "--layers", "susceptible", "--steps", "1", "--fit-examples", "4", "--out", str(tmp_path / "fit")]
+    assert main(["fit", *fit]) == 0
+    fitted = json.loads((tmp_path / "fit" / "posterior" / "config.json").read_text())["layers"]
+
+    model = AutoModelForCausalLM.from_pretrained(saved["moe"]).eval()
+    questions = list(load_mcqa(str(saved["data"])))[:12]
+    result = routing_stability(model, list(mcqa_batches(questions, tiny_tokenizer(), 4)))
+    library = susceptible_layers(result, k=1)
+    assert reported["gamma"] == DEFAULT_GAMMA
+    assert reported["susceptible_layers"] == fitted == library
+    assert susceptible_layers(result, k=1, gamma=0.01) != library  # on this model the noise level decides
 
 
 def _bad_input(tmp_path, capsys, argv) -> str:
