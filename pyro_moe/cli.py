@@ -47,12 +47,15 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from pyro_moe.core.families import find_moe_routers
-from pyro_moe.data import MCQAExample, load_mcqa
+from pyro_moe.data import MCQAExample, load_mcqa, mcqa_batches
 from pyro_moe.distributed import DEFAULT_TIMEOUT, DataParallel, init_distributed
 from pyro_moe.errors import DataError, DistributedError, PyroMoEError
+from pyro_moe.guides.laplace.prior_precision import select_prior_precision
 from pyro_moe.guides.registry import GUIDE_FAMILIES, parse_guide
-from pyro_moe.inference.fitting import FittedPosterior
+from pyro_moe.inference.fitting import FittedPosterior, fit
+from pyro_moe.models.expert_patch import patch_experts
 from pyro_moe.models.priors import PRIOR_FAMILIES, prior_family
+from pyro_moe.models.router_patch import patch_routers
 
 if TYPE_CHECKING:
     from pyro_moe.experiments.stability import StabilityResults
@@ -257,7 +260,38 @@ def resolve_layers(args: argparse.Namespace, inputs: Inputs) -> str | list[int]:
         raise BadInput(f"--layers takes 'all', 'susceptible' or layer indices, got {' '.join(args.layers)}.") from None
 
 
+def fit_in_place(args: argparse.Namespace, inputs: Inputs, guide: str, layers: str | list[int]) -> FittedPosterior:
+    """``fit`` and ``laplace``: patch the loaded model itself (the command owns it, so no copy of the
+    MoE is made) and fit ``guide`` as :func:`pyro_moe.experiments.evaluation.fit_named_families`
+    fits one family: the sites, selection, options and layers of its
+    :func:`~pyro_moe.experiments.evaluation.family_specs` spec, the first ``--fit-examples`` train
+    questions in batches of ``--batch-size`` shuffled by ``--seed``, and for a spec with a
+    ``prior_precision_grid`` the prior precision chosen by the NLL of the first ``--examples``
+    calibration questions."""
+    from pyro_moe.experiments.evaluation import check_splits, family_specs, split_batches
+
+    (spec,) = family_specs([guide], parse_sites(args), args.steps)
+    check_splits(inputs.splits, ["train", *(["calibration"] if spec.prior_precision_grid else [])])
+    train = inputs.splits["train"][: args.fit_examples]
+    batches = list(mcqa_batches(train, inputs.tokenizer, args.batch_size, shuffle=True, seed=args.seed))
+    validation = None
+    if spec.prior_precision_grid:
+        validation = split_batches(inputs.splits["calibration"], inputs.tokenizer, 100, args.examples)
+    family_layers = layers if spec.layers is None else spec.layers
+    if spec.sites == "experts":
+        patch = patch_experts(inputs.model, layers=family_layers)
+    else:
+        patch = patch_routers(inputs.model, spec.sites, layers=family_layers, selection=spec.selection)
+    options = {"steps": args.steps, "seed": args.seed, **spec.options}
+    posterior = fit(patch, batches, spec.guide, answer_token_ids=inputs.answer_token_ids, **options)
+    if validation is not None:
+        select_prior_precision(posterior, validation, spec.prior_precision_grid, seed=args.seed)
+    return posterior
+
+
 def _fit(args: argparse.Namespace, inputs: Inputs, guides: Sequence[str], layers: Any) -> dict[str, FittedPosterior]:
+    """``evaluate``, ``compare``: every family on its own copy of the model (the deterministic model
+    is measured beside them)."""
     from pyro_moe.experiments.evaluation import fit_named_families
 
     return fit_named_families(
@@ -313,7 +347,7 @@ def run_fit(args: argparse.Namespace) -> None:
     parse_sites(args)
     inputs = load_inputs(args, ["train"])
     layers = resolve_layers(args, inputs)
-    posterior = _fit(args, inputs, [guide], layers)[guide]
+    posterior = fit_in_place(args, inputs, guide, layers)
     folder = posterior.save(args.out / "posterior")  # data-parallel: rank 0 writes
     if posterior.data_parallel is not None and not posterior.data_parallel.is_main:
         return
