@@ -238,11 +238,13 @@ def fit_named_families(
     fitting: FitSettings = FitSettings(),
     *,
     answer_token_ids: Tensor,
+    in_place: bool = False,
 ) -> dict[str, FittedPosterior]:
     """Check the families, their options and the splits, then fit every family
     (:func:`family_specs`, :func:`fit_families`) as ``fitting`` says: on the first
     ``fitting.examples`` questions of ``splits[fitting.split]`` in shuffled batches; families that
-    choose a prior precision do so on the validation split. No families, no fits: ``{}``."""
+    choose a prior precision do so on the validation split; ``in_place`` (one family): on ``model``
+    itself, not a copy. No families, no fits: ``{}``."""
     if not families:
         return {}
     specs = family_specs(families, fitting.sites, fitting.steps)
@@ -263,6 +265,7 @@ def fit_named_families(
         seed=fitting.seed,
         progress=fitting.progress,
         validation_batches=validation,
+        in_place=in_place,
     )
 
 

@@ -7,7 +7,8 @@ measured at its prior mean; a posterior is measured with its routers drawing fro
 under the thesis' ``routing-average`` rule (S samples of the scores averaged, one selection), so
 its Jaccard also counts the disagreement of two independent S-sample selections: the ``gamma = 0``
 column measures that part alone. The susceptible layers are the deterministic model's least stable
-ones at the chosen ``gamma`` (:func:`pyro_moe.evaluation.stability.susceptible_layers`): the ``k`` lowest, or
+ones at the chosen ``gamma`` (default :data:`pyro_moe.evaluation.stability.DEFAULT_GAMMA`), by the
+library's one rule (:func:`pyro_moe.evaluation.stability.susceptible_layers`): the ``k`` lowest, or
 those below a ``threshold``.
 
 Example::
@@ -37,7 +38,13 @@ from pyro_moe.core.routing_context import PARTICLE_DIM, PredictiveMode, routing_
 from pyro_moe.data import MCQAExample
 from pyro_moe.errors import ConfigurationError, PyroMoEError
 from pyro_moe.evaluation.plots import plot_stability_violins
-from pyro_moe.evaluation.stability import GAMMAS, RoutingStability, routing_stability, susceptible_layers
+from pyro_moe.evaluation.stability import (
+    DEFAULT_GAMMA,
+    GAMMAS,
+    RoutingStability,
+    routing_stability,
+    susceptible_layers,
+)
 from pyro_moe.experiments.evaluation import (
     DEFAULT_FAMILIES,
     DETERMINISTIC,
@@ -61,7 +68,6 @@ from pyro_moe.inference.presets import FamilySpec
 from pyro_moe.validation import check_integer, check_number
 
 __all__ = [
-    "GAMMA",
     "StabilityResults",
     "StabilitySettings",
     "main",
@@ -71,10 +77,6 @@ __all__ = [
 ]
 
 ROUTING_AVERAGE = PredictiveMode.ROUTING_AVERAGE.value
-
-GAMMA = 0.05
-"""The noise level at which layers are compared and the violins drawn (the grid's largest: at
-0.01 the embedded benchmark's routers keep 99.7 % of their experts and the layers barely differ)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,7 +98,7 @@ class StabilitySettings:
     split: str = "test"
     examples: int | None = 200
     gammas: Sequence[float] = (0.0, *GAMMAS)
-    gamma: float = GAMMA
+    gamma: float = DEFAULT_GAMMA
     threshold: float | None = None
     k: int | None = None
     num_samples: int = 16
@@ -328,7 +330,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     add_common_arguments(parser, families=DEFAULT_FAMILIES, steps=200)
     parser.add_argument("--split", default="test", help="split to measure (default test)")
     parser.add_argument("--examples", type=int, default=200, help="questions of the split (default 200)")
-    parser.add_argument("--gamma", type=float, default=GAMMA, help=f"noise level of the selection (default {GAMMA})")
+    parser.add_argument(
+        "--gamma", type=float, default=DEFAULT_GAMMA, help=f"noise level of the selection (default {DEFAULT_GAMMA})"
+    )
     selection = parser.add_mutually_exclusive_group()
     selection.add_argument("--threshold", type=float, default=None, help="susceptible: mean Jaccard below this")
     selection.add_argument("--k", type=int, default=None, help="susceptible: the k least stable layers (default 1)")

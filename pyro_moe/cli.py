@@ -41,7 +41,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -54,6 +54,9 @@ from pyro_moe.errors import DataError, DistributedError, PyroMoEError
 from pyro_moe.guides.registry import GUIDE_FAMILIES, parse_guide
 from pyro_moe.inference.fitting import FittedPosterior
 from pyro_moe.models.priors import PRIOR_FAMILIES, prior_family
+
+if TYPE_CHECKING:
+    from pyro_moe.experiments.stability import StabilityResults
 
 __all__ = ["DATA_PARALLEL_COMMANDS", "EXIT_BAD_INPUT", "EXIT_DISTRIBUTED", "build_parser", "main"]
 
@@ -227,16 +230,27 @@ def check_guides(names: Sequence[str]) -> list[str]:
     return list(names)
 
 
+def deterministic_stability(args: argparse.Namespace, inputs: Inputs) -> StabilityResults:
+    """The deterministic model's routing stability on the first ``--examples`` test questions and
+    its ``--susceptible-k`` susceptible layers, by the library's rule at its default noise level
+    (:func:`pyro_moe.evaluation.stability.susceptible_layers`,
+    :data:`~pyro_moe.evaluation.stability.DEFAULT_GAMMA`): what ``stability`` reports and
+    ``--layers susceptible`` picks."""
+    from pyro_moe.experiments.stability import StabilitySettings, stability_experiment
+
+    settings = StabilitySettings(
+        examples=args.examples, k=args.susceptible_k, batch_size=args.batch_size, seed=args.seed
+    )
+    return stability_experiment(inputs.model, inputs.tokenizer, inputs.splits, {}, settings)
+
+
 def resolve_layers(args: argparse.Namespace, inputs: Inputs) -> str | list[int]:
-    """``--layers``: ``all``, indices, or ``susceptible`` (the ``--susceptible-k`` least stable
-    layers of the deterministic model on the test questions, see :mod:`pyro_moe.experiments.stability`)."""
+    """``--layers``: ``all``, indices, or ``susceptible`` (the layers :func:`deterministic_stability`
+    picks)."""
     if args.layers == ["all"]:
         return "all"
     if args.layers == ["susceptible"]:
-        from pyro_moe.experiments.stability import StabilitySettings, stability_experiment
-
-        settings = StabilitySettings(examples=args.examples, k=args.susceptible_k)
-        result = stability_experiment(inputs.model, inputs.tokenizer, inputs.splits, {}, settings)
+        result = deterministic_stability(args, inputs)
         logger.info("susceptible layers: %s", result.susceptible)
         return result.susceptible
     try:
@@ -245,7 +259,12 @@ def resolve_layers(args: argparse.Namespace, inputs: Inputs) -> str | list[int]:
         raise BadInput(f"--layers takes 'all', 'susceptible' or layer indices, got {' '.join(args.layers)}.") from None
 
 
-def _fit(args: argparse.Namespace, inputs: Inputs, guides: Sequence[str], layers: Any) -> dict[str, FittedPosterior]:
+def _fit(
+    args: argparse.Namespace, inputs: Inputs, guides: Sequence[str], layers: Any, in_place: bool = False
+) -> dict[str, FittedPosterior]:
+    """The ``guides`` fitted as the options say: ``evaluate`` and ``compare`` fit every family on its own
+    copy of the model (the deterministic model is measured beside them); ``fit`` and ``laplace`` patch
+    the loaded model itself (``in_place``: the command owns it, so no second copy of the MoE is made)."""
     from pyro_moe.experiments.evaluation import FitSettings, fit_named_families
 
     fitting = FitSettings(
@@ -258,7 +277,13 @@ def _fit(args: argparse.Namespace, inputs: Inputs, guides: Sequence[str], layers
         validation_examples=args.examples,
     )
     return fit_named_families(
-        inputs.model, inputs.tokenizer, inputs.splits, guides, fitting, answer_token_ids=inputs.answer_token_ids
+        inputs.model,
+        inputs.tokenizer,
+        inputs.splits,
+        guides,
+        fitting,
+        answer_token_ids=inputs.answer_token_ids,
+        in_place=in_place,
     )
 
 
@@ -283,13 +308,8 @@ def run_demo(args: argparse.Namespace) -> None:
 def run_stability(args: argparse.Namespace) -> None:
     """``stability``: Jaccard stability per layer and the susceptible layers."""
     from pyro_moe.experiments.evaluation import write_results
-    from pyro_moe.experiments.stability import StabilitySettings, stability_experiment
 
-    settings = StabilitySettings(
-        examples=args.examples, k=args.susceptible_k, batch_size=args.batch_size, seed=args.seed
-    )
-    inputs = load_inputs(args, ["test"])
-    results = stability_experiment(inputs.model, inputs.tokenizer, inputs.splits, {}, settings)
+    results = deterministic_stability(args, load_inputs(args, ["test"]))
     paths = write_results(results, args.out)
     print(f"susceptible layers: {results.susceptible}")
     print("written:", paths["metrics"], paths["report"])
@@ -305,7 +325,7 @@ def run_fit(args: argparse.Namespace) -> None:
     parse_sites(args)
     inputs = load_inputs(args, ["train"])
     layers = resolve_layers(args, inputs)
-    posterior = _fit(args, inputs, [guide], layers)[guide]
+    posterior = _fit(args, inputs, [guide], layers, in_place=True)[guide]
     folder = posterior.save(args.out / "posterior")  # data-parallel: rank 0 writes
     if posterior.data_parallel is not None and not posterior.data_parallel.is_main:
         return

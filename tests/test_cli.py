@@ -3,6 +3,7 @@ bad input (exit code 2, one line, nothing but the log in ``--out``) and the refu
 
 from __future__ import annotations
 
+import copy
 import json
 import pickle
 from pathlib import Path
@@ -10,11 +11,16 @@ from pathlib import Path
 import arviz as az
 import pytest
 import torch
+from safetensors.torch import load_file
+from torch import nn
 from transformers import AutoModelForCausalLM
 
+from pyro_moe import cli
 from pyro_moe.cli import EXIT_BAD_INPUT, LOG_NAME, build_parser, main
-from pyro_moe.data import answer_token_ids
+from pyro_moe.data import answer_token_ids, load_mcqa, mcqa_batches
 from pyro_moe.evaluation.metrics import calibration_report
+from pyro_moe.evaluation.stability import DEFAULT_GAMMA, routing_stability, susceptible_layers
+from pyro_moe.experiments.evaluation import fit_named_families
 from pyro_moe.inference.checkpoint import CheckpointError
 from pyro_moe.inference.fitting import FittedPosterior
 from tests.experiments.tiny_evaluation import direct_answer_probs, tiny_splits
@@ -93,6 +99,73 @@ def test_end_to_end_on_a_saved_checkpoint(saved, tmp_path, capsys):
     assert list(idata.posterior["layer"].values) == stability["susceptible_layers"]
     assert (tmp_path / "diagnose" / "collapse.csv").read_text().startswith("chain,site")
     assert (tmp_path / "diagnose" / "collapse.png").stat().st_size > 0
+
+
+def test_cli_and_library_choose_the_same_susceptible_layers(saved, tmp_path):
+    """``stability`` and ``fit --layers susceptible`` pick what the library's rule picks with its defaults."""
+    common = ["--model", str(saved["moe"]), "--data", str(saved["data"]), "--examples", "12", "--batch-size", "4"]
+    assert main(["stability", *common, "--out", str(tmp_path / "stability")]) == 0
+    reported = json.loads((tmp_path / "stability" / "metrics.json").read_text())
+    fit = [*common, "--layers", "susceptible", "--steps", "1", "--fit-examples", "4", "--out", str(tmp_path / "fit")]
+    assert main(["fit", *fit]) == 0
+    fitted = json.loads((tmp_path / "fit" / "posterior" / "config.json").read_text())["layers"]
+
+    model = AutoModelForCausalLM.from_pretrained(saved["moe"]).eval()
+    questions = list(load_mcqa(str(saved["data"])))[:12]
+    result = routing_stability(model, list(mcqa_batches(questions, tiny_tokenizer(), 4)))
+    library = susceptible_layers(result, k=1)
+    assert reported["gamma"] == DEFAULT_GAMMA
+    assert reported["susceptible_layers"] == fitted == library
+    assert susceptible_layers(result, k=1, gamma=0.01) != library  # on this model the noise level decides
+
+
+def _saved_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """A saved posterior's tensors, each eigenvector matrix ``V`` replaced by the factor ``V diag(l) V^T``
+    it stands for (the eigenvectors of repeated eigenvalues, zeros included, are not unique)."""
+    tensors = load_file(folder / "tensors.safetensors")
+    for name in [name for name in tensors if name.endswith("_vectors")]:
+        vectors, values = tensors.pop(name), tensors[name.removesuffix("_vectors") + "_values"]
+        tensors[name.removesuffix("_vectors") + "_factor"] = (vectors * values[..., None, :]) @ vectors.mT
+    return tensors
+
+
+@pytest.mark.parametrize(("command", "guide"), [("fit", "mean-field"), ("laplace", "expert-laplace")])
+def test_fit_patches_the_loaded_model_itself(saved, tmp_path, monkeypatch, command, guide):
+    """``fit`` and ``laplace`` patch the model they loaded (no deep copy of the MoE) and fit what
+    ``fit_named_families`` fits on a copy (sites, layers, batches, prior precision chosen on the grid)."""
+    loaded, patched = [], []
+    load_model, fit = cli.load_model, cli.fit
+    monkeypatch.setattr(cli, "load_model", lambda args: loaded.append(load_model(args)) or loaded[-1])
+    monkeypatch.setattr(cli, "fit", lambda patch, *a, **k: patched.append(patch.model) or fit(patch, *a, **k))
+    deepcopy = copy.deepcopy
+
+    def no_model_copies(value, *args):
+        if isinstance(value, nn.Module):
+            pytest.fail(f"the fit path deep-copied a {type(value).__name__}")
+        return deepcopy(value, *args)
+
+    monkeypatch.setattr(copy, "deepcopy", no_model_copies)
+    options = ["--data", str(saved["data"]), "--steps", "2", "--fit-examples", "8", "--examples", "8"]
+    argv = [command, "--model", str(saved["moe"]), *options, "--batch-size", "4", "--guide", guide]
+    assert main([*argv, "--out", str(tmp_path / "cli")]) == 0
+    monkeypatch.undo()
+    assert len(patched) == 1 and patched[0] is loaded[0][0]
+
+    splits = {"train": list(load_mcqa(str(saved["data"])))}
+    splits["calibration"] = splits["train"]
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(saved["moe"]).eval(), tiny_tokenizer()
+    options = {"fit_examples": 8, "steps": 2, "batch_size": 4, "validation_examples": 8, "progress": False}
+    letters = answer_token_ids(tokenizer)
+    (copied,) = fit_named_families(model, tokenizer, splits, [guide], answer_token_ids=letters, **options).values()
+    copied.save(tmp_path / "library")
+    expected, written = (_saved_tensors(tmp_path / folder) for folder in ("library", "cli/posterior"))
+    assert expected.keys() == written.keys()
+    for name, tensor in expected.items():  # the copy's weights are aligned differently in memory: rounding
+        torch.testing.assert_close(written[name], tensor, rtol=1e-6, atol=1e-6, msg=lambda text, name=name: name + text)
+    configs = [json.loads((tmp_path / folder / "config.json").read_text()) for folder in ("library", "cli/posterior")]
+    histories = [config.pop("history") for config in configs]
+    assert configs[1] == configs[0]
+    assert histories[1] == [pytest.approx(step, rel=1e-6) for step in histories[0]]
 
 
 def _bad_input(tmp_path, capsys, argv) -> str:

@@ -10,7 +10,9 @@ Two kinds of weight matrices, each a ``(out, in)`` map ``s = W x`` applied to so
 
 For every matrix the factors are ``A = (1/n) sum_t x_t x_t^T`` (``in x in``, mean over its ``n``
 selected tokens) and ``G = sum_t g_t g_t^T`` (``out x out``, sum over tokens and Fisher draws), so that
-``A (x) G`` is the usual K-FAC approximation of the full-data Fisher/GGN, exact for one token. The
+``G (x) A`` (row-major ``vec(W)``; the convention is stated in
+:mod:`~pyro_moe.guides.laplace.kronecker_posterior`) is the usual K-FAC approximation of the
+full-data Fisher/GGN, exact for one token. The
 gradients ``g_t = dL / ds_t`` come from the MCQA loss ``L`` over the answer letters with labels
 
 * ``mc`` (default): drawn from the model's own predictive (Monte Carlo Fisher, ``mc_samples`` draws;
@@ -30,11 +32,31 @@ index), so the factors do not depend on how the batches are shared out: data-par
 log-likelihood are reduced once at the end, equal to one process's. Every factor stays on the
 device of the layer it belongs to (a model spread over GPUs with ``device_map`` is never gathered).
 
-Example::
+Example: the experts of the last layer of a tiny Granite-MoE built in code (hidden ``H = 16``,
+expert width ``I = 8``, 4 experts, top-2), on one batch of 3 random prompts:
 
-    targets = expert_targets(model, layers=[-1])
-    curvature = kronecker_curvature(model, targets, batches, answer_token_ids, rank=10)
-    curvature["model.layers.2.block_sparse_moe.experts.down_proj"].input_factors[3]   # EigenFactor of A
+>>> import torch
+>>> from transformers import GraniteMoeConfig, GraniteMoeForCausalLM
+>>> from pyro_moe.core.curvature_targets import expert_targets
+>>> from pyro_moe.guides.laplace.kronecker_curvature import kronecker_curvature
+>>> _ = torch.manual_seed(0)
+>>> config = GraniteMoeConfig(
+...     vocab_size=32, hidden_size=16, intermediate_size=8, num_hidden_layers=2, num_attention_heads=2,
+...     num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+... )
+>>> model = GraniteMoeForCausalLM(config).eval()
+>>> input_ids = torch.randint(8, 32, (3, 5))  # (batch, length)
+>>> batches = [{"input_ids": input_ids, "attention_mask": torch.ones(3, 5), "labels": torch.tensor([0, 2, 1])}]
+>>> answer_token_ids = torch.tensor([4, 5, 6, 7])  # the answer letters' ids
+>>> targets = expert_targets(model, layers=[-1])
+>>> run = kronecker_curvature(model, targets, batches, answer_token_ids, rank=4, progress=False)
+>>> curvature = run.curvature["model.layers.1.block_sparse_moe.experts.down_proj"]
+>>> curvature.input_factors[3].vectors.shape  # eigenvectors of expert 3's A: (I, rank)
+torch.Size([8, 4])
+>>> curvature.output_factors[3].dense().shape  # its G: (H, H)
+torch.Size([16, 16])
+>>> int(curvature.tokens.sum()), run.num_examples  # top-2: every last token reached two experts
+(6, 3)
 """
 
 from __future__ import annotations

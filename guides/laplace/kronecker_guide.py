@@ -4,7 +4,7 @@ Both start as point masses (:class:`KroneckerMAP`, trained by SVI like ``map``; 
 stay at the model's weights: a post-hoc Laplace). :meth:`KroneckerMAP.laplace` then collects the
 Kronecker curvature of the likelihood at the point masses (:mod:`~pyro_moe.guides.laplace.kronecker_curvature`)
 and returns a :class:`KroneckerLaplaceGuide`, which samples every site from its
-:class:`~pyro_moe.guides.laplace.kronecker_posterior.KroneckerLaplace` (precision ``A (x) G + tau I``, ``tau``
+:class:`~pyro_moe.guides.laplace.kronecker_posterior.KroneckerLaplace` (precision ``G (x) A + tau I``, ``tau``
 and the prior mean read off the model's Normal prior of the site).
 
 * ``kron-laplace``: router-weight sites ``<router>.weight`` (``patch_routers(model, {"weight": s})``);

@@ -1,8 +1,19 @@
 """The Kronecker-factored Laplace posterior of a stack of weight blocks, its samples and its evidence.
 
+**Kronecker convention** (written here once; every other mention in pyro-moe follows it): a block
+``W`` ``(out, in)`` is flattened row-major, ``vec(W) = W.reshape(-1)`` (entry ``W[i, j]`` at
+``i * in + j``, as ``reshape`` and ``torch.kron`` lay it out). A token's gradient ``dL/dW = g a^T``
+(``g`` ``(out,)`` the output gradient, ``a`` ``(in,)`` the input) then flattens to ``kron(g, a)``,
+and the curvature ``sum_t kron(g_t, a_t) kron(g_t, a_t)^T`` is approximated by
+
+    G (x) A = torch.kron(G, A),    G = sum_t g_t g_t^T (out x out),    A = mean_t a_t a_t^T (in x in)
+
+(exact for one token). The K-FAC papers write ``A (x) G`` for the same matrix because they stack
+the columns of ``W`` (column-major ``vec``); pyro-moe never does.
+
 For ``n`` blocks ``W_b`` ``(out, in)`` with factors ``A_b = QA diag(lA) QA^T`` (``in x in``) and
 ``G_b = QG diag(lG) QG^T`` (``out x out``), kept to ``ra`` and ``rg`` eigenpairs, the posterior of block
-``b`` is Gaussian with mean ``W_map`` and precision (row-major ``vec(W) = W.reshape(-1)``)
+``b`` is Gaussian with mean ``W_map`` and precision
 
     P_b = G_b (x) A_b + tau_b I,
 
@@ -17,11 +28,31 @@ Log evidence (Laplace, prior ``N(W0, tau^-1 I)``, ``D`` = data)::
 
     log p(D) ~ log p(D | W_map) - tau/2 ||W_map - W0||^2 - 1/2 sum_ij log(1 + lG_i lA_j / tau)
 
-Example::
+Example: one block ``(out, in) = (3, 2)`` seen by one token, whose factors are exact. (From a model,
+:meth:`KroneckerLaplace.from_curvature` takes the factors of
+:func:`~pyro_moe.guides.laplace.kronecker_curvature.kronecker_curvature`.)
 
-    posterior = KroneckerLaplace.from_curvature(curvature, mean=weights, prior_precision=10.0)
-    draws = posterior.sample((16,))                       # (16, n, out, in)
-    tau = optimize_prior_precision([posterior], log_likelihood, prior_mean="zero")
+>>> import torch
+>>> from pyro_moe.guides.laplace.kronecker_posterior import KroneckerLaplace, log_evidence, optimize_prior_precision
+>>> _ = torch.manual_seed(0)
+>>> g, a = torch.randn(3, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
+>>> torch.equal(torch.outer(g, a).reshape(-1), torch.kron(g, a))  # row-major vec of the gradient g a^T
+True
+>>> lG, QG = torch.linalg.eigh(torch.outer(g, g))  # G (out, out)
+>>> lA, QA = torch.linalg.eigh(torch.outer(a, a))  # A (in, in)
+>>> weights = torch.randn(1, 3, 2, dtype=torch.float64)  # (n, out, in), n = 1 block
+>>> posterior = KroneckerLaplace(
+...     weights, QA[None], lA[None], QG[None], lG[None], prior_precision=10.0, prior_mean=torch.zeros_like(weights)
+... )
+>>> token = torch.outer(torch.kron(g, a), torch.kron(g, a))  # the token's curvature (out*in, out*in)
+>>> torch.allclose(posterior.dense_precision()[0], token + 10.0 * torch.eye(6, dtype=torch.float64))
+True
+>>> posterior.sample((16,)).shape  # (16, n, out, in)
+torch.Size([16, 1, 3, 2])
+>>> before = log_evidence([posterior], log_likelihood=-1.0)
+>>> (tau,) = optimize_prior_precision([posterior], per="layer")  # in place, one tau per posterior
+>>> tau.shape, log_evidence([posterior], log_likelihood=-1.0) >= before
+(torch.Size([1]), True)
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from matplotlib.image import imread
 
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.evaluation import metrics, plots
-from pyro_moe.evaluation.stability import RoutingStability
+from pyro_moe.evaluation.stability import DEFAULT_GAMMA, RoutingStability
 
 
 def _assert_png(path: Path) -> None:
@@ -25,7 +25,7 @@ def _stability(layers: int = 4, tokens: int = 30) -> RoutingStability:
     values = torch.rand(layers, 2, tokens, generator=torch.Generator().manual_seed(0))
     values[:, 0] = 1.0
     return RoutingStability(
-        tuple(range(layers)), tuple(f"model.layers.{i}.mlp.gate" for i in range(layers)), (0.0, 0.01), values
+        tuple(range(layers)), tuple(f"model.layers.{i}.mlp.gate" for i in range(layers)), (0.0, DEFAULT_GAMMA), values
     )
 
 
@@ -73,8 +73,8 @@ def test_bad_input_raises(tmp_path: Path) -> None:
         plots.plot_roc_curves({}, tmp_path / "roc.png")
     with pytest.raises(ConfigurationError, match="OoD scores of 's' must be a non-empty 1-D tensor"):
         plots.plot_roc_curves({"s": (torch.zeros(2), torch.ones(2, 1))}, tmp_path / "roc.png")
-    with pytest.raises(ConfigurationError, match=r"gamma 0.05 was not measured"):
-        plots.plot_stability_violins(_stability(), tmp_path / "v.png", gamma=0.05)
+    with pytest.raises(ConfigurationError, match=r"gamma 0.01 was not measured"):
+        plots.plot_stability_violins(_stability(), tmp_path / "v.png", gamma=0.01)
     with pytest.raises(ConfigurationError, match=r"threshold must be a Jaccard similarity"):
         plots.plot_stability_violins(_stability(), tmp_path / "v.png", threshold=2.0)
     with pytest.raises(ConfigurationError, match=r"'b' must give the figures \['latency'\]"):

@@ -9,6 +9,7 @@ import torch
 import pyro_moe
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.evaluation.stability import (
+    DEFAULT_GAMMA,
     GAMMAS,
     RoutingStability,
     jaccard,
@@ -118,7 +119,7 @@ def _result(means: list[float]) -> RoutingStability:
     return RoutingStability(
         layers=tuple(range(0, 2 * len(means), 2)),
         paths=tuple(f"model.layers.{2 * i}.mlp.gate" for i in range(len(means))),
-        gammas=(0.001, 0.01),
+        gammas=(0.001, DEFAULT_GAMMA),
         values=values,
     )
 
@@ -139,8 +140,8 @@ def test_susceptible_layers_bad_arguments() -> None:
         susceptible_layers(result)
     with pytest.raises(ConfigurationError, match="exactly one of threshold"):
         susceptible_layers(result, threshold=0.5, k=1)
-    with pytest.raises(ConfigurationError, match=r"gamma 0.05 was not measured; measured: \[0.001, 0.01\]"):
-        susceptible_layers(result, k=1, gamma=0.05)
+    with pytest.raises(ConfigurationError, match=r"gamma 0.01 was not measured; measured: \[0.001, 0.05\]"):
+        susceptible_layers(result, k=1, gamma=0.01)
     with pytest.raises(ConfigurationError, match=r"k must be an integer in \[1, 2\]"):
         susceptible_layers(result, k=3)
 

@@ -169,7 +169,8 @@ def test_collection_restores_the_experts_implementation():
 
 
 def test_kronecker_ggn_equals_dense_ggn_from_torch_func():
-    """One example, the last MoE layer, the last token: K-FAC is exact, and A (x) G equals J^T Lambda J."""
+    """One example, the last MoE layer, the last token: K-FAC is exact, and G (x) A equals J^T Lambda J
+    (row-major vec, see the kronecker_posterior module docstring)."""
     model = tiny_model("granitemoe", dtype=torch.float64)
     model.config._experts_implementation = "eager"  # grouped_mm has no float64
     layer = 1
