@@ -20,7 +20,8 @@ from pyro_moe.cli import EXIT_BAD_INPUT, LOG_NAME, build_parser, main
 from pyro_moe.data import answer_token_ids, load_mcqa, mcqa_batches
 from pyro_moe.evaluation.metrics import calibration_report
 from pyro_moe.evaluation.stability import DEFAULT_GAMMA, routing_stability, susceptible_layers
-from pyro_moe.experiments.evaluation import fit_named_families
+from pyro_moe.experiments.evaluation import FitSettings, fit_named_families
+from pyro_moe.inference import presets
 from pyro_moe.inference.checkpoint import CheckpointError
 from pyro_moe.inference.fitting import FittedPosterior
 from tests.experiments.tiny_evaluation import direct_answer_probs, tiny_splits
@@ -134,9 +135,9 @@ def test_fit_patches_the_loaded_model_itself(saved, tmp_path, monkeypatch, comma
     """``fit`` and ``laplace`` patch the model they loaded (no deep copy of the MoE) and fit what
     ``fit_named_families`` fits on a copy (sites, layers, batches, prior precision chosen on the grid)."""
     loaded, patched = [], []
-    load_model, fit = cli.load_model, cli.fit
+    load_model, fit = cli.load_model, presets.fit
     monkeypatch.setattr(cli, "load_model", lambda args: loaded.append(load_model(args)) or loaded[-1])
-    monkeypatch.setattr(cli, "fit", lambda patch, *a, **k: patched.append(patch.model) or fit(patch, *a, **k))
+    monkeypatch.setattr(presets, "fit", lambda patch, *a, **k: patched.append(patch.model) or fit(patch, *a, **k))
     deepcopy = copy.deepcopy
 
     def no_model_copies(value, *args):
@@ -154,9 +155,9 @@ def test_fit_patches_the_loaded_model_itself(saved, tmp_path, monkeypatch, comma
     splits = {"train": list(load_mcqa(str(saved["data"])))}
     splits["calibration"] = splits["train"]
     model, tokenizer = AutoModelForCausalLM.from_pretrained(saved["moe"]).eval(), tiny_tokenizer()
-    options = {"fit_examples": 8, "steps": 2, "batch_size": 4, "validation_examples": 8, "progress": False}
+    fitting = FitSettings(examples=8, steps=2, batch_size=4, validation_examples=8, progress=False)
     letters = answer_token_ids(tokenizer)
-    (copied,) = fit_named_families(model, tokenizer, splits, [guide], answer_token_ids=letters, **options).values()
+    (copied,) = fit_named_families(model, tokenizer, splits, [guide], fitting, answer_token_ids=letters).values()
     copied.save(tmp_path / "library")
     expected, written = (_saved_tensors(tmp_path / folder) for folder in ("library", "cli/posterior"))
     assert expected.keys() == written.keys()

@@ -12,7 +12,7 @@ import torch
 from pyro_moe import ConfigurationError
 from pyro_moe.evaluation.metrics import calibration_report
 from pyro_moe.evaluation.temperature_scaling import fit_temperature
-from pyro_moe.experiments import calibration, evaluation
+from pyro_moe.experiments import calibration
 from pyro_moe.experiments.calibration import CalibrationSettings, calibration_experiment, run_calibration
 from pyro_moe.experiments.evaluation import (
     DETERMINISTIC,
@@ -22,6 +22,7 @@ from pyro_moe.experiments.evaluation import (
     split_batches,
     write_results,
 )
+from pyro_moe.inference import presets
 from pyro_moe.inference.presets import family_specs, fit_families
 from tests.experiments.tiny_evaluation import direct_answer_probs, tiny_inputs, tiny_posteriors
 
@@ -106,7 +107,7 @@ def test_bad_input_is_refused_before_anything_is_fitted(monkeypatch):
     def no_fit(*args, **kwargs):
         raise AssertionError("fit ran before the input was checked")
 
-    monkeypatch.setattr(evaluation, "fit", no_fit)
+    monkeypatch.setattr(presets, "fit", no_fit)
     with pytest.raises(ConfigurationError, match=r"unknown guide 'no-such-guide'; registered guides: .*mean-field"):
         run_calibration(model, tokenizer, splits, ["no-such-guide"], answer_token_ids=letters)
     with pytest.raises(ConfigurationError, match="unknown split 'held_out'; the splits given are"):
@@ -136,7 +137,7 @@ def test_bad_input_is_refused_before_anything_is_fitted(monkeypatch):
 )
 def test_cli_refuses_a_bad_number_before_loading_or_fitting(monkeypatch, capsys, tmp_path, option, message):
     monkeypatch.setattr(calibration, "benchmark_inputs", lambda: pytest.fail("the benchmark loaded before the check"))
-    monkeypatch.setattr(evaluation, "fit", lambda *a, **k: pytest.fail("fit ran before the input was checked"))
+    monkeypatch.setattr(presets, "fit", lambda *a, **k: pytest.fail("fit ran before the input was checked"))
     with pytest.raises(SystemExit) as exit_info:
         calibration.main(["--out", str(tmp_path), *option])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err

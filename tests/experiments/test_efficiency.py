@@ -11,7 +11,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pyro_moe import ConfigurationError
-from pyro_moe.experiments import efficiency, evaluation
+from pyro_moe.experiments import efficiency
 from pyro_moe.experiments.efficiency import (
     EfficiencySettings,
     count_flops,
@@ -20,6 +20,7 @@ from pyro_moe.experiments.efficiency import (
     run_efficiency,
 )
 from pyro_moe.experiments.evaluation import DETERMINISTIC, MODES, FitSettings, split_batches, write_results
+from pyro_moe.inference import presets
 from tests.experiments.tiny_evaluation import tiny_inputs, tiny_posteriors
 
 
@@ -66,7 +67,7 @@ def test_rows_against_flop_counts_of_the_hf_forward(tmp_path):
 
 def test_bad_input_is_refused_before_anything_is_fitted(monkeypatch):
     model, tokenizer, splits, letters = tiny_inputs()
-    monkeypatch.setattr(evaluation, "fit", lambda *a, **k: pytest.fail("fit ran before the input was checked"))
+    monkeypatch.setattr(presets, "fit", lambda *a, **k: pytest.fail("fit ran before the input was checked"))
     with pytest.raises(ConfigurationError, match="unknown guide 'kron'"):
         run_efficiency(model, tokenizer, splits, ["kron"], answer_token_ids=letters)
     with pytest.raises(ConfigurationError, match="unknown split 'bench'"):
@@ -89,7 +90,7 @@ def test_bad_input_is_refused_before_anything_is_fitted(monkeypatch):
 )
 def test_cli_refuses_a_bad_number_before_loading_or_fitting(monkeypatch, capsys, tmp_path, option, message):
     monkeypatch.setattr(efficiency, "benchmark_inputs", lambda: pytest.fail("the benchmark loaded before the check"))
-    monkeypatch.setattr(evaluation, "fit", lambda *a, **k: pytest.fail("fit ran before the input was checked"))
+    monkeypatch.setattr(presets, "fit", lambda *a, **k: pytest.fail("fit ran before the input was checked"))
     with pytest.raises(SystemExit) as exit_info:
         efficiency.main(["--out", str(tmp_path), *option])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -10,9 +10,10 @@ import torch
 
 from pyro_moe import ConfigurationError
 from pyro_moe.evaluation.stability import routing_stability, susceptible_layers
-from pyro_moe.experiments import evaluation, stability
+from pyro_moe.experiments import stability
 from pyro_moe.experiments.evaluation import DETERMINISTIC, FitSettings, split_batches, write_results
 from pyro_moe.experiments.stability import StabilitySettings, run_stability, stability_experiment
+from pyro_moe.inference import presets
 from tests.experiments.tiny_evaluation import tiny_inputs, tiny_posteriors
 
 GAMMAS = (0.0, 0.01, 0.5)
@@ -59,7 +60,7 @@ def test_threshold_selection_expert_posteriors_skipped_and_bad_input(monkeypatch
     direct = routing_stability(model, split_batches(splits["test"][:8], tokenizer, 50), GAMMAS)
     assert results.susceptible == susceptible_layers(direct, threshold=1.0, gamma=0.5) and results.threshold == 1.0
 
-    monkeypatch.setattr(evaluation, "fit", lambda *a, **k: pytest.fail("fit ran before the input was checked"))
+    monkeypatch.setattr(presets, "fit", lambda *a, **k: pytest.fail("fit ran before the input was checked"))
     with pytest.raises(ConfigurationError, match="unknown guide 'mfvrr'"):
         run_stability(model, tokenizer, splits, ["mfvrr"], answer_token_ids=letters)
     with pytest.raises(ConfigurationError, match="unknown split 'dev'"):
@@ -88,7 +89,7 @@ def test_threshold_selection_expert_posteriors_skipped_and_bad_input(monkeypatch
 )
 def test_cli_refuses_a_bad_number_before_loading_or_fitting(monkeypatch, capsys, tmp_path, option, message):
     monkeypatch.setattr(stability, "benchmark_inputs", lambda: pytest.fail("the benchmark loaded before the check"))
-    monkeypatch.setattr(evaluation, "fit", lambda *a, **k: pytest.fail("fit ran before the input was checked"))
+    monkeypatch.setattr(presets, "fit", lambda *a, **k: pytest.fail("fit ran before the input was checked"))
     with pytest.raises(SystemExit) as exit_info:
         stability.main(["--out", str(tmp_path), *option])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
