@@ -272,3 +272,26 @@ def test_linearized_predictive_covariance_equals_the_dense_jacobian_sandwich():
     mc = linearized_predict(posterior, batch["input_ids"], batch["attention_mask"], link="mc", num_samples=4000)
     torch.testing.assert_close(mc.probs.sum(-1), torch.ones(3))
     handle.unpatch()
+
+
+def test_linearized_predict_refuses_bad_num_samples_and_seed_before_any_forward_pass():
+    model = small_granite()
+    batch = dict(tiny_batches(1, size=2)[0])
+    batch["attention_mask"] = torch.ones_like(batch["attention_mask"])  # eager attention: no padding
+    handle = patch_experts(model, layers=[1], prior_precision=3.0)
+    posterior = fit(handle, [batch], "expert-laplace", answer_token_ids=ANSWERS, steps=0, progress=False)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    for options, match in (
+        ({"num_samples": 0}, "num_samples must be a positive integer, got 0"),
+        ({"num_samples": -3}, "num_samples must be a positive integer"),
+        ({"num_samples": 2.5}, "num_samples must be a positive integer"),
+        ({"num_samples": True}, "num_samples must be a positive integer"),
+        ({"seed": -1}, "seed must be a non-negative integer"),
+        ({"seed": "0"}, "seed must be a non-negative integer"),
+    ):
+        with pytest.raises(ConfigurationError, match=match):
+            linearized_predict(posterior, batch["input_ids"], batch["attention_mask"], link="mc", **options)
+    assert calls == []
+    hook.remove()
+    handle.unpatch()
