@@ -45,6 +45,7 @@ from pyro_moe.guides.delta import RouterAutoDelta
 from pyro_moe.guides.laplace.kronecker_curvature import FisherType, TokenSelection, kronecker_curvature
 from pyro_moe.guides.laplace.kronecker_posterior import KroneckerLaplace, log_evidence, optimize_prior_precision
 from pyro_moe.models.router_patch import RouterPatch
+from pyro_moe.validation import check_integer
 
 __all__ = ["KroneckerLaplaceGuide", "KroneckerMAP", "KroneckerNormal", "site_targets"]
 
@@ -142,6 +143,9 @@ class KroneckerMAP(RouterAutoDelta):
             sites, ``expert-laplace``).
         rank, fisher, tokens, mc_samples: see :func:`~pyro_moe.guides.laplace.kronecker_curvature.kronecker_curvature`.
         optimize_prior: ``None`` or ``"model"``, ``"layer"``, ``"expert"`` (expert sites only).
+
+    Raises:
+        ConfigurationError: an option out of range, at construction: before the MAP stage's first step.
     """
 
     def __init__(
@@ -155,6 +159,8 @@ class KroneckerMAP(RouterAutoDelta):
         mc_samples: int = 1,
         optimize_prior: str | None = None,
     ) -> None:
+        if covers not in ("router", "experts"):
+            raise ConfigurationError(f"covers must be 'router' or 'experts', got {covers!r}.")
         try:
             FisherType(fisher), TokenSelection(tokens)
         except ValueError as error:
@@ -164,6 +170,7 @@ class KroneckerMAP(RouterAutoDelta):
             ) from None
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
             raise ConfigurationError(f"rank must be a positive integer or None (full factors), got {rank!r}.")
+        mc_samples = check_integer("mc_samples", mc_samples)
         if optimize_prior not in (None, "model", "layer", "expert"):
             raise ConfigurationError(
                 f"optimize_prior must be None, 'model', 'layer' or 'expert', got {optimize_prior!r}."

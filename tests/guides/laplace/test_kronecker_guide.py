@@ -320,3 +320,35 @@ def test_linearized_predict_refuses_bad_num_samples_and_seed_before_any_forward_
     assert calls == []
     hook.remove()
     handle.unpatch()
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"mc_samples": 0}, "mc_samples must be a positive integer, got 0"),
+        ({"mc_samples": 1.5}, "mc_samples must be a positive integer"),
+        ({"mc_samples": True}, "mc_samples must be a positive integer"),
+        ({"rank": 0}, "rank must be a positive integer"),
+        ({"tokens": "first"}, "token selections"),
+    ],
+)
+def test_kronecker_options_are_refused_before_the_map_stage_runs(options, match):
+    model = tiny_model("granitemoe")
+    batches = tiny_batches(1)
+    handle = patch_routers(model, {"weight": 0.3}, layers=[1])
+    calls = []
+    hook = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    with pytest.raises(ConfigurationError, match=match):
+        fit(
+            handle,
+            batches,
+            "kron-laplace",
+            answer_token_ids=ANSWERS,
+            steps=3,
+            progress=False,
+            guide_options={"kron-laplace": options},
+        )
+    # one forward pass: RouterGuide.setup's trace of the sites, which builds the guide; no SVI step
+    assert calls == [1]
+    hook.remove()
+    handle.unpatch()
