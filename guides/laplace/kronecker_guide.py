@@ -7,7 +7,9 @@ and returns a :class:`KroneckerLaplaceGuide`, which samples every site from its
 :class:`~pyro_moe.guides.laplace.kronecker_posterior.KroneckerLaplace` (precision ``A (x) G + tau I``, ``tau``
 and the prior mean read off the model's Normal prior of the site).
 
-* ``kron-laplace``: router-weight sites ``<router>.weight`` (``patch_routers(model, {"weight": s})``);
+* ``kron-laplace``: router-weight sites ``<router>.weight`` (``patch_routers(model, {"weight": s})``; routers
+  with MC dropout are refused at setup: the masks are no sample sites, so the curvature of ``W`` would be
+  that of a mixture over masks);
 * ``expert-laplace``: expert sites ``<experts>.down_proj`` (:func:`pyro_moe.models.expert_patch.patch_experts`).
 
 Options (``guide_options={"expert-laplace": {...}}``): ``rank`` (``None``: full factors), ``fisher``
@@ -188,6 +190,15 @@ class KroneckerMAP(RouterAutoDelta):
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
         super()._setup_prototype(*args, **kwargs)
         targets = self.targets()  # refuses sites and priors it cannot cover, before any training
+        dropout = getattr(self.patch.sites, "dropout", 0.0)
+        if self.covers == "router" and dropout > 0:
+            # The logits are W (m * u) / (1 - p) with a fresh mask m in every pass, and m is no sample site:
+            # the likelihood of W is a mixture over masks, whose curvature is not a Kronecker product of one
+            # input factor, and prediction would stack the dropout noise on the Laplace draws.
+            raise ConfigurationError(
+                f"kron-laplace needs a deterministic router input, but the routers have MC dropout (dropout="
+                f"{dropout:g}): patch the routers without the 'dropout' option (or use the 'mc-dropout' family)."
+            )
         weight_prior = getattr(self.patch.sites, "weight", None)
         if weight_prior is not None and weight_prior.scale.mode != "fixed":
             raise ConfigurationError(

@@ -352,3 +352,15 @@ def test_kronecker_options_are_refused_before_the_map_stage_runs(options, match)
     assert calls == [1]
     hook.remove()
     handle.unpatch()
+
+
+def test_kron_laplace_refuses_router_dropout_before_the_map_stage_runs():
+    model = tiny_model("granitemoe")
+    handle = patch_routers(model, {"weight": 0.3, "dropout": 0.2}, layers=[1])
+    calls = []
+    hook = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    with pytest.raises(ConfigurationError, match=r"deterministic router input.*dropout=0.2.*'dropout' option"):
+        fit(handle, tiny_batches(1), "kron-laplace", answer_token_ids=ANSWERS, steps=3, progress=False)
+    assert calls == [1, 1]  # RouterGuide.setup's trace of the sites and the guide's prototype trace; no SVI step
+    hook.remove()
+    handle.unpatch()
