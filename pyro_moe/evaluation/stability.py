@@ -203,7 +203,8 @@ def routing_stability(
         model: an HF MoE causal LM, plain or patched.
         batches: mappings with ``input_ids`` ``(batch, length)`` and ``attention_mask`` (e.g. from
             :func:`pyro_moe.data.mcqa_batches`; other keys are ignored).
-        gammas: noise standard deviations (non-negative); 0 compares a router with itself.
+        gammas: noise standard deviations (non-negative); 0 compares two calls of a router on the same
+            input: 1 unless the router draws per call (per-token logits, dropout, Sample-K).
         seed: seed of the noise (a non-negative integer).
 
     Returns:
