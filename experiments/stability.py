@@ -4,12 +4,15 @@ noise, for the deterministic model and every fitted posterior, and the susceptib
 :func:`pyro_moe.evaluation.stability.routing_stability` adds ``N(0, gamma^2 I)`` to each router's input and
 compares the Top-K sets of the clean and noisy inputs token by token. The deterministic model is
 measured at its prior mean; a posterior is measured with its routers drawing from the posterior
-under the thesis' ``routing-average`` rule (S samples of the scores averaged, one selection), so
-its Jaccard also counts the disagreement of two independent S-sample selections: the ``gamma = 0``
-column measures that part alone. The susceptible layers are the deterministic model's least stable
-ones at the chosen ``gamma`` (default :data:`pyro_moe.evaluation.stability.DEFAULT_GAMMA`), by the
-library's one rule (:func:`pyro_moe.evaluation.stability.susceptible_layers`): the ``k`` lowest, or
-those below a ``threshold``.
+under the thesis' ``routing-average`` rule (S samples of the scores averaged, one selection). The clean
+and the noisy pass of a batch share the posterior's global draws (router weights, per-layer or
+per-expert temperatures: drawn once per batch), but whatever a router draws per call is drawn afresh
+(per-token logits and temperatures, MC dropout masks, Sample-K noise), so the Jaccard also counts the
+disagreement of those draws. The ``gamma = 0`` column measures that part alone: it is 1 for a family
+with weight sites only (a router agrees with itself) and below 1 where per-call draws remain.
+The susceptible layers are the deterministic model's least stable ones at the chosen ``gamma`` (default
+:data:`pyro_moe.evaluation.stability.DEFAULT_GAMMA`), by the library's one rule
+(:func:`pyro_moe.evaluation.stability.susceptible_layers`): the ``k`` lowest, or those below a ``threshold``.
 
 Example::
 
@@ -185,8 +188,10 @@ class StabilityResults:
             "",
             f"Mean Jaccard similarity of each token's Top-K experts between clean and noisy router inputs "
             f"(x + N(0, gamma^2 I)), split `{self.split}`, {next(iter(self.stability.values())).values.shape[-1]} "
-            f"tokens. Posteriors select with routing-average (S = {self.num_samples}); their gamma 0 column is the "
-            "agreement of two independent selections.",
+            f"tokens. Posteriors select with routing-average (S = {self.num_samples}); the clean and noisy passes "
+            "share their global draws (router weights, per-layer temperatures), so their gamma 0 column is 1 for "
+            "weight-site families and otherwise the agreement of the per-call draws (per-token logits or "
+            "temperatures, dropout masks, Sample-K noise).",
             "",
             markdown_table(table, columns),
             f"Susceptible layers of the deterministic model at gamma {self.gamma:g} ({rule}): **{self.susceptible}**.",

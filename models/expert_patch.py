@@ -39,7 +39,10 @@ from pyro_moe.models.bayesian_router import Selection
 from pyro_moe.models.router_patch import RouterPatch
 from pyro_moe.validation import check_number
 
-__all__ = ["ExpertPatch", "ExpertSites", "patch_experts"]
+__all__ = ["ACCEPTED_KEYS", "ExpertPatch", "ExpertSites", "patch_experts"]
+
+ACCEPTED_KEYS = ("prior_precision", "prior_mean")
+"""The options of expert sites (in ``patch_experts(model, sites={"experts": {...}})``)."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,8 @@ class ExpertSites:
         prior_precision: ``tau`` of the ``N(W0, tau^-1 I)`` prior of every ``down_proj`` entry.
         prior_mean: ``"weights"`` (the model's own ``down_proj``) or ``"zero"``.
         selection, dropout: always Top-K and no dropout: the routers stay as they are (read by the
-            code that fits and predicts any patch).
+            code that fits and predicts any patch); anything else is refused, since the experts would
+            ignore it (router dropout and Sample-K belong to :func:`pyro_moe.patch_routers`).
     """
 
     prior_precision: float = 1.0
@@ -62,6 +66,12 @@ class ExpertSites:
         check_number("prior_precision", self.prior_precision)
         if self.prior_mean not in ("weights", "zero"):
             raise ConfigurationError(f"prior_mean must be 'weights' or 'zero', got {self.prior_mean!r}.")
+        if self.selection != Selection.TOP_K or self.dropout != 0:
+            raise ConfigurationError(
+                f"expert sites take {', '.join(ACCEPTED_KEYS)}; the experts ignore selection and dropout "
+                f"(got selection={self.selection!r}, dropout={self.dropout!r}): set them on the routers with "
+                "patch_routers."
+            )
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -217,7 +227,15 @@ def patch_experts(
         anything in the model changes.
     """
     if isinstance(sites, Mapping):
-        sites = ExpertSites(**sites.get("experts", {}))
+        options = sites.get("experts", {})
+        unknown = [str(key) for key in sites if key != "experts"]
+        unknown += [str(key) for key in options if key not in ACCEPTED_KEYS] if isinstance(options, Mapping) else []
+        if unknown or not isinstance(options, Mapping):
+            raise ConfigurationError(
+                f"sites must be {{'experts': {{...}}}} with the keys {', '.join(ACCEPTED_KEYS)}; "
+                f"got {unknown or [repr(options)]}."
+            )
+        sites = ExpertSites(**options)
     config = sites if isinstance(sites, ExpertSites) else ExpertSites(prior_precision, prior_mean)
     targets = expert_targets(model, layers)
     already = [t.name for t in targets if "forward" in t.module.__dict__]

@@ -7,7 +7,9 @@ and returns a :class:`KroneckerLaplaceGuide`, which samples every site from its
 :class:`~pyro_moe.guides.laplace.kronecker_posterior.KroneckerLaplace` (precision ``G (x) A + tau I``, ``tau``
 and the prior mean read off the model's Normal prior of the site).
 
-* ``kron-laplace``: router-weight sites ``<router>.weight`` (``patch_routers(model, {"weight": s})``);
+* ``kron-laplace``: router-weight sites ``<router>.weight`` (``patch_routers(model, {"weight": s})``; routers
+  with MC dropout are refused at setup: the masks are no sample sites, so the curvature of ``W`` would be
+  that of a mixture over masks);
 * ``expert-laplace``: expert sites ``<experts>.down_proj`` (:func:`pyro_moe.models.expert_patch.patch_experts`).
 
 Options (``guide_options={"expert-laplace": {...}}``): ``rank`` (``None``: full factors), ``fisher``
@@ -46,6 +48,7 @@ from pyro_moe.guides.family import PosteriorPart, PostHocData
 from pyro_moe.guides.laplace.kronecker_curvature import FisherType, TokenSelection, kronecker_curvature
 from pyro_moe.guides.laplace.kronecker_posterior import KroneckerLaplace, log_evidence, optimize_prior_precision
 from pyro_moe.models.router_patch import RouterPatch
+from pyro_moe.validation import check_integer
 
 __all__ = ["KroneckerLaplaceGuide", "KroneckerMAP", "KroneckerNormal", "site_targets"]
 
@@ -143,6 +146,9 @@ class KroneckerMAP(RouterAutoDelta, PosteriorPart):
             sites, ``expert-laplace``).
         rank, fisher, tokens, mc_samples: see :func:`~pyro_moe.guides.laplace.kronecker_curvature.kronecker_curvature`.
         optimize_prior: ``None`` or ``"model"``, ``"layer"``, ``"expert"`` (expert sites only).
+
+    Raises:
+        ConfigurationError: an option out of range, at construction: before the MAP stage's first step.
     """
 
     def __init__(
@@ -156,6 +162,8 @@ class KroneckerMAP(RouterAutoDelta, PosteriorPart):
         mc_samples: int = 1,
         optimize_prior: str | None = None,
     ) -> None:
+        if covers not in ("router", "experts"):
+            raise ConfigurationError(f"covers must be 'router' or 'experts', got {covers!r}.")
         try:
             FisherType(fisher), TokenSelection(tokens)
         except ValueError as error:
@@ -165,6 +173,7 @@ class KroneckerMAP(RouterAutoDelta, PosteriorPart):
             ) from None
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
             raise ConfigurationError(f"rank must be a positive integer or None (full factors), got {rank!r}.")
+        mc_samples = check_integer("mc_samples", mc_samples)
         if optimize_prior not in (None, "model", "layer", "expert"):
             raise ConfigurationError(
                 f"optimize_prior must be None, 'model', 'layer' or 'expert', got {optimize_prior!r}."
@@ -200,6 +209,15 @@ class KroneckerMAP(RouterAutoDelta, PosteriorPart):
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
         super()._setup_prototype(*args, **kwargs)
         targets = self.targets()  # refuses sites and priors it cannot cover, before any training
+        dropout = getattr(self.patch.sites, "dropout", 0.0)
+        if self.covers == "router" and dropout > 0:
+            # The logits are W (m * u) / (1 - p) with a fresh mask m in every pass, and m is no sample site:
+            # the likelihood of W is a mixture over masks, whose curvature is not a Kronecker product of one
+            # input factor, and prediction would stack the dropout noise on the Laplace draws.
+            raise ConfigurationError(
+                f"kron-laplace needs a deterministic router input, but the routers have MC dropout (dropout="
+                f"{dropout:g}): patch the routers without the 'dropout' option (or use the 'mc-dropout' family)."
+            )
         weight_prior = getattr(self.patch.sites, "weight", None)
         if weight_prior is not None and weight_prior.scale.mode != "fixed":
             raise ConfigurationError(

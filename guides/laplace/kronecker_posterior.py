@@ -237,38 +237,60 @@ def optimize_prior_precision(
     ``"expert"`` (one per block). The evidence separates over the parameters, so each is a
     one-dimensional bounded search over ``log tau``.
 
+    A block whose curvature is zero (an expert no token was routed to) has no evidence about its tau:
+    its exact evidence ``p(D)`` does not depend on its prior, and the Laplace terms' only dependence,
+    ``-tau/2 ||W_map - W0||^2``, would drive tau to the lower bound (a prior as wide as the bound allows)
+    merely because the mode is not a posterior mode of that prior. Such blocks are left out of the
+    objective, and a parameter that only such blocks share (an expert with ``per="expert"``, a layer
+    with no data) keeps its current tau; with ``per="layer"`` or ``"model"`` they take the tau the
+    other blocks of their layer (or model) chose.
+
     Raises:
-        ConfigurationError: unknown ``per``, or a prior mean equal to the mode: the evidence then
-            grows without bound in tau (give a prior mean such as zero, or choose tau on held-out data).
+        ConfigurationError: unknown ``per``, or a prior mean equal to the mode on the blocks with data of
+            some parameter: the evidence then grows without bound in its tau (give a prior mean such as
+            zero, or choose tau on held-out data).
     """
     if per not in ("model", "layer", "expert"):
         raise ConfigurationError(f"per must be 'model', 'layer' or 'expert', got {per!r}.")
     if not posteriors:
         raise ConfigurationError("no posterior to optimise.")
-    if all(bool((p.squared_distance() == 0).all()) for p in posteriors):
-        raise ConfigurationError(
-            "the prior mean equals the mode, so the log evidence grows without bound in the prior precision; "
-            "give a prior mean different from the fitted weights (e.g. prior_mean='zero'), or choose the prior "
-            "precision by validation NLL."
-        )
-    groups: list[list[tuple[KroneckerLaplace, slice]]]
+    groups: list[list[tuple[int, slice]]]
     if per == "model":
-        groups = [[(p, slice(None)) for p in posteriors]]
+        groups = [[(i, slice(None)) for i in range(len(posteriors))]]
     elif per == "layer":
-        groups = [[(p, slice(None))] for p in posteriors]
+        groups = [[(i, slice(None))] for i in range(len(posteriors))]
     else:
-        groups = [[(p, slice(b, b + 1))] for p in posteriors for b in range(p.blocks)]
-    low, high = math.log(bounds[0]), math.log(bounds[1])
+        groups = [[(i, slice(b, b + 1))] for i, p in enumerate(posteriors) for b in range(p.blocks)]
+    # (n,) per posterior: the blocks with nonzero curvature, i.e. with data.
+    informed = [p.eigenvalue_products().flatten(1).ne(0).any(-1) for p in posteriors]
+    searches = []
     for group in groups:
-        stats = [(p.squared_distance()[s], p.eigenvalue_products()[s]) for p, s in group]
+        stats = [
+            (
+                posteriors[i].squared_distance()[s][informed[i][s]],
+                posteriors[i].eigenvalue_products()[s][informed[i][s]],
+            )
+            for i, s in group
+        ]
+        if sum(len(d) for d, _ in stats) == 0:
+            continue  # no data: nothing to learn about this tau
+        if all(bool((d == 0).all()) for d, _ in stats):
+            raise ConfigurationError(
+                "the prior mean equals the mode, so the log evidence grows without bound in the prior precision; "
+                "give a prior mean different from the fitted weights (e.g. prior_mean='zero'), or choose the prior "
+                "precision by validation NLL."
+            )
+        searches.append((group, stats))
+    low, high = math.log(bounds[0]), math.log(bounds[1])
+    for group, stats in searches:
 
         def negative_evidence(log_tau: float, stats=stats) -> float:
             tau = math.exp(log_tau)
             return float(sum(0.5 * tau * d.sum() + 0.5 * torch.log1p(lam / tau).sum() for d, lam in stats))
 
         best = minimize_scalar(negative_evidence, bounds=(low, high), method="bounded", options={"xatol": 1e-6})
-        for p, s in group:
-            tau = p.prior_precision.clone()
+        for i, s in group:
+            tau = posteriors[i].prior_precision.clone()
             tau[s] = math.exp(best.x)
-            p.prior_precision = tau
+            posteriors[i].prior_precision = tau
     return [p.prior_precision for p in posteriors]

@@ -34,6 +34,7 @@ from torch import Tensor
 from pyro_moe.core.curvature_targets import captured_linear_maps
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.guides.laplace.kronecker_guide import KroneckerLaplaceGuide, site_targets
+from pyro_moe.validation import check_integer
 
 __all__ = ["LinearizedPrediction", "Link", "linearized_predict"]
 
@@ -78,9 +79,15 @@ def linearized_predict(
         posterior: the :class:`~pyro_moe.FittedPosterior`.
         input_ids, attention_mask: ``(batch, length)``.
         link: ``"probit"`` or ``"mc"``.
-        num_samples: logit draws for ``"mc"``.
-        seed: seeds the ``"mc"`` draws.
+        num_samples: logit draws for ``"mc"`` (a positive integer, checked for either link).
+        seed: seeds the ``"mc"`` draws (a non-negative integer).
+
+    Raises:
+        ConfigurationError: a posterior of another family, an unknown link, a bad ``num_samples`` or
+            ``seed``; all before any forward pass.
     """
+    num_samples = check_integer("num_samples", num_samples)
+    seed = check_integer("seed", seed, minimum=0)
     guide = posterior.guide.global_guide
     if not isinstance(guide, KroneckerLaplaceGuide):
         raise ConfigurationError("linearized_predict needs a fitted 'kron-laplace' or 'expert-laplace' posterior.")

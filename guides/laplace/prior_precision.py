@@ -13,18 +13,51 @@ Example::
 
 from __future__ import annotations
 
-import math
+import random
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import pyro
 import torch
 from torch import Tensor
 
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.guides.laplace.kronecker_guide import KroneckerLaplaceGuide
+from pyro_moe.random_streams import RandomState
+from pyro_moe.validation import check_integer, check_number
 
 __all__ = ["select_prior_precision"]
+
+
+def _check_batches(batches: Iterable[Mapping[str, Tensor]], choices: int) -> list[dict[str, Tensor]]:
+    """The batches as a list, each with ``input_ids`` and ``attention_mask`` ``(batch, length)`` and
+    integer ``labels`` ``(batch,)`` in ``[0, choices)``; refuses anything else."""
+    if isinstance(batches, Mapping):
+        raise ConfigurationError("batches must be an iterable of batches, got a single mapping.")
+    checked = []
+    for index, batch in enumerate(batches):
+        if not isinstance(batch, Mapping) or any(
+            not isinstance(batch.get(key), Tensor) for key in ("input_ids", "attention_mask", "labels")
+        ):
+            raise ConfigurationError(f"batch {index} must map input_ids, attention_mask and labels to tensors.")
+        input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+            raise ConfigurationError(
+                f"batch {index}: input_ids and attention_mask must share a (batch, length) shape, got "
+                f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}."
+            )
+        if labels.shape != input_ids.shape[:1] or labels.is_floating_point() or labels.dtype == torch.bool:
+            raise ConfigurationError(
+                f"batch {index}: labels must be integer indices of shape ({input_ids.shape[0]},), "
+                f"got {labels.dtype} {tuple(labels.shape)}."
+            )
+        if len(labels) and (labels.min() < 0 or labels.max() >= choices):
+            raise ConfigurationError(f"batch {index}: labels must lie in [0, {choices - 1}] (the answer choices).")
+        checked.append(dict(batch))
+    if not checked or not any(len(batch["labels"]) for batch in checked):
+        raise ConfigurationError("give at least one held-out batch with examples.")
+    return checked
 
 
 def select_prior_precision(
@@ -36,26 +69,39 @@ def select_prior_precision(
 ) -> tuple[float, dict[float, float]]:
     """Set every expert site's prior precision to the ``grid`` value with the lowest validation NLL.
 
+    Every argument is checked before any work. On any failure during the search (an error, an
+    interrupt) every site keeps the prior precision it had before the call.
+
     Args:
         posterior: a fitted ``expert-laplace`` :class:`~pyro_moe.FittedPosterior`.
-        batches: held-out batches (``input_ids``, ``attention_mask``, ``labels``).
-        grid: candidate precisions (positive).
-        num_samples: weight draws per prediction.
-        seed: seeds the draws (the same for every candidate); the global RNG state is restored.
+        batches: held-out batches (``input_ids``, ``attention_mask`` ``(batch, length)``, ``labels``
+            ``(batch,)``).
+        grid: candidate precisions (positive finite numbers).
+        num_samples: weight draws per prediction (a positive integer).
+        seed: seeds the draws (the same for every candidate; a non-negative integer). Python's, NumPy's
+            and torch's generators (the GPUs' too, where CUDA is in use) are restored afterwards, so the
+            caller's random streams go on as if the search had not run.
 
     Returns:
         The chosen ``tau`` and the mean NLL per candidate.
+
+    Raises:
+        ConfigurationError: a posterior of another family, an empty grid or a candidate that is not a
+            positive finite number, a bad ``num_samples`` or ``seed``, no batch or a malformed one.
     """
     guide = posterior.guide.global_guide
     if not isinstance(guide, KroneckerLaplaceGuide):
         raise ConfigurationError("select_prior_precision needs a fitted 'expert-laplace' posterior.")
-    candidates = [float(tau) for tau in grid]
-    if not candidates or any(not (0 < tau < math.inf) for tau in candidates):
-        raise ConfigurationError(f"grid must hold positive finite precisions, got {list(grid)!r}.")
-    batches = [dict(batch) for batch in batches]
-    if not batches or any("labels" not in batch for batch in batches):
-        raise ConfigurationError("give at least one held-out batch, each with labels.")
-    state = torch.get_rng_state()
+    if isinstance(grid, str | bytes) or not isinstance(grid, Iterable):
+        raise ConfigurationError(f"grid must be a list of positive finite precisions, got {grid!r}.")
+    candidates = [check_number(f"grid[{i}]", tau) for i, tau in enumerate(grid)]
+    if not candidates:
+        raise ConfigurationError("grid must hold at least one positive finite precision, got none.")
+    num_samples = check_integer("num_samples", num_samples)
+    seed = check_integer("seed", seed, minimum=0)
+    batches = _check_batches(batches, len(posterior.likelihood.answer_token_ids))
+    previous = {name: tau.clone() for name, tau in guide.prior_precisions().items()}
+    states = RandomState.current(), random.getstate(), np.random.get_state()
     scores: dict[float, float] = {}
     try:
         for tau in candidates:
@@ -68,8 +114,14 @@ def select_prior_precision(
                 total -= float(probs.gather(-1, labels[:, None]).clamp_min(1e-12).log().sum())
                 count += len(labels)
             scores[tau] = total / count
+        best = min(scores, key=scores.__getitem__)
+        guide.set_prior_precision(dict.fromkeys(guide.site_names, best))
+    except BaseException:
+        guide.set_prior_precision(previous)
+        raise
     finally:
-        torch.set_rng_state(state)
-    best = min(scores, key=scores.__getitem__)
-    guide.set_prior_precision(dict.fromkeys(guide.site_names, best))
+        torch_state, python_state, numpy_state = states
+        torch_state.restore()
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
     return best, scores

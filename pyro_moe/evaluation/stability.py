@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from pyro_moe.core.families import find_moe_routers
 from pyro_moe.errors import ConfigurationError
+from pyro_moe.validation import check_integer, check_number
 
 __all__ = [
     "DEFAULT_GAMMA",
@@ -138,20 +139,25 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _batch_tensors(batch: Mapping[str, Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
+def _batch_tensors(batch: Mapping[str, Tensor], index: int) -> tuple[Tensor, Tensor]:
+    """``input_ids`` and ``attention_mask`` ``(batch, length)`` of batch ``index`` (a mask of ones when it has
+    none); refuses anything else."""
     if not isinstance(batch, Mapping) or "input_ids" not in batch:
-        raise ConfigurationError("every batch must be a mapping with 'input_ids' (and 'attention_mask').")
+        raise ConfigurationError(
+            f"batch {index}: every batch must be a mapping with 'input_ids' (and 'attention_mask')."
+        )
     input_ids = batch["input_ids"]
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
-        raise ConfigurationError("input_ids must be a (batch, length) tensor.")
+        raise ConfigurationError(f"batch {index}: input_ids must be a (batch, length) tensor.")
     attention_mask = batch.get("attention_mask")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    if attention_mask.shape != input_ids.shape:
+    if not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape:
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
         raise ConfigurationError(
-            f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids {tuple(input_ids.shape)}."
+            f"batch {index}: attention_mask shape {shape} differs from input_ids {tuple(input_ids.shape)}."
         )
-    return input_ids.to(device), attention_mask.to(device)
+    return input_ids, attention_mask
 
 
 @torch.no_grad()
@@ -212,23 +218,35 @@ def routing_stability(
         model: an HF MoE causal LM, plain or patched.
         batches: mappings with ``input_ids`` ``(batch, length)`` and ``attention_mask`` (e.g. from
             :func:`pyro_moe.data.mcqa_batches`; other keys are ignored).
-        gammas: noise standard deviations (non-negative); 0 compares a router with itself.
-        seed: seed of the noise.
+        gammas: noise standard deviations (non-negative); 0 compares two calls of a router on the same
+            input: 1 unless the router draws per call (per-token logits, dropout, Sample-K).
+        seed: seed of the noise (a non-negative integer).
 
     Returns:
         The per-router, per-gamma, per-token similarities.
+
+    Raises:
+        ConfigurationError: no gamma or one that is not a finite number >= 0, a bad ``seed``, no batch or
+            a malformed one; all before any forward pass.
+        NoMoELayersError: the model has no MoE router.
     """
-    gammas = tuple(float(g) for g in gammas)
-    if not gammas or not all(math.isfinite(g) and g >= 0 for g in gammas):
+    if isinstance(gammas, str | bytes) or not isinstance(gammas, Iterable):
         raise ConfigurationError(f"gammas must be a non-empty list of finite non-negative numbers, got {gammas!r}.")
+    gammas = tuple(check_number(f"gammas[{i}]", g, inclusive=True) for i, g in enumerate(gammas))
+    if not gammas:
+        raise ConfigurationError("gammas must be a non-empty list of finite non-negative numbers, got none.")
+    seed = check_integer("seed", seed, minimum=0)
+    if isinstance(batches, Mapping):
+        raise ConfigurationError("batches must be an iterable of batches, got a single mapping.")
+    checked = [_batch_tensors(batch, index) for index, batch in enumerate(batches)]  # all before any forward pass
+    if not checked:
+        raise ConfigurationError("batches is empty: pass at least one batch.")
     locations = find_moe_routers(model)
     device = _model_device(model)
     generator = torch.Generator(device=device).manual_seed(seed)
     per_router: list[list[list[Tensor]]] = [[[] for _ in gammas] for _ in locations]
-    total = len(batches) if isinstance(batches, Sequence) else None
-    for batch in tqdm(batches, desc="routing stability", total=total, leave=False):
-        input_ids, attention_mask = _batch_tensors(batch, device)
-        inputs = router_inputs(model, input_ids, attention_mask)
+    for input_ids, attention_mask in tqdm(checked, desc="routing stability", leave=False):
+        inputs = router_inputs(model, input_ids.to(device), attention_mask.to(device))
         with torch.no_grad():
             for i, location in enumerate(locations):
                 router, hidden = model.get_submodule(location.path), inputs[location.path]
@@ -237,8 +255,6 @@ def routing_stability(
                 for j, gamma in enumerate(gammas):
                     noisy = router((hidden.float() + gamma * noise).to(hidden.dtype))[2]
                     per_router[i][j].append(jaccard(clean, noisy).cpu())
-    if not per_router[0][0]:
-        raise ConfigurationError("batches is empty: pass at least one batch.")
     values = torch.stack([torch.stack([torch.cat(chunks) for chunks in router]) for router in per_router])
     return RoutingStability(
         layers=tuple(loc.layer_index for loc in locations),

@@ -6,6 +6,15 @@ search) over ``log T``, so ``T`` stays positive. ``T > 1`` softens an overconfid
 sharpens an underconfident one; the predicted choice never changes, so accuracy is unchanged.
 It is the cheap post-hoc baseline every Bayesian family is compared with.
 
+The mean NLL is convex in ``beta = 1/T``, with slope ``mean_n(E_softmax(beta z_n)[z_n] - z_ny)``. At
+``beta = 0`` the slope is ``mean_n(mean_c z_nc - z_ny)`` and as ``beta -> inf`` it tends to
+``mean_n(max_c z_nc - z_ny) >= 0``, so a finite ``T > 0`` of least NLL exists exactly when the labels'
+logits are on average above the mean logit and some label is not ranked first. Otherwise ``T``
+diverges: to infinity when the logits carry no signal about the labels (then ``T = inf`` is returned,
+whose probabilities are uniform: the exact infimum of the NLL, ``log(choices)``), or to 0 when every
+label is ranked first (then the fit is refused: the limit is a hard argmax with infinite NLL on the
+first mistake).
+
 Example::
 
     from pyro_moe.evaluation.temperature_scaling import fit_temperature
@@ -57,7 +66,7 @@ class TemperatureScaling:
     """A fitted temperature.
 
     Attributes:
-        temperature: ``T`` (positive).
+        temperature: ``T`` (positive; ``inf`` when the calibration logits carry no signal).
         calibration_nll: mean NLL on the calibration data at ``T``.
         unscaled_nll: mean NLL on the calibration data at ``T = 1``.
     """
@@ -93,7 +102,8 @@ def fit_temperature(
 
     Raises:
         ConfigurationError: empty or non-finite logits, labels of the wrong shape or outside the
-            choices, a non-positive starting temperature.
+            choices, a non-positive starting temperature; every label ranked first (the NLL has no
+            minimum: ``T -> 0``, see the module docstring).
     """
     logits = _check_logits(logits)
     if not isinstance(labels, Tensor) or labels.shape != logits.shape[:1] or labels.is_floating_point():
@@ -106,6 +116,18 @@ def fit_temperature(
     start = _check_temperature(initial_temperature)
     logits = logits.detach().double()
     labels = labels.to(logits.device, torch.long)
+    label_logits = logits.gather(-1, labels[:, None]).squeeze(-1)  # (examples,)
+    if bool((label_logits == logits.max(-1).values).all()):
+        raise ConfigurationError(
+            "the temperature diverges to 0: the logits rank every calibration label first, so the NLL falls "
+            "towards 0 as T -> 0 and has no minimum; calibrate on data the model gets wrong sometimes."
+        )
+    if float((logits.mean(-1) - label_logits).mean()) >= 0:  # no signal: the NLL falls as T -> inf
+        return TemperatureScaling(
+            temperature=math.inf,
+            calibration_nll=math.log(logits.shape[1]),
+            unscaled_nll=scaled_nll(logits, labels, 1.0).item(),
+        )
     log_temperature = torch.tensor(math.log(start), dtype=torch.float64, device=logits.device, requires_grad=True)
     optimizer = torch.optim.LBFGS(
         [log_temperature], lr=1.0, max_iter=max_iter, tolerance_grad=1e-10, line_search_fn="strong_wolfe"
@@ -120,10 +142,6 @@ def fit_temperature(
     with torch.enable_grad():
         optimizer.step(closure)
     temperature = log_temperature.detach().exp().item()
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ConfigurationError(
-            f"the temperature diverged ({temperature}); the logits separate the labels perfectly or carry no signal."
-        )
     with torch.no_grad():
         fitted = scaled_nll(logits, labels, temperature).item()
         unscaled = scaled_nll(logits, labels, 1.0).item()

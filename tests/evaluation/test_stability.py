@@ -146,13 +146,47 @@ def test_susceptible_layers_bad_arguments() -> None:
         susceptible_layers(result, k=3)
 
 
-def test_routing_stability_bad_arguments() -> None:
+@pytest.mark.parametrize(
+    ("arguments", "match"),
+    [
+        ({"gammas": (0.01, -0.1)}, r"gammas\[1\] must be a finite number >= 0, got -0.1"),
+        ({"gammas": (float("nan"),)}, r"gammas\[0\] must be a finite number >= 0, got nan"),
+        ({"gammas": (True,)}, r"gammas\[0\] must be a finite number >= 0, got True"),
+        ({"gammas": ("0.1",)}, r"gammas\[0\] must be a finite number >= 0"),
+        ({"gammas": ()}, "gammas must be a non-empty list"),
+        ({"gammas": 0.1}, "gammas must be a non-empty list"),
+        ({"seed": -1}, "seed must be a non-negative integer, got -1"),
+        ({"seed": "3"}, "seed must be a non-negative integer"),
+        ({"batches": []}, "batches is empty"),
+        ({"batches": {"input_ids": torch.zeros(1, 2, dtype=torch.long)}}, "got a single mapping"),
+        ({"batches": "second without input_ids"}, r"batch 1: every batch must be a mapping with 'input_ids'"),
+        ({"batches": "second 1-D"}, r"batch 1: input_ids must be a \(batch, length\) tensor"),
+        ({"batches": "second short mask"}, r"batch 1: attention_mask shape \(2, 5\) differs from input_ids \(2, 6\)"),
+    ],
+)
+def test_routing_stability_refuses_bad_arguments_before_any_forward_pass(arguments, match) -> None:
+    """Each bad argument gets an error naming it and what it got, before the model runs at all (a bad second
+    batch is not found after the first one's forward pass)."""
     model = tiny_model("granitemoe")
-    with pytest.raises(ConfigurationError, match="non-negative"):
-        routing_stability(model, _batches(), gammas=(-0.1,))
-    with pytest.raises(ConfigurationError, match="batches is empty"):
-        routing_stability(model, [])
-    with pytest.raises(ConfigurationError, match="input_ids"):
-        routing_stability(model, [{"ids": torch.zeros(1, 2, dtype=torch.long)}])
+    batches = _batches()
+    change = arguments.get("batches")
+    if change == "second without input_ids":
+        batches[1] = {"ids": batches[1]["input_ids"]}
+    elif change == "second 1-D":
+        batches[1]["input_ids"] = batches[1]["input_ids"][0]
+    elif change == "second short mask":
+        batches[1]["attention_mask"] = batches[1]["attention_mask"][:, 1:]
+    elif change is not None:
+        batches = change
+    options = {k: v for k, v in arguments.items() if k != "batches"}
+    calls = []
+    hook = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    with pytest.raises(ConfigurationError, match=match):
+        routing_stability(model, batches, **options)
+    hook.remove()
+    assert calls == []
+
+
+def test_routing_stability_of_a_dense_model_is_refused() -> None:
     with pytest.raises(pyro_moe.NoMoELayersError):
         routing_stability(tiny_dense_model(), _batches())

@@ -70,3 +70,37 @@ def test_bad_input_is_refused_with_a_clear_error():
         fit_temperature(logits, labels + 4)
     with pytest.raises(ConfigurationError, match="positive and finite"):
         fit_temperature(logits, labels, initial_temperature=-1.0)
+
+
+def test_perfectly_separated_labels_are_refused_as_a_temperature_diverging_to_zero():
+    """Every label ranked first: the NLL falls towards 0 as T -> 0 (checked on the numpy grid), no minimum."""
+    logits, _ = _synthetic(1.0, examples=50)
+    labels = logits.argmax(-1)
+    grid = np.array([1.0, 0.1, 0.01, 0.001])
+    assert np.all(np.diff(_grid_nll(logits.double().numpy(), labels.numpy(), grid)) < 0)
+    with pytest.raises(ConfigurationError, match="diverges to 0"):
+        fit_temperature(logits, labels)
+
+
+def test_labels_without_signal_give_an_infinite_temperature_and_uniform_probabilities():
+    """Every label ranked last: the NLL falls towards log(choices) as T -> inf (the numpy grid), no minimum;
+    the fit returns that limit exactly."""
+    logits, _ = _synthetic(1.0, examples=50)
+    labels = logits.argmin(-1)
+    grid = np.array([1.0, 10.0, 100.0, 10000.0])
+    nll = _grid_nll(logits.double().numpy(), labels.numpy(), grid)
+    assert np.all(np.diff(nll) < 0) and nll[-1] == pytest.approx(np.log(4), abs=1e-3)
+    scaling = fit_temperature(logits, labels)
+    assert scaling.temperature == float("inf")
+    assert scaling.calibration_nll == pytest.approx(np.log(4), rel=1e-12)
+    assert scaling.unscaled_nll == pytest.approx(_grid_nll(logits.double().numpy(), labels.numpy(), grid)[0])
+    torch.testing.assert_close(scaling.probs(logits), torch.full((50, 4), 0.25))
+
+
+def test_one_misranked_label_gives_a_finite_optimum():
+    """The boundary case next to perfect separation: an interior minimum, which the fit finds."""
+    logits, _ = _synthetic(1.0, examples=50)
+    labels = logits.argmax(-1)
+    labels[0] = logits[0].argmin()
+    scaling = fit_temperature(logits, labels)
+    assert scaling.temperature == pytest.approx(_grid_optimum(logits, labels), rel=2e-4)

@@ -40,7 +40,11 @@ def test_deterministic_entry_susceptible_layers_and_posteriors(tmp_path):
     written = json.loads(paths["metrics"].read_text())
     assert written["susceptible_layers"] == results.susceptible
     assert len(written["rows"]) == 3 * len(direct.layers) * len(GAMMAS)
-    assert f"**{results.susceptible}**" in paths["report"].read_text()
+    report = paths["report"].read_text()
+    assert f"**{results.susceptible}**" in report
+    # the report says what the gamma 0 column measured: 1 for the weight sites, per-call draws otherwise
+    assert "gamma 0 column is 1 for weight-site families" in report
+    assert "independent selections" not in report
     names = [f"stability_{name}.png" for name in ("deterministic", "mean-field", "mfvr")]
     assert [path.name for path in paths["plots"]] == names
     for path in paths["plots"]:

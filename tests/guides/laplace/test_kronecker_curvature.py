@@ -362,3 +362,44 @@ def test_mc_fisher_averages_to_the_exact_fisher():
         drawn.curvature[targets[0].name].input_factors[0].dense(),
         exact.curvature[targets[0].name].input_factors[0].dense(),
     )
+
+
+def stationary_precision(squared_distance: float, products: torch.Tensor) -> float:
+    """The root in tau of the evidence's derivative, ``sum lam / (tau (tau + lam)) = ||W_map - W0||^2``
+    (scipy's brentq on the closed form, independent of the optimiser under test)."""
+    from scipy.optimize import brentq
+
+    lam = products.reshape(-1).tolist()
+    return brentq(lambda t: sum(v / (t * (t + v)) for v in lam) - squared_distance, 1e-8, 1e8, xtol=1e-12)
+
+
+@pytest.mark.parametrize("per", ["expert", "layer"])
+def test_an_expert_without_data_keeps_its_prior_precision(per):
+    posterior = random_posterior(blocks=3, tau=50.0)
+    posterior.input_values[1] = 0.0  # expert 1 saw no token: A = 0
+    taus = optimize_prior_precision([posterior], per=per)[0]
+    products = posterior.eigenvalue_products()
+    distance = posterior.squared_distance()
+    if per == "expert":
+        assert float(taus[1]) == 50.0
+        for b in (0, 2):
+            assert float(taus[b]) == pytest.approx(stationary_precision(float(distance[b]), products[b]), rel=1e-4)
+    else:  # one tau for the layer, from the experts with data only
+        reference = stationary_precision(float(distance[[0, 2]].sum()), products[[0, 2]])
+        torch.testing.assert_close(taus, torch.full((3,), reference, dtype=torch.float64), rtol=1e-4, atol=0)
+
+
+def test_a_layer_without_data_keeps_its_prior_precision():
+    posterior, empty = random_posterior(tau=3.0), random_posterior(seed=1, tau=7.0)
+    empty.output_values.zero_()  # G = 0: no gradient reached the layer
+    taus = optimize_prior_precision([posterior, empty], per="layer")
+    assert taus[1].tolist() == [7.0, 7.0]
+    assert float(taus[0][0]) != 3.0
+
+
+def test_prior_mean_at_the_mode_of_one_layer_is_refused_before_any_change():
+    at_mode, away = random_posterior(tau=2.0), random_posterior(seed=1, tau=2.0)
+    at_mode.prior_mean = at_mode.mean
+    with pytest.raises(ConfigurationError, match="grows without bound"):
+        optimize_prior_precision([away, at_mode], per="layer")
+    assert away.prior_precision.tolist() == [2.0, 2.0]

@@ -159,8 +159,10 @@ def test_bad_input():
     handle.unpatch()
     with pytest.raises(ConfigurationError, match="steps must be a positive integer"):
         fit(patch_routers(model, {"weight": 0.3}, layers=[1]), batches, "map", answer_token_ids=ANSWERS, steps=0)
+    inputs = {"input_ids": batches[0]["input_ids"], "attention_mask": batches[0]["attention_mask"]}
     for options, match in (({"rank": 0}, "rank"), ({"fisher": "hessian"}, "Fisher"), ({"optimize_prior": "x"}, "opt")):
         model = tiny_model("granitemoe")
+        reference = model(**inputs).logits  # the HF model before patching
         handle = patch_experts(model, layers=[1])
         with pytest.raises(ConfigurationError, match=match):
             fit(
@@ -171,8 +173,13 @@ def test_bad_input():
                 steps=0,
                 guide_options={"expert-laplace": options},
             )
-        assert "forward" not in model.model.layers[1].block_sparse_moe.experts.__dict__ or handle.active
+        # a refused fit leaves the model as it was: patched, at its prior mean the HF model; unpatched, the HF model
+        assert handle.active and "forward" in model.model.layers[1].block_sparse_moe.experts.__dict__
+        with at_prior_mean():
+            torch.testing.assert_close(model(**inputs).logits, reference)
         handle.unpatch()
+        assert "forward" not in model.model.layers[1].block_sparse_moe.experts.__dict__
+        torch.testing.assert_close(model(**inputs).logits, reference)
     with pytest.raises(ConfigurationError, match="prior_precision"):
         patch_experts(tiny_model("granitemoe"), prior_precision=0.0)
     handle = patch_experts(tiny_model("granitemoe"), layers=[1])
@@ -259,16 +266,101 @@ def test_linearized_predictive_covariance_equals_the_dense_jacobian_sandwich():
         return out.logits[:, -1, ANSWERS]
 
     jacobians = jacrev(answer_logits, argnums=tuple(range(len(names))))(*weights.values())  # per site (B, C, E, H, I)
-    expected = torch.zeros(3, 4, 4, dtype=torch.float64)
-    for name, jacobian in zip(names, jacobians, strict=True):
-        precision = posterior.guide.global_guide.posteriors()[name].dense_precision()  # (E, HI, HI)
-        flat = jacobian.reshape(3 * 4, 4, -1).transpose(0, 1)  # (E, B*C, HI)
-        solved = torch.linalg.solve(precision, flat.transpose(1, 2))  # (E, HI, B*C)
-        expected += (flat @ solved).sum(0).reshape(3, 4, 3, 4).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+
+    def sandwich() -> torch.Tensor:
+        """``J Sigma J^T`` ``(B, C, C)`` with the dense covariance of the current posteriors."""
+        expected = torch.zeros(3, 4, 4, dtype=torch.float64)
+        for name, jacobian in zip(names, jacobians, strict=True):
+            precision = posterior.guide.global_guide.posteriors()[name].dense_precision()  # (E, HI, HI)
+            flat = jacobian.reshape(3 * 4, 4, -1).transpose(0, 1)  # (E, B*C, HI)
+            solved = torch.linalg.solve(precision, flat.transpose(1, 2))  # (E, HI, B*C)
+            expected += (flat @ solved).sum(0).reshape(3, 4, 3, 4).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+        return expected
+
+    expected = sandwich()
     torch.testing.assert_close(prediction.covariance, expected, rtol=1e-8, atol=1e-12)
     variance = expected.diagonal(dim1=-2, dim2=-1)
     probit = torch.softmax(answer_logits(*weights.values()) / (1 + torch.pi / 8 * variance).sqrt(), -1)
     torch.testing.assert_close(prediction.probs, probit.float())
-    mc = linearized_predict(posterior, batch["input_ids"], batch["attention_mask"], link="mc", num_samples=4000)
-    torch.testing.assert_close(mc.probs.sum(-1), torch.ones(3))
+    # "mc": the mean softmax over N(f, J Sigma J^T), against 800,000 draws of the dense reference covariance
+    # (a wide prior, tau = 1e-4, so that the logits' spread moves the answer probabilities)
+    posterior.guide.global_guide.set_prior_precision(dict.fromkeys(names, 1e-4))
+    expected = sandwich()
+    mc = linearized_predict(posterior, batch["input_ids"], batch["attention_mask"], link="mc", num_samples=200_000)
+    values, vectors = torch.linalg.eigh(expected)  # (B, C), (B, C, C)
+    noise = torch.randn(800_000, 3, 4, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    draws = answer_logits(*weights.values()) + (vectors @ (values.clamp_min(0).sqrt()[..., None] * noise)).squeeze(-1)
+    softmaxes = draws.softmax(-1)  # (S, B, C)
+    standard_error = softmaxes.std(0) * (1 / 200_000 + 1 / 800_000) ** 0.5
+    assert float(((mc.probs.double() - softmaxes.mean(0)).abs() / standard_error).max()) < 5.0
+    # the draws matter: the reference is away from the softmax at the mean by many standard errors
+    plain = answer_logits(*weights.values()).softmax(-1)
+    assert float(((plain - softmaxes.mean(0)).abs() / standard_error).max()) > 30.0
+    handle.unpatch()
+
+
+def test_linearized_predict_refuses_bad_num_samples_and_seed_before_any_forward_pass():
+    model = small_granite()
+    batch = dict(tiny_batches(1, size=2)[0])
+    batch["attention_mask"] = torch.ones_like(batch["attention_mask"])  # eager attention: no padding
+    handle = patch_experts(model, layers=[1], prior_precision=3.0)
+    posterior = fit(handle, [batch], "expert-laplace", answer_token_ids=ANSWERS, steps=0, progress=False)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    for options, match in (
+        ({"num_samples": 0}, "num_samples must be a positive integer, got 0"),
+        ({"num_samples": -3}, "num_samples must be a positive integer"),
+        ({"num_samples": 2.5}, "num_samples must be a positive integer"),
+        ({"num_samples": True}, "num_samples must be a positive integer"),
+        ({"seed": -1}, "seed must be a non-negative integer"),
+        ({"seed": "0"}, "seed must be a non-negative integer"),
+    ):
+        with pytest.raises(ConfigurationError, match=match):
+            linearized_predict(posterior, batch["input_ids"], batch["attention_mask"], link="mc", **options)
+    assert calls == []
+    hook.remove()
+    handle.unpatch()
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"mc_samples": 0}, "mc_samples must be a positive integer, got 0"),
+        ({"mc_samples": 1.5}, "mc_samples must be a positive integer"),
+        ({"mc_samples": True}, "mc_samples must be a positive integer"),
+        ({"rank": 0}, "rank must be a positive integer"),
+        ({"tokens": "first"}, "token selections"),
+    ],
+)
+def test_kronecker_options_are_refused_before_the_map_stage_runs(options, match):
+    model = tiny_model("granitemoe")
+    batches = tiny_batches(1)
+    handle = patch_routers(model, {"weight": 0.3}, layers=[1])
+    calls = []
+    hook = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    with pytest.raises(ConfigurationError, match=match):
+        fit(
+            handle,
+            batches,
+            "kron-laplace",
+            answer_token_ids=ANSWERS,
+            steps=3,
+            progress=False,
+            guide_options={"kron-laplace": options},
+        )
+    # one forward pass: RouterGuide.setup's trace of the sites, which builds the guide; no SVI step
+    assert calls == [1]
+    hook.remove()
+    handle.unpatch()
+
+
+def test_kron_laplace_refuses_router_dropout_before_the_map_stage_runs():
+    model = tiny_model("granitemoe")
+    handle = patch_routers(model, {"weight": 0.3, "dropout": 0.2}, layers=[1])
+    calls = []
+    hook = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    with pytest.raises(ConfigurationError, match=r"deterministic router input.*dropout=0.2.*'dropout' option"):
+        fit(handle, tiny_batches(1), "kron-laplace", answer_token_ids=ANSWERS, steps=3, progress=False)
+    assert calls == [1, 1]  # RouterGuide.setup's trace of the sites and the guide's prototype trace; no SVI step
+    hook.remove()
     handle.unpatch()
