@@ -8,7 +8,7 @@ weights built in code. Every case reads out the last position (as ``predict`` do
 * ``separate passes``: S=32 ordinary forward passes of the patched model, one per sample;
 * ``model-average``: S=16 joint samples in one batch, all layers Bayesian;
 * ``model-average, last 2``: S=16, only the last two layers Bayesian, the prefix shared;
-* both model-average cases again with 4 samples folded per pass (``samples_per_pass=4``).
+* both model-average cases again with 4 samples folded per pass (``max_samples_per_pass=4``).
 
 Writes ``runs/bench/routing.json`` and ``runs/bench/routing.md`` and prints the table.
 
@@ -97,13 +97,13 @@ def main() -> None:
                 all_handle, input_ids, mask, num_samples=SAMPLES_MODEL
             ),
             f"model-average, S={SAMPLES_MODEL}, all layers, {PER_PASS} samples per pass": lambda: predict(
-                all_handle, input_ids, mask, num_samples=SAMPLES_MODEL, samples_per_pass=PER_PASS
+                all_handle, input_ids, mask, num_samples=SAMPLES_MODEL, max_samples_per_pass=PER_PASS
             ),
             f"model-average, S={SAMPLES_MODEL}, last 2 layers, prefix shared": lambda: predict(
                 last_handle, input_ids, mask, num_samples=SAMPLES_MODEL
             ),
             f"model-average, S={SAMPLES_MODEL}, last 2 layers, prefix shared, {PER_PASS} samples per pass": (
-                lambda: predict(last_handle, input_ids, mask, num_samples=SAMPLES_MODEL, samples_per_pass=PER_PASS)
+                lambda: predict(last_handle, input_ids, mask, num_samples=SAMPLES_MODEL, max_samples_per_pass=PER_PASS)
             ),
         },
         args.repeats,

@@ -8,24 +8,10 @@ Example::
     handle.unpatch()
 """
 
-from pyro_moe.core.families import FAMILIES, RouterFamily, RouterLocation, find_moe_routers, register_family
-from pyro_moe.core.handlers import PriorMeanMessenger, at_prior_mean
-from pyro_moe.core.readout import last_positions, last_token_logits
-from pyro_moe.core.routing_context import PARTICLE_DIM, TOKEN_DIM, PredictiveMode, routing_context
-from pyro_moe.errors import (
-    ConfigurationError,
-    LayerSelectionError,
-    NoMoELayersError,
-    PyroMoEError,
-    UnsupportedFamilyError,
-)
-from pyro_moe.guides.family import FamilyPreset, GuideFamily, GuideScope, PosteriorPart
-from pyro_moe.guides.registry import GUIDE_FAMILIES, register_guide
-from pyro_moe.inference.fitting import FittedPosterior, fit
-from pyro_moe.inference.options import TrainingOptions
-from pyro_moe.inference.predictive import RoutedPrediction, predict
-from pyro_moe.models.expert_patch import ExpertPatch, patch_experts
-from pyro_moe.models.router_patch import RouterPatch, patch_routers
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __all__ = [
     "FAMILIES",
@@ -62,3 +48,53 @@ __all__ = [
     "register_guide",
     "routing_context",
 ]
+
+_EXPORTS: dict[str, str] = {
+    "ConfigurationError": "pyro_moe.errors",
+    "ExpertPatch": "pyro_moe.models.expert_patch",
+    "FAMILIES": "pyro_moe.core.families",
+    "FamilyPreset": "pyro_moe.guides.family",
+    "FittedPosterior": "pyro_moe.inference.fitting",
+    "GUIDE_FAMILIES": "pyro_moe.guides.registry",
+    "GuideFamily": "pyro_moe.guides.family",
+    "GuideScope": "pyro_moe.guides.family",
+    "LayerSelectionError": "pyro_moe.errors",
+    "NoMoELayersError": "pyro_moe.errors",
+    "PARTICLE_DIM": "pyro_moe.core.routing_context",
+    "PosteriorPart": "pyro_moe.guides.family",
+    "PredictiveMode": "pyro_moe.core.routing_context",
+    "PriorMeanMessenger": "pyro_moe.core.handlers",
+    "PyroMoEError": "pyro_moe.errors",
+    "RoutedPrediction": "pyro_moe.inference.predictive",
+    "RouterFamily": "pyro_moe.core.families",
+    "RouterLocation": "pyro_moe.core.families",
+    "RouterPatch": "pyro_moe.models.router_patch",
+    "TOKEN_DIM": "pyro_moe.core.routing_context",
+    "TrainingOptions": "pyro_moe.inference.options",
+    "UnsupportedFamilyError": "pyro_moe.errors",
+    "at_prior_mean": "pyro_moe.core.handlers",
+    "find_moe_routers": "pyro_moe.core.families",
+    "fit": "pyro_moe.inference.fitting",
+    "last_positions": "pyro_moe.core.readout",
+    "last_token_logits": "pyro_moe.core.readout",
+    "patch_experts": "pyro_moe.models.expert_patch",
+    "patch_routers": "pyro_moe.models.router_patch",
+    "predict": "pyro_moe.inference.predictive",
+    "register_family": "pyro_moe.core.families",
+    "register_guide": "pyro_moe.guides.registry",
+    "routing_context": "pyro_moe.core.routing_context",
+}
+"""The module of every public name: imported on first access (PEP 562), so that ``import pyro_moe``
+and the command line's ``--help`` do not load torch, Pyro and transformers."""
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pyro_moe' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

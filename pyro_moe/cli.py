@@ -38,25 +38,21 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.distributed as dist
-from torch import Tensor, nn
-
-from pyro_moe.core.families import find_moe_routers
-from pyro_moe.data import MCQAExample, load_mcqa
-from pyro_moe.distributed import DEFAULT_TIMEOUT, DataParallel, init_distributed
 from pyro_moe.errors import DataError, DistributedError, PyroMoEError
-from pyro_moe.guides.registry import GUIDE_FAMILIES, parse_guide
-from pyro_moe.inference.fitting import FittedPosterior
-from pyro_moe.models.priors import PRIOR_FAMILIES, prior_family
+from pyro_moe.validation import check_integer, check_number
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch, transformers and the library load on first use: --help and bad input answer at once
+    from torch import Tensor, nn
+
+    from pyro_moe.data import MCQAExample
+    from pyro_moe.distributed import DataParallel
     from pyro_moe.experiments.stability import StabilityResults
+    from pyro_moe.inference.fitting import FittedPosterior
 
 __all__ = ["DATA_PARALLEL_COMMANDS", "EXIT_BAD_INPUT", "EXIT_DISTRIBUTED", "build_parser", "main"]
 
@@ -65,7 +61,8 @@ EXIT_DISTRIBUTED = 1
 """Exit code of a data-parallel run whose collective failed (another process died or hung)."""
 DATA_PARALLEL_COMMANDS = ("fit", "laplace")
 LOG_NAME = "pyro-moe.log"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("bfloat16", "float16", "float32")
+"""``--dtype`` choices (names of torch dtypes)."""
 CALIBRATION_FRACTION = 4
 """With one ``--data`` file, ``evaluate`` fits temperature scaling on its first quarter and measures on the rest."""
 
@@ -81,6 +78,27 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+def _integer(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= ``minimum``, refused at parsing (exit 2, one line)."""
+
+    def parse(text: str) -> int:
+        try:
+            return check_integer("the value", int(text), minimum=minimum)
+        except (ValueError, PyroMoEError):
+            accepted = {1: "a positive integer", 0: "a non-negative integer"}.get(minimum, f"an integer >= {minimum}")
+            raise argparse.ArgumentTypeError(f"must be {accepted}, got {text!r}") from None
+
+    return parse
+
+
+def _positive_number(text: str) -> float:
+    """An argparse ``type``: a finite number > 0."""
+    try:
+        return check_number("the value", float(text))
+    except (ValueError, PyroMoEError):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -127,7 +145,11 @@ def join_process_group(args: argparse.Namespace) -> DataParallel | None:
             "--device-map spreads one model over every GPU, but a launcher started several processes: run one "
             "process with --device-map, or data-parallel processes with --device cuda (one GPU each)."
         )
-    parallel = init_distributed(timeout=args.timeout)
+    import torch
+
+    from pyro_moe.distributed import init_distributed
+
+    parallel = init_distributed(**({} if args.timeout is None else {"timeout": args.timeout}))
     if parallel is not None and args.device == "cuda" and torch.cuda.is_available():
         args.device = f"cuda:{torch.cuda.current_device()}"
     return parallel
@@ -141,10 +163,13 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, Any, dict[str, list
 
         loaded = load_benchmark(device=args.device or "cpu")
         return loaded.model, loaded.tokenizer, {name: list(split) for name, split in loaded.benchmark.splits.items()}
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from pyro_moe.core.families import find_moe_routers
+
     _check_path(args.model, "model")
-    options: dict[str, Any] = {"dtype": DTYPES[args.dtype], "trust_remote_code": args.trust_remote_code}
+    options: dict[str, Any] = {"dtype": getattr(torch, args.dtype), "trust_remote_code": args.trust_remote_code}
     if args.device_map is not None:
         options["device_map"] = args.device_map
     try:
@@ -165,6 +190,8 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, Any, dict[str, list
 
 
 def _examples(source: str, split: str | None) -> list[MCQAExample]:
+    from pyro_moe.data import load_mcqa
+
     _check_path(source, "data")
     return list(load_mcqa(source, split=split))
 
@@ -208,6 +235,8 @@ def parse_sites(args: argparse.Namespace) -> dict[str, Any] | None:
             ) from None
         sites = dict(parsed)
     if args.prior is not None:
+        from pyro_moe.models.priors import prior_family
+
         prior_family(args.prior)  # unknown names: ConfigurationError listing PRIOR_FAMILIES
         if sites is None:
             raise BadInput("--prior needs --sites (the sites whose prior family it sets), e.g. --sites logits.")
@@ -225,6 +254,8 @@ def parse_sites(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def check_guides(names: Sequence[str]) -> list[str]:
     """Every guide name parses against the registry (errors list the registered names)."""
+    from pyro_moe.guides.registry import parse_guide
+
     for name in names:
         parse_guide(name)
     return list(names)
@@ -318,6 +349,8 @@ def run_stability(args: argparse.Namespace) -> None:
 def run_fit(args: argparse.Namespace) -> None:
     """``fit`` and ``laplace``: one guide family, saved as ``posterior/`` (safetensors + JSON)."""
     guide = args.guide or ("laplace" if args.command == "laplace" else "mean-field")
+    from pyro_moe.guides.registry import GUIDE_FAMILIES
+
     post_hoc = [name for name, family in GUIDE_FAMILIES.items() if family.post_hoc]
     if args.command == "laplace" and guide not in post_hoc:
         raise BadInput(f"laplace fits the post-hoc families {', '.join(post_hoc)}; got --guide {guide}.")
@@ -338,6 +371,8 @@ def run_fit(args: argparse.Namespace) -> None:
 
 
 def _posteriors(args: argparse.Namespace, inputs: Inputs, guides: Sequence[str]) -> dict[str, Any]:
+    from pyro_moe.inference.fitting import FittedPosterior
+
     posteriors: dict[str, Any] = {}
     if getattr(args, "posterior", None) is not None:
         _check_path(str(args.posterior), "posterior")
@@ -391,6 +426,7 @@ def run_diagnose(args: argparse.Namespace) -> None:
     from pyro_moe.diagnostics.arviz_export import to_inference_data
     from pyro_moe.diagnostics.collapse import collapse_report
     from pyro_moe.experiments.evaluation import split_batches
+    from pyro_moe.inference.fitting import FittedPosterior
 
     _check_path(str(args.posterior), "posterior")
     inputs = load_inputs(args, ["test"])
@@ -446,7 +482,7 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", help="HF id or local folder of an MoE causal LM (default: the embedded benchmark)")
     group.add_argument("--tokenizer", help="tokenizer id or folder (default: the model's)")
-    group.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights' dtype (default float32)")
+    group.add_argument("--dtype", choices=DTYPES, default="float32", help="weights' dtype (default float32)")
     group.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: where from_pretrained puts it)")
     group.add_argument("--device-map", help="accelerate device map, e.g. auto, for models larger than one GPU")
     group.add_argument("--trust-remote-code", action="store_true", help="run the checkpoint's own Python code")
@@ -458,8 +494,8 @@ def _data_options(parser: argparse.ArgumentParser, ood: bool = False) -> None:
         "--data", help="MCQA file (.jsonl/.json/.csv/.parquet), folder or data-set name (default: benchmark)"
     )
     group.add_argument("--split", help="split of a data folder or data-set name")
-    group.add_argument("--examples", type=int, default=200, help="questions per evaluated split (default 200)")
-    group.add_argument("--batch-size", type=int, default=32, help="questions per batch (default 32)")
+    group.add_argument("--examples", type=_integer(1), default=200, help="questions per evaluated split (default 200)")
+    group.add_argument("--batch-size", type=_integer(1), default=32, help="questions per batch (default 32)")
     if ood:
         group.add_argument("--ood-data", nargs="+", help="out-of-distribution MCQA files (one OoD split each)")
 
@@ -472,24 +508,33 @@ def _posterior_options(parser: argparse.ArgumentParser, guide: bool = True) -> N
         default=["all"],
         help="Bayesian decoder layers: all, susceptible, or indices (negative from the end)",
     )
-    group.add_argument("--susceptible-k", type=int, default=1, help="how many layers 'susceptible' picks (default 1)")
+    group.add_argument(
+        "--susceptible-k", type=_integer(1), default=1, help="how many layers 'susceptible' picks (default 1)"
+    )
     group.add_argument(
         "--sites", help="router sites: JSON '{\"logits\": 2.0}' or kinds logits,weight (default per guide)"
     )
-    group.add_argument("--prior", help=f"prior family of the sites: {', '.join(PRIOR_FAMILIES)}")
+    group.add_argument(
+        "--prior",
+        help="prior family of the sites, e.g. normal, laplace, student-t, horseshoe (an unknown name lists all)",
+    )
     if guide:
         group.add_argument(
-            "--guide", help=f"guide family (default mean-field; laplace: laplace): {', '.join(GUIDE_FAMILIES)}"
+            "--guide",
+            help="guide family, e.g. mean-field, low-rank, mfvr, map+low-rank-logits, swag, expert-laplace "
+            "(default mean-field; laplace: laplace; an unknown name lists all)",
         )
-    group.add_argument("--steps", type=int, default=200, help="SVI steps (default 200)")
-    group.add_argument("--fit-examples", type=int, default=512, help="questions the guide is fitted on (default 512)")
+    group.add_argument("--steps", type=_integer(0), default=200, help="SVI steps (default 200)")
+    group.add_argument(
+        "--fit-examples", type=_integer(1), default=512, help="questions the guide is fitted on (default 512)"
+    )
 
 
 def _common(parser: argparse.ArgumentParser, samples: str | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="run folder for the results")
     if samples is not None:
-        parser.add_argument("--samples", type=int, default=None, help=samples)
-    parser.add_argument("--seed", type=int, default=0, help="seed of fits, noise and sampling (default 0)")
+        parser.add_argument("--samples", type=_integer(1), default=None, help=samples)
+    parser.add_argument("--seed", type=_integer(0), default=0, help="seed of fits, noise and sampling (default 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -500,15 +545,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the offline demo on the embedded benchmark (make demo)")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default runs/demo)")
     demo.add_argument("--quick", action="store_true", help="few steps and questions, same code path (for tests)")
-    demo.add_argument("--steps", type=int, default=None, help="SVI steps per family (default 150)")
-    demo.add_argument("--samples", type=int, default=None, help="S per prediction (default 8)")
-    demo.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    demo.add_argument("--steps", type=_integer(1), default=None, help="SVI steps per family (default 150)")
+    demo.add_argument("--samples", type=_integer(1), default=None, help="S per prediction (default 8)")
+    demo.add_argument("--seed", type=_integer(0), default=0, help="seed (default 0)")
     demo.set_defaults(run=run_demo)
 
     stability = commands.add_parser("stability", help="routing stability per layer and the susceptible layers")
     _model_options(stability)
     _data_options(stability)
-    stability.add_argument("--susceptible-k", type=int, default=1, help="least stable layers reported (default 1)")
+    stability.add_argument(
+        "--susceptible-k", type=_integer(1), default=1, help="least stable layers reported (default 1)"
+    )
     _common(stability)
     stability.set_defaults(run=run_stability)
 
@@ -519,9 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
         _posterior_options(command)
         command.add_argument(
             "--timeout",
-            type=float,
-            default=DEFAULT_TIMEOUT,
-            help=f"data-parallel: seconds to wait for the other processes (default {DEFAULT_TIMEOUT:g})",
+            type=_positive_number,
+            default=None,
+            help="data-parallel: seconds to wait for the other processes (default: distributed.DEFAULT_TIMEOUT)",
         )
         _common(command)
         command.set_defaults(run=run_fit)
@@ -534,7 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
         _model_options(command)
         _data_options(command, ood=True)
         _posterior_options(command, guide=False)
-        command.add_argument("--guides", nargs="+", help=f"guide families to fit: {', '.join(GUIDE_FAMILIES)}")
+        command.add_argument(
+            "--guides", nargs="+", help="guide families to fit, e.g. mean-field mfvr swag (an unknown name lists all)"
+        )
         if name == "evaluate":
             command.add_argument("--posterior", type=Path, help="a posterior folder written by pyro-moe fit")
         _common(command, "S, posterior samples per prediction (default 16)")
@@ -569,8 +618,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args, parallel is None or parallel.is_main, sys.argv[1:] if argv is None else argv)
     finally:
-        if parallel is not None and dist.is_initialized():
-            dist.destroy_process_group()
+        if parallel is not None:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def _run(args: argparse.Namespace, writes: bool, argv: Sequence[str]) -> int:

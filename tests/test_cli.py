@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import json
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import arviz as az
@@ -276,3 +278,50 @@ def test_truncated_and_pickled_checkpoints_are_refused(saved, saved_posterior, t
     error = _bad_input(tmp_path, capsys, argv)
     assert "tensors.safetensors" in error
     assert not marker.exists()
+
+
+HEAVY_MODULES = ("torch", "pyro", "transformers", "numpy", "scipy", "arviz", "matplotlib", "sklearn", "pandas")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["fit", "--steps", "-1", "--out", "runs/never"],
+        ["evaluate", "--samples", "0", "--out", "runs/never"],
+        ["fit", "--timeout", "nan", "--out", "runs/never"],
+    ],
+)
+def test_help_and_bad_numbers_answer_without_importing_torch(argv):
+    """``--help`` and numbers refused at parsing exit before torch, Pyro or transformers are imported."""
+    script = (
+        "import sys\n"
+        "from pyro_moe.cli import main\n"
+        "try:\n"
+        f"    main({argv!r})\n"
+        "except SystemExit as exit:\n"
+        "    print('exit', exit.code)\n"
+        f"print(sorted({{name.split('.')[0] for name in sys.modules}} & set({HEAVY_MODULES!r})))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1] == "[]", f"imported {lines[-1]}"
+    assert lines[-2] == ("exit 0" if argv == ["--help"] else "exit 2")
+    if argv != ["--help"]:
+        assert result.stderr.count("\n") == 1 and "must be a" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["demo", "stability", "fit", "laplace", "evaluate", "compare", "diagnose", "bench"])
+def test_every_subcommand_help_answers_without_importing_torch(command):
+    script = (
+        "import sys\n"
+        "from pyro_moe.cli import main\n"
+        "try:\n"
+        f"    main([{command!r}, '--help'])\n"
+        "except SystemExit as exit:\n"
+        "    print('exit', exit.code)\n"
+        f"print(sorted({{name.split('.')[0] for name in sys.modules}} & set({HEAVY_MODULES!r})))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip().splitlines()[-2:] == ["exit 0", "[]"]
+    assert "--out" in result.stdout

@@ -64,13 +64,13 @@ def _check(
     input_ids: Tensor,
     attention_mask: Tensor | None,
     num_samples: int,
-    samples_per_pass: int | None,
+    max_samples_per_pass: int | None,
 ) -> None:
     if not isinstance(patch, RouterPatch) or not patch.active:
         raise ConfigurationError("predict needs an active RouterPatch (from patch_routers).")
     check_integer("num_samples", num_samples)
-    if samples_per_pass is not None:
-        check_integer("samples_per_pass", samples_per_pass)
+    if max_samples_per_pass is not None:
+        check_integer("max_samples_per_pass", max_samples_per_pass)
     if input_ids.dim() != 2:
         raise ConfigurationError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}.")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
@@ -89,7 +89,7 @@ def predict(
     num_samples: int = 16,
     mode: PredictiveMode | str = PredictiveMode.MODEL_AVERAGE,
     share_prefix: bool = True,
-    samples_per_pass: int | None = None,
+    max_samples_per_pass: int | None = None,
     guide: PosteriorGuide | None = None,
     return_samples: bool = False,
     return_router_logits: bool = False,
@@ -104,14 +104,14 @@ def predict(
         num_samples: S, the number of samples of the routing.
         mode: ``"model-average"`` or ``"routing-average"``.
         share_prefix: model-average only: run the layers before the first Bayesian layer once.
-        samples_per_pass: model-average only: fold at most this many joint samples into one pass
+        max_samples_per_pass: model-average only: fold at most this many joint samples into one pass
             (default all S). Activation memory grows with the folded batch; on CPU, HF's expert
             kernels also run faster on cache-sized batches (see the README's speed table).
         guide: a fitted posterior (:mod:`pyro_moe.guides`); default the priors.
         return_samples: also return the per-sample answer probabilities.
         return_router_logits: also return every Bayesian router's sampled logits.
     """
-    _check(patch, input_ids, attention_mask, num_samples, samples_per_pass)
+    _check(patch, input_ids, attention_mask, num_samples, max_samples_per_pass)
     try:
         mode = PredictiveMode(mode)
     except ValueError:
@@ -122,9 +122,9 @@ def predict(
     input_ids = input_ids.to(device)
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
     batch, length = input_ids.shape
-    if mode is PredictiveMode.ROUTING_AVERAGE or samples_per_pass is None:
-        samples_per_pass = num_samples
-    chunks = [min(samples_per_pass, num_samples - start) for start in range(0, num_samples, samples_per_pass)]
+    if mode is PredictiveMode.ROUTING_AVERAGE or max_samples_per_pass is None:
+        max_samples_per_pass = num_samples
+    chunks = [min(max_samples_per_pass, num_samples - start) for start in range(0, num_samples, max_samples_per_pass)]
     last, recorded = [], []
     for samples in chunks:
         record: dict[str, Tensor] | None = {} if return_router_logits else None

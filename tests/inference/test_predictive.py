@@ -278,21 +278,25 @@ class ReplayByChunk(Messenger):
             msg["value"] = self.draws[msg["name"]][start : start + self.chunk]
 
 
-def test_samples_per_pass_splits_the_samples_and_changes_nothing_else(batch):
+@pytest.mark.parametrize(("layers", "share_prefix"), [("all", True), ([1], True), ([1], False)])
+def test_max_samples_per_pass_splits_the_samples_and_changes_nothing_else(batch, layers, share_prefix):
+    """Chunked model-average equals one pass over all S samples, with and without prefix sharing."""
     input_ids, attention_mask = batch
     model = tiny_model("qwen3_moe")
-    handle = patch_routers(model, {"weight": 0.2, "logits": 1.0})
+    handle = patch_routers(model, {"weight": 0.2, "logits": 1.0}, layers=layers)
     options = dict(answer_token_ids=ANSWERS, num_samples=6, return_samples=True, return_router_logits=True)
+    options["share_prefix"] = share_prefix
     with poutine.trace() as tracer:
         one_pass = predict(handle, input_ids, attention_mask, **options)
     rows = []
-    hook = model.model.layers[0].register_forward_hook(lambda m, a, o: rows.append(o.shape[0]))
+    first = model.model.layers[0] if layers == "all" or not share_prefix else model.model.layers[1]
+    hook = first.register_forward_hook(lambda m, a, o: rows.append(o.shape[0]))
     with ReplayByChunk(site_values(tracer.trace), chunk=4):
-        chunked = predict(handle, input_ids, attention_mask, samples_per_pass=4, **options)
+        chunked = predict(handle, input_ids, attention_mask, max_samples_per_pass=4, **options)
     hook.remove()
     assert rows == [4 * input_ids.shape[0], 2 * input_ids.shape[0]]
     torch.testing.assert_close(chunked.sample_probs, one_pass.sample_probs, rtol=1e-5, atol=1e-6)
     for path, logits in one_pass.router_logits.items():
         torch.testing.assert_close(chunked.router_logits[path], logits)
-    with pytest.raises(ConfigurationError, match="samples_per_pass must be a positive integer"):
-        predict(handle, input_ids, attention_mask, samples_per_pass=0)
+    with pytest.raises(ConfigurationError, match="max_samples_per_pass must be a positive integer"):
+        predict(handle, input_ids, attention_mask, max_samples_per_pass=0)
