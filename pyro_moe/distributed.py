@@ -40,6 +40,7 @@ from torch import Tensor
 
 from pyro_moe.errors import ConfigurationError, DistributedError
 from pyro_moe.random_streams import RandomState
+from pyro_moe.validation import check_number
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -248,8 +249,7 @@ def init_distributed(timeout: float = DEFAULT_TIMEOUT) -> DataParallel | None:
     The backend is gloo for CPU tensors, with NCCL for CUDA tensors when CUDA is there (then each
     process takes the GPU ``LOCAL_RANK``). Collectives fail after ``timeout`` seconds.
     """
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
-        raise ConfigurationError(f"timeout must be a positive number of seconds, got {timeout!r}.")
+    check_number("timeout", timeout)  # seconds
     if dist.is_available() and dist.is_initialized():
         return data_parallel()
     world_size = os.environ.get("WORLD_SIZE", "1")

@@ -77,6 +77,7 @@ from pyro_moe.core.readout import last_positions, last_token_logits
 from pyro_moe.distributed import DataParallel
 from pyro_moe.errors import ConfigurationError, NonFiniteError
 from pyro_moe.guides.laplace.kronecker_factors import EigenFactor, make_factor
+from pyro_moe.validation import check_integer
 
 __all__ = [
     "CurvatureRun",
@@ -212,10 +213,9 @@ def kronecker_curvature(
             f"{error}; accepted Fisher types: {', '.join(f.value for f in FisherType)}; "
             f"token selections: {', '.join(t.value for t in TokenSelection)}."
         ) from None
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
-        raise ConfigurationError(f"rank must be a positive integer or None (full factors), got {rank!r}.")
-    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
-        raise ConfigurationError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
+    if rank is not None:
+        check_integer("rank", rank)  # None: full factors
+    check_integer("mc_samples", mc_samples)
     if not targets:
         raise ConfigurationError("no curvature targets: give expert_targets(...) or router_targets(...).")
     batches = [dict(batch) for batch in batches]

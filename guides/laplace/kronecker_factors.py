@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from pyro_moe.distributed import DataParallel
-from pyro_moe.errors import ConfigurationError
+from pyro_moe.validation import check_integer
 
 __all__ = ["EigenFactor", "FullFactor", "LowRankFactor", "make_factor"]
 
@@ -103,8 +103,7 @@ class LowRankFactor:
     """The top-``rank`` eigenpairs of the sum of outer products, updated batch by batch."""
 
     def __init__(self, dim: int, rank: int) -> None:
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-            raise ConfigurationError(f"rank must be a positive integer (or None for full factors), got {rank!r}.")
+        check_integer("rank", rank)
         self.dim, self.rank, self.count = dim, min(rank, dim), 0
         self.vectors: Tensor | None = None  # (dim, rank)
         self.values: Tensor | None = None  # (rank,)

@@ -171,8 +171,8 @@ class KroneckerMAP(RouterAutoDelta, PosteriorPart):
                 f"{error}; accepted Fisher types: {', '.join(FisherType)}; "
                 f"token selections: {', '.join(TokenSelection)}."
             ) from None
-        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
-            raise ConfigurationError(f"rank must be a positive integer or None (full factors), got {rank!r}.")
+        if rank is not None:
+            check_integer("rank", rank)  # None: full factors
         mc_samples = check_integer("mc_samples", mc_samples)
         if optimize_prior not in (None, "model", "layer", "expert"):
             raise ConfigurationError(

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from pyro_moe.data.schemas import LETTERS, MCQAExample
 from pyro_moe.errors import ConfigurationError
+from pyro_moe.validation import check_integer
 
 __all__ = ["DEFAULT_TEMPLATE", "PromptTemplate", "answer_token_ids", "mcqa_batches"]
 
@@ -122,8 +123,7 @@ def mcqa_batches(
     Raises:
         ConfigurationError: a bad ``batch_size``, an empty dataset or a tokenizer without a pad token.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigurationError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    check_integer("batch_size", batch_size)
     if len(dataset) == 0:
         raise ConfigurationError("the dataset is empty.")
     if getattr(tokenizer, "pad_token_id", None) is None:

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from pyro_moe.errors import ConfigurationError
+from pyro_moe.validation import check_integer
 
 __all__ = ["TemperatureScaling", "fit_temperature", "scaled_nll"]
 
@@ -111,8 +112,7 @@ def fit_temperature(
         raise ConfigurationError(f"labels must be integer indices of shape ({logits.shape[0]},), got {shape}.")
     if (labels < 0).any() or (labels >= logits.shape[1]).any():
         raise ConfigurationError(f"labels must lie in [0, {logits.shape[1] - 1}] (the choices of logits).")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ConfigurationError(f"max_iter must be a positive integer, got {max_iter!r}.")
+    check_integer("max_iter", max_iter)
     start = _check_temperature(initial_temperature)
     logits = logits.detach().double()
     labels = labels.to(logits.device, torch.long)
