@@ -80,6 +80,7 @@ from pyro_moe.guides.laplace.kronecker_factors import EigenFactor, make_factor
 from pyro_moe.validation import check_integer
 
 __all__ = [
+    "CurvatureOptions",
     "CurvatureRun",
     "FisherType",
     "KroneckerCurvature",
@@ -109,6 +110,35 @@ class TokenSelection(StrEnum):
 
     ALL = "all"
     """Every real token."""
+
+
+@dataclass(frozen=True)
+class CurvatureOptions:
+    """How :func:`kronecker_curvature` collects the factors; checked when built.
+
+    Attributes:
+        fisher: ``"mc"``, ``"empirical"`` or ``"exact"`` (:class:`FisherType`).
+        tokens: ``"last"`` or ``"all"`` (:class:`TokenSelection`).
+        rank: eigenpairs kept per factor (``None``: full factors).
+        mc_samples: label draws per example of the Monte Carlo Fisher.
+    """
+
+    fisher: str = "mc"
+    tokens: str = "last"
+    rank: int | None = None
+    mc_samples: int = 1
+
+    def __post_init__(self) -> None:
+        try:
+            FisherType(self.fisher), TokenSelection(self.tokens)
+        except ValueError as error:
+            raise ConfigurationError(
+                f"{error}; accepted Fisher types: {', '.join(f.value for f in FisherType)}; "
+                f"token selections: {', '.join(t.value for t in TokenSelection)}."
+            ) from None
+        if self.rank is not None:
+            check_integer("rank", self.rank)  # None: full factors
+        check_integer("mc_samples", self.mc_samples)
 
 
 @dataclass
@@ -206,16 +236,8 @@ def kronecker_curvature(
             no targets, empty data, or missing labels with the empirical Fisher (before any work).
         NonFiniteError: NaN or infinite logits, inputs or output gradients.
     """
-    try:
-        fisher, tokens = FisherType(fisher), TokenSelection(tokens)
-    except ValueError as error:
-        raise ConfigurationError(
-            f"{error}; accepted Fisher types: {', '.join(f.value for f in FisherType)}; "
-            f"token selections: {', '.join(t.value for t in TokenSelection)}."
-        ) from None
-    if rank is not None:
-        check_integer("rank", rank)  # None: full factors
-    check_integer("mc_samples", mc_samples)
+    options = CurvatureOptions(fisher, tokens, rank, mc_samples)
+    fisher, tokens = FisherType(options.fisher), TokenSelection(options.tokens)
     if not targets:
         raise ConfigurationError("no curvature targets: give expert_targets(...) or router_targets(...).")
     batches = [dict(batch) for batch in batches]

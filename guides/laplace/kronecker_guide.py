@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
 from typing import Any, ClassVar
 
 import pyro
@@ -45,10 +46,9 @@ from pyro_moe.distributed import DataParallel
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.guides.autoguides import RouterAutoDelta
 from pyro_moe.guides.family import PosteriorPart, PostHocData
-from pyro_moe.guides.laplace.kronecker_curvature import FisherType, TokenSelection, kronecker_curvature
+from pyro_moe.guides.laplace.kronecker_curvature import CurvatureOptions, kronecker_curvature
 from pyro_moe.guides.laplace.kronecker_posterior import KroneckerLaplace, log_evidence, optimize_prior_precision
 from pyro_moe.models.router_patch import RouterPatch
-from pyro_moe.validation import check_integer
 
 __all__ = ["KroneckerLaplaceGuide", "KroneckerMAP", "KroneckerNormal", "site_targets"]
 
@@ -164,16 +164,7 @@ class KroneckerMAP(RouterAutoDelta, PosteriorPart):
     ) -> None:
         if covers not in ("router", "experts"):
             raise ConfigurationError(f"covers must be 'router' or 'experts', got {covers!r}.")
-        try:
-            FisherType(fisher), TokenSelection(tokens)
-        except ValueError as error:
-            raise ConfigurationError(
-                f"{error}; accepted Fisher types: {', '.join(FisherType)}; "
-                f"token selections: {', '.join(TokenSelection)}."
-            ) from None
-        if rank is not None:
-            check_integer("rank", rank)  # None: full factors
-        mc_samples = check_integer("mc_samples", mc_samples)
+        curvature_options = CurvatureOptions(fisher, tokens, rank, mc_samples)
         if optimize_prior not in (None, "model", "layer", "expert"):
             raise ConfigurationError(
                 f"optimize_prior must be None, 'model', 'layer' or 'expert', got {optimize_prior!r}."
@@ -184,7 +175,7 @@ class KroneckerMAP(RouterAutoDelta, PosteriorPart):
                 "optimize_prior is for expert-laplace."
             )
         super().__init__(model, init_loc_fn=self._initial_value)
-        self.curvature_options = {"rank": rank, "fisher": fisher, "tokens": tokens, "mc_samples": mc_samples}
+        self.curvature_options = curvature_options
         self.covers, self.optimize_prior = covers, optimize_prior
         self.patch: RouterPatch | None = None
 
@@ -266,7 +257,7 @@ class KroneckerMAP(RouterAutoDelta, PosteriorPart):
             seed=int(torch.randint(2**31 - 1, ())),  # MC labels follow fit's seed
             progress=progress,
             data_parallel=data_parallel,
-            **self.curvature_options,
+            **asdict(self.curvature_options),
         )
         posteriors = {}
         for name in targets:
