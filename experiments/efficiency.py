@@ -54,7 +54,6 @@ from pyro_moe.experiments.evaluation import (
     Posterior,
     PredictionSettings,
     add_common_arguments,
-    benchmark_inputs,
     check_posteriors,
     check_splits,
     default_answer_token_ids,
@@ -63,6 +62,7 @@ from pyro_moe.experiments.evaluation import (
     fit_settings,
     markdown_table,
     posterior_modes,
+    run_on_benchmark,
     split_batches,
     write_results,
 )
@@ -354,16 +354,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             repeats=args.repeats,
             seed=args.seed,
         )
-        inputs = benchmark_inputs()
-        results = run_efficiency(
-            inputs.model,
-            inputs.tokenizer,
-            inputs.splits,
-            args.families,
-            settings=settings,
-            fitting=fitting,
-            answer_token_ids=inputs.answer_token_ids,
-        )
+        results = run_on_benchmark(run_efficiency, args.families, settings, fitting)
     except PyroMoEError as error:  # bad input: a one-line reason, exit code 2
         parser.error(str(error))
     paths = write_results(results, args.out)

@@ -31,7 +31,7 @@ import argparse
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -79,6 +79,7 @@ __all__ = [
     "markdown_table",
     "posterior_modes",
     "predict_batches",
+    "run_on_benchmark",
     "slug",
     "split_batches",
     "split_labels",
@@ -496,3 +497,20 @@ def benchmark_inputs() -> BenchmarkInputs:
 
     loaded = load_benchmark()
     return BenchmarkInputs(loaded.model, loaded.tokenizer, loaded.answer_token_ids, loaded.benchmark.splits)
+
+
+def run_on_benchmark(
+    run: Callable[..., Results], families: Sequence[str], settings: Any, fitting: FitSettings
+) -> Results:
+    """An experiment's ``run`` (``run_calibration``, ``run_ood``, ...) of ``families`` on the embedded
+    benchmark, as its command line runs it (the settings are built first, so bad numbers never load it)."""
+    inputs = benchmark_inputs()
+    return run(
+        inputs.model,
+        inputs.tokenizer,
+        inputs.splits,
+        families,
+        settings=settings,
+        fitting=fitting,
+        answer_token_ids=inputs.answer_token_ids,
+    )

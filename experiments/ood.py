@@ -47,7 +47,6 @@ from pyro_moe.experiments.evaluation import (
     Predictions,
     PredictionSettings,
     add_common_arguments,
-    benchmark_inputs,
     check_count,
     check_posteriors,
     check_splits,
@@ -59,6 +58,7 @@ from pyro_moe.experiments.evaluation import (
     markdown_table,
     posterior_modes,
     predict_batches,
+    run_on_benchmark,
     slug,
     split_batches,
     write_results,
@@ -317,16 +317,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             batch_size=args.batch_size,
             seed=args.seed,
         )
-        inputs = benchmark_inputs()
-        results = run_ood(
-            inputs.model,
-            inputs.tokenizer,
-            inputs.splits,
-            args.families,
-            settings=settings,
-            fitting=fitting,
-            answer_token_ids=inputs.answer_token_ids,
-        )
+        results = run_on_benchmark(run_ood, args.families, settings, fitting)
     except PyroMoEError as error:  # bad input: a one-line reason, exit code 2
         parser.error(str(error))
     paths = write_results(results, args.out)

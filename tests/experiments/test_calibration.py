@@ -13,7 +13,7 @@ import torch
 from pyro_moe import ConfigurationError
 from pyro_moe.evaluation.metrics import calibration_report
 from pyro_moe.evaluation.temperature_scaling import fit_temperature
-from pyro_moe.experiments import calibration
+from pyro_moe.experiments import calibration, evaluation
 from pyro_moe.experiments.calibration import CalibrationSettings, calibration_experiment, run_calibration
 from pyro_moe.experiments.evaluation import (
     DETERMINISTIC,
@@ -139,7 +139,7 @@ def test_bad_input_is_refused_before_anything_is_fitted(monkeypatch):
     ],
 )
 def test_cli_refuses_a_bad_number_before_loading_or_fitting(monkeypatch, capsys, tmp_path, option, message):
-    monkeypatch.setattr(calibration, "benchmark_inputs", lambda: pytest.fail("the benchmark loaded before the check"))
+    monkeypatch.setattr(evaluation, "benchmark_inputs", lambda: pytest.fail("the benchmark loaded before the check"))
     monkeypatch.setattr(presets, "fit", lambda *a, **k: pytest.fail("fit ran before the input was checked"))
     with pytest.raises(SystemExit) as exit_info:
         calibration.main(["--out", str(tmp_path), *option])

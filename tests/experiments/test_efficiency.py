@@ -11,7 +11,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pyro_moe import ConfigurationError
-from pyro_moe.experiments import efficiency
+from pyro_moe.experiments import efficiency, evaluation
 from pyro_moe.experiments.efficiency import (
     EfficiencySettings,
     count_flops,
@@ -89,7 +89,7 @@ def test_bad_input_is_refused_before_anything_is_fitted(monkeypatch):
     ],
 )
 def test_cli_refuses_a_bad_number_before_loading_or_fitting(monkeypatch, capsys, tmp_path, option, message):
-    monkeypatch.setattr(efficiency, "benchmark_inputs", lambda: pytest.fail("the benchmark loaded before the check"))
+    monkeypatch.setattr(evaluation, "benchmark_inputs", lambda: pytest.fail("the benchmark loaded before the check"))
     monkeypatch.setattr(presets, "fit", lambda *a, **k: pytest.fail("fit ran before the input was checked"))
     with pytest.raises(SystemExit) as exit_info:
         efficiency.main(["--out", str(tmp_path), *option])

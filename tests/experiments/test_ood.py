@@ -12,7 +12,7 @@ import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from pyro_moe import ConfigurationError
-from pyro_moe.experiments import ood
+from pyro_moe.experiments import evaluation, ood
 from pyro_moe.experiments.evaluation import DETERMINISTIC, MODES, TEMPERATURE_SCALING, split_batches, write_results
 from pyro_moe.experiments.ood import SCORES, OoDSettings, ood_experiment, run_ood
 from pyro_moe.inference import presets
@@ -108,7 +108,7 @@ def test_bad_input_is_refused_before_anything_is_fitted(monkeypatch):
     ],
 )
 def test_cli_refuses_a_bad_number_before_loading_or_fitting(monkeypatch, capsys, tmp_path, option, message):
-    monkeypatch.setattr(ood, "benchmark_inputs", lambda: pytest.fail("the benchmark loaded before the check"))
+    monkeypatch.setattr(evaluation, "benchmark_inputs", lambda: pytest.fail("the benchmark loaded before the check"))
     monkeypatch.setattr(presets, "fit", lambda *a, **k: pytest.fail("fit ran before the input was checked"))
     with pytest.raises(SystemExit) as exit_info:
         ood.main(["--out", str(tmp_path), *option])

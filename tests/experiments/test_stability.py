@@ -10,7 +10,7 @@ import torch
 
 from pyro_moe import ConfigurationError
 from pyro_moe.evaluation.stability import routing_stability, susceptible_layers
-from pyro_moe.experiments import stability
+from pyro_moe.experiments import evaluation, stability
 from pyro_moe.experiments.evaluation import DETERMINISTIC, FitSettings, split_batches, write_results
 from pyro_moe.experiments.stability import StabilitySettings, run_stability, stability_experiment
 from pyro_moe.inference import presets
@@ -92,7 +92,7 @@ def test_threshold_selection_expert_posteriors_skipped_and_bad_input(monkeypatch
     ],
 )
 def test_cli_refuses_a_bad_number_before_loading_or_fitting(monkeypatch, capsys, tmp_path, option, message):
-    monkeypatch.setattr(stability, "benchmark_inputs", lambda: pytest.fail("the benchmark loaded before the check"))
+    monkeypatch.setattr(evaluation, "benchmark_inputs", lambda: pytest.fail("the benchmark loaded before the check"))
     monkeypatch.setattr(presets, "fit", lambda *a, **k: pytest.fail("fit ran before the input was checked"))
     with pytest.raises(SystemExit) as exit_info:
         stability.main(["--out", str(tmp_path), *option])
