@@ -18,7 +18,8 @@ fitted post hoc    :attr:`~PosteriorPart.post_hoc` (0 SVI steps allowed), :meth:
 predicts, exports  every part is a Pyro guide: drawn under the predictive's plate of joint samples
 saved, loaded      its parameters and buffers; a post-hoc part adds :meth:`~PosteriorPart.fitted_metadata`
                    and its unfitted part rebuilds it, :meth:`~PosteriorPart.restore_fitted`
-set up by name     ``GuideFamily.preset(steps)``: sites, selection, fit options for the experiments
+set up by name     ``GuideFamily.preset(steps)``: sites, selection, fit options for the experiments;
+                   ``GuideFamily.check_options(options, steps)`` refuses bad options before any fit
 =================  ================================================================================
 
 A new family is one module (its part and its :class:`GuideFamily`) and one registration line::
