@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BENCH_MALLOC) $(BIN)/python benchmarks/bench_svi.py
 	$(BENCH_MALLOC) $(BIN)/python benchmarks/bench_laplace.py
 	$(BENCH_MALLOC) $(BIN)/python benchmarks/bench_distributed.py
+	$(BENCH_MALLOC) OMP_NUM_THREADS=2 $(BIN)/python benchmarks/bench_scale.py --threads 2
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
