@@ -14,7 +14,9 @@ built from a patch ``GuideFamily.build(target, **options)``, then :meth:`Posteri
 trained by SVI     :attr:`~PosteriorPart.trains`, :meth:`~PosteriorPart.check_fit`,
                    :meth:`~PosteriorPart.after_step` (SWAG's snapshots), ``train()``/``eval()`` modes
 fitted post hoc    :attr:`~PosteriorPart.post_hoc` (0 SVI steps allowed), :meth:`~PosteriorPart.finish_fit`
-                   returns the fitted part (Laplace: the Gaussian at the mode)
+                   returns the fitted part (Laplace: the Gaussian at the mode); next to per-token parts
+                   the SVI steps train those, the post-hoc part held at its starting point, and
+                   ``finish_fit`` sees every per-token site at its prior mean
 predicts, exports  every part is a Pyro guide: drawn under the predictive's plate of joint samples
 saved, loaded      its parameters and buffers; a post-hoc part adds :meth:`~PosteriorPart.fitted_metadata`
                    and its unfitted part rebuilds it, :meth:`~PosteriorPart.restore_fitted`
@@ -61,7 +63,8 @@ class GuideScope(StrEnum):
 
 @dataclass(frozen=True)
 class PostHocData:
-    """What a post-hoc fit (:meth:`PosteriorPart.finish_fit`) sees.
+    """What a post-hoc fit (:meth:`PosteriorPart.finish_fit`) sees. While it runs, the model's per-token
+    sites (if any) are at their prior mean (the routing context's local guide).
 
     Attributes:
         likelihood: the model (``MCQALikelihood``): ``answer_logits``, ``patch``, ``answer_token_ids``.

@@ -7,6 +7,15 @@ therefore runs the network itself, with the global sites at the values it drew a
 drawing their per-token sites from the amortized encoders. ``Trace_ELBO`` then replays the model
 on the guide's values, as for any Pyro guide.
 
+A post-hoc global part (a Laplace) next to per-token parts: each part is fitted with the other's
+sites at the deterministic model's values. The SVI steps train the per-token parts with the global
+sites held at the global part's starting point (the Laplace families' point masses: the model's
+weights); the post-hoc stage then fits the global part with every per-token site at its prior mean
+(the logits at ``W u``: the model's own routing). So ``expert-laplace+mfvr`` is the Laplace of
+``p(W_experts | D, l = W u)`` next to the ``mfvr`` fitted with the experts at their weights: what
+fitting the two on separate patches gives; at prediction the two parts draw independently, jointly
+per sample.
+
 Example::
 
     guide = RouterGuide(MCQALikelihood(handle, letter_ids), "low-rank+mfvr", {"low-rank": {"rank": 4}})
@@ -29,13 +38,14 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 
+from pyro_moe.core.handlers import LocalSitesAtPriorMean
 from pyro_moe.core.readout import last_token_logits
 from pyro_moe.core.routing_context import routing_context
 from pyro_moe.distributed import DataParallel
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.guides.amortized import LocalGuides
 from pyro_moe.guides.family import GuideScope, PostHocData, hooks_of
-from pyro_moe.guides.registry import parse_guide
+from pyro_moe.guides.registry import GUIDE_FAMILIES, parse_guide
 from pyro_moe.models.likelihoods import data_scale
 
 __all__ = ["RouterGuide", "is_local_site"]
@@ -129,7 +139,7 @@ class RouterGuide(nn.Module):
             raise ConfigurationError(
                 f"the guide {self.spec!r} does not fit the model's sites: "
                 + "; ".join(
-                    [f"no family for the {scope.value} sites" for scope in sorted(missing)]
+                    [self._missing_family(scope) for scope in sorted(missing)]
                     + [f"the model has no {scope.value} sites for {self.families[scope].name}" for scope in unused]
                 )
                 + f" (global sites: {self.global_sites[:4]}, per-token sites: {self.local_sites[:4]})."
@@ -154,6 +164,12 @@ class RouterGuide(nn.Module):
             )
             self._register_local_guide()
 
+    def _missing_family(self, scope: GuideScope) -> str:
+        """Name the registered families of ``scope`` and the guide specs that would add one."""
+        names = sorted(name for name, family in GUIDE_FAMILIES.items() if family.scope is scope)
+        specs = ", ".join(repr("+".join([*(f.name for f in self.families.values()), name])) for name in names)
+        return f"no family for the {scope.value} sites (accepted: {specs})"
+
     def _register_local_guide(self) -> None:
         """Put the encoders' parameters in Pyro's parameter store (and take them back from it)."""
         pyro.module(f"{self.param_prefix}local_guide", self.local_guide, update_module_params=True)
@@ -176,10 +192,13 @@ class RouterGuide(nn.Module):
         num_examples: int | None = None,
     ) -> dict[str, Tensor]:
         """The guide for SVI: draws the global sites, then runs the network drawing the per-token
-        sites from the amortized encoders; returns the global values."""
+        sites from the amortized encoders; returns the global values. A post-hoc global part next to
+        per-token parts stays at its starting point (its draws carry no gradient)."""
         if not self.global_sites and self.local_guide is None:
             raise ConfigurationError("the guide is not set up: call setup(batch) or fit() first.")
-        values = self.global_guide(input_ids, attention_mask, labels, num_examples) if self.global_guide else {}
+        held = self.post_hoc and self.local_guide is not None
+        with torch.no_grad() if held else contextlib.nullcontext():
+            values = self.global_guide(input_ids, attention_mask, labels, num_examples) if self.global_guide else {}
         if self.local_guide is not None:
             scale = data_scale(input_ids.shape[0], num_examples)
             prefix = self.likelihood.param_prefix
@@ -201,6 +220,12 @@ class RouterGuide(nn.Module):
         ):
             yield
 
+    @property
+    def min_steps(self) -> int:
+        """The fewest SVI steps a fit takes: 0 when every part is fitted post hoc (a Laplace alone at the
+        model's weights), else 1 (per-token parts and plain global parts train)."""
+        return 0 if self.post_hoc and self.local_guide is None else 1
+
     def _post_hoc_data(
         self,
         batches: Sequence[Mapping[str, Tensor]],
@@ -208,12 +233,13 @@ class RouterGuide(nn.Module):
         progress: bool = True,
         data_parallel: DataParallel | None = None,
     ) -> PostHocData:
-        if self.local_guide is not None:
-            raise ConfigurationError(
-                f"the post-hoc {self.families[GuideScope.GLOBAL].name!r} guide covers global sites only; "
-                "the model has per-token sites."
-            )
         return PostHocData(self.likelihood, self._global_model, batches, num_examples, progress, data_parallel)
+
+    @contextlib.contextmanager
+    def _local_sites_at_prior_mean(self) -> Iterator[None]:
+        """The post-hoc stage's view of the per-token sites: their prior mean (the model's own routing)."""
+        with routing_context(local_guide=LocalSitesAtPriorMean()) if self.local_guide else contextlib.nullcontext():
+            yield
 
     def finish_post_hoc(
         self,
@@ -223,11 +249,13 @@ class RouterGuide(nn.Module):
         data_parallel: DataParallel | None = None,
     ) -> None:
         """Replace the trained global part by its post-hoc posterior (a Laplace at the mode, the curvature
-        of the full-data loss summed over ``batches``); ``data_parallel``: the ranks share the batches."""
+        of the full-data loss summed over ``batches``, per-token sites at their prior mean);
+        ``data_parallel``: the ranks share the batches."""
         if not self.post_hoc:
             raise ConfigurationError(f"the guide {self.spec!r} has no post-hoc stage.")
         data = self._post_hoc_data(batches, num_examples, progress, data_parallel)
-        self.global_guide = hooks_of(self.global_guide).finish_fit(data)
+        with self._local_sites_at_prior_mean():
+            self.global_guide = hooks_of(self.global_guide).finish_fit(data)
 
     def restore_post_hoc(
         self, buffers: Mapping[str, Tensor], metadata: Mapping[str, Any], batch: Mapping[str, Any]
@@ -236,4 +264,5 @@ class RouterGuide(nn.Module):
         prefix, ``metadata`` from its ``fitted_metadata()``, ``batch`` a dummy batch with ``num_examples``."""
         plain = {key: value for key, value in batch.items() if key != "num_examples"}
         data = self._post_hoc_data([plain], batch["num_examples"], progress=False)
-        self.global_guide = hooks_of(self.global_guide).restore_fitted(buffers, metadata, data)
+        with self._local_sites_at_prior_mean():
+            self.global_guide = hooks_of(self.global_guide).restore_fitted(buffers, metadata, data)

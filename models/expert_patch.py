@@ -10,6 +10,11 @@ of ``down_proj``. Under a plate of ``S`` joint samples (model-average), the ``S`
 layer run once for all samples. :class:`ExpertPatch` is a :class:`~pyro_moe.models.router_patch.RouterPatch`,
 so prediction, fitting (``guide="expert-laplace"``) and the handlers work on it unchanged.
 
+The same patch can also make routers Bayesian (``router_sites``, as :func:`~pyro_moe.patch_routers`
+takes them, on ``router_layers``): one patch holds both kinds of sites, with one set of hooks (two
+patches on one model would fold the joint samples into the batch twice, and are refused), and its
+:meth:`~ExpertPatch.unpatch` restores both the experts' ``forward`` and the original routers.
+
 Example::
 
     handle = patch_experts(model, layers=[-1], prior_precision=100.0)
@@ -17,6 +22,9 @@ Example::
     with pyro_moe.at_prior_mean():
         logits = model(input_ids, attention_mask=attention_mask).logits   # the HF model
     handle.unpatch()
+
+    handle = patch_experts(model, layers=[-1], router_sites={"logits": 2.0}, router_layers="all")
+    handle.site_names          # [... '.gate.logits' of layers 0, 1, 2, then the experts' down_proj]
 """
 
 from __future__ import annotations
@@ -35,14 +43,23 @@ from pyro_moe.core.curvature_targets import expert_targets
 from pyro_moe.core.families import RouterLocation, find_moe_routers
 from pyro_moe.core.routing_context import PredictiveMode, current_context, num_particles
 from pyro_moe.errors import ConfigurationError
-from pyro_moe.models.bayesian_router import Selection
-from pyro_moe.models.router_patch import RouterPatch
+from pyro_moe.models.bayesian_router import RouterSites, Selection
+from pyro_moe.models.router_patch import (
+    RouterPatch,
+    bayesian_routers,
+    check_unpatched,
+    router_site_names,
+    select_layers,
+)
 from pyro_moe.validation import check_number
 
 __all__ = ["ACCEPTED_KEYS", "ExpertPatch", "ExpertSites", "patch_experts"]
 
 ACCEPTED_KEYS = ("prior_precision", "prior_mean")
 """The options of expert sites (in ``patch_experts(model, sites={"experts": {...}})``)."""
+
+ROUTER_KEYS = ("sites", "layers")
+"""The keys of the router part of the ``to_config()`` form (``{"experts": {...}, "routers": {...}}``)."""
 
 
 @dataclass(frozen=True)
@@ -52,13 +69,20 @@ class ExpertSites:
     Attributes:
         prior_precision: ``tau`` of the ``N(W0, tau^-1 I)`` prior of every ``down_proj`` entry.
         prior_mean: ``"weights"`` (the model's own ``down_proj``) or ``"zero"``.
-        selection, dropout: always Top-K and no dropout: the routers stay as they are (read by the
-            code that fits and predicts any patch); anything else is refused, since the experts would
-            ignore it (router dropout and Sample-K belong to :func:`pyro_moe.patch_routers`).
+        routers: the sites of the routers patched alongside (a :class:`RouterSites`), or ``None``.
+        router_layers: the decoder layers of those routers: ``None`` (the experts' layers), ``"all"``
+            or indices (negative from the end).
+        selection, dropout: always Top-K and no dropout: the routers keep their deterministic rule (read
+            by the code that fits and predicts any patch); anything else is refused, since the experts
+            would ignore it, and router sites with Sample-K or MC dropout are refused too: that noise is
+            no sample site, so no posterior over the experts could condition on it (both belong to a
+            router-only patch, :func:`pyro_moe.patch_routers`).
     """
 
     prior_precision: float = 1.0
     prior_mean: str = "weights"
+    routers: RouterSites | None = None
+    router_layers: str | tuple[int, ...] | None = None
     selection: Selection = Selection.TOP_K
     dropout: float = 0.0
 
@@ -72,18 +96,56 @@ class ExpertSites:
                 f"(got selection={self.selection!r}, dropout={self.dropout!r}): set them on the routers with "
                 "patch_routers."
             )
+        if self.routers is not None and not isinstance(self.routers, RouterSites):
+            raise ConfigurationError(f"routers must be RouterSites or None, got {self.routers!r}.")
+        if self.routers is not None and (self.routers.dropout > 0 or self.routers.selection is not Selection.TOP_K):
+            raise ConfigurationError(
+                "router sites next to expert sites take weight, logits and temperature with Top-K selection; "
+                f"got dropout={self.routers.dropout:g}, selection={self.routers.selection.value!r} (MC dropout "
+                "and Sample-K are noise outside the sample sites: use them on a router-only patch, patch_routers)."
+            )
+        if self.routers is None and self.router_layers is not None:
+            raise ConfigurationError("router_layers go with router_sites; no router sites were given.")
+        if self.router_layers is not None and not isinstance(self.router_layers, str):
+            object.__setattr__(self, "router_layers", tuple(self.router_layers))
 
     @property
     def kinds(self) -> tuple[str, ...]:
-        return ("down_proj",)
+        """``down_proj``, then the routers' site kinds."""
+        return ("down_proj", *(kind.value for kind in (self.routers.kinds if self.routers else ())))
 
     @property
     def local_kinds(self) -> tuple[str, ...]:
-        return ()
+        """The routers' per-token site kinds (``logits``, per-token ``temperature``)."""
+        return self.routers.local_kinds if self.routers is not None else ()
 
     def to_config(self) -> dict[str, Any]:
         """JSON form, read back by :func:`patch_experts` through ``sites``."""
-        return {"experts": {"prior_precision": self.prior_precision, "prior_mean": self.prior_mean}}
+        config: dict[str, Any] = {"experts": {"prior_precision": self.prior_precision, "prior_mean": self.prior_mean}}
+        if self.routers is not None:
+            layers = (
+                self.router_layers
+                if self.router_layers is None or isinstance(self.router_layers, str)
+                else list(self.router_layers)
+            )
+            config["routers"] = {"sites": self.routers.to_config(), "layers": layers}
+        return config
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> ExpertSites:
+        """Read :meth:`to_config`'s form; refuses unknown keys, naming the accepted ones."""
+        options, routers = config.get("experts", {}), config.get("routers")
+        unknown = [str(key) for key in config if key not in ("experts", "routers")]
+        unknown += [str(key) for key in options if key not in ACCEPTED_KEYS] if isinstance(options, Mapping) else []
+        unknown += [str(key) for key in routers if key not in ROUTER_KEYS] if isinstance(routers, Mapping) else []
+        if unknown or not isinstance(options, Mapping) or not isinstance(routers, Mapping | None):
+            raise ConfigurationError(
+                f"sites must be {{'experts': {{...}}}} with the keys {', '.join(ACCEPTED_KEYS)} (and optionally "
+                f"'routers': {{'sites': ..., 'layers': ...}}); got {unknown or [repr(options), repr(routers)]}."
+            )
+        if routers is None:
+            return cls(**options)
+        return cls(**options, routers=RouterSites.parse(routers.get("sites", ())), router_layers=routers.get("layers"))
 
 
 class _ExpertSite:
@@ -130,28 +192,39 @@ class _ExpertSite:
 
 
 class ExpertPatch(RouterPatch):
-    """A model whose chosen experts' ``down_proj`` are sample sites; undo with :meth:`unpatch`.
+    """A model whose chosen experts' ``down_proj`` (and optionally routers) are sample sites; undo with :meth:`unpatch`.
 
     Attributes:
         model: the patched model.
         sites: the :class:`ExpertSites` configuration.
-        locations: one per patched layer; ``path`` is the experts module's path.
+        locations: one per patched experts layer; ``path`` is the experts module's path.
         experts: the experts modules by path.
         expert_sites: the wrapped forward (site name, prior) of each experts module by path.
+        routers: the Bayesian routers by module path (``ExpertSites.routers``; empty without).
+        router_locations: where they sit.
 
     It keeps :class:`RouterPatch`'s hooks (the attention mask into the routing context, the joint
-    samples folded into the batch from the first Bayesian layer on) and replaces its router swap
-    by the experts' wrapped forward.
+    samples folded into the batch from the first Bayesian layer on, experts or router) and adds the
+    experts' wrapped forward to its router swap.
     """
 
     predictive_modes = (PredictiveMode.MODEL_AVERAGE,)
     """Each joint sample runs its own experts: ``model-average`` only (``routing-average`` averages router
-    scores, and the routers here are the model's own)."""
+    scores and runs the experts once)."""
 
-    def __init__(self, model: nn.Module, sites: ExpertSites, locations: list[RouterLocation]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        sites: ExpertSites,
+        locations: list[RouterLocation],
+        router_locations: list[RouterLocation] | None = None,
+    ) -> None:
         self.model, self.sites, self.locations = model, sites, locations
+        self.router_locations = list(router_locations or [])
         self.experts = {loc.path: model.get_submodule(loc.path) for loc in locations}
-        self.routers, self._originals = {}, {}
+        self._originals, self.routers = (
+            bayesian_routers(model, sites.routers, self.router_locations) if sites.routers else ({}, {})
+        )
         self.expert_sites = {}
         for path, experts in self.experts.items():
             weight = experts.down_proj.detach()
@@ -162,8 +235,25 @@ class ExpertPatch(RouterPatch):
         self.active = False
 
     @property
+    def first_layer(self) -> int:
+        """Index of the first decoder layer with a sample site (experts or router)."""
+        return min(loc.layer_index for loc in self.site_locations)
+
+    @property
+    def site_locations(self) -> list[RouterLocation]:
+        """The routers' and the experts' locations, in layer order (a layer's router before its experts)."""
+        return sorted([*self.router_locations, *self.locations], key=lambda loc: loc.layer_index)
+
+    @property
     def site_names(self) -> list[str]:
-        return [site.site for site in self.expert_sites.values()]
+        """Names of all sample sites, in the order a forward pass declares them."""
+        names = []
+        for location in self.site_locations:
+            if location.path in self.routers:
+                names += router_site_names(self.routers[location.path])
+            else:
+                names.append(self.expert_sites[location.path].site)
+        return names
 
     def set_prior_precision(self, precisions: Mapping[str, Tensor | float]) -> None:
         """Set ``tau`` per site name: a scalar or ``(experts,)``."""
@@ -179,30 +269,38 @@ class ExpertPatch(RouterPatch):
 
     def _apply(self) -> None:
         try:
+            self._swap(self.routers)
             for path, experts in self.experts.items():
                 experts.forward = self.expert_sites[path]
             self._install_hooks()
         except BaseException:
             self._remove_hooks()
             self._restore()
+            self._swap(self._originals)
             raise
-        self.active = True
+        self._activate()
 
     def _restore(self) -> None:
         for experts in self.experts.values():
             experts.__dict__.pop("forward", None)
 
     def unpatch(self) -> nn.Module:
-        """Give the experts their own ``forward`` back and remove the hooks. Calling it twice does nothing."""
+        """Give the experts their own ``forward`` and the routers back and remove the hooks. Calling it
+        twice does nothing."""
         if not self.active:
             return self.model
         self._remove_hooks()
         self._restore()
-        self.active = False
+        self._hand_back_routers()
+        self._deactivate()
         return self.model
 
     def __repr__(self) -> str:
-        return f"ExpertPatch(layers={[loc.layer_index for loc in self.locations]}, active={self.active})"
+        routers = f", router_layers={[loc.layer_index for loc in self.router_locations]}" if self.routers else ""
+        return (
+            f"ExpertPatch(layers={[loc.layer_index for loc in self.locations]}{routers}, "
+            f"sites={list(self.sites.kinds)}, active={self.active})"
+        )
 
 
 def patch_experts(
@@ -211,8 +309,11 @@ def patch_experts(
     prior_precision: float = 1.0,
     prior_mean: str = "weights",
     sites: Mapping[str, Any] | ExpertSites | None = None,
+    router_sites: RouterSites | Mapping[str, Any] | Iterable[str] | None = None,
+    router_layers: str | Iterable[int] | None = None,
 ) -> ExpertPatch:
-    """Make the experts' ``down_proj`` of ``layers`` sample sites, in place.
+    """Make the experts' ``down_proj`` of ``layers`` sample sites, in place (and, with ``router_sites``,
+    the routers of ``router_layers`` Bayesian in the same patch).
 
     Args:
         model: a transformers MoE model of a family in
@@ -220,33 +321,42 @@ def patch_experts(
         layers: ``"all"`` or decoder-layer indices (negative from the end); each must hold experts.
         prior_precision: ``tau`` of the prior ``N(W0, tau^-1 I)``.
         prior_mean: ``"weights"`` (``W0`` = the model's weights) or ``"zero"``.
-        sites: instead of the two above, an :class:`ExpertSites` or its ``to_config()`` form.
+        sites: instead of the arguments above and below, an :class:`ExpertSites` or its ``to_config()`` form.
+        router_sites: router sites as :func:`pyro_moe.patch_routers` takes them (``{"logits": 2.0}``),
+            Top-K and without MC dropout; ``None``: the routers stay the model's own.
+        router_layers: the decoder layers of the Bayesian routers: ``None`` (those of the experts),
+            ``"all"`` or indices.
 
     Raises:
         LayerSelectionError, UnsupportedFamilyError, NoMoELayersError, ConfigurationError: before
-        anything in the model changes.
+        anything in the model changes (also when the model already carries a patch).
     """
+    if sites is not None and router_sites is not None:
+        raise ConfigurationError("give the router sites either in sites (ExpertSites.routers) or as router_sites.")
     if isinstance(sites, Mapping):
-        options = sites.get("experts", {})
-        unknown = [str(key) for key in sites if key != "experts"]
-        unknown += [str(key) for key in options if key not in ACCEPTED_KEYS] if isinstance(options, Mapping) else []
-        if unknown or not isinstance(options, Mapping):
-            raise ConfigurationError(
-                f"sites must be {{'experts': {{...}}}} with the keys {', '.join(ACCEPTED_KEYS)}; "
-                f"got {unknown or [repr(options)]}."
-            )
-        sites = ExpertSites(**options)
-    config = sites if isinstance(sites, ExpertSites) else ExpertSites(prior_precision, prior_mean)
+        sites = ExpertSites.from_config(sites)
+    if isinstance(sites, ExpertSites):
+        config = sites
+    else:
+        routers = None if router_sites is None else RouterSites.parse(router_sites)
+        config = ExpertSites(prior_precision, prior_mean, routers, router_layers)
+    check_unpatched(model)
     targets = expert_targets(model, layers)
     already = [t.name for t in targets if "forward" in t.module.__dict__]
     if already:
         raise ConfigurationError(f"the experts {already[:3]} are already patched; unpatch the existing patch first.")
-    by_block = {loc.path.rpartition(".")[0]: loc for loc in find_moe_routers(model)}
+    routers = find_moe_routers(model)
+    by_block = {loc.path.rpartition(".")[0]: loc for loc in routers}
     locations = []
     for target in targets:
         path = target.name.removesuffix(".down_proj")
         router = by_block[path.removesuffix(".experts")]
         locations.append(RouterLocation(path, router.layer_index, router.layer_path, router.family))
-    patch = ExpertPatch(model, config, locations)
+    router_locations = []
+    if config.routers is not None:
+        layer_list = model.get_submodule(routers[0].layer_path.rpartition(".")[0])
+        chosen = [loc.layer_index for loc in locations] if config.router_layers is None else config.router_layers
+        router_locations = select_layers(routers, chosen, len(layer_list))
+    patch = ExpertPatch(model, config, locations, router_locations)
     patch._apply()
     return patch

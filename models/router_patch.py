@@ -24,6 +24,7 @@ Example::
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Iterable, Mapping
 from contextvars import Token
 from types import TracebackType
@@ -45,7 +46,29 @@ from pyro_moe.core.routing_context import (
 from pyro_moe.errors import ConfigurationError, LayerSelectionError
 from pyro_moe.models.bayesian_router import BayesianRouter, RouterSites, bayesian_router_class
 
-__all__ = ["RouterPatch", "patch_routers", "repeat_batch"]
+__all__ = [
+    "RouterPatch",
+    "bayesian_routers",
+    "check_unpatched",
+    "patch_routers",
+    "repeat_batch",
+    "router_site_names",
+    "select_layers",
+]
+
+_ACTIVE_PATCHES: weakref.WeakKeyDictionary[nn.Module, weakref.ref[RouterPatch]] = weakref.WeakKeyDictionary()
+"""The active patch of every patched model: one patch per model (two would fold the joint samples twice)."""
+
+
+def check_unpatched(model: nn.Module) -> None:
+    """Refuse a model that carries an active patch (of routers, experts or both), naming it."""
+    reference = _ACTIVE_PATCHES.get(model)
+    patch = None if reference is None else reference()
+    if patch is not None and patch.active:
+        raise ConfigurationError(
+            f"the model already carries {patch!r}; unpatch it first (expert and router sites go in one patch: "
+            "patch_experts(model, layers, router_sites={'logits': 2.0}))."
+        )
 
 
 def repeat_batch(value: Any, batch_size: int, times: int) -> Any:
@@ -64,7 +87,11 @@ def repeat_batch(value: Any, batch_size: int, times: int) -> Any:
     return value
 
 
-def _select_layers(locations: list[RouterLocation], layers: str | Iterable[int], num_layers: int):
+def select_layers(
+    locations: list[RouterLocation], layers: str | Iterable[int], num_layers: int
+) -> list[RouterLocation]:
+    """The ``locations`` in ``layers`` (``"all"`` or decoder-layer indices, negative from the end, each
+    holding an MoE block); raises :class:`LayerSelectionError` naming the MoE layers otherwise."""
     moe_layers = sorted({loc.layer_index for loc in locations})
     if isinstance(layers, str):
         if layers != "all":
@@ -89,6 +116,32 @@ def _select_layers(locations: list[RouterLocation], layers: str | Iterable[int],
     return [loc for loc in locations if loc.layer_index in chosen]
 
 
+def bayesian_routers(
+    model: nn.Module, sites: RouterSites, locations: list[RouterLocation]
+) -> tuple[dict[str, nn.Module], dict[str, BayesianRouter]]:
+    """The original routers at ``locations`` and the Bayesian routers standing in for them, by module path."""
+    originals = {loc.path: model.get_submodule(loc.path) for loc in locations}
+    routers = {
+        loc.path: bayesian_router_class(type(original))(original, loc.family, sites, loc.path)
+        for loc, original in zip(locations, originals.values(), strict=True)
+    }
+    return originals, routers
+
+
+def router_site_names(router: BayesianRouter) -> list[str]:
+    """The sample sites of ``router``, in the order its forward declares them."""
+    sites, names = router.sites, []
+    if sites.weight is not None:
+        names.append(router.site_name("weight"))
+        if "bias" in router._parameters:
+            names.append(router.site_name("bias"))
+    if sites.logits is not None:
+        names.append(router.site_name("logits"))
+    if sites.temperature is not None:
+        names.append(router.site_name("temperature"))
+    return names
+
+
 class RouterPatch:
     """A model whose chosen routers are Bayesian; undo with :meth:`unpatch` (or a ``with`` block).
 
@@ -106,11 +159,7 @@ class RouterPatch:
         self.model = model
         self.sites = sites
         self.locations = locations
-        self._originals: dict[str, nn.Module] = {loc.path: model.get_submodule(loc.path) for loc in locations}
-        self.routers: dict[str, BayesianRouter] = {
-            loc.path: bayesian_router_class(type(original))(original, loc.family, sites, loc.path)
-            for loc, original in zip(locations, self._originals.values(), strict=True)
-        }
+        self._originals, self.routers = bayesian_routers(model, sites, locations)
         self._hooks: list[RemovableHandle] = []
         self._tokens: list[Token[RoutingContext | None]] = []
         self._signature = inspect.signature(model.forward)
@@ -124,17 +173,12 @@ class RouterPatch:
     @property
     def site_names(self) -> list[str]:
         """Names of all sample sites, in the order a forward pass declares them."""
-        names = []
-        for router in self.routers.values():
-            if self.sites.weight is not None:
-                names.append(router.site_name("weight"))
-                if "bias" in router._parameters:
-                    names.append(router.site_name("bias"))
-            if self.sites.logits is not None:
-                names.append(router.site_name("logits"))
-            if self.sites.temperature is not None:
-                names.append(router.site_name("temperature"))
-        return names
+        return [name for router in self.routers.values() for name in router_site_names(router)]
+
+    @property
+    def site_locations(self) -> list[RouterLocation]:
+        """Where the modules holding the sample sites sit (their paths prefix the site names), in layer order."""
+        return list(self.locations)
 
     def _swap(self, modules: Mapping[str, nn.Module]) -> None:
         for path, module in modules.items():
@@ -149,7 +193,16 @@ class RouterPatch:
             self._remove_hooks()
             self._swap(self._originals)
             raise
+        self._activate()
+
+    def _activate(self) -> None:
+        """Mark the patch active (the model refuses a second patch until :meth:`unpatch`)."""
+        _ACTIVE_PATCHES[self.model] = weakref.ref(self)
         self.active = True
+
+    def _deactivate(self) -> None:
+        _ACTIVE_PATCHES.pop(self.model, None)
+        self.active = False
 
     def _install_hooks(self) -> None:
         self._hooks.append(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
@@ -201,11 +254,15 @@ class RouterPatch:
         if not self.active:
             return self.model
         self._remove_hooks()
+        self._hand_back_routers()
+        self._deactivate()
+        return self.model
+
+    def _hand_back_routers(self) -> None:
+        """Put the original routers back with the Bayesian routers' current parameters, buffers and hooks."""
         for path, original in self._originals.items():
             self.routers[path].hand_back(original)
         self._swap(self._originals)
-        self.active = False
-        return self.model
 
     def __enter__(self) -> RouterPatch:
         return self
@@ -253,8 +310,9 @@ def patch_routers(
         raise ConfigurationError(
             f"the routers {already[:3]} are already Bayesian; unpatch the existing RouterPatch first."
         )
+    check_unpatched(model)
     layer_list = model.get_submodule(locations[0].layer_path.rpartition(".")[0])
-    chosen = _select_layers(locations, layers, len(layer_list))
+    chosen = select_layers(locations, layers, len(layer_list))
     patch = RouterPatch(model, config, chosen)
     patch._apply()
     return patch

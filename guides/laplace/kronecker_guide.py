@@ -241,7 +241,7 @@ class KroneckerMAP(RouterAutoDelta, PosteriorPart):
         """The :class:`KroneckerLaplaceGuide` at the current point masses, curvature over ``batches``
         (``data_parallel``: shared among the ranks and reduced once, the same guide on every rank)."""
         targets = self.targets()
-        values = {name: self.locs_value(name).detach() for name in targets}
+        values = {name: self.locs_value(name).detach().clone() for name in targets}  # no alias of the MAP
         probes = {name: value.clone().requires_grad_(True) for name, value in values.items()}
 
         def answer_logits(input_ids: Tensor, attention_mask: Tensor) -> Tensor:

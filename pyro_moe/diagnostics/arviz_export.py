@@ -94,7 +94,7 @@ class SiteLayout:
     """
 
     def __init__(self, patch: RouterPatch) -> None:
-        self.layers = {location.path: location.layer_index for location in patch.locations}
+        self.layers = {location.path: location.layer_index for location in patch.site_locations}
 
     def variable(self, site: str) -> tuple[str, int]:
         """``(variable name, layer index)`` of ``site``."""

@@ -144,7 +144,7 @@ class FittedPosterior:
         posterior resumes); the batch order continues from the step count. Data-parallel, every
         rank gives the same ``data`` and steps on its rows of each batch."""
         hooks = hooks_of(self.guide.global_guide)
-        check_integer("steps", steps, minimum=0 if hooks.post_hoc else 1)
+        check_integer("steps", steps, minimum=self.guide.min_steps)
         if self.fitted_post_hoc:
             raise ConfigurationError("a posterior fitted post hoc (a Laplace) cannot resume training; fit a new one.")
         batches = check_batches(data, self.likelihood.num_choices)
@@ -226,6 +226,8 @@ class FittedPosterior:
             }
             posterior.guide.setup(**dummy)
             if posterior.fitted_post_hoc:
+                if any(name.startswith("param/") for name in tensors):  # what the SVI steps trained (per-token parts)
+                    posterior.engine.load_state_tensors(tensors, dummy)
                 buffers = {
                     name.removeprefix("buffer/global_guide."): tensor.to(device)
                     for name, tensor in tensors.items()

@@ -131,7 +131,7 @@ def test_bad_input():
     model = tiny_model("granitemoe")
     batches = tiny_batches(1)
     handle = patch_routers(model, {"weight": 0.3, "logits": 1.0}, layers=[1])
-    with pytest.raises(ConfigurationError, match="global sites only"):
+    with pytest.raises(ConfigurationError, match="steps must be a positive integer"):  # the mfvr part trains
         fit(handle, batches, "kron-laplace+mfvr", answer_token_ids=ANSWERS, steps=0, progress=False)
     handle.unpatch()
     pyro.clear_param_store()
