@@ -252,13 +252,10 @@ def run_objective_study(
 
 
 def _prior_scales(posterior: FittedPosterior, fixed: float) -> list[float]:
-    """The logit prior's scale per Bayesian layer: learned ones from the fit's parameters."""
-    store, prefix = pyro.get_param_store(), posterior.engine.param_prefix
-    scales = []
-    for path in posterior.patch.routers:
-        name = f"{prefix}{path}.logits.prior_scale"
-        scales.append(float(store[name].detach().mean()) if name in store else fixed)
-    return scales
+    """The logit prior's scale per Bayesian layer: learned ones from the fit (their mean over experts)."""
+    learned = posterior.prior_scales()
+    sites = [router.site_name("logits") for router in posterior.patch.routers.values()]
+    return [float(learned[site].mean()) if site in learned else fixed for site in sites]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

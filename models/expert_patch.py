@@ -255,6 +255,11 @@ class ExpertPatch(RouterPatch):
                 names.append(self.expert_sites[location.path].site)
         return names
 
+    @property
+    def learned_scale_sites(self) -> list[str]:
+        """None: the experts' priors have a precision (set by :meth:`set_prior_precision`), not a learned scale."""
+        return []
+
     def set_prior_precision(self, precisions: Mapping[str, Tensor | float]) -> None:
         """Set ``tau`` per site name: a scalar or ``(experts,)``."""
         by_site = {site.site: site for site in self.expert_sites.values()}

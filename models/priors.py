@@ -76,6 +76,7 @@ __all__ = [
     "StudentTPrior",
     "family_name",
     "family_params",
+    "learned_scale_name",
     "prior_family",
     "scaled_exp1",
 ]
@@ -410,6 +411,11 @@ SCALE_MODES = ("fixed", "learned", "hierarchical")
 SCALE_SHARING = ("layer", "expert")
 
 
+def learned_scale_name(site: str, param_prefix: str = "") -> str:
+    """The ``pyro.param`` name of the learned prior scale of ``site``: ``<param_prefix><site>.prior_scale``."""
+    return f"{param_prefix}{site}.prior_scale"
+
+
 @dataclass(frozen=True)
 class PriorScale:
     """How the scale of a site's prior is set.
@@ -448,7 +454,7 @@ class PriorScale:
         if self.mode == "fixed":
             return initial
         if self.mode == "learned":
-            return pyro.param(f"{param_prefix}{site}.prior_scale", initial, constraint=constraints.positive)
+            return pyro.param(learned_scale_name(site, param_prefix), initial, constraint=constraints.positive)
         hyperprior = dist.LogNormal(initial.log(), self.hyperprior_scale).to_event(len(shape))
         return pyro.sample(f"{site}.prior_scale", hyperprior)
 

@@ -180,6 +180,22 @@ class RouterPatch:
         """Where the modules holding the sample sites sit (their paths prefix the site names), in layer order."""
         return list(self.locations)
 
+    @property
+    def learned_scale_sites(self) -> list[str]:
+        """Names of the sites whose prior scale is learned (empirical Bayes, ``mode="learned"``), in
+        :attr:`site_names` order; each has the ``pyro.param`` :func:`~pyro_moe.models.priors.learned_scale_name`."""
+        priors = {
+            "weight": self.sites.weight,
+            "bias": self.sites.weight,
+            "logits": self.sites.logits,
+            "temperature": self.sites.temperature,
+        }
+        return [
+            name
+            for name in self.site_names
+            if (prior := priors[name.rpartition(".")[2]]) is not None and prior.scale.mode == "learned"
+        ]
+
     def _swap(self, modules: Mapping[str, nn.Module]) -> None:
         for path, module in modules.items():
             parent_path, _, name = path.rpartition(".")

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,42 +39,19 @@ from pyro_moe.distributed import DataParallel, data_parallel
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.guides.family import hooks_of
 from pyro_moe.guides.router_guide import RouterGuide
+from pyro_moe.inference.batches import check_batches
+from pyro_moe.inference.callbacks import TrainingCallback, as_callback
 from pyro_moe.inference.checkpoint import load_checkpoint, save_checkpoint
 from pyro_moe.inference.options import TrainingOptions
 from pyro_moe.inference.predictive import RoutedPrediction, predict
 from pyro_moe.inference.svi import SVIEngine
 from pyro_moe.models.expert_patch import patch_experts
 from pyro_moe.models.likelihoods import MCQALikelihood
+from pyro_moe.models.priors import learned_scale_name
 from pyro_moe.models.router_patch import RouterPatch, patch_routers
 from pyro_moe.validation import check_integer
 
 __all__ = ["FittedPosterior", "check_batches", "fit"]
-
-BATCH_KEYS = ("input_ids", "attention_mask", "labels")
-
-
-def check_batches(data: Iterable[Mapping[str, Tensor]], num_choices: int) -> list[dict[str, Tensor]]:
-    """The batches as a list, checked: non-empty, the keys ``input_ids`` ``(batch, length)``,
-    ``attention_mask`` (same shape) and ``labels`` ``(batch,)`` in ``[0, num_choices)``."""
-    batches = [dict(batch) for batch in data]
-    if not batches:
-        raise ConfigurationError("the data are empty: give at least one batch of input_ids, attention_mask, labels.")
-    for index, batch in enumerate(batches):
-        missing = [key for key in BATCH_KEYS if key not in batch]
-        if missing:
-            raise ConfigurationError(f"batch {index} lacks {missing}; every batch needs {', '.join(BATCH_KEYS)}.")
-        ids, mask, labels = (batch[key] for key in BATCH_KEYS)
-        if ids.dim() != 2 or mask.shape != ids.shape or labels.shape != ids.shape[:1]:
-            raise ConfigurationError(
-                f"batch {index}: input_ids {tuple(ids.shape)}, attention_mask {tuple(mask.shape)} and labels "
-                f"{tuple(labels.shape)} must be (batch, length), (batch, length) and (batch,)."
-            )
-        if labels.dtype.is_floating_point or labels.min() < 0 or labels.max() >= num_choices:
-            raise ConfigurationError(
-                f"batch {index}: labels must be integers in [0, {num_choices}) (one per answer letter), "
-                f"got values in [{labels.min().item()}, {labels.max().item()}]."
-            )
-    return batches
 
 
 @contextlib.contextmanager
@@ -128,7 +105,8 @@ class FittedPosterior:
 
     @property
     def history(self) -> list[dict[str, float]]:
-        """One record per step: ``step, loss, nll, kl, beta``."""
+        """One record per step: ``step, loss, nll, kl, beta``, and a callback's value under its name
+        (``held_out_nll``) at the steps where it returned one."""
         return self.engine.history
 
     def _device(self) -> torch.device:
@@ -139,15 +117,40 @@ class FittedPosterior:
         """The data-parallel run this posterior trains in (``None``: one process)."""
         return self.engine.data_parallel
 
-    def train(self, data: Iterable[Mapping[str, Tensor]], steps: int, progress: bool = True) -> FittedPosterior:
+    def prior_scales(self) -> dict[str, Tensor]:
+        """The learned prior scales (empirical Bayes, ``mode="learned"``) by the name of the site they
+        scale (e.g. ``"model.layers.1.mlp.gate.logits"``), in the constrained (positive) space,
+        detached copies: ``()`` for a scale per layer, ``(experts,)`` per expert.
+
+        Empty when no scale is learned (``fixed`` scales; ``hierarchical`` scales are sample sites
+        with a posterior in the guide). A learned scale appears once a step has trained it."""
+        store, prefix = pyro.get_param_store(), self.engine.param_prefix
+        names = {site: learned_scale_name(site, prefix) for site in self.patch.learned_scale_sites}
+        return {site: store[name].detach().clone() for site, name in names.items() if name in store}
+
+    def train(
+        self,
+        data: Iterable[Mapping[str, Tensor]],
+        steps: int,
+        progress: bool = True,
+        callback: TrainingCallback | Callable[[FittedPosterior, int], float | None] | None = None,
+    ) -> FittedPosterior:
         """Run ``steps`` more SVI steps on ``data`` (also how :func:`fit` trains and how a loaded
         posterior resumes); the batch order continues from the step count. Data-parallel, every
-        rank gives the same ``data`` and steps on its rows of each batch."""
+        rank gives the same ``data`` and steps on its rows of each batch.
+
+        ``callback`` (see :mod:`pyro_moe.inference.callbacks`, e.g. an
+        :class:`~pyro_moe.inference.callbacks.EvaluationCallback`) is checked before the first
+        step, called after every step with the number of steps done (a returned number goes into
+        that step's history record under the callback's name) and finished after the last."""
         hooks = hooks_of(self.guide.global_guide)
         check_integer("steps", steps, minimum=self.guide.min_steps)
         if self.fitted_post_hoc:
             raise ConfigurationError("a posterior fitted post hoc (a Laplace) cannot resume training; fit a new one.")
         batches = check_batches(data, self.likelihood.num_choices)
+        callback = None if callback is None else as_callback(callback)
+        if callback is not None:
+            callback.check(self, self.engine.step_count, steps)
         num_examples = sum(len(batch["labels"]) for batch in batches)
         parallel = self.data_parallel
         if parallel is not None:
@@ -167,7 +170,12 @@ class FittedPosterior:
                 batch = {k: v.to(device) for k, v in (parallel.shard_rows(batch) if parallel else batch).items()}
                 record = self.engine.step({**batch, "num_examples": num_examples})
                 hooks.after_step(self.engine.step_count)
+                value = None if callback is None else callback(self, self.engine.step_count)
+                if value is not None:
+                    record[callback.name] = float(value)
                 bar.set_postfix(loss=f"{record['loss']:.3g}", kl=f"{record['kl']:.3g}", nll=f"{record['nll']:.3f}")
+            if callback is not None:
+                callback.finish(self)
             if hooks.post_hoc:
                 batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
                 self.guide.finish_post_hoc(batches, num_examples, progress, parallel)
@@ -285,6 +293,7 @@ def fit(
     device: str | torch.device | None = None,
     progress: bool = True,
     distributed: bool | None = None,
+    callback: TrainingCallback | Callable[[FittedPosterior, int], float | None] | None = None,
     **overrides: Any,
 ) -> FittedPosterior:
     """Fit a posterior over the router sites of ``patch`` on MCQA ``data`` by SVI.
@@ -304,13 +313,16 @@ def fit(
         distributed: ``None``: data-parallel when a process group of two or more processes is
             initialised (:func:`pyro_moe.distributed.init_distributed`), every rank giving the same
             ``data``; ``False``: fit in this process alone; ``True``: require the process group.
+        callback: runs after every step (:meth:`FittedPosterior.train`), e.g.
+            ``EvaluationCallback(validation_batches, every=50, keep_best=True)``: held-out NLL in the
+            history, the best evaluation's parameters restored at the end.
         overrides: fields of :class:`~pyro_moe.inference.options.TrainingOptions` replacing those of
             ``training`` (``steps=300, lr=0.05``).
 
     Raises:
         ConfigurationError: unknown guide, a guide that does not cover the model's sites, empty
             data, labels outside the choices, bad options, data-parallel batches with fewer rows
-            than processes; before training starts.
+            than processes, a callback's bad options or held-out batches; before training starts.
     """
     options = (training or TrainingOptions()).with_overrides(overrides)
     parallel = data_parallel(distributed)
@@ -338,4 +350,4 @@ def fit(
     except BaseException:
         patch.model.to(original_device)  # a refused guide leaves the model where it was
         raise
-    return posterior.train(batches, options.steps, progress=progress)
+    return posterior.train(batches, options.steps, progress=progress, callback=callback)

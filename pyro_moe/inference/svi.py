@@ -2,8 +2,9 @@
 
 Any Pyro model and guide called with the keyword arguments of a batch train here; the engine
 adds what :class:`pyro.infer.SVI` lacks for this project: a KL weight ``beta`` with linear
-annealing, gradient clipping, a stop with a named culprit on non-finite values (keeping the last
-finite state) and a state that can be saved and resumed.
+annealing, gradient clipping, a stop with a named culprit on non-finite values or a failed
+factorisation (``torch.linalg.LinAlgError``, e.g. the Cholesky factor of a covariance that is not
+positive definite), keeping the last finite state, and a state that can be saved and resumed.
 
 Objectives (vectorised particles at dim -2, ``max_plate_nesting=1``):
 
@@ -193,6 +194,18 @@ class KLWeight(Messenger):
             msg["scale"] = msg["scale"] * self.beta
 
 
+class _SiteRecorder(Messenger):
+    """Records the names of the sample sites drawn under it (token plates left out), in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def _pyro_post_sample(self, msg: dict) -> None:
+        if not msg["name"].endswith(".tokens"):
+            self.names.append(msg["name"])
+
+
 def _finite(value: Tensor) -> bool:
     return bool(torch.isfinite(value).all())
 
@@ -290,6 +303,23 @@ class SVIEngine:
                     return f"{role} site {name!r} (log-density)"
         return "no single site (the objective's combination overflowed)"
 
+    def _failing_site(self, batch: Mapping[str, Any]) -> str:
+        """Where a factorisation fails: in the guide or the model, after which of its sample sites
+        (the failing one is being built, so it has no name yet)."""
+        guide_trace = None
+        for role in ("guide", "model"):
+            recorder = _SiteRecorder()
+            function = self.guide if role == "guide" else poutine.replay(self.model, trace=guide_trace)
+            try:
+                with torch.no_grad(), recorder:
+                    trace = poutine.trace(function).get_trace(**batch)
+            except torch.linalg.LinAlgError:
+                return f"in the {role} " + (
+                    f"after its site {recorder.names[-1]!r}" if recorder.names else "before its first site"
+                )
+            guide_trace = trace
+        return "in neither the guide nor the model when traced again (a random draw)"
+
     def step(self, batch: Mapping[str, Any]) -> dict[str, float]:
         """One optimisation step on ``batch``; returns and records ``step, loss, nll, kl, beta``."""
         if self.optimizer is None:
@@ -302,13 +332,20 @@ class SVIEngine:
             with self._on_shard(whole_batch_bound=True):
                 loss = self.loss(batch)
         except NonFiniteError as error:
-            message = f"at step {self.step_count}: {error} The parameters keep their last finite values."
+            reason = str(error).split("\n")[0]  # without the trace shapes Pyro appends
+            message = f"at step {self.step_count}: {reason} The parameters keep their last finite values."
             raise NonFiniteError(message) from None
         except ValueError as error:
             if "invalid values" not in str(error):
                 raise
             raise NonFiniteError(
                 f"at step {self.step_count}: a distribution got non-finite parameters ({error}). "
+                "The parameters keep their last finite values."
+            ) from None
+        except torch.linalg.LinAlgError as error:  # a Cholesky (or other factorisation) of a bad matrix
+            reason = str(error).split("\n")[0]
+            raise NonFiniteError(
+                f"at step {self.step_count}: a factorisation failed {self._failing_site(batch)} ({reason}). "
                 "The parameters keep their last finite values."
             ) from None
         finite = _finite(loss)

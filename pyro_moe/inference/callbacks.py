@@ -1,0 +1,202 @@
+"""Callbacks of :meth:`FittedPosterior.train <pyro_moe.inference.fitting.FittedPosterior.train>`:
+code that runs after optimisation steps, records a value in the history and may act at the end.
+
+A callback is a :class:`TrainingCallback` (three hooks: :meth:`~TrainingCallback.check` before any
+step, ``__call__`` after every step, :meth:`~TrainingCallback.finish` after the last one) or any
+callable ``callback(posterior, step) -> float | None``. ``step`` is the number of steps done (1
+after the first); a returned number is recorded in that step's history record under the
+callback's :attr:`~TrainingCallback.name` (``"callback"`` for a plain callable).
+
+:class:`EvaluationCallback` is the one a fit usually wants: the held-out negative log-likelihood of
+the ``model-average`` predictive every ``every`` steps, and optionally the parameters of the best
+evaluation restored at the end (and the best state written as a checkpoint).
+
+Example::
+
+    evaluation = EvaluationCallback(validation_batches, every=50, num_samples=16, keep_best=True)
+    posterior = fit(patch, batches, "mfvr", answer_token_ids=letters, steps=300, callback=evaluation)
+    evaluation.values            # {50: 0.71, 100: 0.66, ...}: held-out NLL per evaluated step
+    evaluation.best_step         # the step whose parameters the posterior now holds
+    posterior.history[99]["held_out_nll"] == evaluation.values[100]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pyro
+import torch
+from torch import Tensor
+
+from pyro_moe.errors import ConfigurationError
+from pyro_moe.inference.batches import check_batches
+from pyro_moe.random_streams import RandomState
+from pyro_moe.validation import check_integer
+
+_Posterior = Any  # a pyro_moe.inference.fitting.FittedPosterior (that module imports this one)
+
+__all__ = ["EvaluationCallback", "TrainingCallback", "as_callback", "held_out_nll"]
+
+
+class TrainingCallback:
+    """A callback with hooks; override ``__call__`` and whichever of the others it needs."""
+
+    name: ClassVar[str] = "callback"
+    """The key of the callback's values in the history records."""
+
+    def check(self, posterior: _Posterior, start: int, steps: int) -> None:
+        """Raise :class:`~pyro_moe.errors.ConfigurationError` if the callback cannot run on ``posterior``
+        for ``steps`` steps from step count ``start``; called before any step."""
+
+    def __call__(self, posterior: _Posterior, step: int) -> float | None:
+        """Called after every step with the number of steps done; a number is recorded in the history."""
+        raise NotImplementedError
+
+    def finish(self, posterior: _Posterior) -> None:
+        """Called after the last step of :meth:`FittedPosterior.train` (not when a step failed)."""
+
+
+@dataclass
+class _FunctionCallback(TrainingCallback):
+    function: Callable[[_Posterior, int], float | None]
+
+    def __call__(self, posterior: _Posterior, step: int) -> float | None:
+        return self.function(posterior, step)
+
+
+def as_callback(callback: TrainingCallback | Callable[[_Posterior, int], float | None]) -> TrainingCallback:
+    """``callback`` as a :class:`TrainingCallback` (a plain callable runs after every step)."""
+    if isinstance(callback, TrainingCallback):
+        return callback
+    if not callable(callback):
+        raise ConfigurationError(
+            f"a callback must be a TrainingCallback or a callable (posterior, step) -> float | None, got {callback!r}."
+        )
+    return _FunctionCallback(callback)
+
+
+def held_out_nll(posterior: _Posterior, batches: Sequence[Mapping[str, Tensor]], num_samples: int, seed: int) -> float:
+    """Mean ``-log p(label)`` over the examples of ``batches`` under the ``model-average`` predictive
+    with ``num_samples`` joint draws, Pyro's seed set to ``seed`` first (the draws of
+    ``posterior.predict`` batch after batch); the guide in evaluation mode, no gradients.
+
+    Args:
+        posterior: the fitted posterior.
+        batches: dicts of ``input_ids`` ``(B, L)``, ``attention_mask`` ``(B, L)``, ``labels`` ``(B,)``.
+        num_samples: ``S`` joint draws per batch.
+        seed: seeds the draws.
+    """
+    device = posterior.patch.model.get_input_embeddings().weight.device
+    was_training = posterior.guide.training
+    posterior.guide.eval()
+    pyro.set_rng_seed(seed)
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                probs = posterior.predict(
+                    batch["input_ids"].to(device), batch["attention_mask"].to(device), num_samples=num_samples
+                ).probs
+                picked = probs.gather(-1, batch["labels"].to(device)[:, None]).squeeze(-1)
+                total += float(-picked.clamp_min(torch.finfo(probs.dtype).tiny).log().sum())
+                count += len(picked)
+    finally:
+        posterior.guide.train(was_training)
+    return total / count
+
+
+@dataclass
+class EvaluationCallback(TrainingCallback):
+    """Held-out NLL of the ``model-average`` predictive every ``every`` steps; optionally the best.
+
+    The options are checked when it is built, the batches against the posterior before any step.
+    Evaluation draws with its own seed and restores every random stream afterwards, so a fit with
+    the callback follows the same optimisation path as one without.
+
+    Attributes:
+        batches: held-out batches (dicts of ``input_ids`` ``(B, L)``, ``attention_mask`` ``(B, L)``,
+            ``labels`` ``(B,)``), e.g. from :func:`pyro_moe.data.mcqa_batches`.
+        every: evaluate after every ``every``-th step (step counts ``every, 2 every, ...``).
+        num_samples: ``S`` joint draws of the predictive.
+        keep_best: restore, at the end of training, the guide's parameters and buffers of the
+            evaluated step with the lowest held-out NLL (the earliest on ties). The step count,
+            history and optimiser state stay those of the last step.
+        folder: write the posterior there (:meth:`FittedPosterior.save`, atomically) at every new
+            best evaluation: a checkpoint of the best step that :meth:`FittedPosterior.load` reads
+            and resumes from; ``None``: none.
+        seed: seeds the predictive draws (the same draws at every evaluation).
+        values: ``{step: held-out NLL}`` of the evaluations so far (filled while training).
+        best_step, best_value: the best evaluation so far (``None``, ``inf`` before any).
+    """
+
+    name: ClassVar[str] = "held_out_nll"
+
+    batches: Sequence[Mapping[str, Tensor]]
+    every: int = 50
+    num_samples: int = 16
+    keep_best: bool = False
+    folder: str | Path | None = None
+    seed: int = 0
+    values: dict[int, float] = field(default_factory=dict, init=False)
+    best_step: int | None = field(default=None, init=False)
+    best_value: float = field(default=math.inf, init=False)
+    _best_state: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.batches, Mapping) or not isinstance(self.batches, Sequence):
+            raise ConfigurationError("batches must be a list of held-out batches (dicts of input_ids, ...).")
+        self.batches = [dict(batch) for batch in self.batches]
+        if not self.batches:
+            raise ConfigurationError("the held-out batches are empty: give at least one batch to evaluate on.")
+        check_integer("every", self.every)
+        check_integer("num_samples", self.num_samples)
+        check_integer("seed", self.seed, minimum=0)
+        if not isinstance(self.keep_best, bool):
+            raise ConfigurationError(f"keep_best must be True or False, got {self.keep_best!r}.")
+        if self.folder is not None and not isinstance(self.folder, str | Path):
+            raise ConfigurationError(f"folder must be a path or None, got {self.folder!r}.")
+
+    def check(self, posterior: _Posterior, start: int, steps: int) -> None:
+        """Refuse held-out batches the posterior cannot score and a run with no evaluation at all."""
+        check_batches(self.batches, posterior.likelihood.num_choices)
+        if (start + steps) // self.every == start // self.every:
+            raise ConfigurationError(
+                f"every={self.every}: no evaluation would run in steps {start + 1}..{start + steps}; "
+                f"choose every <= {max(steps, 1)} or train longer."
+            )
+
+    def __call__(self, posterior: _Posterior, step: int) -> float | None:
+        if step % self.every:
+            return None
+        streams = RandomState.current()
+        try:
+            value = held_out_nll(posterior, self.batches, self.num_samples, self.seed)
+        finally:
+            streams.restore()
+        self.values[step] = value
+        if value < self.best_value:
+            self.best_step, self.best_value = step, value
+            if self.keep_best:
+                self._best_state = {name: tensor.detach().clone() for name, tensor in _state(posterior).items()}
+            if self.folder is not None:
+                posterior.save(self.folder)
+        return value
+
+    def finish(self, posterior: _Posterior) -> None:
+        """With ``keep_best``: copy the best evaluation's parameters and buffers into the guide."""
+        if not self.keep_best or not self._best_state:
+            return
+        with torch.no_grad():
+            for name, tensor in _state(posterior).items():
+                tensor.copy_(self._best_state[name])
+
+
+def _state(posterior: _Posterior) -> dict[str, Tensor]:
+    """The trained tensors of ``posterior``: the engine's parameters (unconstrained) and the guide's buffers."""
+    state = {f"param/{name}": value for name, value in posterior.engine.params.items()}
+    state.update({f"buffer/{name}": value for name, value in posterior.guide.named_buffers()})
+    return state
