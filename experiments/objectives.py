@@ -2,7 +2,8 @@
 
 On the embedded benchmark, per-token router logits of every layer get a Normal prior around the
 deterministic logits and an amortized ``mfvr`` guide that starts at that prior (zero residual,
-the prior's scale). Two fits on the calibration split, same data, steps and seed:
+the prior's scale). The calibration split is cut in two: a fit part (its first questions) and a
+held-out selection part (its last ones). Two fits on the fit part, same data, steps and seed:
 
 * ``elbo``: the plain ELBO with the prior scale fixed. The ELBO scores the expected
   log-likelihood of single draws and ignores the diversity that model averaging turns into
@@ -12,14 +13,19 @@ the prior's scale). Two fits on the calibration split, same data, steps and seed
   per layer (empirical Bayes): the bound scores the K-draw Monte Carlo predictive, so the data
   decide how random the routing is.
 
-Both are compared with the deterministic model and with the unfitted prior (the prior at its
-initial scale, no guide) on held-out test questions under ``model-average``, and checked with
+Both are compared on held-out test questions under ``model-average`` with the deterministic model
+and two unfitted priors (no guide): the prior at the fits' initial scale, and the prior at the
+scale of a grid with the lowest NLL on the selection part (the baseline a learned scale has to
+beat; the test split is never read to choose it). Every row also gets the AUROC of its mutual
+information against the ``near_ood`` and ``far_ood`` splits
+(:func:`pyro_moe.evaluation.metrics.ood_auroc`), and the fits are checked with
 :func:`pyro_moe.diagnostics.collapse.collapse_report`.
 
 Example::
 
     study = run_objective_study(load_benchmark, ObjectiveStudySettings(steps=150))
-    study.table                      # one row per predictor: accuracy, nll, ece, brier, flags
+    study.table                      # one row per predictor: accuracy, nll, ece, brier, OoD AUROC, flags
+    study.selected_scale             # the grid scale with the lowest selection-part NLL
     study.write("runs/objectives")   # metrics.json, report.md, elbo.png, collapse_<case>.png
 
     python -m pyro_moe.experiments.objectives --out runs/objectives
@@ -30,6 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,21 +47,31 @@ import pyro
 import torch
 from torch import Tensor
 
+from pyro_moe.core.routing_context import PredictiveMode
 from pyro_moe.data import mcqa_batches
 from pyro_moe.diagnostics.collapse import CollapseReport, collapse_report
 from pyro_moe.errors import ConfigurationError
-from pyro_moe.evaluation.metrics import calibration_report
+from pyro_moe.evaluation.metrics import calibration_report, negative_log_likelihood, ood_auroc
 from pyro_moe.experiments.benchmark_model import LoadedBenchmark, answer_probabilities
+from pyro_moe.experiments.evaluation import Predictions, predict_batches
 from pyro_moe.experiments.guide_comparison import plot_elbo_curves
 from pyro_moe.inference.fitting import FittedPosterior, fit
-from pyro_moe.inference.predictive import predict
-from pyro_moe.models.router_patch import patch_routers
+from pyro_moe.inference.predictive import RoutedPrediction, predict
+from pyro_moe.models.router_patch import RouterPatch, patch_routers
 from pyro_moe.validation import check_integer, check_number
 
 __all__ = ["ObjectiveStudy", "ObjectiveStudySettings", "main", "run_objective_study"]
 
 CASES = ("elbo", "iwae")
 """The fitted cases: the plain ELBO with a fixed prior scale, the importance-weighted bound with learned scales."""
+
+SELECTED_PRIOR = "prior (selected scale)"
+"""The row of the unfitted prior at the grid scale chosen on the selection part."""
+
+OOD_SPLITS = ("near_ood", "far_ood")
+"""The OoD splits every row's mutual information is scored against (AUROC, the test split in-distribution)."""
+
+MODEL_AVERAGE = PredictiveMode.MODEL_AVERAGE.value
 
 
 @dataclass(frozen=True)
@@ -63,23 +80,32 @@ class ObjectiveStudySettings:
 
     Attributes:
         prior_scale: the logit prior's (initial) standard deviation, also the guide's initial scale.
+        selection_scales: the grid of fixed prior scales the selected-prior baseline is chosen from
+            (at least one, each positive), a tuple once built.
         layers: the Bayesian layers (as :func:`pyro_moe.patch_routers` takes them).
-        train_examples: questions of the calibration split the posteriors are fitted on.
-        test_examples: questions of the test split they are evaluated on.
+        train_examples: the fit part: the first this many calibration questions, the only ones the
+            posteriors are fitted on.
+        selection_examples: the selection part: the last this many calibration questions, where the
+            baseline's scale is chosen by NLL; it must not overlap the fit part.
+        test_examples: questions of the test split every row is evaluated on.
+        ood_examples: questions of each OoD split (``near_ood``, ``far_ood``) the AUROC uses.
         batch_size: minibatch size of the fits and of evaluation.
         steps: SVI steps per fit.
         lr: Adam step size.
         num_particles: K of the importance-weighted bound.
-        num_samples: S joint draws of the ``model-average`` predictive (and of the collapse
-            report's ``az.summary``).
+        num_samples: S joint draws of the ``model-average`` predictive (in the scale selection too,
+            and in the collapse report's ``az.summary``).
         collapse_batches: test batches the collapse report runs on.
         seed: seeds the fits and the predictive draws.
     """
 
     prior_scale: float = 0.3
+    selection_scales: Sequence[float] = (0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
     layers: str | tuple[int, ...] = "all"
-    train_examples: int = 1000
+    train_examples: int = 800
+    selection_examples: int = 200
     test_examples: int = 1000
+    ood_examples: int = 1000
     batch_size: int = 50
     steps: int = 300
     lr: float = 0.05
@@ -91,7 +117,9 @@ class ObjectiveStudySettings:
     def __post_init__(self) -> None:
         for name in (
             "train_examples",
+            "selection_examples",
             "test_examples",
+            "ood_examples",
             "batch_size",
             "steps",
             "num_particles",
@@ -101,6 +129,14 @@ class ObjectiveStudySettings:
             check_integer(name, getattr(self, name))
         for name in ("prior_scale", "lr"):
             check_number(name, getattr(self, name))
+        scales = self.selection_scales
+        if isinstance(scales, str) or not isinstance(scales, Sequence) or not scales:
+            raise ConfigurationError(
+                f"selection_scales must be a non-empty sequence of positive numbers, got {scales!r}."
+            )
+        for index, scale in enumerate(scales):
+            check_number(f"selection_scales[{index}]", scale)
+        object.__setattr__(self, "selection_scales", tuple(float(scale) for scale in scales))
 
 
 @dataclass
@@ -108,24 +144,39 @@ class ObjectiveStudy:
     """What :func:`run_objective_study` returns.
 
     Attributes:
-        table: one row per predictor (``deterministic``, ``prior``, ``elbo``, ``iwae``):
-            ``accuracy, nll, ece, mce, brier, confidence`` on the test questions, the fitted
-            ``prior_scales`` (per layer), the smallest ``kl_per_dimension`` over the sites, and
-            the collapse flags ``prior_collapse`` and ``deterministic`` (any site).
+        table: one row per predictor (``deterministic``, ``prior``, ``prior (selected scale)``,
+            ``elbo``, ``iwae``): ``accuracy, nll, ece, mce, brier, confidence`` on the test
+            questions, ``near_ood_auroc_mi`` and ``far_ood_auroc_mi`` (AUROC of the mutual
+            information, test against each OoD split; missing (NaN) for the deterministic model,
+            whose mutual information is 0), the ``prior_scales`` (per layer), and for the fits the
+            smallest ``kl_per_dimension`` over the sites and the collapse flags
+            ``prior_collapse`` and ``deterministic`` (any site).
+        selection_nll: ``{grid scale: NLL of the unfitted prior at that scale on the selection part}``.
         posteriors: the two fits, each on its own copy of the model (still patched).
         collapse: the collapse report of each fit on the first test batches.
         settings: the settings of the run.
     """
 
     table: pd.DataFrame
+    selection_nll: dict[float, float]
     posteriors: dict[str, FittedPosterior]
     collapse: dict[str, CollapseReport]
     settings: ObjectiveStudySettings
+
+    @property
+    def selected_scale(self) -> float:
+        """The grid scale with the lowest selection-part NLL (the first of the grid on a tie)."""
+        return min(self.selection_nll, key=self.selection_nll.__getitem__)
 
     def to_json(self) -> dict[str, Any]:
         """The table, the settings and the collapse tables as plain JSON values."""
         return {
             "settings": dataclasses.asdict(self.settings),
+            "selection": {
+                "scales": list(self.selection_nll),
+                "nll": list(self.selection_nll.values()),
+                "selected_scale": self.selected_scale,
+            },
             "predictors": json.loads(self.table.to_json(orient="index")),
             "collapse": {
                 case: json.loads(report.table.to_json(orient="records")) for case, report in self.collapse.items()
@@ -133,20 +184,38 @@ class ObjectiveStudy:
         }
 
     def to_markdown(self) -> str:
-        """The predictors' table as Markdown (figures to three decimals)."""
-        columns = ["accuracy", "nll", "ece", "brier", "kl_per_dimension", "prior_collapse", "prior_scales"]
+        """The predictors' table as Markdown (figures to three decimals) and the scale selection under it."""
+        columns = [
+            "accuracy",
+            "nll",
+            "ece",
+            "brier",
+            "near_ood_auroc_mi",
+            "far_ood_auroc_mi",
+            "kl_per_dimension",
+            "prior_collapse",
+            "prior_scales",
+        ]
         lines = ["| predictor | " + " | ".join(columns) + " |", "| --- |" + " ---: |" * len(columns)]
         for name, row in self.table.iterrows():
             cells = []
             for column in columns:
                 value = row[column]
-                if isinstance(value, float):
+                if value is None or (isinstance(value, float) and math.isnan(value)):
+                    cells.append("")
+                elif isinstance(value, float):
                     cells.append(f"{value:.3f}")
                 elif isinstance(value, list):
                     cells.append(", ".join(f"{v:.2f}" for v in value))
                 else:
-                    cells.append("" if value is None else str(value))
+                    cells.append(str(value))
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        grid = ", ".join(f"{scale:g}: {nll:.3f}" for scale, nll in self.selection_nll.items())
+        lines += [
+            "",
+            f"Prior scale selected on the last {self.settings.selection_examples} calibration questions "
+            f"(not fitted on): {self.selected_scale:g}; selection NLL per scale: {grid}.",
+        ]
         return "\n".join(lines) + "\n"
 
     def write(self, folder: str | Path) -> dict[str, Path]:
@@ -166,49 +235,104 @@ class ObjectiveStudy:
         return paths
 
 
-def _probabilities(
-    answer: Callable[[Tensor, Tensor], Tensor], batches: Sequence[Mapping[str, Tensor]], seed: int
-) -> Tensor:
-    pyro.set_rng_seed(seed)
-    with torch.no_grad():
-        return torch.cat([answer(batch["input_ids"], batch["attention_mask"]) for batch in batches])
+class _UnfittedPrior:
+    """The priors of a patch as a posterior (no guide): what :func:`predict_batches` predicts with."""
+
+    def __init__(self, patch: RouterPatch, answer_token_ids: Tensor) -> None:
+        self.patch, self.answer_token_ids = patch, answer_token_ids
+
+    def predict(self, input_ids: Tensor, attention_mask: Tensor | None = None, **options: Any) -> RoutedPrediction:
+        """:func:`pyro_moe.predict` with the priors alone."""
+        return predict(self.patch, input_ids, attention_mask, answer_token_ids=self.answer_token_ids, **options)
+
+
+def _prior_predictions(
+    model: torch.nn.Module,
+    scale: float,
+    layers: str | list[int],
+    answer_token_ids: Tensor,
+    batches: Mapping[str, Sequence[Mapping[str, Tensor]]],
+    settings: ObjectiveStudySettings,
+    scores: bool = True,
+) -> dict[str, Predictions]:
+    """``model-average`` predictions of the unfitted logit prior at ``scale`` on every split of
+    ``batches``; the model is patched for the call only."""
+    handle = patch_routers(model, {"logits": scale}, layers=layers)
+    try:
+        prior = _UnfittedPrior(handle, answer_token_ids)
+        return {
+            split: predict_batches(
+                prior, split_batches, MODEL_AVERAGE, settings.num_samples, scores=scores, seed=settings.seed
+            )
+            for split, split_batches in batches.items()
+        }
+    finally:
+        handle.unpatch()
+
+
+def _check_sizes(splits: Mapping[str, Sequence[Any]], settings: ObjectiveStudySettings) -> None:
+    """Every split holds the questions the settings ask for; the fit and selection parts do not overlap."""
+    calibration = len(splits["calibration"])
+    if settings.train_examples + settings.selection_examples > calibration:
+        raise ConfigurationError(
+            f"the calibration split has {calibration} questions, {settings.train_examples} (fit part) + "
+            f"{settings.selection_examples} (selection part) were asked; the two parts must not overlap."
+        )
+    for split, wanted in (("test", settings.test_examples), *((s, settings.ood_examples) for s in OOD_SPLITS)):
+        if wanted > len(splits[split]):
+            raise ConfigurationError(f"the {split} split has {len(splits[split])} questions, {wanted} were asked.")
 
 
 def run_objective_study(
     load: Callable[[], LoadedBenchmark], settings: ObjectiveStudySettings | None = None, progress: bool = False
 ) -> ObjectiveStudy:
-    """Fit both cases and evaluate them against the deterministic model and the unfitted prior.
+    """Choose the baseline's prior scale, fit both cases, and evaluate them against the deterministic
+    model and the two unfitted priors.
+
+    The fits see the fit part of the calibration split only, the scale selection its selection part
+    only; the test and OoD splits are read for evaluation alone.
 
     Args:
         load: returns a fresh copy of the benchmark (one per fit, so both stay patched), e.g.
             :func:`pyro_moe.experiments.benchmark_model.load_benchmark`.
         settings: what to fit and evaluate (default :class:`ObjectiveStudySettings`).
         progress: show the fits' progress bars.
+
+    Raises:
+        ConfigurationError: a split smaller than asked, or fit and selection parts that would
+            overlap; before any prediction or fit.
     """
     settings = settings or ObjectiveStudySettings()
     loaded = load()
     splits, tokenizer, letters = loaded.benchmark.splits, loaded.tokenizer, loaded.answer_token_ids
-    for split, wanted in (("calibration", settings.train_examples), ("test", settings.test_examples)):
-        if wanted > len(splits[split]):
-            raise ConfigurationError(f"the {split} split has {len(splits[split])} questions, {wanted} were asked.")
-    train = list(mcqa_batches(splits["calibration"][: settings.train_examples], tokenizer, settings.batch_size))
+    _check_sizes(splits, settings)
+    calibration = splits["calibration"]
+    train = list(mcqa_batches(calibration[: settings.train_examples], tokenizer, settings.batch_size))
+    selection = list(mcqa_batches(calibration[-settings.selection_examples :], tokenizer, settings.batch_size))
     test_examples = splits["test"][: settings.test_examples]
-    test = list(mcqa_batches(test_examples, tokenizer, settings.batch_size))
+    evaluation = {"test": list(mcqa_batches(test_examples, tokenizer, settings.batch_size))}
+    for split in OOD_SPLITS:
+        evaluation[split] = list(mcqa_batches(splits[split][: settings.ood_examples], tokenizer, settings.batch_size))
+    test = evaluation["test"]
     labels = torch.cat([batch["labels"] for batch in test])
     layers = settings.layers if isinstance(settings.layers, str) else list(settings.layers)
 
-    probs = {"deterministic": answer_probabilities(loaded.model, tokenizer, test_examples, settings.batch_size)}
-    handle = patch_routers(loaded.model, {"logits": settings.prior_scale}, layers=layers)
-    try:
-        probs["prior"] = _probabilities(
-            lambda ids, mask: (
-                predict(handle, ids, mask, answer_token_ids=letters, num_samples=settings.num_samples).probs
-            ),
-            test,
-            settings.seed,
+    selection_labels = torch.cat([batch["labels"] for batch in selection])
+    selection_nll = {}
+    for scale in settings.selection_scales:
+        chosen = _prior_predictions(
+            loaded.model, scale, layers, letters, {"selection": selection}, settings, scores=False
         )
-    finally:
-        handle.unpatch()
+        selection_nll[scale] = negative_log_likelihood(chosen["selection"].probs, selection_labels)
+    selected = min(selection_nll, key=selection_nll.__getitem__)
+
+    predictions: dict[str, dict[str, Predictions]] = {
+        "deterministic": {
+            "test": Predictions(answer_probabilities(loaded.model, tokenizer, test_examples, settings.batch_size))
+        },
+        "prior": _prior_predictions(loaded.model, settings.prior_scale, layers, letters, evaluation, settings),
+        SELECTED_PRIOR: _prior_predictions(loaded.model, selected, layers, letters, evaluation, settings),
+    }
 
     guide_options = {"mfvr": {"init_scale": settings.prior_scale}}  # the guide starts at the prior
     common = dict(steps=settings.steps, lr=settings.lr, seed=settings.seed, progress=progress)
@@ -217,6 +341,7 @@ def run_objective_study(
         model = load().model
         mode = "fixed" if case == "elbo" else "learned"
         patch = patch_routers(model, {"logits": {"scale": settings.prior_scale, "mode": mode}}, layers=layers)
+        bayesian_layers = len(patch.routers)
         particles = 1 if case == "elbo" else settings.num_particles
         posteriors[case] = posterior = fit(
             patch,
@@ -228,19 +353,28 @@ def run_objective_study(
             num_particles=particles,
             **common,
         )
-        probs[case] = _probabilities(
-            lambda ids, mask, p=posterior: p.predict(ids, mask, num_samples=settings.num_samples).probs,
-            test,
-            settings.seed,
-        )
+        predictions[case] = {
+            split: predict_batches(
+                posterior, batches, MODEL_AVERAGE, settings.num_samples, scores=True, seed=settings.seed
+            )
+            for split, batches in evaluation.items()
+        }
         reports[case] = collapse_report(
             posterior, test[: settings.collapse_batches], summary_draws=settings.num_samples, seed=settings.seed
         )
 
+    fixed_scales = {"prior": settings.prior_scale, SELECTED_PRIOR: selected}
     rows = {}
-    for name, predicted in probs.items():
-        row: dict[str, Any] = calibration_report(predicted, labels)
+    for name, predicted in predictions.items():
+        row: dict[str, Any] = calibration_report(predicted["test"].probs, labels)
+        information = predicted["test"].mutual_information
+        for split in OOD_SPLITS:
+            row[f"{split}_auroc_mi"] = (
+                None if information is None else ood_auroc(information, predicted[split].mutual_information)
+            )
         row.update(prior_scales=None, kl_per_dimension=None, prior_collapse=None, deterministic=None)
+        if name in fixed_scales:
+            row["prior_scales"] = [fixed_scales[name]] * bayesian_layers
         if name in posteriors:
             table = reports[name].table
             row["kl_per_dimension"] = float(table["kl_per_dimension"].min())
@@ -248,7 +382,8 @@ def run_objective_study(
             row["deterministic"] = bool(table["deterministic"].any())
             row["prior_scales"] = _prior_scales(posteriors[name], settings.prior_scale)
         rows[name] = row
-    return ObjectiveStudy(pd.DataFrame.from_dict(rows, orient="index"), posteriors, reports, settings)
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    return ObjectiveStudy(table, selection_nll, posteriors, reports, settings)
 
 
 def _prior_scales(posterior: FittedPosterior, fixed: float) -> list[float]:
@@ -269,15 +404,34 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=defaults.steps, help="SVI steps per fit")
     parser.add_argument("--lr", type=float, default=defaults.lr, help="Adam step size")
     parser.add_argument("--particles", type=int, default=defaults.num_particles, help="K of the iwae bound")
-    parser.add_argument("--train-examples", type=int, default=defaults.train_examples, help="calibration questions")
+    parser.add_argument(
+        "--selection-scales",
+        type=float,
+        nargs="+",
+        default=list(defaults.selection_scales),
+        help="grid of fixed prior scales the selected-prior baseline is chosen from",
+    )
+    parser.add_argument(
+        "--train-examples", type=int, default=defaults.train_examples, help="fit part: the first calibration questions"
+    )
+    parser.add_argument(
+        "--selection-examples",
+        type=int,
+        default=defaults.selection_examples,
+        help="selection part: the last calibration questions, where the baseline's scale is chosen",
+    )
     parser.add_argument("--test-examples", type=int, default=defaults.test_examples, help="test questions")
+    parser.add_argument("--ood-examples", type=int, default=defaults.ood_examples, help="questions per OoD split")
     parser.add_argument("--samples", type=int, default=defaults.num_samples, help="predictive draws")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the fits and draws")
     args = parser.parse_args(argv)
     settings = ObjectiveStudySettings(
         prior_scale=args.prior_scale,
+        selection_scales=args.selection_scales,
         train_examples=args.train_examples,
+        selection_examples=args.selection_examples,
         test_examples=args.test_examples,
+        ood_examples=args.ood_examples,
         steps=args.steps,
         lr=args.lr,
         num_particles=args.particles,
