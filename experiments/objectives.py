@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import pyro
 import torch
 from torch import Tensor
 
