@@ -17,6 +17,8 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -27,7 +29,47 @@ from pyro_moe.core.routing_context import routing_context
 from pyro_moe.errors import ConfigurationError, NonFiniteError
 from pyro_moe.models.router_patch import RouterPatch
 
-__all__ = ["MCQALikelihood", "NextTokenLikelihood", "data_scale"]
+__all__ = ["BATCH_KEYS", "MCQALikelihood", "NextTokenLikelihood", "check_batches", "data_scale"]
+
+BATCH_KEYS = ("input_ids", "attention_mask", "labels")
+"""The keys of an MCQA batch (what :class:`MCQALikelihood` is called with)."""
+
+
+def check_batches(data: Iterable[Mapping[str, Tensor]], num_choices: int) -> list[dict[str, Tensor]]:
+    """The batches as a list, checked before any work: at least one example, every batch mapping
+    :data:`BATCH_KEYS` to tensors, ``input_ids`` and ``attention_mask`` ``(batch, length)``, integer
+    ``labels`` ``(batch,)`` in ``[0, num_choices)``."""
+    if isinstance(data, Mapping):
+        raise ConfigurationError("give an iterable of batches (dicts of input_ids, attention_mask, labels), not one.")
+    batches = [dict(batch) for batch in data]
+    empty = ConfigurationError("the data are empty: give at least one batch of input_ids, attention_mask, labels.")
+    if not batches:
+        raise empty
+    for index, batch in enumerate(batches):
+        missing = [key for key in BATCH_KEYS if not isinstance(batch.get(key), Tensor)]
+        if missing:
+            raise ConfigurationError(
+                f"batch {index} lacks {missing}; every batch needs {', '.join(BATCH_KEYS)} tensors."
+            )
+        ids, mask, labels = (batch[key] for key in BATCH_KEYS)
+        if ids.dim() != 2 or mask.shape != ids.shape or labels.shape != ids.shape[:1]:
+            raise ConfigurationError(
+                f"batch {index}: input_ids {tuple(ids.shape)}, attention_mask {tuple(mask.shape)} and labels "
+                f"{tuple(labels.shape)} must be (batch, length), (batch, length) and (batch,)."
+            )
+        integers = not labels.dtype.is_floating_point and labels.dtype != torch.bool
+        if not integers or (len(labels) and (labels.min() < 0 or labels.max() >= num_choices)):
+            values = (
+                f"{labels.dtype} values"
+                if not integers or not len(labels)
+                else (f"values in [{labels.min().item()}, {labels.max().item()}]")
+            )
+            raise ConfigurationError(
+                f"batch {index}: labels must be integers in [0, {num_choices}) (one per answer letter), got {values}."
+            )
+    if not any(len(batch["labels"]) for batch in batches):
+        raise empty
+    return batches
 
 
 def data_scale(batch_size: int, num_examples: int | None) -> float:

@@ -19,45 +19,15 @@ from typing import Any
 
 import numpy as np
 import pyro
-import torch
 from torch import Tensor
 
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.guides.laplace.kronecker_guide import KroneckerLaplaceGuide
+from pyro_moe.models.likelihoods import check_batches
 from pyro_moe.random_streams import RandomState
 from pyro_moe.validation import check_integer, check_number
 
 __all__ = ["select_prior_precision"]
-
-
-def _check_batches(batches: Iterable[Mapping[str, Tensor]], choices: int) -> list[dict[str, Tensor]]:
-    """The batches as a list, each with ``input_ids`` and ``attention_mask`` ``(batch, length)`` and
-    integer ``labels`` ``(batch,)`` in ``[0, choices)``; refuses anything else."""
-    if isinstance(batches, Mapping):
-        raise ConfigurationError("batches must be an iterable of batches, got a single mapping.")
-    checked = []
-    for index, batch in enumerate(batches):
-        if not isinstance(batch, Mapping) or any(
-            not isinstance(batch.get(key), Tensor) for key in ("input_ids", "attention_mask", "labels")
-        ):
-            raise ConfigurationError(f"batch {index} must map input_ids, attention_mask and labels to tensors.")
-        input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
-            raise ConfigurationError(
-                f"batch {index}: input_ids and attention_mask must share a (batch, length) shape, got "
-                f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}."
-            )
-        if labels.shape != input_ids.shape[:1] or labels.is_floating_point() or labels.dtype == torch.bool:
-            raise ConfigurationError(
-                f"batch {index}: labels must be integer indices of shape ({input_ids.shape[0]},), "
-                f"got {labels.dtype} {tuple(labels.shape)}."
-            )
-        if len(labels) and (labels.min() < 0 or labels.max() >= choices):
-            raise ConfigurationError(f"batch {index}: labels must lie in [0, {choices - 1}] (the answer choices).")
-        checked.append(dict(batch))
-    if not checked or not any(len(batch["labels"]) for batch in checked):
-        raise ConfigurationError("give at least one held-out batch with examples.")
-    return checked
 
 
 def select_prior_precision(
@@ -99,7 +69,7 @@ def select_prior_precision(
         raise ConfigurationError("grid must hold at least one positive finite precision, got none.")
     num_samples = check_integer("num_samples", num_samples)
     seed = check_integer("seed", seed, minimum=0)
-    batches = _check_batches(batches, len(posterior.likelihood.answer_token_ids))
+    batches = check_batches(batches, len(posterior.likelihood.answer_token_ids))
     previous = {name: tau.clone() for name, tau in guide.prior_precisions().items()}
     states = RandomState.current(), random.getstate(), np.random.get_state()
     scores: dict[float, float] = {}

@@ -62,7 +62,8 @@ from torch.distributions import Distribution
 
 from pyro_moe.diagnostics.draws import draw_global_sites, draw_prior_global_sites, fit_parameters, run_with_draws
 from pyro_moe.errors import ConfigurationError
-from pyro_moe.inference.fitting import FittedPosterior, check_batches
+from pyro_moe.inference.fitting import FittedPosterior
+from pyro_moe.models.likelihoods import check_batches
 from pyro_moe.models.router_patch import RouterPatch
 
 __all__ = [

@@ -64,7 +64,8 @@ from torch.distributions import Distribution, biject_to, kl_divergence
 from pyro_moe.diagnostics.arviz_export import SiteLayout, posterior_summary, selected_sites, to_inference_data
 from pyro_moe.diagnostics.draws import draw_global_sites, elementwise, fit_parameters, run_with_draws
 from pyro_moe.errors import ConfigurationError
-from pyro_moe.inference.fitting import FittedPosterior, check_batches
+from pyro_moe.inference.fitting import FittedPosterior
+from pyro_moe.models.likelihoods import check_batches
 from pyro_moe.validation import check_number
 
 __all__ = ["FLAGS", "CollapseReport", "CollapseThresholds", "collapse_report"]

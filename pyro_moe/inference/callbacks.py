@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from pyro_moe.errors import ConfigurationError
-from pyro_moe.inference.batches import check_batches
+from pyro_moe.models.likelihoods import check_batches
 from pyro_moe.random_streams import RandomState
 from pyro_moe.validation import check_integer
 

@@ -39,19 +39,18 @@ from pyro_moe.distributed import DataParallel, data_parallel
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.guides.family import hooks_of
 from pyro_moe.guides.router_guide import RouterGuide
-from pyro_moe.inference.batches import check_batches
 from pyro_moe.inference.callbacks import TrainingCallback, as_callback
 from pyro_moe.inference.checkpoint import load_checkpoint, save_checkpoint
 from pyro_moe.inference.options import TrainingOptions
 from pyro_moe.inference.predictive import RoutedPrediction, predict
 from pyro_moe.inference.svi import SVIEngine
 from pyro_moe.models.expert_patch import patch_experts
-from pyro_moe.models.likelihoods import MCQALikelihood
+from pyro_moe.models.likelihoods import MCQALikelihood, check_batches
 from pyro_moe.models.priors import learned_scale_name
 from pyro_moe.models.router_patch import RouterPatch, patch_routers
 from pyro_moe.validation import check_integer
 
-__all__ = ["FittedPosterior", "check_batches", "fit"]
+__all__ = ["FittedPosterior", "fit"]
 
 
 @contextlib.contextmanager

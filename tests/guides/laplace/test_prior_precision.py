@@ -98,11 +98,11 @@ def test_a_failure_during_the_search_restores_the_prior_precision(fitted, monkey
         ({"num_samples": 0}, "num_samples must be a positive integer, got 0"),
         ({"seed": -1}, "seed must be a non-negative integer"),
         ({"seed": 1.5}, "seed must be a non-negative integer"),
-        ({"batches": []}, "at least one held-out batch"),
-        ({"batches": "drop input_ids"}, "batch 1 must map input_ids"),
-        ({"batches": "float labels"}, "batch 1: labels must be integer indices"),
-        ({"batches": "labels out of range"}, r"batch 1: labels must lie in \[0, 3\]"),
-        ({"batches": "short mask"}, "batch 1: input_ids and attention_mask must share"),
+        ({"batches": []}, "the data are empty"),
+        ({"batches": "drop input_ids"}, r"batch 1 lacks \['input_ids'\]"),
+        ({"batches": "float labels"}, r"batch 1: labels must be integers in \[0, 4\).*got torch.float32"),
+        ({"batches": "labels out of range"}, r"batch 1: labels must be integers in \[0, 4\)"),
+        ({"batches": "short mask"}, r"batch 1: input_ids \(\d+, \d+\), attention_mask \(\d+, \d+\)"),
     ],
 )
 def test_every_argument_is_checked_before_any_forward_pass(fitted, arguments, match):
