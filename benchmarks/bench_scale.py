@@ -254,7 +254,9 @@ def svi_steps(model: nn.Module, batch: dict[str, Tensor], repeats: int) -> dict[
     for guide, sites in GUIDES.items():
         pyro.clear_param_store()
         with patched(model, sites) as handle:
-            posterior = fit(handle, [batch], guide, answer_token_ids=ANSWER_IDS, steps=1, progress=False)
+            # Adam at a step size of 1e-6: every timed step costs the same, and repeated steps on the
+            # random-initialised model cannot drive a guide to a non-finite loss
+            posterior = fit(handle, [batch], guide, answer_token_ids=ANSWER_IDS, steps=1, lr=1e-6, progress=False)
             step_batch = {**batch, "num_examples": len(batch["labels"])}
 
             def step(posterior=posterior, step_batch=step_batch) -> None:
@@ -482,15 +484,21 @@ def main() -> None:
             "computed_bytes": sizes,
             "full_depth": extrapolate(shape, cases, bf16, sizes, args.last),
         }
+        write(report, args.out)  # what is measured so far survives a later failure
         print(f"{shape.name} done", flush=True)
     hidden, experts = (64, (16, 32)) if args.quick else (QWEN.hidden, (16, 32, 60, 128))
     report["guides"] = guide_cost(hidden, experts, batch["input_ids"].numel(), max(repeats, 3))
     report["guide_growth"] = growth_exponents(report["guides"])
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scale.json").write_text(json.dumps(report, indent=2))
+    write(report, args.out)
     lines = markdown(report)
     (args.out / "scale.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def write(report: dict, out: Path) -> None:
+    """``scale.json`` (everything measured so far) into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scale.json").write_text(json.dumps(report, indent=2))
 
 
 def markdown(report: dict) -> list[str]:
