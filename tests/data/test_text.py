@@ -53,7 +53,10 @@ def test_blank_separators_are_reported_without_a_warning(tmp_path, caplog):
     [
         (b"", r"empty\.txt: no usable line \(the file is empty\)"),
         (b"\n\n  \n", r"empty\.txt: no usable line \(\{'blank': 3\}\); first: file lines 1, 2, 3\."),
-        (b"\xff\xfe\n\n", r"empty\.txt: no usable line \(\{'not UTF-8 text': 1, 'blank': 1\}\); first: file lines 1, 2\."),
+        (
+            b"\xff\xfe\n\n",
+            r"empty\.txt: no usable line \(\{'not UTF-8 text': 1, 'blank': 1\}\); first: file lines 1, 2\.",
+        ),
     ],
 )
 def test_a_file_with_no_usable_line_is_refused_naming_it(tmp_path, content, message):
@@ -77,7 +80,9 @@ def test_batches_hold_each_document_alone_padded_on_the_tokenizers_side(side):
     documents = ["the sky is blue", "what", "yes and no", "the colour of the sky is blue , true"]
     batches = list(text_batches(documents, tokenizer, batch_size=3, max_length=6))
     assert [len(batch["input_ids"]) for batch in batches] == [3, 1]
-    rows = [(ids, mask) for batch in batches for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    rows = [
+        (ids, mask) for batch in batches for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)
+    ]
     for document, (ids, mask) in zip(documents, rows, strict=True):
         alone = tokenizer(document)["input_ids"][:6]  # the tokenizer on the document by itself, truncated
         assert ids[mask.bool()].tolist() == alone

@@ -84,7 +84,7 @@ def test_likelihoods_round_trip_their_configuration():
     assert isinstance(rebuilt, NextTokenLikelihood) and rebuilt.param_prefix == "fit/"
     older = likelihood_from_config(handle, {"answer_token_ids": [4, 5]})  # checkpoints from before text fits
     assert older.kind is LikelihoodKind.MCQA and older.answer_token_ids.tolist() == [4, 5]
-    with pytest.raises(ConfigurationError, match="unknown likelihood 'poetry'.*mcqa, next-token"):
+    with pytest.raises(ConfigurationError, match=r"unknown likelihood 'poetry'.*mcqa, next-token"):
         likelihood_from_config(handle, {"likelihood": "poetry"})
     with pytest.raises(ConfigurationError, match="fitted on text"):
         text.answer_token_ids  # noqa: B018
