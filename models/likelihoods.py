@@ -285,8 +285,8 @@ class NextTokenLikelihood:
         Kronecker Laplace need)."""
         raise ConfigurationError(
             "this posterior was fitted on text (the next-token likelihood): it has no answer letters to predict "
-            "or score MCQA answers with; measure it with pyro_moe.inference.perplexity.perplexity(posterior, "
-            "text_batches), or fit it on MCQA batches with answer_token_ids."
+            "or score MCQA answers with; measure it with pyro_moe.perplexity(posterior, text_batches), or fit it "
+            "on MCQA batches with answer_token_ids."
         )
 
     @property

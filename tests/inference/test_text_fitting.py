@@ -161,11 +161,18 @@ def test_the_likelihood_follows_answer_token_ids_and_mismatches_are_refused_befo
     assert all(torch.equal(before[name], tensor) for name, tensor in handle.model.state_dict().items())
 
 
-@pytest.mark.parametrize(("sites", "guide"), [({"weight": 0.2}, "laplace"), ({"weight": 0.2}, "swag")])
-def test_global_and_post_hoc_families_fit_text(sites, guide):
-    """Families that need nothing of the MCQA readout fit text like any other data: the dense Laplace's
-    Hessian and SWAG's moments come from the next-token likelihood."""
-    handle = patch_routers(tiny_model("granitemoe"), sites, layers=[1])
+@pytest.mark.parametrize("guide", ["laplace", "swag"])
+def test_global_and_post_hoc_families_fit_text_and_load(guide, tmp_path):
+    """Families that need nothing of the MCQA readout fit text like any other data (the dense Laplace's
+    Hessian and SWAG's moments come from the next-token likelihood) and load with their fitted state."""
+    handle = patch_routers(tiny_model("granitemoe"), {"weight": 0.2}, layers=[1])
     options = {"swag": {"guide_options": {"swag": {"rank": 2, "burn_in": 4, "every": 2}}}}.get(guide, {})
     posterior = fit(handle, _text(), guide, answer_token_ids=None, steps=10, progress=False, **options)
-    assert math.isfinite(perplexity(posterior, _text(), num_samples=3, progress=False).value)
+    pyro.set_rng_seed(3)
+    expected = perplexity(posterior, _text(), num_samples=3, progress=False)
+    assert math.isfinite(expected.value)
+    folder = posterior.save(tmp_path / guide)
+    pyro.clear_param_store()
+    loaded = FittedPosterior.load(folder, tiny_model("granitemoe"))
+    pyro.set_rng_seed(3)
+    assert perplexity(loaded, _text(), num_samples=3, progress=False) == expected
