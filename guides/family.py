@@ -43,6 +43,8 @@ from typing import Any
 from torch import Tensor
 
 from pyro_moe.distributed import DataParallel
+from pyro_moe.errors import ConfigurationError
+from pyro_moe.models.likelihoods import LikelihoodKind
 from pyro_moe.models.router_patch import RouterPatch
 
 __all__ = ["FamilyPreset", "GuideFamily", "GuideScope", "PostHocData", "PosteriorPart", "hooks_of"]
@@ -67,10 +69,11 @@ class PostHocData:
     sites (if any) are at their prior mean (the routing context's local guide).
 
     Attributes:
-        likelihood: the model (``MCQALikelihood``): ``answer_logits``, ``patch``, ``answer_token_ids``.
+        likelihood: the model (``MCQALikelihood``: ``answer_logits``, ``answer_token_ids``; or
+            ``NextTokenLikelihood``, for families whose :attr:`GuideFamily.likelihoods` allow it), ``patch``.
         global_model: the likelihood with only the global latent sites exposed (the part's own model).
-        batches: every batch (dicts of ``input_ids`` ``(B, L)``, ``attention_mask``, ``labels`` ``(B,)``)
-            on the model's device; the full data set.
+        batches: every batch (dicts of ``input_ids`` ``(B, L)``, ``attention_mask``, and for MCQA ``labels``
+            ``(B,)``) on the model's device; the full data set.
         num_examples: ``N``, the number of examples over all batches.
         progress: show a progress bar.
         data_parallel: the ranks share the batches and reduce once (``None``: one process).
@@ -173,6 +176,8 @@ class GuideFamily:
         check_options: ``check_options(options, steps)`` refuses, before any fit, part options (and a
             schedule over ``steps`` steps) the part would refuse only once built or trained (SWAG's
             snapshots); ``None``: nothing to check early.
+        likelihoods: the likelihoods its part can fit (the Kronecker Laplace families' curvature is
+            that of the MCQA answer); ``None``: any.
     """
 
     name: str
@@ -182,3 +187,13 @@ class GuideFamily:
     preset: Callable[[int], FamilyPreset] = field(default=lambda steps: FamilyPreset())
     post_hoc: bool = False
     check_options: Callable[[Mapping[str, Any], int], None] | None = None
+    likelihoods: frozenset[LikelihoodKind] | None = None
+
+    def check_likelihood(self, kind: LikelihoodKind) -> None:
+        """Refuse a fit with the likelihood ``kind`` when the family does not fit it (before any work)."""
+        if self.likelihoods is not None and kind not in self.likelihoods:
+            accepted = " or ".join(sorted(likelihood.value for likelihood in self.likelihoods))
+            raise ConfigurationError(
+                f"the guide family {self.name!r} fits the {accepted} likelihood only, not {kind.value}; "
+                "choose another family for this data."
+            )
