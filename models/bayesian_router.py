@@ -38,7 +38,8 @@ token's expected scores), whose errors are independent across tokens instead of 
 ``torch.no_grad`` the weight sites are not drawn at all; with gradients on they are still declared
 (a guide draws them and an ELBO's KL term scores them) while the logits come from the marginals.
 Temperatures, logit sites and dropout apply to these logits as to explicit ones. Model-average keeps
-explicit joint draws (each sample's network sees all tokens with the same weights).
+explicit joint draws (each sample's network sees all tokens with the same weights), and so does
+:func:`pyro_moe.at_prior_mean` (the sites pinned at their prior mean: the HF model).
 
 Example::
 
@@ -488,7 +489,7 @@ class BayesianRouter(nn.Module):
 
         draws, marginals = WeightDraws(self.weight, getattr(self, "bias", None)), None
         if sites.weight is not None:
-            local = context.local_reparameterization and not folded
+            local = context.local_reparameterization and not folded and not context.deterministic
             drawn, marginals = self._weight_sites(context, local)
             draws = drawn or draws
         if marginals is not None:
