@@ -454,7 +454,8 @@ class BayesianRouter(nn.Module):
         if marginals.bias_scale is not None:
             variance = variance + marginals.bias_scale.square().unsqueeze(1)
         noise = torch.randn((samples, *mean.shape[1:]), device=mean.device)
-        return torch.addcmul(mean, variance.sqrt(), noise)
+        # floored: a zero variance (a zero input row, zero scales) would give sqrt an infinite gradient
+        return torch.addcmul(mean, variance.clamp_min(torch.finfo(variance.dtype).tiny).sqrt(), noise)
 
     def _local_site(
         self, kind: str, distribution: dist.TorchDistribution, context: RoutingContext, plate: pyro.plate

@@ -232,6 +232,25 @@ def test_gradients_reach_the_guides_loc_and_scale_unbiased_and_the_site_stays_fo
     posterior.patch.unpatch()
 
 
+def test_a_zero_input_row_has_finite_gradients():
+    """A token whose router input is zero has logit variance 0: its draw is the mean, with finite gradients."""
+    posterior = mean_field_posterior("granitemoe", {"weight": 0.2})
+    router = first_router(posterior.patch)
+    hidden = torch.zeros(2, router.weight.shape[1])
+    hidden[1] = 1.0
+    ids = torch.zeros(1, 2, dtype=torch.long)
+    with (
+        routing_context(mode="routing-average", local_reparameterization=True),
+        pyro.plate("samples", 4, dim=PARTICLE_DIM),
+        posterior.guide.posterior(ids, torch.ones_like(ids)),
+    ):
+        logits, _, _ = router(hidden)
+    torch.testing.assert_close(logits[0], torch.zeros_like(logits[0]), atol=1e-12, rtol=0)
+    logits.sum().backward()
+    assert all(torch.isfinite(param.grad).all() for param in posterior.engine.params.values() if param.grad is not None)
+    posterior.patch.unpatch()
+
+
 def test_posteriors_and_priors_without_normal_marginals_draw_the_weights():
     """Low-rank (correlated weights), a Student-t prior and temperatures (LogNormal) offer no marginal:
     asking for local reparameterisation changes nothing, draw for draw."""
