@@ -11,8 +11,10 @@ one fixed batch of calibration questions, as a function of the guide's parameter
 
 Training (``pyro_moe.fit``) runs the ELBO with model-average particles and has no local
 reparameterisation: the two estimators are compared on the routing-average NLL of a batch
-directly. With S = 1 routing-average is one draw of the network, so that column is the
-gradient of a one-particle ELBO's likelihood term (the KL term is analytic: no variance).
+directly. With S = 1 routing-average is one draw of the network, so the explicit estimator at
+S = 1 is the gradient of a one-particle ELBO's likelihood term (up to the data scale ``N / B``;
+the mean-field KL term is analytic, without variance) and the local one what local
+reparameterisation would make of it.
 The two losses have the same per-token marginals but not the same joint: explicit draws share
 each weight matrix across the batch's tokens, local draws make the tokens independent, so their
 expected gradients may differ; the table reports that difference against its Monte Carlo error.
