@@ -17,7 +17,9 @@ fitted post hoc    :attr:`~PosteriorPart.post_hoc` (0 SVI steps allowed), :meth:
                    returns the fitted part (Laplace: the Gaussian at the mode); next to per-token parts
                    the SVI steps train those, the post-hoc part held at its starting point, and
                    ``finish_fit`` sees every per-token site at its prior mean
-predicts, exports  every part is a Pyro guide: drawn under the predictive's plate of joint samples
+predicts, exports  every part is a Pyro guide: drawn under the predictive's plate of joint samples;
+                   :meth:`~PosteriorPart.normal_marginal` offers a site's diagonal-Normal marginal
+                   (mean-field), with which routing-average draws logits by local reparameterisation
 saved, loaded      its parameters and buffers; a post-hoc part adds :meth:`~PosteriorPart.fitted_metadata`
                    and its unfitted part rebuilds it, :meth:`~PosteriorPart.restore_fitted`
 set up by name     ``GuideFamily.preset(steps)``: sites, selection, fit options for the experiments;
@@ -107,6 +109,13 @@ class PosteriorPart:
 
     def after_step(self, steps_done: int) -> None:
         """Called after every optimisation step with the number of steps done so far (1 after the first)."""
+
+    def normal_marginal(self, site: str) -> tuple[Tensor, Tensor] | None:
+        """``loc`` and ``scale`` (the site's value shape) of the part's posterior of ``site`` when it is a
+        diagonal Normal independent of every other site (mean-field), so that a router's logits may be
+        drawn from their per-token marginal (local reparameterisation); ``None`` otherwise (low-rank,
+        full-rank, SWAG, Laplace, point masses, ...: the default)."""
+        return None
 
     def finish_fit(self, data: PostHocData) -> Any:
         """The fitted posterior part (post-hoc families); called after the SVI steps."""

@@ -206,14 +206,24 @@ class RouterGuide(nn.Module):
     @contextlib.contextmanager
     def posterior(self, input_ids: Tensor, attention_mask: Tensor) -> Iterator[None]:
         """Within the current plate of joint samples, make a forward pass of the patched model draw
-        its global sites from the global guide and its per-token sites from the local guides."""
-        values = {}
+        its global sites from the global guide and its per-token sites from the local guides.
+
+        The global part is also the routing context's ``posterior_marginals``: under routing-average
+        with local reparameterisation, the routers draw their logits from the marginals it offers
+        (:meth:`~pyro_moe.guides.family.PosteriorPart.normal_marginal`: mean-field) and from the drawn
+        weights otherwise."""
+        values, marginals = {}, None
         if self.global_guide is not None:
             with _PosteriorDraws():  # seen by the particle plate, renamed apart from the model's sites
                 values = self.global_guide(input_ids, attention_mask)
+            marginals = hooks_of(self.global_guide)
         with (
             poutine.condition(data=values),
-            routing_context(local_guide=self.local_guide, param_prefix=self.likelihood.param_prefix),
+            routing_context(
+                local_guide=self.local_guide,
+                param_prefix=self.likelihood.param_prefix,
+                posterior_marginals=marginals,
+            ),
         ):
             yield
 
