@@ -32,7 +32,7 @@ from pyro_moe.errors import ConfigurationError
 from pyro_moe.models.router_patch import RouterPatch
 from pyro_moe.validation import check_integer
 
-__all__ = ["PosteriorGuide", "RoutedPrediction", "predict"]
+__all__ = ["PosteriorGuide", "RoutedPrediction", "predict", "predictive_mode"]
 
 
 class PosteriorGuide(Protocol):
@@ -52,11 +52,25 @@ class RoutedPrediction:
             ``(1, batch, choices)`` in routing-average mode; ``None`` unless requested.
         router_logits: per Bayesian router path, its sampled (tempered) logits
             ``(samples, batch, length, experts)``; ``None`` unless requested.
+        temperature: the calibration temperature ``T`` applied to :attr:`probs` (``softmax(log p / T)``
+            of the average ``p``, see :meth:`pyro_moe.FittedPosterior.calibrate`); ``None``: ``probs`` is
+            the plain average. :attr:`sample_probs` is never tempered.
     """
 
     probs: Tensor
     sample_probs: Tensor | None = None
     router_logits: dict[str, Tensor] | None = None
+    temperature: float | None = None
+
+
+def predictive_mode(mode: PredictiveMode | str) -> PredictiveMode:
+    """``mode`` as a :class:`~pyro_moe.core.routing_context.PredictiveMode`; an unknown one is refused
+    with the accepted names."""
+    try:
+        return PredictiveMode(mode)
+    except ValueError:
+        accepted = ", ".join(m.value for m in PredictiveMode)
+        raise ConfigurationError(f"unknown predictive mode {mode!r}; accepted: {accepted}.") from None
 
 
 def _check(
@@ -112,11 +126,7 @@ def predict(
         return_router_logits: also return every Bayesian router's sampled logits.
     """
     _check(patch, input_ids, attention_mask, num_samples, max_samples_per_pass)
-    try:
-        mode = PredictiveMode(mode)
-    except ValueError:
-        accepted = ", ".join(m.value for m in PredictiveMode)
-        raise ConfigurationError(f"unknown predictive mode {mode!r}; accepted: {accepted}.") from None
+    mode = predictive_mode(mode)
     model = patch.model
     device = model.get_input_embeddings().weight.device
     input_ids = input_ids.to(device)
