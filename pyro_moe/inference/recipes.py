@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pyro_moe.errors import ConfigurationError
@@ -195,6 +196,57 @@ class RecipeFit:
         ]
         return max(changes, default=0.0)
 
+    def to_markdown(self) -> str:
+        """The selection table, the learned scales (start, end, change over the last quarter) and the
+        temperatures, as Markdown."""
+        selection, steps = self.selection, max(self.scale_trajectory)
+        lines = [
+            f"# Recipe `{self.recipe.name}`",
+            "",
+            f"{self.recipe.description}.",
+            "",
+            f"Starting scale chosen by the NLL of the unfitted prior on {selection.examples} calibration questions "
+            f"(S = {selection.num_samples}, seed {selection.seed}):",
+            "",
+            "| scale | layers | calibration NLL | chosen |",
+            "| ---: | --- | ---: | :---: |",
+        ]
+        for row in selection.table():
+            layers = row["layers"] if isinstance(row["layers"], str) else ", ".join(map(str, row["layers"]))
+            lines.append(f"| {row['scale']:g} | {layers} | {row['nll']:.4f} | {'yes' if row['chosen'] else ''} |")
+        lines += [
+            "",
+            f"Learned prior scales after {steps} steps (largest relative change over the last quarter of the "
+            f"steps: {self.final_scale_change():.1%}):",
+            "",
+            "| site | start | learned |",
+            "| --- | --- | --- |",
+        ]
+        for site, value in self.scale_trajectory[steps].items():
+            start = self.scale_trajectory[0][site]
+            lines.append(f"| {site} | {_format(start)} | {_format(value)} |")
+        calibration = self.posterior.calibration
+        if calibration:
+            lines += [
+                "",
+                "| predictive mode | temperature | calibration NLL at T = 1 | at T |",
+                "| --- | ---: | ---: | ---: |",
+            ]
+            for mode, scaling in calibration.items():
+                nll = f"{scaling.unscaled_nll:.4f} | {scaling.calibration_nll:.4f}"
+                lines.append(f"| {mode} | {scaling.temperature:.3f} | {nll} |")
+        return "\n".join(lines) + "\n"
+
+    def plot(self, path: str | Path) -> Path:
+        """A PNG of the learned scales against the training step
+        (:func:`pyro_moe.evaluation.plots.plot_scale_trajectories`); returns its path."""
+        from pyro_moe.evaluation.plots import plot_scale_trajectories
+
+        sites = self.scale_trajectory[max(self.scale_trajectory)]
+        trajectories = {site: {step: scales[site] for step, scales in self.scale_trajectory.items()} for site in sites}
+        title = f"Learned prior scales of {self.recipe.name} (start: the selected scale)"
+        return plot_scale_trajectories(trajectories, path, title=title)
+
     def to_json(self) -> dict[str, Any]:
         """The recipe, the selection, the temperatures, the learned scales and their trajectory."""
         return {
@@ -209,6 +261,10 @@ class RecipeFit:
 
 def _flat(value: float | list[float]) -> list[float]:
     return value if isinstance(value, list) else [value]
+
+
+def _format(value: float | list[float]) -> str:
+    return ", ".join(f"{scale:.3f}" for scale in _flat(value))
 
 
 def run_recipe(
