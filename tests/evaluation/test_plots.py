@@ -102,6 +102,6 @@ def test_scale_trajectories(tmp_path: Path) -> None:
         plots.plot_scale_trajectories({"layer 0": {0: 1.0, 10: [1.0, 2.0]}}, tmp_path / "bad.png")
     with pytest.raises(ConfigurationError, match="non-empty mapping"):
         plots.plot_scale_trajectories({}, tmp_path / "bad.png")
-    with pytest.raises(ConfigurationError, match="must end in .png"):
+    with pytest.raises(ConfigurationError, match=r"must end in \.png"):
         plots.plot_scale_trajectories(trajectories, tmp_path / "scales.pdf")
     assert not (tmp_path / "bad.png").exists()
