@@ -353,7 +353,11 @@ def run_demo(args: argparse.Namespace) -> None:
 
     settings = QUICK if args.quick else DemoSettings()
     settings = replace(
-        settings, seed=args.seed, steps=args.steps or settings.steps, samples=args.samples or settings.samples
+        settings,
+        seed=args.seed,
+        steps=args.steps or settings.steps,
+        recipe_steps=args.steps or settings.recipe_steps,
+        samples=args.samples or settings.samples,
     )
     headline = demo(args.out, settings)
     print(markdown_table(headline, HEADLINE_COLUMNS))
@@ -640,7 +644,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the offline demo on the embedded benchmark (make demo)")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default runs/demo)")
     demo.add_argument("--quick", action="store_true", help="few steps and questions, same code path (for tests)")
-    demo.add_argument("--steps", type=_integer(1), default=None, help="SVI steps per family (default 150)")
+    demo.add_argument(
+        "--steps", type=_integer(1), default=None, help="SVI steps per family and recipe (default 150; recipes: 300)"
+    )
     demo.add_argument("--samples", type=_integer(1), default=None, help="S per prediction (default 8)")
     demo.add_argument("--seed", type=_integer(0), default=0, help="seed (default 0)")
     demo.set_defaults(run=run_demo)
