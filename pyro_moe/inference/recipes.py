@@ -182,22 +182,35 @@ class RecipeFit:
     selection: PriorSelection
     scale_trajectory: dict[int, dict[str, float | list[float]]]
 
-    def final_scale_change(self, fraction: float = 0.25) -> float:
-        """The largest relative change ``|s_last / s_earlier - 1|`` of any learned scale over the last
-        ``fraction`` of the recorded steps: how far the scales still moved at the end (0 when they stopped)."""
-        check_number("fraction", fraction, below=1.0, inclusive=False)
-        steps = sorted(self.scale_trajectory)
-        last = steps[-1]
-        earlier = min(steps, key=lambda step: abs(step - last * (1 - fraction)))
+    def scale_drift(self, fraction: float = 0.25) -> float:
+        """How far the learned scales still moved at the end: the largest relative change, over the sites
+        (and experts), between the mean of the scales recorded in the last ``fraction`` of the steps and
+        their mean in the ``fraction`` before (means over windows, so that the step-to-step noise of the
+        minibatches does not count as movement). About 0 when the scales have converged.
+
+        Raises:
+            ConfigurationError: ``fraction`` outside ``(0, 0.5]``.
+        """
+        check_number("fraction", fraction, below=0.5 + 1e-12)
+        last = max(self.scale_trajectory)
+        late = [step for step in self.scale_trajectory if step > last * (1 - fraction)]
+        before = [step for step in self.scale_trajectory if last * (1 - 2 * fraction) < step <= last * (1 - fraction)]
+        if not before:
+            before = [max(step for step in self.scale_trajectory if step <= last * (1 - fraction))]
+
+        def window_mean(steps: list[int], site: str) -> list[float]:
+            values = [_flat(self.scale_trajectory[step][site]) for step in steps]
+            return [sum(column) / len(column) for column in zip(*values, strict=True)]
+
         changes = [
-            abs(now / before - 1)
-            for site, value in self.scale_trajectory[last].items()
-            for now, before in zip(_flat(value), _flat(self.scale_trajectory[earlier][site]), strict=True)
+            abs(now / then - 1)
+            for site in self.scale_trajectory[last]
+            for now, then in zip(window_mean(late, site), window_mean(before, site), strict=True)
         ]
         return max(changes, default=0.0)
 
     def to_markdown(self) -> str:
-        """The selection table, the learned scales (start, end, change over the last quarter) and the
+        """The selection table, the learned scales (start, end, drift over the last quarter) and the
         temperatures, as Markdown."""
         selection, steps = self.selection, max(self.scale_trajectory)
         lines = [
@@ -216,8 +229,8 @@ class RecipeFit:
             lines.append(f"| {row['scale']:g} | {layers} | {row['nll']:.4f} | {'yes' if row['chosen'] else ''} |")
         lines += [
             "",
-            f"Learned prior scales after {steps} steps (largest relative change over the last quarter of the "
-            f"steps: {self.final_scale_change():.1%}):",
+            f"Learned prior scales after {steps} steps (drift: the largest relative change of a mean scale "
+            f"from the third to the last quarter of the steps, {self.scale_drift():.1%}):",
             "",
             "| site | start | learned |",
             "| --- | --- | --- |",
@@ -254,7 +267,7 @@ class RecipeFit:
             "selection": self.selection.to_json(),
             "temperatures": {mode: scaling.temperature for mode, scaling in self.posterior.calibration.items()},
             "prior_scales": self.scale_trajectory[max(self.scale_trajectory)],
-            "final_scale_change": self.final_scale_change(),
+            "scale_drift": self.scale_drift(),
             "scale_trajectory": {str(step): scales for step, scales in self.scale_trajectory.items()},
         }
 

@@ -17,7 +17,7 @@ from pyro_moe.errors import LayerSelectionError
 from pyro_moe.guides.registry import parse_guide
 from pyro_moe.inference.fitting import FittedPosterior, fit
 from pyro_moe.inference.options import TrainingOptions
-from pyro_moe.inference.recipes import RECIPES, Recipe, named_recipe, run_recipe
+from pyro_moe.inference.recipes import RECIPES, Recipe, RecipeFit, named_recipe, run_recipe
 from pyro_moe.inference.selection import select_prior
 from pyro_moe.models.bayesian_router import BayesianRouter
 from pyro_moe.models.router_patch import patch_routers
@@ -145,7 +145,7 @@ def test_a_recipe_is_the_selection_then_a_learned_scale_fit_from_there_then_cali
         assert again.temperature == pytest.approx(scaling.temperature, rel=1e-4)
     assert posterior.config["recipe"] == {"name": name, "selection": expected.to_json()}
     json.dumps(result.to_json())  # JSON-ready
-    assert result.final_scale_change() > 0
+    assert result.scale_drift() > 0
     posterior.patch.unpatch()
     assert not any(isinstance(module, BayesianRouter) for module in model.modules())
 
@@ -180,3 +180,14 @@ def test_the_registry_imports_without_torch():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "[]", result.stderr
     assert isinstance(RECIPES["mfvr-iwae-layer"].training, TrainingOptions)
+
+
+def test_the_scale_drift_compares_window_means_of_the_last_two_quarters():
+    steady = {step: {"a": 2.0, "b": [1.0, 3.0]} for step in range(0, 101, 10)}
+    assert RecipeFit(named_recipe("mfvr-iwae-layer"), None, None, steady).scale_drift() == 0.0
+    rising = {step: {"a": 1.0 + step / 100, "b": [1.0, 1.0 + step / 50]} for step in range(0, 101, 10)}
+    # last quarter: steps 80, 90, 100; the quarter before: 60, 70
+    expected = max((1 + 0.9) / (1 + 0.65) - 1, (1 + 1.8) / (1 + 1.3) - 1)
+    assert RecipeFit(named_recipe("mfvr-iwae-layer"), None, None, rising).scale_drift() == pytest.approx(expected)
+    with pytest.raises(ConfigurationError, match="fraction must be a number in"):
+        RecipeFit(named_recipe("mfvr-iwae-layer"), None, None, rising).scale_drift(0.75)
