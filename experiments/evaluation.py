@@ -2,8 +2,8 @@
 
 * guide families by name are fitted on the splits (:func:`fit_named_families`, through the presets
   of :mod:`pyro_moe.inference.presets`), each on its own copy of the model, and recipes by name
-  (:func:`fit_named_recipes`, :mod:`pyro_moe.inference.recipes`) on the fit split with the
-  validation split for their selection and calibration;
+  (:func:`fit_named_recipes`, :mod:`pyro_moe.inference.recipe_fit`) on the fit split with the
+  validation split for their selection, checks and calibration;
 * the deterministic model's answer logits (:func:`deterministic_logits`) and a posterior's
   predictions with their uncertainty scores (:func:`predict_batches`) on MCQA batches;
 * the settings of the fits by name (:class:`FitSettings`) and of the posteriors' predictions
@@ -55,7 +55,8 @@ from pyro_moe.evaluation.temperature_scaling import TemperatureScaling, fit_temp
 from pyro_moe.inference.fitting import FittedPosterior
 from pyro_moe.inference.predictive import RoutedPrediction
 from pyro_moe.inference.presets import FamilySpec, family_specs, fit_families
-from pyro_moe.inference.recipes import Recipe, RecipeFit, named_recipe, run_recipe
+from pyro_moe.inference.recipe_fit import RecipeFit, run_recipe
+from pyro_moe.inference.recipes import Recipe, named_recipe
 from pyro_moe.validation import check_integer
 
 __all__ = [
@@ -286,7 +287,7 @@ def fit_named_recipes(
     steps: int | None = None,
     in_place: bool = False,
 ) -> dict[str, RecipeFit]:
-    """Run every recipe (:func:`pyro_moe.inference.recipes.run_recipe`) as ``fitting`` says, each on its own
+    """Run every recipe (:func:`pyro_moe.inference.recipe_fit.run_recipe`) as ``fitting`` says, each on its own
     copy of ``model`` (``in_place``, one recipe: on ``model`` itself); returns ``{recipe name: RecipeFit}``.
 
     The fit reads the first ``fitting.examples`` questions of ``splits[fitting.split]`` in shuffled batches;

@@ -1,60 +1,41 @@
-"""Recipes by name: a per-token logit family fitted so that its answers are calibrated, in one call.
+"""Recipes by name: how to fit a per-token logit family so that its answers are calibrated.
 
 A :class:`Recipe` is data: a guide family for the per-token router logits, how its prior scales are
 learned (one per layer or one per expert), the training (the per-example ``iwae`` bound, ``K``
-particles, step size, steps), the grid its starting scale is chosen from, and whether the posterior
-is calibrated afterwards. :func:`run_recipe` runs one on a model:
-
-1. **select** the starting prior scale (and, given candidates, the Bayesian layers) by the
-   calibration NLL of the unfitted prior (:func:`pyro_moe.inference.selection.select_prior`);
-2. **patch** the logit sites of the chosen layers with learned prior scales starting there;
-3. **fit** the guide with the recipe's training on the training batches, the guide starting at the
-   prior (its ``init_scale`` at the chosen scale), the learned scales recorded along the way;
-4. **calibrate** every predictive mode on the calibration batches
-   (:meth:`pyro_moe.inference.fitting.FittedPosterior.calibrate`).
-
-The training batches are for the fit; the calibration batches for the selection and the temperature;
-a test split is never an argument. Fit on data the model was not trained on where there is some: on
-the questions a model memorised, routing noise only costs likelihood.
+particles, step size, steps), the grid its starting scale is chosen from, how often the calibration
+NLL is checked along the fit, and whether the posterior is calibrated afterwards.
+:func:`pyro_moe.inference.recipe_fit.run_recipe` runs one: select the starting scale on calibration
+batches, patch the logit sites with learned scales starting there, fit keeping the step of the best
+calibration NLL, calibrate every predictive mode.
 
 Why these steps: the plain ELBO keeps an amortized logit guide at its prior, the per-example ``iwae``
 bound with learned scales does not (README, the objective study); learned scales move slowly from a
 poor start (0.3 to 0.8-1.1 in 300 steps at Adam 0.05), so a recipe starts them at the scale the
-unfitted prior does best with on held-out questions and trains until they stop moving; and a
-temperature on the averaged predictive gives at least what temperature scaling gives.
+unfitted prior does best with on held-out questions; on the embedded benchmark they then keep
+drifting upwards past it (README, "Recipes"), so the fit keeps the step whose calibration NLL is
+best; and a temperature on the averaged predictive gives at least what temperature scaling gives.
 
-The registry module is light (no torch): the command line checks ``--recipe`` names at parsing.
+This module imports no torch: the command line checks ``--recipe`` names at parsing.
 
 Example::
 
-    result = run_recipe(model, "mfvr-iwae-layer", train_batches, calibration_batches, answer_token_ids=letters)
-    result.selection.chosen                   # PriorCandidate(scale=1.0, layers='all')
-    result.posterior.prior_scales()           # the learned scales, by site
-    result.posterior.calibration              # {"model-average": TemperatureScaling(...), ...}
-    result.posterior.predict(input_ids, attention_mask)                    # calibrated
-    result.posterior.predict(input_ids, attention_mask, calibrated=False)  # the Bayesian average alone
-    run_recipe(model, named_recipe("fcvr-iwae-expert").with_training(steps=50, seed=1), ...)
+    named_recipe("mfvr-iwae-layer")                        # Recipe(name=..., guide="mfvr", ...)
+    named_recipe("fcvr-iwae-expert").with_training(steps=50, seed=1)
+    RECIPES                                                # {name: Recipe}
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.inference.options import TrainingOptions
 from pyro_moe.validation import check_integer, check_number
 
-if TYPE_CHECKING:  # the registry stays light; running a recipe imports the library
-    from torch import Tensor, nn
-
-    from pyro_moe.inference.fitting import FittedPosterior
-    from pyro_moe.inference.selection import PriorSelection
-
-__all__ = ["DEFAULT_SCALE_GRID", "RECIPES", "SITE_KIND", "Recipe", "RecipeFit", "named_recipe", "run_recipe"]
+__all__ = ["DEFAULT_SCALE_GRID", "RECIPES", "RECIPE_TRAINING", "SITE_KIND", "Recipe", "named_recipe"]
 
 SITE_KIND = "logits"
 """The site kind every recipe makes random: the per-token router logits, prior ``N(W u, s^2)``."""
@@ -62,9 +43,9 @@ SITE_KIND = "logits"
 DEFAULT_SCALE_GRID = (0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 """Starting prior scales a recipe chooses from (the objective study's grid)."""
 
-RECIPE_TRAINING = TrainingOptions(steps=300, objective="iwae", num_particles=4, lr=0.05)
-"""The recipes' training: per-example ``iwae`` (``alpha = 0``), ``K = 4``, Adam 0.05, 300 steps (see the
-README for the scales' trajectories on the embedded benchmark)."""
+RECIPE_TRAINING = TrainingOptions(steps=300, objective="iwae", num_particles=4, lr=0.02)
+"""The recipes' training: per-example ``iwae`` (``alpha = 0``), ``K = 4``, Adam 0.02, 300 steps (the
+README shows the scales' trajectories on the embedded benchmark)."""
 
 
 @dataclass(frozen=True)
@@ -81,7 +62,11 @@ class Recipe:
         scale_grid: the candidate starting scales (positive, distinct), a tuple once built.
         guide_options: options of the guide family besides ``init_scale``, which the recipe sets to the
             chosen scale (the guide starts at the prior).
-        selection_samples: ``S`` draws per prediction in the scale selection.
+        selection_samples: ``S`` draws per prediction of every calibration NLL: the scale selection's and
+            the checks along the fit.
+        evaluate_every: the calibration NLL of the ``model-average`` predictive is checked every this many
+            steps (at most the fit's steps) and the parameters of the best check are kept
+            (:class:`~pyro_moe.inference.callbacks.EvaluationCallback` with ``keep_best``).
         calibration_samples: ``S`` draws per prediction when the temperatures are fitted.
         calibrate: fit a temperature for every predictive mode of the posterior after the fit.
     """
@@ -94,6 +79,7 @@ class Recipe:
     scale_grid: Sequence[float] = DEFAULT_SCALE_GRID
     guide_options: Mapping[str, Any] = field(default_factory=dict)
     selection_samples: int = 16
+    evaluate_every: int = 25
     calibration_samples: int = 16
     calibrate: bool = True
 
@@ -116,6 +102,7 @@ class Recipe:
                 f"it to the chosen scale), got {self.guide_options!r}."
             )
         check_integer("selection_samples", self.selection_samples)
+        check_integer("evaluate_every", self.evaluate_every)
         check_integer("calibration_samples", self.calibration_samples)
         if not isinstance(self.calibrate, bool):
             raise ConfigurationError(f"calibrate must be True or False, got {self.calibrate!r}.")
@@ -146,7 +133,7 @@ def _recipes() -> dict[str, Recipe]:
             name = f"{guide}-iwae-{per}"
             description = (
                 f"{what} on the logits; iwae K=4, prior scales learned per {per} from the grid scale with the "
-                "lowest calibration NLL; a temperature per predictive mode"
+                "lowest calibration NLL, the step of the best calibration NLL kept; a temperature per predictive mode"
             )
             recipes[name] = Recipe(name, guide, description, scale_per=per)
     return recipes
@@ -162,216 +149,3 @@ def named_recipe(name: str) -> Recipe:
     if not isinstance(name, str) or name not in RECIPES:
         raise ConfigurationError(f"unknown recipe {name!r}; registered recipes: {', '.join(RECIPES)}.")
     return RECIPES[name]
-
-
-@dataclass
-class RecipeFit:
-    """What :func:`run_recipe` returns.
-
-    Attributes:
-        recipe: the recipe that ran.
-        posterior: the fitted (and, if the recipe says so, calibrated) posterior, on the patched model;
-            its ``config["recipe"]`` records the recipe and the selection, so a saved posterior keeps them.
-        selection: the starting scale (and layers) and the calibration NLL of every candidate.
-        scale_trajectory: ``{step: {site: learned scale(s)}}`` every ``max(1, steps // 50)`` steps and at
-            the last one: ``()`` per layer as a float, ``(experts,)`` per expert as a list.
-    """
-
-    recipe: Recipe
-    posterior: FittedPosterior
-    selection: PriorSelection
-    scale_trajectory: dict[int, dict[str, float | list[float]]]
-
-    def scale_drift(self, fraction: float = 0.25) -> float:
-        """How far the learned scales still moved at the end: the largest relative change, over the sites
-        (and experts), between the mean of the scales recorded in the last ``fraction`` of the steps and
-        their mean in the ``fraction`` before (means over windows, so that the step-to-step noise of the
-        minibatches does not count as movement). About 0 when the scales have converged.
-
-        Raises:
-            ConfigurationError: ``fraction`` outside ``(0, 0.5]``.
-        """
-        check_number("fraction", fraction, below=0.5 + 1e-12)
-        last = max(self.scale_trajectory)
-        late = [step for step in self.scale_trajectory if step > last * (1 - fraction)]
-        before = [step for step in self.scale_trajectory if last * (1 - 2 * fraction) < step <= last * (1 - fraction)]
-        if not before:
-            before = [max(step for step in self.scale_trajectory if step <= last * (1 - fraction))]
-
-        def window_mean(steps: list[int], site: str) -> list[float]:
-            values = [_flat(self.scale_trajectory[step][site]) for step in steps]
-            return [sum(column) / len(column) for column in zip(*values, strict=True)]
-
-        changes = [
-            abs(now / then - 1)
-            for site in self.scale_trajectory[last]
-            for now, then in zip(window_mean(late, site), window_mean(before, site), strict=True)
-        ]
-        return max(changes, default=0.0)
-
-    def to_markdown(self) -> str:
-        """The selection table, the learned scales (start, end, drift over the last quarter) and the
-        temperatures, as Markdown."""
-        selection, steps = self.selection, max(self.scale_trajectory)
-        lines = [
-            f"# Recipe `{self.recipe.name}`",
-            "",
-            f"{self.recipe.description}.",
-            "",
-            f"Starting scale chosen by the NLL of the unfitted prior on {selection.examples} calibration questions "
-            f"(S = {selection.num_samples}, seed {selection.seed}):",
-            "",
-            "| scale | layers | calibration NLL | chosen |",
-            "| ---: | --- | ---: | :---: |",
-        ]
-        for row in selection.table():
-            layers = row["layers"] if isinstance(row["layers"], str) else ", ".join(map(str, row["layers"]))
-            lines.append(f"| {row['scale']:g} | {layers} | {row['nll']:.4f} | {'yes' if row['chosen'] else ''} |")
-        lines += [
-            "",
-            f"Learned prior scales after {steps} steps (drift: the largest relative change of a mean scale "
-            f"from the third to the last quarter of the steps, {self.scale_drift():.1%}):",
-            "",
-            "| site | start | learned |",
-            "| --- | --- | --- |",
-        ]
-        for site, value in self.scale_trajectory[steps].items():
-            start = self.scale_trajectory[0][site]
-            lines.append(f"| {site} | {_format(start)} | {_format(value)} |")
-        calibration = self.posterior.calibration
-        if calibration:
-            lines += [
-                "",
-                "| predictive mode | temperature | calibration NLL at T = 1 | at T |",
-                "| --- | ---: | ---: | ---: |",
-            ]
-            for mode, scaling in calibration.items():
-                nll = f"{scaling.unscaled_nll:.4f} | {scaling.calibration_nll:.4f}"
-                lines.append(f"| {mode} | {scaling.temperature:.3f} | {nll} |")
-        return "\n".join(lines) + "\n"
-
-    def plot(self, path: str | Path) -> Path:
-        """A PNG of the learned scales against the training step
-        (:func:`pyro_moe.evaluation.plots.plot_scale_trajectories`); returns its path."""
-        from pyro_moe.evaluation.plots import plot_scale_trajectories
-
-        sites = self.scale_trajectory[max(self.scale_trajectory)]
-        trajectories = {site: {step: scales[site] for step, scales in self.scale_trajectory.items()} for site in sites}
-        title = f"Learned prior scales of {self.recipe.name} (start: the selected scale)"
-        return plot_scale_trajectories(trajectories, path, title=title)
-
-    def to_json(self) -> dict[str, Any]:
-        """The recipe, the selection, the temperatures, the learned scales and their trajectory."""
-        return {
-            "recipe": self.recipe.to_json(),
-            "selection": self.selection.to_json(),
-            "temperatures": {mode: scaling.temperature for mode, scaling in self.posterior.calibration.items()},
-            "prior_scales": self.scale_trajectory[max(self.scale_trajectory)],
-            "scale_drift": self.scale_drift(),
-            "scale_trajectory": {str(step): scales for step, scales in self.scale_trajectory.items()},
-        }
-
-
-def _flat(value: float | list[float]) -> list[float]:
-    return value if isinstance(value, list) else [value]
-
-
-def _format(value: float | list[float]) -> str:
-    return ", ".join(f"{scale:.3f}" for scale in _flat(value))
-
-
-def run_recipe(
-    model: nn.Module,
-    recipe: Recipe | str,
-    train_batches: Iterable[Mapping[str, Tensor]],
-    calibration_batches: Iterable[Mapping[str, Tensor]],
-    *,
-    answer_token_ids: Tensor | Sequence[int],
-    layers: str | Sequence[int] = "all",
-    layer_candidates: Sequence[str | Sequence[int]] | None = None,
-    progress: bool = True,
-) -> RecipeFit:
-    """Select, patch, fit and calibrate as ``recipe`` says (see the module docstring); ``model`` is patched
-    in place (``result.posterior.patch.unpatch()`` restores it).
-
-    Args:
-        model: an unpatched MoE model.
-        recipe: a :class:`Recipe` or a registered name (:data:`RECIPES`).
-        train_batches: the fit's batches (dicts of ``input_ids`` ``(B, L)``, ``attention_mask`` ``(B, L)``,
-            ``labels`` ``(B,)``).
-        calibration_batches: held-out batches for the scale selection and the temperatures, never the test split.
-        answer_token_ids: ``(choices,)`` token ids of the answer letters.
-        layers: the Bayesian decoder layers, ``"all"`` or indices.
-        layer_candidates: several layer sets to choose from with the scale (by the same calibration NLL);
-            ``None``: ``layers`` alone.
-        progress: show progress bars.
-
-    Raises:
-        ConfigurationError: an unknown recipe name, a recipe whose guide or scale sharing is not
-            registered, bad batches, layers or a patched model; all before any prediction or fit.
-    """
-    import torch
-
-    from pyro_moe.guides.registry import parse_guide
-    from pyro_moe.inference.fitting import fit
-    from pyro_moe.inference.selection import select_prior
-    from pyro_moe.models.likelihoods import check_batches
-    from pyro_moe.models.priors import PriorScale
-    from pyro_moe.models.router_patch import patch_routers
-
-    recipe = named_recipe(recipe) if isinstance(recipe, str) else recipe
-    if not isinstance(recipe, Recipe):
-        raise ConfigurationError(
-            f"recipe must be a Recipe or a registered name ({', '.join(RECIPES)}), got {recipe!r}."
-        )
-    parse_guide(recipe.guide)
-    PriorScale(1.0, mode="learned", per=recipe.scale_per)
-    answer_token_ids = torch.as_tensor(answer_token_ids).long()
-    train = check_batches(train_batches, len(answer_token_ids))
-    calibration = check_batches(calibration_batches, len(answer_token_ids))
-    seed = recipe.training.seed
-    selection = select_prior(
-        model,
-        calibration,
-        answer_token_ids=answer_token_ids,
-        scales=recipe.scale_grid,
-        layer_sets=[layers] if layer_candidates is None else layer_candidates,
-        site_kind=SITE_KIND,
-        num_samples=recipe.selection_samples,
-        seed=seed,
-        progress=progress,
-    )
-    chosen = selection.chosen
-    sites = {SITE_KIND: {"scale": chosen.scale, "mode": "learned", "scale_per": recipe.scale_per}}
-    patch = patch_routers(model, sites, layers=chosen.layers)
-    steps = recipe.training.steps
-    every = max(1, steps // 50)
-    trajectory: dict[int, dict[str, float | list[float]]] = {}
-
-    def record(posterior: FittedPosterior, step: int) -> None:
-        if step % every == 0 or step == steps:
-            trajectory[step] = {site: scale.tolist() for site, scale in posterior.prior_scales().items()}
-
-    guide_options = {recipe.guide: {**recipe.guide_options, "init_scale": chosen.scale}}
-    try:
-        posterior = fit(
-            patch,
-            train,
-            recipe.guide,
-            answer_token_ids=answer_token_ids,
-            training=recipe.training,
-            guide_options=guide_options,
-            progress=progress,
-            callback=record,
-        )
-        last = trajectory[max(trajectory)]  # the scales' shapes: a float per layer, a list per expert
-        start = {site: [chosen.scale] * len(v) if isinstance(v, list) else chosen.scale for site, v in last.items()}
-        trajectory = {0: start} | trajectory
-        if recipe.calibrate:
-            for mode in patch.predictive_modes:
-                posterior.calibrate(calibration, mode=mode, num_samples=recipe.calibration_samples, seed=seed)
-    except BaseException:
-        patch.unpatch()  # the model is handed back as it was given
-        raise
-    posterior.config["recipe"] = {"name": recipe.name, "selection": selection.to_json()}
-    return RecipeFit(recipe, posterior, selection, trajectory)

@@ -14,7 +14,8 @@ import torch
 from pyro_moe import ConfigurationError
 from pyro_moe.data import mcqa_batches
 from pyro_moe.experiments.evaluation import FitSettings, fit_named_recipes, split_batches
-from pyro_moe.inference.recipes import named_recipe, run_recipe
+from pyro_moe.inference.recipe_fit import run_recipe
+from pyro_moe.inference.recipes import named_recipe
 from tests.experiments.tiny_evaluation import tiny_inputs
 
 FITTING = FitSettings(steps=3, batch_size=8, progress=False, validation_examples=24, seed=1, layers=[1])

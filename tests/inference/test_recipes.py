@@ -15,9 +15,11 @@ import torch
 from pyro_moe import ConfigurationError
 from pyro_moe.errors import LayerSelectionError
 from pyro_moe.guides.registry import parse_guide
+from pyro_moe.inference.callbacks import EvaluationCallback
 from pyro_moe.inference.fitting import FittedPosterior, fit
 from pyro_moe.inference.options import TrainingOptions
-from pyro_moe.inference.recipes import RECIPES, Recipe, RecipeFit, named_recipe, run_recipe
+from pyro_moe.inference.recipe_fit import RecipeFit, run_recipe
+from pyro_moe.inference.recipes import RECIPES, Recipe, named_recipe
 from pyro_moe.inference.selection import select_prior
 from pyro_moe.models.bayesian_router import BayesianRouter
 from pyro_moe.models.router_patch import patch_routers
@@ -32,7 +34,9 @@ QUICK = dict(steps=6, seed=2)
 def quick(name: str) -> Recipe:
     """A registered recipe with few steps and draws (the tests' budget)."""
     recipe = named_recipe(name).with_training(**QUICK)
-    return dataclasses.replace(recipe, scale_grid=(0.3, 1.0, 3.0), selection_samples=2, calibration_samples=2)
+    return dataclasses.replace(
+        recipe, scale_grid=(0.3, 1.0, 3.0), selection_samples=2, calibration_samples=2, evaluate_every=2
+    )
 
 
 def test_the_registry_holds_an_iwae_recipe_per_logit_family_and_scale_sharing():
@@ -110,11 +114,13 @@ def test_a_recipe_is_the_selection_then_a_learned_scale_fit_from_there_then_cali
     assert result.selection.scores == expected.scores and result.selection.chosen == expected.chosen
     chosen = expected.chosen
 
-    # 2.-3. the fit is pyro_moe.fit of learned scales starting at the chosen scale, the guide at the prior
+    # 2.-3. the fit is pyro_moe.fit of learned scales starting at the chosen scale, the guide at the prior,
+    # the calibration NLL checked every 2 steps and the best step kept
     posterior = result.posterior
     assert posterior.patch.model is model and posterior.config["guide"] == recipe.guide
     assert posterior.config["layers"] == ([0, 1] if chosen.layers == "all" else list(chosen.layers))
     sites = {"logits": {"scale": chosen.scale, "mode": "learned", "scale_per": recipe.scale_per}}
+    checks = EvaluationCallback(CALIBRATION, every=2, num_samples=2, keep_best=True, seed=recipe.training.seed)
     by_hand = fit(
         patch_routers(reference, sites, layers=chosen.layers),
         TRAIN,
@@ -123,27 +129,31 @@ def test_a_recipe_is_the_selection_then_a_learned_scale_fit_from_there_then_cali
         training=recipe.training,
         guide_options={recipe.guide: {"init_scale": chosen.scale}},
         progress=False,
+        callback=checks,
     )
     assert [r["loss"] for r in posterior.history] == pytest.approx([r["loss"] for r in by_hand.history], rel=1e-5)
+    assert list(result.calibration_nll) == [2, 4, 6]
+    assert result.calibration_nll == pytest.approx(checks.values, rel=1e-5) and result.best_step == checks.best_step
     scales = posterior.prior_scales()
     for site, scale in by_hand.prior_scales().items():
         torch.testing.assert_close(scales[site], scale)
         assert scale.shape == ((4,) if recipe.scale_per == "expert" else ())
-        assert not torch.allclose(scale, torch.full_like(scale, chosen.scale))  # the scales trained
 
-    # the trajectory starts at the chosen scale and ends at the learned scales
+    # the trajectory starts at the chosen scale, moves, and passes through the kept scales at the best step
     trajectory = result.scale_trajectory
-    assert min(trajectory) == 0 and max(trajectory) == recipe.training.steps
+    assert list(trajectory) == list(range(recipe.training.steps + 1))
     for site, scale in scales.items():
         assert trajectory[0][site] == (scale.numel() * [chosen.scale] if scale.dim() else chosen.scale)
-        assert torch.tensor(trajectory[recipe.training.steps][site]) == pytest.approx(scale)
+        assert torch.tensor(trajectory[result.best_step][site]) == pytest.approx(scale)
+        moved = torch.tensor(trajectory[recipe.training.steps][site])
+        assert not torch.allclose(moved, torch.full_like(moved, chosen.scale))  # the scales trained
 
     # 4. calibration of both modes, as calibrate on the calibration batches gives it
     assert set(posterior.calibration) == {"model-average", "routing-average"}
     for mode, scaling in posterior.calibration.items():
         again = by_hand.calibrate(CALIBRATION, mode=mode, num_samples=2, seed=recipe.training.seed)
         assert again.temperature == pytest.approx(scaling.temperature, rel=1e-4)
-    assert posterior.config["recipe"] == {"name": name, "selection": expected.to_json()}
+    assert posterior.config["recipe"] == {"name": name, "selection": expected.to_json(), "best_step": result.best_step}
     json.dumps(result.to_json())  # JSON-ready
     assert result.scale_drift() > 0
     posterior.patch.unpatch()
@@ -184,10 +194,12 @@ def test_the_registry_imports_without_torch():
 
 def test_the_scale_drift_compares_window_means_of_the_last_two_quarters():
     steady = {step: {"a": 2.0, "b": [1.0, 3.0]} for step in range(0, 101, 10)}
-    assert RecipeFit(named_recipe("mfvr-iwae-layer"), None, None, steady).scale_drift() == 0.0
+    assert RecipeFit(named_recipe("mfvr-iwae-layer"), None, None, steady, {}, 0).scale_drift() == 0.0
     rising = {step: {"a": 1.0 + step / 100, "b": [1.0, 1.0 + step / 50]} for step in range(0, 101, 10)}
     # last quarter: steps 80, 90, 100; the quarter before: 60, 70
     expected = max((1 + 0.9) / (1 + 0.65) - 1, (1 + 1.8) / (1 + 1.3) - 1)
-    assert RecipeFit(named_recipe("mfvr-iwae-layer"), None, None, rising).scale_drift() == pytest.approx(expected)
+    assert RecipeFit(named_recipe("mfvr-iwae-layer"), None, None, rising, {}, 0).scale_drift() == pytest.approx(
+        expected
+    )
     with pytest.raises(ConfigurationError, match="fraction must be a number in"):
-        RecipeFit(named_recipe("mfvr-iwae-layer"), None, None, rising).scale_drift(0.75)
+        RecipeFit(named_recipe("mfvr-iwae-layer"), None, None, rising, {}, 0).scale_drift(0.75)
