@@ -27,6 +27,7 @@ import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import ScalarFormatter
 from sklearn.metrics import roc_curve
 from torch import Tensor
 
@@ -312,6 +313,8 @@ def plot_scale_trajectories(
         for column in range(values.shape[1]):
             axis.plot(steps, values[:, column], color=colour, linewidth=width, label=label if column == 0 else None)
     axis.set_yscale("log")
+    axis.yaxis.set_major_formatter(ScalarFormatter())  # plain numbers (1.5, 2) on the log axis
+    axis.yaxis.set_minor_formatter(ScalarFormatter())
     axis.set(xlabel="training step", ylabel="prior scale (log scale)", title=title)
     axis.grid(alpha=0.3, which="both")
     axis.legend(fontsize="small")
