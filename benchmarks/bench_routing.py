@@ -5,14 +5,21 @@ weights built in code. Every case reads out the last position (as ``predict`` do
 
 * ``deterministic``: the unpatched HF forward;
 * ``routing-average``: S=32 logit samples in every MoE layer, scores averaged, one pass;
+* ``routing-average, weight sites``: S=32 draws of every router's weight (prior scale 0.05), by
+  explicit draws (S weight matrices times u) and by local reparameterisation (each token's logits
+  from their Normal marginal), from the prior and from a mean-field posterior;
 * ``separate passes``: S=32 ordinary forward passes of the patched model, one per sample;
 * ``model-average``: S=16 joint samples in one batch, all layers Bayesian;
 * ``model-average, last 2``: S=16, only the last two layers Bayesian, the prefix shared;
-* both model-average cases again with 4 samples folded per pass (``max_samples_per_pass=4``).
+* both model-average cases again with 4 samples folded per pass (``max_samples_per_pass=4``);
+* one Bayesian router alone (weight sites, routing-average, S=32) at three shapes, explicit draws
+  against local reparameterisation: explicit draws cost ``S E H`` normal draws and ``S T H E``
+  multiply-adds, local ones ``S T E`` draws and ``2 T H E``, so local wins as the hidden size grows
+  against the tokens of the batch.
 
 Writes ``runs/bench/routing.json`` and ``runs/bench/routing.md`` and prints the table.
 
-    python benchmarks/bench_routing.py [--repeats 5]
+    python benchmarks/bench_routing.py [--repeats 5] [--threads N]
 """
 
 from __future__ import annotations
@@ -24,14 +31,19 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pyro
 import torch
 from transformers import GraniteMoeConfig, GraniteMoeForCausalLM
 
-from pyro_moe import patch_routers, predict
+from pyro_moe import fit, patch_routers, predict
+from pyro_moe.core.routing_context import PARTICLE_DIM, routing_context
 
 SAMPLES_ROUTING = 32
 SAMPLES_MODEL = 16
 PER_PASS = 4
+WEIGHT_SCALE = 0.05
+ROUTER_SHAPES = ((256, 32, 1024), (1024, 64, 1024), (2048, 64, 512))
+"""(hidden, experts, tokens) of the router-alone cases: the model above's, then wider routers."""
 
 
 def build_model() -> GraniteMoeForCausalLM:
@@ -49,6 +61,37 @@ def build_model() -> GraniteMoeForCausalLM:
         attn_implementation="sdpa",
     )
     return GraniteMoeForCausalLM(config).eval()
+
+
+def router_cases(hidden_size: int, experts: int, tokens: int) -> dict[str, Callable[[], object]]:
+    """One patched Granite-MoE router (weight sites) on ``tokens`` random inputs, routing-average, S=32:
+    explicit draws and local reparameterisation."""
+    config = GraniteMoeConfig(
+        vocab_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_local_experts=experts,
+        num_experts_per_tok=4,
+    )
+    handle = patch_routers(GraniteMoeForCausalLM(config).eval(), {"weight": WEIGHT_SCALE})
+    router = next(iter(handle.routers.values()))
+    inputs = torch.randn(tokens, hidden_size, generator=torch.Generator().manual_seed(2))
+
+    def route(local: bool) -> Callable[[], object]:
+        def run() -> object:
+            with (
+                routing_context(mode="routing-average", local_reparameterization=local),
+                pyro.plate("samples", SAMPLES_ROUTING, dim=PARTICLE_DIM),
+            ):
+                return router(inputs)
+
+        return run
+
+    shape = f"router alone, hidden {hidden_size}, {experts} experts, {tokens} tokens"
+    return {f"{shape}, explicit draws": route(False), f"{shape}, local reparameterisation": route(True)}
 
 
 def best_seconds(cases: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -70,23 +113,47 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds (fastest counts)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for JSON and Markdown")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     model = build_model()
-    all_layers, last_two = copy.deepcopy(model), copy.deepcopy(model)
+    all_layers, last_two, weights = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
     layers = model.config.num_hidden_layers
     all_handle = patch_routers(all_layers, {"logits": 1.0})
     last_handle = patch_routers(last_two, {"logits": 1.0}, layers=[layers - 2, layers - 1])
+    weight_handle = patch_routers(weights, {"weight": WEIGHT_SCALE})
     input_ids = torch.randint(0, 1024, (8, 128), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(input_ids)
     forward = dict(attention_mask=mask, use_cache=False, logits_to_keep=1)
+    with torch.enable_grad():  # one SVI step: a mean-field posterior over every router weight
+        batch = {"input_ids": input_ids, "attention_mask": mask, "labels": torch.zeros(8, dtype=torch.long)}
+        mean_field = fit(
+            weight_handle, [batch], "mean-field", answer_token_ids=torch.arange(4), steps=1, progress=False
+        )
 
+    def weight_sites(local: bool, posterior: bool) -> Callable[[], object]:
+        options = dict(num_samples=SAMPLES_ROUTING, mode="routing-average", local_reparameterization=local)
+        if posterior:
+            return lambda: mean_field.predict(input_ids, mask, **options)
+        return lambda: predict(weight_handle, input_ids, mask, **options)
+
+    weight_cases = {
+        f"routing-average, S={SAMPLES_ROUTING}, weight sites, {source}, {how}": weight_sites(local, posterior)
+        for source, posterior in (("prior", False), ("mean-field", True))
+        for how, local in (("explicit draws", False), ("local reparameterisation", True))
+    }
+
+    routers = best_seconds(
+        {name: run for shape in ROUTER_SHAPES for name, run in router_cases(*shape).items()}, args.repeats
+    )
     cases = best_seconds(
         {
             "deterministic HF forward": lambda: model(input_ids, **forward),
             f"routing-average, S={SAMPLES_ROUTING}, all layers": lambda: predict(
                 all_handle, input_ids, mask, num_samples=SAMPLES_ROUTING, mode="routing-average"
             ),
+            **weight_cases,
             f"{SAMPLES_ROUTING} separate full passes": lambda: [
                 all_layers(input_ids, **forward) for _ in range(SAMPLES_ROUTING)
             ],
@@ -116,6 +183,16 @@ def main() -> None:
         "routing-average / deterministic (target <= 1.15)": routing / base,
         "separate passes / routing-average (target >= 20)": cases[f"{SAMPLES_ROUTING} separate full passes"] / routing,
     }
+    for source in ("prior", "mean-field"):
+        stem = f"routing-average, S={SAMPLES_ROUTING}, weight sites, {source}"
+        explicit, local = cases[f"{stem}, explicit draws"], cases[f"{stem}, local reparameterisation"]
+        targets[f"routing-average, weight sites, {source}, explicit / deterministic"] = explicit / base
+        targets[f"routing-average, weight sites, {source}, local / deterministic (target <= 1.05)"] = local / base
+        targets[f"routing-average, weight sites, {source}, local / explicit"] = local / explicit
+    for hidden_size, experts, tokens in ROUTER_SHAPES:
+        shape = f"router alone, hidden {hidden_size}, {experts} experts, {tokens} tokens"
+        explicit, local = routers[f"{shape}, explicit draws"], routers[f"{shape}, local reparameterisation"]
+        targets[f"{shape}: explicit / local"] = explicit / local
     separate = cases[f"{SAMPLES_MODEL} separate full passes"]
     for suffix in ("", f", {PER_PASS} samples per pass"):
         all_layers_time = cases[f"model-average, S={SAMPLES_MODEL}, all layers{suffix}"]
@@ -132,12 +209,18 @@ def main() -> None:
         "| --- | ---: | ---: |",
         *(f"| {r['case']} | {r['seconds']:.3f} | {r['ratio']:.2f} |" for r in rows),
         "",
+        f"One Bayesian router alone (weight sites, routing-average, S={SAMPLES_ROUTING}), fastest of {args.repeats}:",
+        "",
+        "| case | milliseconds |",
+        "| --- | ---: |",
+        *(f"| {name} | {1000 * seconds:.2f} |" for name, seconds in routers.items()),
+        "",
         "| ratio | value |",
         "| --- | ---: |",
         *(f"| {name} | {value:.2f} |" for name, value in targets.items()),
     ]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "routing.json").write_text(json.dumps({"cases": rows, "ratios": targets}, indent=2))
+    (args.out / "routing.json").write_text(json.dumps({"cases": rows, "routers": routers, "ratios": targets}, indent=2))
     (args.out / "routing.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

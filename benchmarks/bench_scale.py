@@ -12,7 +12,9 @@ A batch of 4 x 256 tokens with MCQA labels over 4 answer letters, CPU. Cases (fp
 
 * ``deterministic``: the HF forward (fp32 and bf16);
 * ``routing-average``: S = 32 logit samples in every layer, scores averaged, one pass (fp32 and bf16);
+  its memory per sample is the slope of the peak between S = 32 and S = 1,024 (profiled, not timed);
 * ``model-average``: S = 8 joint logit samples folded into the batch, (a) both layers Bayesian,
+  (a') the same in chunks of 2 samples per pass (``max_samples_per_pass``: memory bounded, any S fits),
   (b) the last layer Bayesian with the prefix shared, (c) the same without prefix sharing;
 * ``SVI step``: one step of ``mean-field`` (router-weight sites) and of ``mfvr``, ``fcvr`` and
   ``low-rank-logits`` (logit sites), every layer Bayesian, built by ``pyro_moe.fit`` and stepped by
@@ -34,12 +36,18 @@ Python objects and allocator caching are not counted). For inference the peak is
 temporaries (activations are freed layer by layer); for an SVI step it is what autograd keeps
 for both layers plus the backward's temporaries. Beside it the tensors' sizes are computed:
 weights per layer, the folded hidden states ``S B T H``, the router logits ``S B T E`` (fp32),
-the Kronecker factors. bf16 on this CPU (no bf16 instructions) runs 4-5x slower than fp32, so only
-``deterministic`` and ``routing-average`` run in bf16; the other cases' bf16 memory is the fp32
+the Kronecker factors. bf16 on this CPU (no bf16 instructions) runs slower than fp32 (1.4-4.6x
+seen), so only ``deterministic`` and ``routing-average`` run in bf16; the other cases' bf16 memory is the fp32
 peak halved (computed, not measured; routing stays fp32).
 
 The amortized guides' per-token cost is measured as in ``bench_svi.py`` at Qwen's hidden size
-(2048) for E = 16, 32, 60, 128 experts (encoder width 64, rank 4, 1,024 tokens).
+(2048) for E = 16, 32, 60, 128 experts (encoder width 64, rank 4, 1,024 tokens), with the growth
+exponent ``p`` of ``E^p`` between the two largest E.
+
+**Full depth.** Weights of all layers and the real vocabulary in bf16 plus: one layer's measured
+temporaries (inference; activations are freed layer by layer), every layer's saved tensors (SVI),
+every layer's Kronecker factors plus one layer's temporaries (expert Laplace). The largest S in
+80 GB: model-average's peak is proportional to S; routing-average's grows by its measured slope.
 
 Writes ``runs/bench/scale.json`` and ``runs/bench/scale.md`` and prints the tables.
 
@@ -55,6 +63,7 @@ import argparse
 import contextlib
 import gc
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -77,6 +86,10 @@ from pyro_moe.models.router_patch import RouterPatch
 ANSWER_IDS = torch.tensor([10, 11, 12, 13])
 VOCAB = 1024
 SAMPLES_ROUTING, SAMPLES_MODEL = 32, 8
+SAMPLES_ROUTING_MEMORY = 1024
+"""A second routing-average S, profiled only: the slope of the peak between the two is the memory per sample."""
+SAMPLES_PER_PASS = 2
+"""``max_samples_per_pass`` of the chunked model-average case."""
 RANKS = (10, 50, None)
 GUIDES = {"mean-field": {"weight": 0.05}, "mfvr": {"logits": 1.0}, "fcvr": {"logits": 1.0}}
 GUIDES["low-rank-logits"] = {"logits": 1.0}
@@ -207,7 +220,17 @@ def inference(model: nn.Module, batch: dict[str, Tensor], repeats: int, folded: 
         }
         if folded:
             cases["model-average, all layers"] = lambda: predict(every, ids, mask, num_samples=SAMPLES_MODEL)
+            cases[f"model-average, all layers, {SAMPLES_PER_PASS} samples per pass"] = lambda: predict(
+                every, ids, mask, num_samples=SAMPLES_MODEL, max_samples_per_pass=SAMPLES_PER_PASS
+            )
         results = measure(cases, repeats)
+        many = measure_peak_memory(
+            lambda: predict(every, ids, mask, num_samples=SAMPLES_ROUTING_MEMORY, mode="routing-average"),
+            torch.device("cpu"),
+        )
+        results["routing-average"]["peak_bytes_per_sample"] = (many - results["routing-average"]["peak_bytes"]) / (
+            SAMPLES_ROUTING_MEMORY - SAMPLES_ROUTING
+        )
     if not folded:
         return results
     with patched(model, {"logits": 1.0}, layers=[-1]) as last:
@@ -231,7 +254,9 @@ def svi_steps(model: nn.Module, batch: dict[str, Tensor], repeats: int) -> dict[
     for guide, sites in GUIDES.items():
         pyro.clear_param_store()
         with patched(model, sites) as handle:
-            posterior = fit(handle, [batch], guide, answer_token_ids=ANSWER_IDS, steps=1, progress=False)
+            # Adam at a step size of 1e-6: every timed step costs the same, and repeated steps on the
+            # random-initialised model cannot drive a guide to a non-finite loss
+            posterior = fit(handle, [batch], guide, answer_token_ids=ANSWER_IDS, steps=1, lr=1e-6, progress=False)
             step_batch = {**batch, "num_examples": len(batch["labels"])}
 
             def step(posterior=posterior, step_batch=step_batch) -> None:
@@ -380,23 +405,32 @@ def extrapolate(shape: Shape, cases: dict, bf16: dict, sizes: dict, last: int) -
         share: 2 * cases[f"model-average, last layer, prefix {share}"]["seconds"] / det_b - bayes
         for share in ("shared", "not shared")
     }
-    det_peak, ra_peak = bf16["deterministic"]["peak_bytes"], bf16["routing-average"]["peak_bytes"]
-    ra_per_sample = max(ra_peak - det_peak, 1) / SAMPLES_ROUTING
+    det_peak, routing = bf16["deterministic"]["peak_bytes"], bf16["routing-average"]
     ma_peak = cases["model-average, all layers"]["peak_bytes"] / 2  # fp32 measured, halved for bf16
     ma_per_sample = ma_peak / SAMPLES_MODEL
+    chunked = cases[f"model-average, all layers, {SAMPLES_PER_PASS} samples per pass"]
     rows = {
         "deterministic": {"x deterministic": 1.0, "GB": (weights + det_peak) / GB},
         f"routing-average, S={SAMPLES_ROUTING}, all layers": {
             "x deterministic": cases["routing-average"]["seconds"] / det_a,
-            "GB": (weights + ra_peak) / GB,
-            "largest S in 80 GB": int((GPU_BYTES - weights - det_peak) / ra_per_sample),
+            "GB": (weights + routing["peak_bytes"]) / GB,
         },
         f"model-average, S={SAMPLES_MODEL}, all layers": {
             "x deterministic": bayes,
             "GB": (weights + ma_peak) / GB,
             "largest S in 80 GB": int((GPU_BYTES - weights) / ma_per_sample),
         },
+        f"model-average, S={SAMPLES_MODEL}, all layers, {SAMPLES_PER_PASS} samples per pass": {
+            "x deterministic": chunked["seconds"] / det_a,
+            "GB": (weights + chunked["peak_bytes"] / 2) / GB,
+            "largest S in 80 GB": "any (time grows with S)",
+        },
     }
+    if routing["peak_bytes_per_sample"] > 0:  # the peak grows once the S router logits outgrow the experts' temporaries
+        room = GPU_BYTES - weights - routing["peak_bytes"]
+        rows[f"routing-average, S={SAMPLES_ROUTING}, all layers"]["largest S in 80 GB"] = int(
+            SAMPLES_ROUTING + room / routing["peak_bytes_per_sample"]
+        )
     for share, cost in prefix.items():
         rows[f"model-average, S={SAMPLES_MODEL}, last {last} layers, prefix {share}"] = {
             "x deterministic": ((layers - last) * cost + last * bayes) / layers,
@@ -412,9 +446,10 @@ def extrapolate(shape: Shape, cases: dict, bf16: dict, sizes: dict, last: int) -
         }
     for rank in RANKS:
         case = cases[label(rank)]
-        rows[f"expert Laplace {label(rank)}, all layers (posterior GB: {layers * case['held_bytes'] / GB:.3g})"] = {
+        held = layers * case["held_bytes"]  # every layer's factors, plus one layer's temporaries at a time
+        rows[f"expert Laplace {label(rank)}, all layers (posterior GB: {held / GB:.3g})"] = {
             "x deterministic": case["seconds"] / case["deterministic_seconds"],
-            "GB": (weights + layers * case["peak_bytes"]) / GB,
+            "GB": (weights + held + case["peak_bytes"] - case["held_bytes"]) / GB,
         }
     return rows
 
@@ -449,14 +484,21 @@ def main() -> None:
             "computed_bytes": sizes,
             "full_depth": extrapolate(shape, cases, bf16, sizes, args.last),
         }
+        write(report, args.out)  # what is measured so far survives a later failure
         print(f"{shape.name} done", flush=True)
     hidden, experts = (64, (16, 32)) if args.quick else (QWEN.hidden, (16, 32, 60, 128))
     report["guides"] = guide_cost(hidden, experts, batch["input_ids"].numel(), max(repeats, 3))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scale.json").write_text(json.dumps(report, indent=2))
+    report["guide_growth"] = growth_exponents(report["guides"])
+    write(report, args.out)
     lines = markdown(report)
     (args.out / "scale.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def write(report: dict, out: Path) -> None:
+    """``scale.json`` (everything measured so far) into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scale.json").write_text(json.dumps(report, indent=2))
 
 
 def markdown(report: dict) -> list[str]:
@@ -517,8 +559,24 @@ def markdown(report: dict) -> list[str]:
             f"{r['forward_backward_us_per_token']:.2f} | {r['saved_kib_per_token']:.1f} |"
             for r in report["guides"]
         ),
+        "",
+        "Growth of the fwd + bwd cost per token between the two largest E (the exponent p of E^p):",
+        "",
+        *(f"- {guide}: E^{exponent:.2f}" for guide, exponent in report["guide_growth"].items()),
     ]
     return lines
+
+
+def growth_exponents(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Per guide, ``log(cost_2 / cost_1) / log(E_2 / E_1)`` of the fwd + bwd time per token between the
+    two largest numbers of experts: about 1 for a cost linear in E, 2 for a quadratic one."""
+    exponents = {}
+    for guide in GUIDE_COVARIANCES:
+        (e1, c1), (e2, c2) = sorted(
+            (r["experts"], r["forward_backward_us_per_token"]) for r in rows if r["guide"] == guide
+        )[-2:]
+        exponents[guide] = math.log(c2 / c1) / math.log(e2 / e1)
+    return exponents
 
 
 if __name__ == "__main__":

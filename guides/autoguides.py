@@ -3,6 +3,8 @@
 
 Every family starts at the prior mean (``init_to_mean``: the pretrained router). ``AutoDelta``
 itself cannot hold router sites, whose names are module paths; :class:`RouterAutoDelta` can.
+``mean-field`` is :class:`MeanFieldNormal`, an ``AutoNormal`` that offers its real-valued sites'
+diagonal-Normal marginals to routing-average's local reparameterisation.
 
 Example::
 
@@ -19,6 +21,7 @@ from typing import Any
 
 import pyro
 import pyro.distributions as dist
+from pyro.distributions import constraints
 from pyro.infer.autoguide import (
     AutoDelta,
     AutoGuide,
@@ -29,10 +32,20 @@ from pyro.infer.autoguide import (
 )
 from pyro.infer.autoguide.utils import deep_setattr
 from pyro.nn import PyroModule, PyroParam
+from torch import Tensor
 
-from pyro_moe.guides.family import FamilyPreset, GuideFamily, GuideScope
+from pyro_moe.guides.family import FamilyPreset, GuideFamily, GuideScope, PosteriorPart
 
-__all__ = ["FULL_RANK", "LOW_RANK", "MAP", "MC_DROPOUT", "MEAN_FIELD", "RouterAutoDelta", "autoguide_builder"]
+__all__ = [
+    "FULL_RANK",
+    "LOW_RANK",
+    "MAP",
+    "MC_DROPOUT",
+    "MEAN_FIELD",
+    "MeanFieldNormal",
+    "RouterAutoDelta",
+    "autoguide_builder",
+]
 
 
 class RouterAutoDelta(AutoDelta):
@@ -58,6 +71,39 @@ class RouterAutoDelta(AutoDelta):
         }
 
 
+class MeanFieldNormal(AutoNormal, PosteriorPart):
+    """``AutoNormal`` (a diagonal Normal per site) that offers its marginals: for a real-valued site
+    (router weights and biases) the Normal of its unconstrained value is the site's posterior itself,
+    independent of every other site, so :meth:`normal_marginal` returns its ``loc`` and ``scale``.
+    Positive sites (temperatures, hierarchical scales) are LogNormal: ``None``.
+
+    Its parameters keep ``AutoNormal``'s names (``AutoNormal.locs.<site>``, ``AutoNormal.scales.<site>``),
+    so checkpoints and diagnostics read it as before.
+
+    Example::
+
+        guide = MeanFieldNormal(likelihood, init_loc_fn=init_to_mean)
+        loc, scale = guide.normal_marginal("model.layers.1.mlp.gate.weight")   # (experts, hidden) each
+    """
+
+    def __init__(self, model: Callable[..., Any], **options: Any) -> None:
+        super().__init__(model, **options)
+        self._pyro_name = AutoNormal.__name__
+
+    def normal_marginal(self, site: str) -> tuple[Tensor, Tensor] | None:
+        """``loc`` and ``scale`` of ``site`` (its value shape) when it is real-valued, else ``None``
+        (also for a site this guide does not cover, or before the guide is set up)."""
+        if self.prototype_trace is None or site not in self.prototype_trace.nodes:
+            return None
+        node = self.prototype_trace.nodes[site]
+        if node["type"] != "sample" or node["is_observed"]:
+            return None
+        support = node["fn"].support
+        while isinstance(support, constraints.independent):
+            support = support.base_constraint
+        return self._get_loc_and_scale(site) if support is constraints.real else None
+
+
 def autoguide_builder(cls: type, *, scaled: bool = True) -> Callable[..., Any]:
     """``build(model, **options)`` of an autoguide class started at the prior mean (with ``init_scale``
     0.01 by default for the scaled ones)."""
@@ -73,7 +119,9 @@ def autoguide_builder(cls: type, *, scaled: bool = True) -> Callable[..., Any]:
 MAP = GuideFamily(
     "map", GuideScope.GLOBAL, autoguide_builder(RouterAutoDelta, scaled=False), "point mass (MAP), AutoDelta"
 )
-MEAN_FIELD = GuideFamily("mean-field", GuideScope.GLOBAL, autoguide_builder(AutoNormal), "diagonal Normal, AutoNormal")
+MEAN_FIELD = GuideFamily(
+    "mean-field", GuideScope.GLOBAL, autoguide_builder(MeanFieldNormal), "diagonal Normal, AutoNormal"
+)
 LOW_RANK = GuideFamily(
     "low-rank",
     GuideScope.GLOBAL,

@@ -17,7 +17,9 @@ fitted post hoc    :attr:`~PosteriorPart.post_hoc` (0 SVI steps allowed), :meth:
                    returns the fitted part (Laplace: the Gaussian at the mode); next to per-token parts
                    the SVI steps train those, the post-hoc part held at its starting point, and
                    ``finish_fit`` sees every per-token site at its prior mean
-predicts, exports  every part is a Pyro guide: drawn under the predictive's plate of joint samples
+predicts, exports  every part is a Pyro guide: drawn under the predictive's plate of joint samples;
+                   :meth:`~PosteriorPart.normal_marginal` offers a site's diagonal-Normal marginal
+                   (mean-field), with which routing-average draws logits by local reparameterisation
 saved, loaded      its parameters and buffers; a post-hoc part adds :meth:`~PosteriorPart.fitted_metadata`
                    and its unfitted part rebuilds it, :meth:`~PosteriorPart.restore_fitted`
 set up by name     ``GuideFamily.preset(steps)``: sites, selection, fit options for the experiments;
@@ -43,6 +45,8 @@ from typing import Any
 from torch import Tensor
 
 from pyro_moe.distributed import DataParallel
+from pyro_moe.errors import ConfigurationError
+from pyro_moe.models.likelihoods import LikelihoodKind
 from pyro_moe.models.router_patch import RouterPatch
 
 __all__ = ["FamilyPreset", "GuideFamily", "GuideScope", "PostHocData", "PosteriorPart", "hooks_of"]
@@ -67,10 +71,11 @@ class PostHocData:
     sites (if any) are at their prior mean (the routing context's local guide).
 
     Attributes:
-        likelihood: the model (``MCQALikelihood``): ``answer_logits``, ``patch``, ``answer_token_ids``.
+        likelihood: the model (``MCQALikelihood``: ``answer_logits``, ``answer_token_ids``; or
+            ``NextTokenLikelihood``, for families whose :attr:`GuideFamily.likelihoods` allow it), ``patch``.
         global_model: the likelihood with only the global latent sites exposed (the part's own model).
-        batches: every batch (dicts of ``input_ids`` ``(B, L)``, ``attention_mask``, ``labels`` ``(B,)``)
-            on the model's device; the full data set.
+        batches: every batch (dicts of ``input_ids`` ``(B, L)``, ``attention_mask``, and for MCQA ``labels``
+            ``(B,)``) on the model's device; the full data set.
         num_examples: ``N``, the number of examples over all batches.
         progress: show a progress bar.
         data_parallel: the ranks share the batches and reduce once (``None``: one process).
@@ -104,6 +109,13 @@ class PosteriorPart:
 
     def after_step(self, steps_done: int) -> None:
         """Called after every optimisation step with the number of steps done so far (1 after the first)."""
+
+    def normal_marginal(self, site: str) -> tuple[Tensor, Tensor] | None:
+        """``loc`` and ``scale`` (the site's value shape) of the part's posterior of ``site`` when it is a
+        diagonal Normal independent of every other site (mean-field), so that a router's logits may be
+        drawn from their per-token marginal (local reparameterisation); ``None`` otherwise (low-rank,
+        full-rank, SWAG, Laplace, point masses, ...: the default)."""
+        return None
 
     def finish_fit(self, data: PostHocData) -> Any:
         """The fitted posterior part (post-hoc families); called after the SVI steps."""
@@ -173,6 +185,8 @@ class GuideFamily:
         check_options: ``check_options(options, steps)`` refuses, before any fit, part options (and a
             schedule over ``steps`` steps) the part would refuse only once built or trained (SWAG's
             snapshots); ``None``: nothing to check early.
+        likelihoods: the likelihoods its part can fit (the Kronecker Laplace families' curvature is
+            that of the MCQA answer); ``None``: any.
     """
 
     name: str
@@ -182,3 +196,13 @@ class GuideFamily:
     preset: Callable[[int], FamilyPreset] = field(default=lambda steps: FamilyPreset())
     post_hoc: bool = False
     check_options: Callable[[Mapping[str, Any], int], None] | None = None
+    likelihoods: frozenset[LikelihoodKind] | None = None
+
+    def check_likelihood(self, kind: LikelihoodKind) -> None:
+        """Refuse a fit with the likelihood ``kind`` when the family does not fit it (before any work)."""
+        if self.likelihoods is not None and kind not in self.likelihoods:
+            accepted = " or ".join(sorted(likelihood.value for likelihood in self.likelihoods))
+            raise ConfigurationError(
+                f"the guide family {self.name!r} fits the {accepted} likelihood only, not {kind.value}; "
+                "choose another family for this data."
+            )

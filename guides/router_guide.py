@@ -19,7 +19,7 @@ per sample.
 Example::
 
     guide = RouterGuide(MCQALikelihood(handle, letter_ids), "low-rank+mfvr", {"low-rank": {"rank": 4}})
-    guide.setup(input_ids, attention_mask, labels)     # builds the autoguide, checks coverage
+    guide.setup(input_ids, attention_mask, labels=labels)  # builds the autoguide, checks coverage
     svi = pyro.infer.SVI(guide.likelihood, guide, pyro.optim.Adam({"lr": 1e-2}), TraceMeanField_ELBO())
 """
 
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import pyro
@@ -39,14 +39,13 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 
 from pyro_moe.core.handlers import LocalSitesAtPriorMean
-from pyro_moe.core.readout import last_token_logits
 from pyro_moe.core.routing_context import routing_context
 from pyro_moe.distributed import DataParallel
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.guides.amortized import LocalGuides
 from pyro_moe.guides.family import GuideScope, PostHocData, hooks_of
 from pyro_moe.guides.registry import GUIDE_FAMILIES, parse_guide
-from pyro_moe.models.likelihoods import data_scale
+from pyro_moe.models.likelihoods import Likelihood, data_scale
 
 __all__ = ["RouterGuide", "is_local_site"]
 
@@ -83,7 +82,7 @@ class RouterGuide(nn.Module):
 
     def __init__(
         self,
-        likelihood: Callable[..., Any],
+        likelihood: Likelihood,
         spec: str,
         options: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
@@ -93,6 +92,8 @@ class RouterGuide(nn.Module):
         self.name = likelihood.param_prefix.rstrip("/") or f"pyro_moe.guide{next(_GUIDE_NUMBERS)}"
         self.spec = spec
         self.families = parse_guide(spec)
+        for family in self.families.values():
+            family.check_likelihood(likelihood.kind)
         self.options = {name: dict(values) for name, values in (options or {}).items()}
         named = {family.name for family in self.families.values()}
         stray = sorted(set(self.options) - named)
@@ -180,27 +181,23 @@ class RouterGuide(nn.Module):
         return hooks_of(self.global_guide).post_hoc
 
     def _run_network_with_local_guide(self, values: Mapping[str, Tensor], input_ids: Tensor, attention_mask: Tensor):
+        """The network's pass as the likelihood runs it (the same positions), the global sites at ``values``."""
         self._register_local_guide()
-        network = poutine.condition(lambda: last_token_logits(self.patch.model, input_ids, attention_mask), data=values)
+        network = poutine.condition(lambda: self.likelihood.network_logits(input_ids, attention_mask), data=values)
         return poutine.block(network, hide_fn=lambda msg: msg["type"] == "sample" and not is_local_site(msg))()
 
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        labels: Tensor | None = None,
-        num_examples: int | None = None,
-    ) -> dict[str, Tensor]:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, **observed: Any) -> dict[str, Tensor]:
         """The guide for SVI: draws the global sites, then runs the network drawing the per-token
         sites from the amortized encoders; returns the global values. A post-hoc global part next to
-        per-token parts stays at its starting point (its draws carry no gradient)."""
+        per-token parts stays at its starting point (its draws carry no gradient). ``observed``: the
+        rest of the likelihood's keyword arguments (``labels`` of MCQA, ``num_examples``)."""
         if not self.global_sites and self.local_guide is None:
             raise ConfigurationError("the guide is not set up: call setup(batch) or fit() first.")
         held = self.post_hoc and self.local_guide is not None
         with torch.no_grad() if held else contextlib.nullcontext():
-            values = self.global_guide(input_ids, attention_mask, labels, num_examples) if self.global_guide else {}
+            values = self.global_guide(input_ids, attention_mask, **observed) if self.global_guide else {}
         if self.local_guide is not None:
-            scale = data_scale(input_ids.shape[0], num_examples)
+            scale = data_scale(input_ids.shape[0], observed.get("num_examples"))
             prefix = self.likelihood.param_prefix
             with routing_context(local_guide=self.local_guide, local_scale=scale, param_prefix=prefix):
                 self._run_network_with_local_guide(values, input_ids, attention_mask)
@@ -209,14 +206,24 @@ class RouterGuide(nn.Module):
     @contextlib.contextmanager
     def posterior(self, input_ids: Tensor, attention_mask: Tensor) -> Iterator[None]:
         """Within the current plate of joint samples, make a forward pass of the patched model draw
-        its global sites from the global guide and its per-token sites from the local guides."""
-        values = {}
+        its global sites from the global guide and its per-token sites from the local guides.
+
+        The global part is also the routing context's ``posterior_marginals``: under routing-average
+        with local reparameterisation, the routers draw their logits from the marginals it offers
+        (:meth:`~pyro_moe.guides.family.PosteriorPart.normal_marginal`: mean-field) and from the drawn
+        weights otherwise."""
+        values, marginals = {}, None
         if self.global_guide is not None:
             with _PosteriorDraws():  # seen by the particle plate, renamed apart from the model's sites
                 values = self.global_guide(input_ids, attention_mask)
+            marginals = hooks_of(self.global_guide)
         with (
             poutine.condition(data=values),
-            routing_context(local_guide=self.local_guide, param_prefix=self.likelihood.param_prefix),
+            routing_context(
+                local_guide=self.local_guide,
+                param_prefix=self.likelihood.param_prefix,
+                posterior_marginals=marginals,
+            ),
         ):
             yield
 

@@ -23,6 +23,24 @@ positions of one sample; padded positions are masked out of the logit site's log
 MC dropout on the router input (site kind ``dropout``) has no sample site: it is on in every
 forward pass, training or evaluation, unless randomness is switched off.
 
+**Local reparameterisation** (routing-average only, ``RoutingContext.local_reparameterization``,
+on by default in :func:`pyro_moe.predict`'s routing-average): when the weight (and bias) sites have
+a diagonal-Normal distribution (the ``mean-field`` posterior, or the ``normal`` prior when no
+posterior is in force; ``PosteriorPart.normal_marginal`` says which), the router draws each token's
+S logit vectors from their Normal marginal, mean ``u loc^T + b_loc`` and variance
+``(u^2) (scale^2)^T + b_scale^2`` (Kingma, Salimans and Welling 2015), instead of drawing S weight
+matrices and multiplying. Only the per-token marginals are equal: the tokens of a batch become
+independent given the posterior's parameters, where S shared weight draws made their logits
+correlated. So it is exact for anything that depends on one token's scores (a token's S-sample
+average of scores, its selection, the variance of its logits), and for routing-average's
+prediction as a whole it is another Monte Carlo estimate of the same limit (S to infinity: every
+token's expected scores), whose errors are independent across tokens instead of shared. Under
+``torch.no_grad`` the weight sites are not drawn at all; with gradients on they are still declared
+(a guide draws them and an ELBO's KL term scores them) while the logits come from the marginals.
+Temperatures, logit sites and dropout apply to these logits as to explicit ones. Model-average keeps
+explicit joint draws (each sample's network sees all tokens with the same weights), and so does
+:func:`pyro_moe.at_prior_mean` (the sites pinned at their prior mean: the HF model).
+
 Example::
 
     from pyro_moe.models import RouterSites, NormalPrior
@@ -105,6 +123,52 @@ DEFAULT_SCALES: dict[SiteKind, float] = {
 
 
 TEMPERATURE_GRANULARITY = ("layer", "expert", "token")
+
+
+@dataclass(frozen=True)
+class WeightDraws:
+    """The router weights the logits are computed with: the router's own or a site's draws.
+
+    Attributes:
+        weight: ``(experts, hidden)``, or drawn ``(draws, experts, hidden)``.
+        bias: ``(experts,)``, drawn ``(draws, 1, experts)``, or ``None`` (no router bias).
+    """
+
+    weight: Tensor
+    bias: Tensor | None
+
+
+@dataclass(frozen=True)
+class NormalWeights:
+    """The diagonal-Normal marginals of a router's weight (and bias) sites, for local reparameterisation.
+
+    Attributes:
+        weight_loc: ``(experts, hidden)``.
+        weight_scale: ``(1 or draws, experts, hidden)`` (draws: a hierarchical prior scale's).
+        bias_loc: ``(experts,)`` or ``None`` (no router bias).
+        bias_scale: ``(1 or draws, experts)`` or ``None``.
+    """
+
+    weight_loc: Tensor
+    weight_scale: Tensor
+    bias_loc: Tensor | None = None
+    bias_scale: Tensor | None = None
+
+    @classmethod
+    def of(cls, marginals: Mapping[str, tuple[Tensor, Tensor]]) -> NormalWeights:
+        """From ``loc, scale`` by site kind (``weight``, ``bias``), each scale broadcastable to its loc."""
+
+        def scale_per_draw(loc: Tensor, scale: Tensor) -> Tensor:
+            return scale.expand(torch.broadcast_shapes(scale.shape, loc.shape)).reshape(-1, *loc.shape)
+
+        weight_loc, weight_scale = marginals["weight"]
+        bias_loc, bias_scale = marginals.get("bias", (None, None))
+        return cls(
+            weight_loc,
+            scale_per_draw(weight_loc, weight_scale),
+            bias_loc,
+            None if bias_loc is None else scale_per_draw(bias_loc, bias_scale),
+        )
 
 
 @dataclass(frozen=True)
@@ -319,19 +383,79 @@ class BayesianRouter(nn.Module):
         kinds = ", ".join(k.value for k in self.sites.kinds)
         return f"family={self.family.name}, sites=[{kinds}], selection={self.sites.selection.value}"
 
-    def _prior(self, kind: str, prior: SitePrior, centre: Tensor, layout: tuple[int, ...]) -> dist.TorchDistribution:
-        """The prior of site ``kind`` around ``centre``; its scale, ``(*particles, *per-draw)``, is
-        reshaped to ``layout`` (with ``experts`` or 1 where the experts axis is) after the
-        particle dimensions, so that it broadcasts against ``centre``."""
-        context = current_context()
-        scale = prior.scale.resolve(self.site_name(kind), self.weight.shape[0], centre.device, context.param_prefix)
+    def _prior_scale(self, kind: str, prior: SitePrior, layout: tuple[int, ...], device: torch.device) -> Tensor:
+        """The scale of site ``kind``'s prior, ``(*particles, *per-draw)``, reshaped to ``layout`` (with
+        ``experts`` or 1 where the experts axis is) after the particle dimensions, so that it broadcasts
+        against the centre. A learned scale is a ``pyro.param``, a hierarchical one a sample site."""
+        scale = prior.scale.resolve(self.site_name(kind), self.weight.shape[0], device, current_context().param_prefix)
         own = 1 if prior.scale.per == "expert" else 0
-        return prior.family(centre, scale.reshape((*scale.shape[: scale.dim() - own], *layout)))
+        return scale.reshape((*scale.shape[: scale.dim() - own], *layout))
 
-    def _global_site(self, kind: str, prior: SitePrior, centre: Tensor, layout: tuple[int, ...]) -> Tensor:
-        """Sample a global site around ``centre``; returns ``(draws, *centre.shape)``, draws 1 or ``S``."""
-        value = pyro.sample(self.site_name(kind), self._prior(kind, prior, centre, layout).to_event(centre.dim()))
-        return value.reshape(-1, *centre.shape)
+    def _prior(self, kind: str, prior: SitePrior, centre: Tensor, layout: tuple[int, ...]) -> dist.TorchDistribution:
+        """The prior of site ``kind`` around ``centre`` (its scale from :meth:`_prior_scale`)."""
+        return prior.family(centre, self._prior_scale(kind, prior, layout, centre.device))
+
+    def _global_site(self, kind: str, distribution: dist.TorchDistribution, event_dim: int) -> Tensor:
+        """Sample a global site whose value has ``event_dim`` dimensions; returns ``(draws, *value shape)``,
+        draws 1 or ``S``."""
+        value = pyro.sample(self.site_name(kind), distribution.to_event(event_dim))
+        return value.reshape(-1, *value.shape[value.dim() - event_dim :])
+
+    def _weight_sites(self, context: RoutingContext, local: bool) -> tuple[WeightDraws | None, NormalWeights | None]:
+        """The router weight (and bias) sites: their draws, their diagonal-Normal marginals, or both.
+
+        ``local`` (routing-average with local reparameterisation asked for): the marginals come from
+        the posterior in force (``context.posterior_marginals``) or, without one, from the prior; when
+        some site has none (a posterior or prior that is not a diagonal Normal), the weights are drawn
+        as usual. With marginals the sites are declared only while gradients are on (training: the
+        ELBO's KL term scores the draws; the logits come from the marginals); under ``no_grad``
+        (prediction) nothing would read their draws, so they are not drawn.
+        """
+        prior, bias = self.sites.weight, getattr(self, "bias", None)
+        per_expert = self.weight.shape[0] if prior.scale.per == "expert" else 1
+        layouts = {"weight": (per_expert, 1)} | ({"bias": (per_expert,)} if bias is not None else {})
+        # the centres are copies: guides initialised at the prior mean must not alias the router's weights
+        centres = {
+            kind: param.detach().to(torch.float32, copy=True)
+            for kind, param in (("weight", self.weight), ("bias", bias))
+            if param is not None
+        }
+        scales: dict[str, Tensor] = {}  # each prior scale resolved once: a hierarchical one is a sample site
+
+        def prior_scale(kind: str) -> Tensor:
+            if kind not in scales:
+                scales[kind] = self._prior_scale(kind, prior, layouts[kind], centres[kind].device)
+            return scales[kind]
+
+        marginals = None
+        if local:
+            if context.posterior_marginals is not None:
+                found = {kind: context.posterior_marginals.normal_marginal(self.site_name(kind)) for kind in centres}
+            else:
+                found = {kind: prior.normal_marginal(centres[kind], prior_scale(kind)) for kind in centres}
+            if all(marginal is not None for marginal in found.values()):
+                marginals = NormalWeights.of(found)
+        draws = None
+        if marginals is None or torch.is_grad_enabled():
+            values = {
+                kind: self._global_site(kind, prior.family(centre, prior_scale(kind)), centre.dim())
+                for kind, centre in centres.items()
+            }
+            draws = WeightDraws(values["weight"], values["bias"].unsqueeze(1) if "bias" in values else None)
+        return draws, marginals
+
+    def _marginal_logits(self, hidden: Tensor, marginals: NormalWeights, samples: int) -> Tensor:
+        """``samples`` logits per token from their Normal marginal under the weight marginals (local
+        reparameterisation, Kingma, Salimans and Welling 2015): ``(samples, T, E)`` with mean
+        ``u loc^T + b_loc`` and variance ``(u^2) (scale^2)^T + b_scale^2`` from ``hidden`` ``(1 or samples, T, H)``."""
+        mean = self.family.logits(hidden, marginals.weight_loc, marginals.bias_loc)  # (1 or samples, T, E)
+        squares = hidden.float().square()
+        variance = torch.matmul(squares, marginals.weight_scale.square().transpose(-1, -2))  # (1 or samples, T, E)
+        if marginals.bias_scale is not None:
+            variance = variance + marginals.bias_scale.square().unsqueeze(1)
+        noise = torch.randn((samples, *mean.shape[1:]), device=mean.device)
+        # floored: a zero variance (a zero input row, zero scales) would give sqrt an infinite gradient
+        return torch.addcmul(mean, variance.clamp_min(torch.finfo(variance.dtype).tiny).sqrt(), noise)
 
     def _local_site(
         self, kind: str, distribution: dist.TorchDistribution, context: RoutingContext, plate: pyro.plate
@@ -364,16 +488,15 @@ class BayesianRouter(nn.Module):
             hidden = hidden.expand(particles, -1, -1)  # one mask per sample in both modes
             hidden = nn.functional.dropout(hidden, sites.dropout, training=True)
 
-        weight, bias = self.weight, getattr(self, "bias", None)
+        draws, marginals = WeightDraws(self.weight, getattr(self, "bias", None)), None
         if sites.weight is not None:
-            per_expert = num_experts if sites.weight.scale.per == "expert" else 1
-            # the centres are copies: guides initialised at the prior mean must not alias the router's weights
-            centre = self.weight.detach().to(torch.float32, copy=True)
-            weight = self._global_site("weight", sites.weight, centre, (per_expert, 1))
-            if bias is not None:
-                centre = bias.detach().to(torch.float32, copy=True)
-                bias = self._global_site("bias", sites.weight, centre, (per_expert,)).unsqueeze(1)
-        logits = self.family.logits(hidden, weight, bias)  # (1 or S, T, E)
+            local = context.local_reparameterization and not folded and not context.deterministic
+            drawn, marginals = self._weight_sites(context, local)
+            draws = drawn or draws
+        if marginals is not None:
+            logits = self._marginal_logits(hidden, marginals, particles)  # (S, T, E)
+        else:
+            logits = self.family.logits(hidden, draws.weight, draws.bias)  # (1 or S, T, E)
         if particles == 1:  # no particle dimension: (T, E), (T, H)
             logits, hidden = logits.squeeze(0), hidden.squeeze(0)
 
@@ -399,7 +522,8 @@ class BayesianRouter(nn.Module):
                 per_expert = sites.temperature_per == "expert"
                 centre = torch.ones((num_experts,) if per_expert else (), device=logits.device)
                 layout = (num_experts if sites.temperature.scale.per == "expert" else 1,) if per_expert else ()
-                temperature = self._global_site("temperature", sites.temperature, centre, layout)
+                distribution = self._prior("temperature", sites.temperature, centre, layout)
+                temperature = self._global_site("temperature", distribution, centre.dim())
                 temperature = temperature.reshape(-1, 1, num_experts if per_expert else 1)
             tempered = logits / temperature
 

@@ -65,6 +65,7 @@ __all__ = [
     "HorseshoePrior",
     "LaplacePrior",
     "LogNormalPrior",
+    "NormalMarginalPrior",
     "NormalPrior",
     "NormalScaleMixture",
     "PoweredHalfCauchy",
@@ -95,6 +96,18 @@ class NormalPrior:
 
     def __call__(self, centre: Tensor, scale: Tensor) -> dist.Normal:
         return dist.Normal(centre, scale)
+
+    def normal_marginal(self, centre: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+        """``loc`` and ``scale`` of the (diagonal) Normal: ``centre`` and ``scale`` themselves."""
+        return centre, scale
+
+
+@runtime_checkable
+class NormalMarginalPrior(Protocol):
+    """A prior family that is a diagonal Normal and says so (for local reparameterisation)."""
+
+    def normal_marginal(self, centre: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+        """``loc`` and ``scale`` of ``family(centre, scale)``, broadcastable to ``centre``."""
 
 
 @dataclass(frozen=True)
@@ -469,3 +482,8 @@ class SitePrior:
     def __post_init__(self) -> None:
         if not callable(self.family):
             raise ConfigurationError(f"a prior family must be callable (centre, scale), got {self.family!r}.")
+
+    def normal_marginal(self, centre: Tensor, scale: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``loc`` and ``scale`` of the prior ``family(centre, scale)`` when it is a diagonal Normal (the
+        ``normal`` family), else ``None`` (heavier-tailed and mixture priors have no Normal marginal)."""
+        return self.family.normal_marginal(centre, scale) if isinstance(self.family, NormalMarginalPrior) else None

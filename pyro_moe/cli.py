@@ -4,12 +4,15 @@ Commands (``pyro-moe COMMAND --help`` lists the options of each):
 
 * ``demo``: the offline demo on the embedded benchmark (:mod:`pyro_moe.experiments.demo`);
 * ``stability``: routing stability under router-input noise and the susceptible layers;
-* ``fit``: fit a guide family (SVI, or post-hoc for the Laplace families) and save the posterior, or
-  run a recipe by name (``--recipe``: starting scale chosen on calibration questions, iwae with learned
-  prior scales, a temperature per predictive mode; :mod:`pyro_moe.inference.recipes`);
+* ``fit``: fit a guide family (SVI, or post-hoc for the Laplace families) and save the posterior;
+  on MCQA questions (``--data``) or plain text (``--text``: one document per line, the next-token
+  likelihood); or run a recipe by name on MCQA questions (``--recipe``: starting scale chosen on
+  calibration questions, iwae with learned prior scales, a temperature per predictive mode;
+  :mod:`pyro_moe.inference.recipes`);
 * ``laplace``: ``fit`` with a Laplace family (``laplace``, ``kron-laplace``, ``expert-laplace``);
 * ``evaluate``: calibration (and OoD detection with ``--ood-data``) of a saved posterior or of guide
-  families fitted on the spot, against the deterministic model and temperature scaling;
+  families fitted on the spot, against the deterministic model and temperature scaling; with
+  ``--text``, the held-out perplexity of a saved posterior and of the deterministic model;
 * ``diagnose``: ArviZ ``InferenceData`` (netCDF), ``az.summary`` and the collapse report of a saved posterior;
 * ``compare``: calibration and OoD of several guide families side by side;
 * ``bench``: latency, peak memory and FLOPs of the families' predictions.
@@ -32,6 +35,8 @@ summary. A process that died or stopped answering ends the others with exit code
     pyro-moe fit --model path/to/moe --data train.jsonl --calibration-data calib.jsonl --recipe mfvr-iwae-layer \
         --out runs/recipe
     python -m pyro_moe evaluate --model path/to/moe --posterior runs/fit/posterior --data test.jsonl --out runs/eval
+    pyro-moe fit --model path/to/moe --text train.txt --guide mfvr --sites logits --out runs/text-fit
+    pyro-moe evaluate --model path/to/moe --text held_out.txt --posterior runs/text-fit/posterior --out runs/text-eval
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ from pyro_moe.validation import check_integer, check_number
 if TYPE_CHECKING:  # torch, transformers and the library load on first use: --help and bad input answer at once
     from torch import Tensor, nn
 
-    from pyro_moe.data import MCQAExample
+    from pyro_moe.data import MCQAExample, TextDataset
     from pyro_moe.distributed import DataParallel
     from pyro_moe.experiments.stability import StabilityResults
     from pyro_moe.inference.fitting import FittedPosterior
@@ -129,6 +134,15 @@ class Inputs:
     tokenizer: Any
     answer_token_ids: Tensor
     splits: dict[str, list[MCQAExample]]
+
+
+@dataclass
+class TextInputs:
+    """A command's model, tokenizer and the documents of ``--text``."""
+
+    model: nn.Module
+    tokenizer: Any
+    documents: TextDataset
 
 
 def _check_path(value: str, what: str) -> None:
@@ -246,6 +260,33 @@ def load_inputs(args: argparse.Namespace, roles: Sequence[str]) -> Inputs:
     return Inputs(model, tokenizer, letters.to(model.get_input_embeddings().weight.device), splits)
 
 
+def load_text_inputs(args: argparse.Namespace) -> TextInputs:
+    """Model, tokenizer and the documents of ``--text`` (the file first: a bad one is refused before a
+    large model loads)."""
+    from pyro_moe.data import load_text
+
+    if getattr(args, "ood_data", None):
+        raise BadInput("--ood-data holds MCQA questions; with --text, evaluate measures perplexity only.")
+    documents = load_text(args.text)
+    model, tokenizer, _ = load_model(args)
+    return TextInputs(model, tokenizer, documents)
+
+
+def text_batches_of(args: argparse.Namespace, inputs: TextInputs, limit: int) -> list[dict[str, Tensor]]:
+    """Batches of ``--batch-size`` of the first ``limit`` documents, each cut to ``--max-length``
+    tokens (default: 512, or the model's ``max_position_embeddings`` when fewer; more is refused)."""
+    from pyro_moe.data import DEFAULT_MAX_LENGTH, text_batches
+
+    positions = getattr(inputs.model.config, "max_position_embeddings", None)
+    max_length = args.max_length or min(DEFAULT_MAX_LENGTH, positions or DEFAULT_MAX_LENGTH)
+    if positions is not None and max_length > positions:
+        raise BadInput(
+            f"--max-length {max_length} exceeds the model's {positions} positions (max_position_embeddings)."
+        )
+    documents = inputs.documents.documents[:limit]
+    return list(text_batches(documents, inputs.tokenizer, args.batch_size, max_length=max_length))
+
+
 def parse_sites(args: argparse.Namespace) -> dict[str, Any] | None:
     """``--sites`` (JSON, or comma-separated kinds) with ``--prior`` as the family of every sampled site."""
     sites: dict[str, Any] | None = None
@@ -276,6 +317,12 @@ def parse_sites(args: argparse.Namespace) -> dict[str, Any] | None:
     return sites
 
 
+def guide_steps(args: argparse.Namespace) -> int:
+    """The SVI steps of a guide fitted by name: ``--steps``, or :data:`DEFAULT_STEPS` (``fit``'s ``--steps``
+    defaults to none, so that ``--recipe`` keeps its recipe's own)."""
+    return DEFAULT_STEPS if args.steps is None else args.steps
+
+
 def check_guides(names: Sequence[str]) -> list[str]:
     """Every guide name parses against the registry (errors list the registered names)."""
     from pyro_moe.guides.registry import parse_guide
@@ -299,12 +346,17 @@ def deterministic_stability(args: argparse.Namespace, inputs: Inputs) -> Stabili
     return stability_experiment(inputs.model, inputs.tokenizer, inputs.splits, {}, settings)
 
 
-def resolve_layers(args: argparse.Namespace, inputs: Inputs) -> str | list[int]:
+def resolve_layers(args: argparse.Namespace, inputs: Inputs | None) -> str | list[int]:
     """``--layers``: ``all``, indices, or ``susceptible`` (the layers :func:`deterministic_stability`
-    picks)."""
+    picks on the MCQA ``inputs``; refused without them, i.e. with ``--text``)."""
     if args.layers == ["all"]:
         return "all"
     if args.layers == ["susceptible"]:
+        if inputs is None:
+            raise BadInput(
+                "--layers susceptible ranks the layers' routing stability on MCQA questions; with --text give "
+                "all or layer indices."
+            )
         result = deterministic_stability(args, inputs)
         logger.info("susceptible layers: %s", result.susceptible)
         return result.susceptible
@@ -326,7 +378,7 @@ def _fit(
         examples=args.fit_examples,
         sites=parse_sites(args),
         layers=layers,
-        steps=DEFAULT_STEPS if args.steps is None else args.steps,
+        steps=guide_steps(args),
         batch_size=args.batch_size,
         seed=args.seed,
         validation_examples=args.examples,
@@ -374,9 +426,37 @@ def run_stability(args: argparse.Namespace) -> None:
     print("written:", paths["metrics"], paths["report"])
 
 
+def _fit_text(args: argparse.Namespace, guide: str) -> FittedPosterior:
+    """``fit --text``: ``guide`` fitted with the next-token likelihood on the first ``--fit-examples``
+    documents, on the loaded model itself; the family, sites and layers are checked before the model loads."""
+    from pyro_moe.guides.registry import parse_guide
+    from pyro_moe.inference.presets import family_specs, fit_families
+    from pyro_moe.models.likelihoods import LikelihoodKind
+
+    for family in parse_guide(guide).values():
+        family.check_likelihood(LikelihoodKind.NEXT_TOKEN)
+    steps = guide_steps(args)
+    specs = family_specs([guide], parse_sites(args), steps)
+    layers = resolve_layers(args, None)
+    inputs = load_text_inputs(args)
+    batches = text_batches_of(args, inputs, args.fit_examples)
+    posteriors = fit_families(
+        inputs.model,
+        batches,
+        specs,
+        answer_token_ids=None,
+        layers=layers,
+        steps=steps,
+        seed=args.seed,
+        in_place=True,
+    )
+    return posteriors[guide]
+
+
 def run_fit(args: argparse.Namespace) -> None:
-    """``fit`` and ``laplace``: one guide family, saved as ``posterior/`` (safetensors + JSON); ``fit
-    --recipe``: :func:`run_recipe`."""
+    """``fit`` and ``laplace``: one guide family, saved as ``posterior/`` (safetensors + JSON); on MCQA
+    questions, or with ``--text`` on plain text (the next-token likelihood); ``fit --recipe``:
+    :func:`run_recipe`."""
     if getattr(args, "recipe", None) is not None:
         run_recipe(args)
         return
@@ -390,15 +470,19 @@ def run_fit(args: argparse.Namespace) -> None:
         raise BadInput(f"laplace fits the post-hoc families {', '.join(post_hoc)}; got --guide {guide}.")
     check_guides([guide])
     parse_sites(args)
-    inputs = load_inputs(args, ["train"])
-    layers = resolve_layers(args, inputs)
-    posterior = _fit(args, inputs, [guide], layers, in_place=True)[guide]
+    if args.text is not None:
+        posterior = _fit_text(args, guide)
+    else:
+        inputs = load_inputs(args, ["train"])
+        layers = resolve_layers(args, inputs)
+        posterior = _fit(args, inputs, [guide], layers, in_place=True)[guide]
     folder = posterior.save(args.out / "posterior")  # data-parallel: rank 0 writes
     if posterior.data_parallel is not None and not posterior.data_parallel.is_main:
         return
     last = posterior.history[-1] if posterior.history else {}
     processes = 1 if posterior.data_parallel is None else posterior.data_parallel.world_size
     summary = {"guide": guide, "layers": posterior.config["layers"], "model": args.model, "processes": processes}
+    summary["likelihood"] = posterior.config["likelihood"]
     summary["last_step"] = last
     (args.out / "fit.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"{guide} on layers {posterior.config['layers']}: {len(posterior.history)} steps; written: {folder}")
@@ -413,6 +497,8 @@ def run_recipe(args: argparse.Namespace) -> None:
 
     if args.sites is not None or args.prior is not None:
         raise BadInput("--recipe patches its own logit sites (learned prior scales); drop --sites and --prior.")
+    if args.text is not None:
+        raise BadInput("--recipe fits MCQA questions (its temperatures calibrate answers); --text is for --guide.")
     inputs = load_inputs(args, ["train", "calibration"])
     fitting = FitSettings(
         examples=args.fit_examples,
@@ -461,12 +547,41 @@ def _posteriors(args: argparse.Namespace, inputs: Inputs, guides: Sequence[str])
     return posteriors
 
 
+def evaluate_text(args: argparse.Namespace) -> None:
+    """``evaluate --text``: held-out perplexity of ``--posterior`` (both modes where it has them) and of
+    the deterministic model on the first ``--examples`` documents, written as ``perplexity/``."""
+    from pyro_moe.experiments.evaluation import PredictionSettings, write_results
+    from pyro_moe.experiments.perplexity import perplexity_experiment
+    from pyro_moe.inference.fitting import FittedPosterior
+
+    if args.guides:
+        raise BadInput(
+            "evaluate --text measures a saved --posterior (fit one with pyro-moe fit --text); --guides fits on "
+            "MCQA questions."
+        )
+    if args.posterior is None:
+        raise BadInput("evaluate --text needs --posterior (a folder written by pyro-moe fit).")
+    _check_path(str(args.posterior), "posterior")
+    settings = PredictionSettings(num_samples=args.samples, seed=args.seed)
+    inputs = load_text_inputs(args)
+    batches = text_batches_of(args, inputs, args.examples)
+    posterior = FittedPosterior.load(args.posterior, copy.deepcopy(inputs.model))
+    results = perplexity_experiment(inputs.model, batches, {"posterior": posterior}, settings)
+    paths = write_results(results, args.out / "perplexity")
+    print(results.to_markdown())
+    print("written:", paths["metrics"], paths["report"])
+
+
 def run_evaluate(args: argparse.Namespace) -> None:
-    """``evaluate`` and ``compare``: calibration, and OoD detection when there are OoD splits."""
+    """``evaluate`` and ``compare``: calibration, and OoD detection when there are OoD splits; ``evaluate
+    --text``: held-out perplexity (:func:`evaluate_text`)."""
     from pyro_moe.experiments.calibration import CalibrationSettings, calibration_experiment
     from pyro_moe.experiments.evaluation import write_results
     from pyro_moe.experiments.ood import OoDSettings, ood_experiment
 
+    if getattr(args, "text", None) is not None:
+        evaluate_text(args)
+        return
     guides = check_guides(args.guides or [])
     parse_sites(args)
     if args.command == "compare" and len(guides) < 2:
@@ -567,19 +682,31 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--trust-remote-code", action="store_true", help="run the checkpoint's own Python code")
 
 
-def _data_options(parser: argparse.ArgumentParser, ood: bool = False) -> None:
+def _data_options(parser: argparse.ArgumentParser, ood: bool = False, text: str | None = None) -> None:
+    """The data options; ``text``: the help of ``--text`` (exclusive with ``--data``), with ``--max-length``."""
     group = parser.add_argument_group("data")
-    group.add_argument(
+    sources = group.add_mutually_exclusive_group() if text is not None else group
+    sources.add_argument(
         "--data", help="MCQA file (.jsonl/.json/.csv/.parquet), folder or data-set name (default: benchmark)"
     )
+    if text is not None:
+        sources.add_argument("--text", type=Path, help=text)
+        group.add_argument(
+            "--max-length",
+            type=_integer(2),
+            default=None,
+            help="--text: tokens kept of each document, the rest dropped (default 512, or the model's positions)",
+        )
     group.add_argument("--split", help="split of a data folder or data-set name")
     group.add_argument(
         "--examples",
         type=_integer(1),
         default=200,
-        help="questions per evaluated split, and fit --recipe's calibration questions (default 200)",
+        help="questions (documents) per evaluated split, and fit --recipe's calibration questions (default 200)",
     )
-    group.add_argument("--batch-size", type=_integer(1), default=32, help="questions per batch (default 32)")
+    group.add_argument(
+        "--batch-size", type=_integer(1), default=32, help="questions (documents) per batch (default 32)"
+    )
     if ood:
         group.add_argument("--ood-data", nargs="+", help="out-of-distribution MCQA files (one OoD split each)")
 
@@ -625,7 +752,10 @@ def _posterior_options(parser: argparse.ArgumentParser, guide: bool = True, reci
     steps_help = f"SVI steps (default {DEFAULT_STEPS}" + ("; with --recipe the recipe's own)" if recipe else ")")
     group.add_argument("--steps", type=_integer(0), default=None if recipe else DEFAULT_STEPS, help=steps_help)
     group.add_argument(
-        "--fit-examples", type=_integer(1), default=512, help="questions the guide is fitted on (default 512)"
+        "--fit-examples",
+        type=_integer(1),
+        default=512,
+        help="questions (documents) the guide is fitted on (default 512)",
     )
 
 
@@ -666,7 +796,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         command = commands.add_parser(name, help=text)
         _model_options(command)
-        _data_options(command)
+        _data_options(command, text="plain-text file, one document per line: fit with the next-token likelihood")
         _posterior_options(command, recipe=name == "fit")
         command.add_argument(
             "--timeout",
@@ -683,7 +813,8 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         command = commands.add_parser(name, help=text)
         _model_options(command)
-        _data_options(command, ood=True)
+        held_out = "plain-text file, one document per line: held-out perplexity of --posterior instead"
+        _data_options(command, ood=True, text=held_out if name == "evaluate" else None)
         _posterior_options(command, guide=False)
         command.add_argument(
             "--guides", nargs="+", help="guide families to fit, e.g. mean-field mfvr swag (an unknown name lists all)"

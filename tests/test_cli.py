@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import pickle
 import subprocess
 import sys
@@ -237,6 +238,80 @@ def test_a_file_of_broken_lines_is_refused(saved, tmp_path, capsys):
     assert error.endswith("broken.jsonl: no usable row ({'invalid JSON': 2}); first: file lines 1, 3.")
 
 
+TEXT = (
+    "the sky is blue\n"
+    "\n"
+    "what colour is the sky ? the sky is blue .\n"
+    "yes , the sky is blue and the sky is true\n"
+    "which is the colour of the sky ?\n"
+    "no , the sky is not a colour\n"
+)
+
+
+def test_fit_on_text_writes_a_posterior_that_loads_and_evaluate_writes_its_perplexity(saved, tmp_path):
+    train, held_out = tmp_path / "train.txt", tmp_path / "held_out.txt"
+    train.write_text(TEXT)
+    held_out.write_text("the sky is blue .\n\nwhat is the colour of the sky ?\nthe sky is a colour\n")
+    fit = ["--model", str(saved["moe"]), "--text", str(train), "--guide", "mfvr", "--sites", "logits"]
+    assert main(["fit", *fit, "--steps", "3", "--batch-size", "2", "--out", str(tmp_path / "fit")]) == 0
+    summary = json.loads((tmp_path / "fit" / "fit.json").read_text())
+    assert summary["likelihood"] == "next-token" and summary["last_step"]["step"] == 2
+    posterior = FittedPosterior.load(tmp_path / "fit" / "posterior", tiny_model("granitemoe"))
+    assert posterior.config["likelihood"] == "next-token" and len(posterior.history) == 3
+    assert posterior.guide.local_sites == [f"model.layers.{layer}.block_sparse_moe.router.logits" for layer in (0, 1)]
+
+    evaluate = [
+        "--model",
+        str(saved["moe"]),
+        "--text",
+        str(held_out),
+        "--posterior",
+        str(tmp_path / "fit" / "posterior"),
+    ]
+    assert main(["evaluate", *evaluate, "--samples", "2", "--out", str(tmp_path / "evaluate")]) == 0
+    metrics = json.loads((tmp_path / "evaluate" / "perplexity" / "metrics.json").read_text())
+    rows = {(row["method"], row["mode"]): row for row in metrics["rows"]}
+    assert set(rows) == {("deterministic", "any"), ("posterior", "model-average"), ("posterior", "routing-average")}
+    assert metrics["documents"] == 3 and metrics["num_samples"] == 2
+    # the deterministic row against the unpatched HF model's own loss on each document alone
+    hf, tokenizer = AutoModelForCausalLM.from_pretrained(saved["moe"]).eval(), tiny_tokenizer()
+    losses, tokens = 0.0, 0
+    for line in ("the sky is blue .", "what is the colour of the sky ?", "the sky is a colour"):
+        ids = torch.tensor([tokenizer(line)["input_ids"]])
+        with torch.no_grad():
+            losses += float(hf(ids, labels=ids).loss) * (ids.shape[1] - 1)
+        tokens += ids.shape[1] - 1
+    assert rows["deterministic", "any"]["tokens"] == tokens
+    assert rows["deterministic", "any"]["perplexity"] == pytest.approx(math.exp(losses / tokens), rel=1e-5)
+    assert all(math.isfinite(row["perplexity"]) for row in rows.values())
+    assert (tmp_path / "evaluate" / "perplexity" / "report.md").read_text().startswith("# Held-out perplexity")
+
+
+def test_bad_text_input_ends_with_exit_2_and_one_line(saved, tmp_path, capsys):
+    model = ["--model", str(saved["moe"])]
+    empty, blank = tmp_path / "empty.txt", tmp_path / "blank.txt"
+    empty.write_text("")
+    blank.write_bytes(b"\n   \n\xff\n")
+    error = _bad_input(tmp_path, capsys, ["fit", *model, "--text", str(empty)])
+    assert error.endswith(f"{empty}: no usable line (the file is empty); give one document per line.")
+    error = _bad_input(tmp_path, capsys, ["fit", *model, "--text", str(blank)])
+    assert error.endswith(f"{blank}: no usable line ({{'blank': 2, 'not UTF-8 text': 1}}); first: file lines 1, 2, 3.")
+    error = _bad_input(tmp_path, capsys, ["evaluate", *model, "--text", str(blank), "--posterior", str(tmp_path)])
+    assert "blank.txt: no usable line" in error
+    text = tmp_path / "train.txt"
+    text.write_text(TEXT)
+    error = _bad_input(tmp_path, capsys, ["fit", *model, "--text", str(text), "--guide", "expert-laplace"])
+    assert "'expert-laplace' fits the mcqa likelihood only" in error
+    error = _bad_input(tmp_path, capsys, ["fit", *model, "--text", str(text), "--layers", "susceptible"])
+    assert "--layers susceptible" in error and "--text" in error
+    error = _bad_input(tmp_path, capsys, ["fit", *model, "--text", str(text), "--max-length", "100"])
+    assert error.endswith("--max-length 100 exceeds the model's 64 positions (max_position_embeddings).")
+    error = _bad_input(tmp_path, capsys, ["evaluate", *model, "--text", str(text)])
+    assert "evaluate --text needs --posterior" in error
+    error = _bad_input(tmp_path, capsys, ["evaluate", *model, "--text", str(text), "--guides", "mfvr"])
+    assert "evaluate --text measures a saved --posterior" in error
+
+
 class _Payload:
     """A pickle that would create ``marker`` when unpickled."""
 
@@ -327,6 +402,24 @@ def test_every_subcommand_help_answers_without_importing_torch(command):
     assert "--out" in result.stdout
 
 
+@pytest.mark.parametrize("command", ["fit", "evaluate"])
+def test_text_and_data_together_are_refused_at_parsing_without_importing_torch(command):
+    argv = [command, "--text", "train.txt", "--data", "train.jsonl", "--out", "runs/never"]
+    script = (
+        "import sys\n"
+        "from pyro_moe.cli import main\n"
+        "try:\n"
+        f"    main({argv!r})\n"
+        "except SystemExit as exit:\n"
+        "    print('exit', exit.code)\n"
+        f"print(sorted({{name.split('.')[0] for name in sys.modules}} & set({HEAVY_MODULES!r})))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip().splitlines()[-2:] == ["exit 2", "[]"]
+    assert result.stderr == f"pyro-moe {command}: error: argument --data: not allowed with argument --text\n"
+    assert not Path("runs/never").exists()
+
+
 def test_fit_recipe_runs_the_library_recipe_on_the_data_cut(saved, tmp_path, capsys):
     """``fit --recipe`` with one --data file: its first quarter chooses the scale and calibrates, the rest is
     fitted on, as ``fit_named_recipes`` does with those splits; everything lands in the run folder."""
@@ -389,6 +482,12 @@ def test_bad_recipe_options(saved, tmp_path, capsys):
     assert "--recipe patches its own logit sites" in error
     error = _bad_input(tmp_path, capsys, ["fit", *data, "--guide", "mfvr", "--calibration-data", str(saved["data"])])
     assert "--calibration-data is for --recipe" in error
+    text = tmp_path / "documents.txt"
+    text.write_text("the sky is blue\nwhat is one and two\n")
+    error = _bad_input(
+        tmp_path, capsys, ["fit", "--model", str(saved["moe"]), "--text", str(text), "--recipe", "mfvr-iwae-layer"]
+    )
+    assert "--recipe fits MCQA questions" in error
     with pytest.raises(SystemExit) as stop:
         main(["fit", "--recipe", "mfvr-iwae-layer", "--guide", "mfvr", "--out", str(tmp_path / "never")])
     assert stop.value.code == EXIT_BAD_INPUT

@@ -6,7 +6,8 @@ and ``fresh_model`` (a tiny DeepSeek-V2, whose MoE layers 1 and 2 have their rou
 ``mlp.gate``; a tiny Qwen2-MoE for the blocks that patch experts, which expert-space Laplace does
 not support on DeepSeek), ``tokenizer``, ``splits``, ``batches`` and the other batch names, one
 batch's ``input_ids`` and ``attention_mask``, the answer letters' ids, and two fits ``fit_a``,
-``fit_b``. Only the step counts are cut (:data:`FEW_STEPS`).
+``fit_b``; the text files a block reads with ``load_text("...")`` are written there (:data:`TEXT`).
+Only the step counts are cut (:data:`FEW_STEPS`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"^```python\n(.*?)^```$", README.read_text(), flags=re.S | re.M)
 ROUTER_FAMILY = "deepseek_v2"
 EXPERTS_FAMILY = "qwen2_moe"
+TEXT = "the sky is blue\n\nwhat colour is the sky ?\nyes , the sky is blue\nwhich is true ? the sky is blue\n"
+"""The text of every file a block reads with ``load_text`` (words of the tiny tokenizer)."""
 FEW_STEPS = 10
 """Every ``steps=N`` of the README above this is cut to it: enough for SWAG's default schedule (rank 5
 needs 5 snapshots)."""
@@ -74,6 +77,8 @@ def test_the_readme_has_python_blocks() -> None:
 @pytest.mark.parametrize("number", range(len(BLOCKS)), ids=lambda number: f"block{number + 1}")
 def test_readme_python_block_runs(number: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
+    for name in re.findall(r"load_text\(\"([^\"]+)\"\)", BLOCKS[number]):
+        Path(name).write_text(TEXT)
     code = re.sub(r"\bsteps=(\d+)", lambda match: f"steps={min(int(match[1]), FEW_STEPS)}", BLOCKS[number])
     namespace = {"__name__": f"readme_block{number + 1}", **stand_ins(code)}
     torch.manual_seed(0)

@@ -26,8 +26,12 @@ from pyro_moe.guides.family import FamilyPreset, GuideFamily, GuideScope
 from pyro_moe.guides.laplace.dense import DenseLaplaceMAP
 from pyro_moe.guides.laplace.kronecker_guide import KroneckerMAP
 from pyro_moe.guides.laplace.prior_precision import select_prior_precision
+from pyro_moe.models.likelihoods import LikelihoodKind
 
 __all__ = ["EXPERT_LAPLACE", "KRON_LAPLACE", "LAPLACE", "PriorPrecisionSelection"]
+
+_MCQA_ONLY = frozenset({LikelihoodKind.MCQA})
+"""The Kronecker factors are the curvature of the MCQA answer at the readout position."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,7 @@ KRON_LAPLACE = GuideFamily(
     _kronecker_builder("router"),
     "MAP router weights, then a Kronecker-factored Laplace (options rank, fisher, tokens, mc_samples)",
     post_hoc=True,
+    likelihoods=_MCQA_ONLY,
 )
 EXPERT_LAPLACE = GuideFamily(
     "expert-laplace",
@@ -80,4 +85,5 @@ EXPERT_LAPLACE = GuideFamily(
         tune=PriorPrecisionSelection((3, 10, 30, 100)),
     ),
     post_hoc=True,
+    likelihoods=_MCQA_ONLY,
 )

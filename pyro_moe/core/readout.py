@@ -1,4 +1,5 @@
-"""Reading answers out of a (patched) causal LM: the logits at each row's last real position.
+"""Reading logits out of a (patched) causal LM: at each row's last real position (MCQA answers),
+or at every position for the next token (text).
 
 Works inside a plate of joint samples: the model folds the samples into its batch, and the
 result gains a leading sample dimension.
@@ -7,6 +8,8 @@ Example::
 
     logits = last_token_logits(model, input_ids, attention_mask)   # (draws, batch, vocab)
     answers = logits[..., answer_token_ids]                        # (draws, batch, choices)
+    logits = next_token_logits(model, input_ids, attention_mask)   # (draws, batch, length - 1, vocab)
+    scored = next_token_mask(attention_mask)                       # (batch, length - 1): real next tokens
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import inspect
 import torch
 from torch import Tensor, nn
 
-__all__ = ["last_positions", "last_token_logits"]
+__all__ = ["last_positions", "last_token_logits", "next_token_logits", "next_token_mask", "token_positions"]
 
 
 def last_positions(attention_mask: Tensor) -> Tensor:
@@ -44,3 +47,28 @@ def last_token_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tenso
     if keep_last:
         return logits[:, :, -1]
     return logits[:, torch.arange(batch, device=logits.device), positions]
+
+
+def token_positions(attention_mask: Tensor) -> Tensor:
+    """``position_ids`` ``(batch, length)``: every real token's position among its row's real tokens
+    (padded positions get the neighbouring value; they are masked). A padded row thus keeps the
+    positions it has alone, whichever side the padding is on; HF's forward without ``position_ids``
+    counts from the first column, which shifts left-padded rows."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def next_token_mask(attention_mask: Tensor) -> Tensor:
+    """``(batch, length - 1)`` bool: position ``t`` predicts a real token ``t + 1`` from a real token ``t``
+    (the tokens a causal-LM loss scores; padding on either side drops out)."""
+    real = attention_mask.bool()
+    return real[:, 1:] & real[:, :-1]
+
+
+def next_token_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Logits ``(draws, batch, length - 1, vocab)`` (float32) of the tokens ``input_ids[:, 1:]``, from
+    one forward pass with :func:`token_positions`; on an unpadded batch the positions are HF's own
+    (``0 .. length - 1``), so ``cross_entropy`` of these logits is ``model(input_ids, labels=input_ids).loss``."""
+    batch = input_ids.shape[0]
+    positions = token_positions(attention_mask)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False).logits
+    return logits.unflatten(0, (-1, batch))[:, :, :-1].float()

@@ -4,8 +4,10 @@ Three things reach the routers from outside their ``forward(hidden_states)`` sig
 
 * the **number of joint samples** ``S``: the size of the vectorised-particle plate at
   :data:`PARTICLE_DIM`, as Pyro's ``Predictive(parallel=True)`` and vectorised ELBOs open it;
-* the **predictive mode** (:class:`PredictiveMode`) and whether randomness is switched off
-  (:func:`pyro_moe.at_prior_mean`), set with :func:`routing_context`;
+* the **predictive mode** (:class:`PredictiveMode`), whether randomness is switched off
+  (:func:`pyro_moe.at_prior_mean`) and whether routing-average draws logits by local
+  reparameterisation (with the posterior's diagonal-Normal marginals, :class:`NormalMarginals`),
+  set with :func:`routing_context`;
 * the **token mask** of the current forward pass, set by the patch's hook on the model from its
   ``attention_mask`` argument, so that padded positions drop out of local log-densities.
 
@@ -29,10 +31,13 @@ from pyro.distributions import TorchDistribution
 from pyro.poutine.runtime import get_plates
 from torch import Tensor, nn
 
+from pyro_moe.errors import ConfigurationError
+
 __all__ = [
     "PARTICLE_DIM",
     "TOKEN_DIM",
     "LocalGuide",
+    "NormalMarginals",
     "PredictiveMode",
     "RoutingContext",
     "current_context",
@@ -73,6 +78,14 @@ class LocalGuide(Protocol):
         """``q(T | u)`` of a router's per-token temperature: batch ``(..., tokens)``."""
 
 
+class NormalMarginals(Protocol):
+    """What a posterior offers for local reparameterisation: the diagonal-Normal marginals of its sites."""
+
+    def normal_marginal(self, site: str) -> tuple[Tensor, Tensor] | None:
+        """``loc`` and ``scale`` (both the site's value shape, e.g. ``(experts, hidden)``) when the posterior
+        of ``site`` is a diagonal Normal independent of every other site, else ``None``."""
+
+
 @dataclass(frozen=True)
 class RoutingContext:
     """State the routers read; see the module docstring.
@@ -91,6 +104,12 @@ class RoutingContext:
         local_scale: factor on the log-densities of per-token sites (``N / B`` for a minibatch
             of ``B`` of ``N`` examples).
         param_prefix: prefix of the names of learned prior scales (one per fit).
+        local_reparameterization: routing-average only: a router whose weight (and bias) sites have
+            diagonal-Normal marginals draws each token's logits from their Normal marginal
+            ``N(u loc^T + b_loc, (u^2) (scale^2)^T + b_scale^2)`` instead of S weight matrices (see
+            :class:`~pyro_moe.models.bayesian_router.BayesianRouter`); refused in model-average mode.
+        posterior_marginals: the posterior in force (a guide's ``posterior`` sets it), asked for the
+            marginals; ``None``: no posterior, the priors' marginals (a Normal prior has them).
     """
 
     mode: PredictiveMode = PredictiveMode.MODEL_AVERAGE
@@ -102,6 +121,20 @@ class RoutingContext:
     local_guide: LocalGuide | None = None
     local_scale: float = 1.0
     param_prefix: str = ""
+    local_reparameterization: bool = False
+    posterior_marginals: NormalMarginals | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.local_reparameterization, bool):
+            raise ConfigurationError(
+                f"local_reparameterization must be True or False, got {self.local_reparameterization!r}."
+            )
+        if self.local_reparameterization and self.mode is PredictiveMode.MODEL_AVERAGE:
+            raise ConfigurationError(
+                "local reparameterisation is for routing-average only: model-average runs each joint sample's "
+                "network on all tokens together, which needs explicit weight draws; use mode='routing-average' "
+                "or local_reparameterization=False."
+            )
 
 
 _DEFAULT_CONTEXT = RoutingContext()

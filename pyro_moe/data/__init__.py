@@ -1,4 +1,5 @@
-"""Multiple-choice QA data: loading, prompts, answer-letter token ids and left-padded batches.
+"""Multiple-choice QA data (loading, prompts, answer-letter token ids and left-padded batches) and
+plain text (:func:`load_text`: one document per line; :func:`text_batches`, see :mod:`pyro_moe.data.text`).
 
 :func:`load_mcqa` reads local JSONL, JSON, CSV or Parquet files (a file, or a directory and a
 split), an iterable of row mappings (a Hugging Face ``datasets.Dataset`` is one), or a ``datasets``
@@ -38,6 +39,9 @@ Example::
         prediction = pyro_moe.predict(handle, batch["input_ids"], batch["attention_mask"],
                                       answer_token_ids=letters)
         labels = batch["labels"]                               # (batch,)
+
+    documents = load_text("train.txt")                         # documents.report: skipped lines
+    batches = list(text_batches(documents, tokenizer, batch_size=8, max_length=256))
 """
 
 from pyro_moe.data.batches import DEFAULT_TEMPLATE, PromptTemplate, answer_token_ids, mcqa_batches
@@ -55,8 +59,10 @@ from pyro_moe.data.schemas import (
     RowError,
     SciQSchema,
 )
+from pyro_moe.data.text import DEFAULT_MAX_LENGTH, TextDataset, load_text, text_batches
 
 __all__ = [
+    "DEFAULT_MAX_LENGTH",
     "DEFAULT_TEMPLATE",
     "LETTERS",
     "REPORTED_ROWS",
@@ -74,7 +80,10 @@ __all__ = [
     "PromptTemplate",
     "RowError",
     "SciQSchema",
+    "TextDataset",
     "answer_token_ids",
     "load_mcqa",
+    "load_text",
     "mcqa_batches",
+    "text_batches",
 ]

@@ -38,12 +38,13 @@ REPORTED_ROWS = 5
 
 @dataclass(frozen=True)
 class LoadReport:
-    """What :func:`load_mcqa` read.
+    """What :func:`load_mcqa` (or :func:`pyro_moe.data.text.load_text`) read.
 
     Rows are the source's records: the non-blank lines of a JSON-lines file, the records after a
-    CSV file's header, the items of a JSON list, the rows of a Parquet file or of an iterable. A row
-    is skipped when it fits no schema or when its record cannot be read (a line that is not valid
-    JSON or not UTF-8 text, a CSV record with the wrong number of fields).
+    CSV file's header, the items of a JSON list, the rows of a Parquet file or of an iterable; every
+    line of a text file. A row is skipped when it fits no schema or when its record cannot be read
+    (a line that is not valid JSON or not UTF-8 text, a CSV record with the wrong number of fields;
+    a text line that is blank, not UTF-8 or holds NUL bytes).
 
     Example::
 
@@ -53,14 +54,14 @@ class LoadReport:
 
     Attributes:
         source: the file, directory or data set name read.
-        schema: name of the schema the rows were read with.
+        schema: name of the schema the rows were read with (``"text"`` for a text file).
         rows: number of rows read, skipped ones included.
         skipped: number of rows skipped.
         skipped_rows: the first few (:data:`REPORTED_ROWS`) skipped rows as 0-based positions among
             the rows (blank lines and a CSV header are not rows).
         reasons: number of skipped rows per reason.
         skipped_lines: the 1-based file lines (as editors number them) where the same skipped rows
-            start, for JSON-lines and CSV files; empty for other sources.
+            start, for JSON-lines, CSV and text files; empty for other sources.
     """
 
     source: str

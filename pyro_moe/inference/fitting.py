@@ -1,7 +1,9 @@
 """``fit``: posteriors over the router sites of a patched model, by SVI, with guides by name.
 
 Every guide family trains the same model on the same data with the same loop: the MCQA
-likelihood on minibatches (an unbiased estimate of the full-data objective), the frozen
+likelihood (multiple-choice batches and the answer letters' ids) or the next-token likelihood
+(text batches, ``answer_token_ids=None``) on minibatches (an unbiased estimate of the full-data
+objective), the frozen
 backbone, Adam, an optional KL weight with linear annealing, gradient clipping, a seed, and a
 progress bar with the loss, KL and NLL. The result predicts with both predictive modes, saves as
 safetensors plus JSON and resumes; :meth:`FittedPosterior.calibrate` adds a post-hoc temperature per
@@ -17,6 +19,7 @@ Example::
     posterior.predict(input_ids, attention_mask).temperature       # the calibrated probabilities' T
     posterior.save("runs/low-rank")
     posterior = FittedPosterior.load("runs/low-rank", model)      # on a fresh, unpatched model
+    text = fit(handle, text_batches(documents, tokenizer, 8), "mfvr", answer_token_ids=None, steps=300)
 
 Under ``torchrun`` (after :func:`pyro_moe.distributed.init_distributed`) the same calls run
 data-parallel: every rank steps on its shard of each global batch, the guide's gradients are
@@ -52,7 +55,7 @@ from pyro_moe.inference.options import TrainingOptions
 from pyro_moe.inference.predictive import RoutedPrediction, predict, predictive_mode
 from pyro_moe.inference.svi import SVIEngine
 from pyro_moe.models.expert_patch import patch_experts
-from pyro_moe.models.likelihoods import MCQALikelihood, check_batches
+from pyro_moe.models.likelihoods import Likelihood, check_batches, likelihood_from_config, likelihood_kind
 from pyro_moe.models.priors import learned_scale_name
 from pyro_moe.models.router_patch import RouterPatch, patch_routers
 from pyro_moe.validation import check_integer
@@ -88,7 +91,7 @@ class FittedPosterior:
 
     Attributes:
         patch: the patched model.
-        likelihood: the MCQA likelihood.
+        likelihood: the MCQA or the next-token likelihood (``config["likelihood"]``).
         guide: the :class:`~pyro_moe.guides.router_guide.RouterGuide`.
         engine: the SVI engine (history, optimiser state).
         config: everything that rebuilds the patch, the guide and the training; after
@@ -96,7 +99,7 @@ class FittedPosterior:
     """
 
     def __init__(
-        self, patch: RouterPatch, likelihood: MCQALikelihood, guide: RouterGuide, engine: SVIEngine, config: dict
+        self, patch: RouterPatch, likelihood: Likelihood, guide: RouterGuide, engine: SVIEngine, config: dict
     ) -> None:
         self.patch, self.likelihood, self.guide, self.engine, self.config = patch, likelihood, guide, engine, config
 
@@ -214,14 +217,14 @@ class FittedPosterior:
         check_integer("steps", steps, minimum=self.guide.min_steps)
         if self.fitted_post_hoc:
             raise ConfigurationError("a posterior fitted post hoc (a Laplace) cannot resume training; fit a new one.")
-        batches = check_batches(data, self.likelihood.num_choices)
+        batches = self.likelihood.check_batches(data)
         callback = None if callback is None else as_callback(callback)
         if callback is not None:
             callback.check(self, self.engine.step_count, steps)
-        num_examples = sum(len(batch["labels"]) for batch in batches)
+        num_examples = sum(len(batch["input_ids"]) for batch in batches)
         parallel = self.data_parallel
         if parallel is not None:
-            parallel.check_batch_sizes([len(batch["labels"]) for batch in batches])
+            parallel.check_batch_sizes([len(batch["input_ids"]) for batch in batches])
             progress = progress and parallel.is_main
         device, seed = self._device(), self.config["seed"]
         start = self.engine.step_count
@@ -253,7 +256,8 @@ class FittedPosterior:
     def predict(
         self, input_ids: Tensor, attention_mask: Tensor | None = None, *, calibrated: bool = True, **options: Any
     ) -> RoutedPrediction:
-        """:func:`pyro_moe.predict` with this posterior (``model-average`` by default).
+        """:func:`pyro_moe.predict` with this posterior (``model-average`` by default): MCQA answers, so a
+        posterior fitted on text refuses (its perplexity: :func:`pyro_moe.inference.perplexity.perplexity`).
 
         In a mode :meth:`calibrate` has calibrated, ``probs`` are the calibrated probabilities and
         ``temperature`` the temperature applied, unless ``calibrated=False``; ``sample_probs`` are always
@@ -304,14 +308,9 @@ class FittedPosterior:
         except KeyError as missing:
             raise ConfigurationError(f"checkpoint {folder} lacks the configuration entry {missing}.") from None
         try:
-            posterior = _build(patch, torch.tensor(config["answer_token_ids"]), config, parallel)
+            posterior = _build(patch, config, parallel)
             device = posterior._device()
-            dummy = {
-                "input_ids": torch.zeros(1, 2, dtype=torch.long, device=device),
-                "attention_mask": torch.ones(1, 2, dtype=torch.long, device=device),
-                "labels": torch.zeros(1, dtype=torch.long, device=device),
-                "num_examples": 1,
-            }
+            dummy = {**posterior.likelihood.placeholder_batch(device), "num_examples": 1}
             posterior.guide.setup(**dummy)
             if posterior.fitted_post_hoc:
                 if any(name.startswith("param/") for name in tensors):  # what the SVI steps trained (per-token parts)
@@ -348,12 +347,10 @@ def _load_buffers(guide: nn.Module, tensors: Mapping[str, Tensor]) -> None:
 _FIT_NUMBERS = itertools.count()
 
 
-def _build(
-    patch: RouterPatch, answer_token_ids: Tensor, config: dict, parallel: DataParallel | None
-) -> FittedPosterior:
-    """Likelihood, guide and engine of a fit; their parameters carry a prefix of their own."""
+def _build(patch: RouterPatch, config: dict, parallel: DataParallel | None) -> FittedPosterior:
+    """Likelihood (as ``config`` names it), guide and engine of a fit; their parameters carry a prefix of their own."""
     prefix = f"pyro_moe.fit{next(_FIT_NUMBERS)}/"
-    likelihood = MCQALikelihood(patch, answer_token_ids, param_prefix=prefix)
+    likelihood = likelihood_from_config(patch, config, param_prefix=prefix)
     guide = RouterGuide(likelihood, config["guide"], config.get("guide_options"))
     options = TrainingOptions.from_config(config)
     engine = SVIEngine(
@@ -367,7 +364,7 @@ def fit(
     data: Iterable[Mapping[str, Tensor]],
     guide: str = "mean-field",
     *,
-    answer_token_ids: Tensor | Sequence[int],
+    answer_token_ids: Tensor | Sequence[int] | None,
     training: TrainingOptions | None = None,
     guide_options: Mapping[str, Mapping[str, Any]] | None = None,
     device: str | torch.device | None = None,
@@ -376,14 +373,18 @@ def fit(
     callback: TrainingCallback | Callable[[FittedPosterior, int], float | None] | None = None,
     **overrides: Any,
 ) -> FittedPosterior:
-    """Fit a posterior over the router sites of ``patch`` on MCQA ``data`` by SVI.
+    """Fit a posterior over the router sites of ``patch`` on MCQA or text ``data`` by SVI.
 
     Args:
         patch: the patched model; its sites decide which guide parts are needed.
-        data: batches (dicts of ``input_ids``, ``attention_mask``, ``labels``), e.g. from
-            :func:`pyro_moe.data.mcqa_batches`; the full data set is all of them.
+        data: MCQA batches (dicts of ``input_ids``, ``attention_mask``, ``labels``), e.g. from
+            :func:`pyro_moe.data.mcqa_batches`, or text batches (``input_ids``, ``attention_mask``
+            only), e.g. from :func:`pyro_moe.data.text_batches`; the full data set is all of them.
         guide: a registered guide name, ``"global+local"`` (see :mod:`pyro_moe.guides.registry`).
-        answer_token_ids: ``(choices,)`` token ids of the answer letters.
+        answer_token_ids: which likelihood, said explicitly: ``(choices,)`` token ids of the answer
+            letters for MCQA batches (the answer at the last prompt position is observed), or
+            ``None`` for text batches (every real next token is observed,
+            :class:`~pyro_moe.models.likelihoods.NextTokenLikelihood`).
         training: steps, objective, particles, step size, optimiser, KL weight, clipping and seed
             (:class:`~pyro_moe.inference.options.TrainingOptions`; default: its defaults). A guide with
             nothing to train (``temp-sampling``) does no steps.
@@ -400,16 +401,14 @@ def fit(
             ``training`` (``steps=300, lr=0.05``).
 
     Raises:
-        ConfigurationError: unknown guide, a guide that does not cover the model's sites, empty
-            data, labels outside the choices, bad options, data-parallel batches with fewer rows
+        ConfigurationError: unknown guide, a guide that does not cover the model's sites or does not
+            fit the likelihood (the Kronecker Laplace families: MCQA only), empty data, labels outside
+            the choices, MCQA batches with ``answer_token_ids=None`` or text batches with answer ids,
+            text without a next token to observe, bad options, data-parallel batches with fewer rows
             than processes, a callback's bad options or held-out batches; before training starts.
     """
     options = (training or TrainingOptions()).with_overrides(overrides)
     parallel = data_parallel(distributed)
-    answer_token_ids = torch.as_tensor(answer_token_ids).long()
-    batches = check_batches(data, len(answer_token_ids))
-    if parallel is not None:
-        parallel.check_batch_sizes([len(batch["labels"]) for batch in batches])
     config = {
         "guide": guide,
         "guide_options": {k: dict(v) for k, v in (guide_options or {}).items()},
@@ -417,16 +416,21 @@ def fit(
         "sites": patch.sites.to_config(),
         "selection": patch.sites.selection.value,
         "layers": [location.layer_index for location in patch.locations],
-        "answer_token_ids": answer_token_ids.tolist(),
+        "likelihood": likelihood_kind(answer_token_ids).value,
     }
+    if answer_token_ids is not None:
+        config["answer_token_ids"] = torch.as_tensor(answer_token_ids).long().tolist()
+    posterior = _build(patch, config, parallel)  # refuses bad answer ids, guides and options
+    batches = posterior.likelihood.check_batches(data)
+    if parallel is not None:
+        parallel.check_batch_sizes([len(batch["input_ids"]) for batch in batches])
     pyro.set_rng_seed(options.seed)
     original_device = patch.model.get_input_embeddings().weight.device
     try:
         if device is not None:
             patch.model.to(device)
-        posterior = _build(patch, answer_token_ids, config, parallel)
         first = {k: v.to(posterior._device()) for k, v in batches[0].items()}
-        posterior.guide.setup(**first, num_examples=sum(len(b["labels"]) for b in batches))
+        posterior.guide.setup(**first, num_examples=sum(len(b["input_ids"]) for b in batches))
     except BaseException:
         patch.model.to(original_device)  # a refused guide leaves the model where it was
         raise

@@ -1,7 +1,11 @@
 """Predictions of a patched model with S samples of its routing, both modes vectorised.
 
 * ``routing-average``: every Bayesian router draws S samples, averages their scores and selects
-  once; the network runs once on the batch.
+  once; the network runs once on the batch. Routers whose weight sites have diagonal-Normal
+  marginals (mean-field posterior, Normal prior) draw each token's logits from their Normal
+  marginal by default (``local_reparameterization``; see
+  :class:`~pyro_moe.models.bayesian_router.BayesianRouter`): exact per token, with Monte Carlo
+  errors independent across tokens; ``local_reparameterization=False`` draws S weight matrices.
 * ``model-average`` (default): S joint samples of all sites; the network runs once on the batch
   with the S samples folded into the batch dimension (sample-major), the layers in front of the
   first Bayesian layer once for all samples (``share_prefix``); answer probabilities are averaged
@@ -27,7 +31,7 @@ import torch
 from torch import Tensor
 
 from pyro_moe.core.readout import last_token_logits
-from pyro_moe.core.routing_context import PARTICLE_DIM, PredictiveMode, routing_context
+from pyro_moe.core.routing_context import PARTICLE_DIM, PredictiveMode, RoutingContext, routing_context
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.models.router_patch import RouterPatch
 from pyro_moe.validation import check_integer
@@ -107,6 +111,7 @@ def predict(
     guide: PosteriorGuide | None = None,
     return_samples: bool = False,
     return_router_logits: bool = False,
+    local_reparameterization: bool | None = None,
 ) -> RoutedPrediction:
     """Predictive answer distribution of a patched model; see the module docstring.
 
@@ -124,9 +129,16 @@ def predict(
         guide: a fitted posterior (:mod:`pyro_moe.guides`); default the priors.
         return_samples: also return the per-sample answer probabilities.
         return_router_logits: also return every Bayesian router's sampled logits.
+        local_reparameterization: routing-average only: draw each token's logits from their Normal
+            marginal where the weight sites have diagonal-Normal marginals (``None``, the default: on
+            in routing-average, off in model-average; ``True`` in model-average is refused).
     """
     _check(patch, input_ids, attention_mask, num_samples, max_samples_per_pass)
     mode = predictive_mode(mode)
+    if local_reparameterization is None:
+        local_reparameterization = mode is PredictiveMode.ROUTING_AVERAGE
+    settings = dict(mode=mode, share_prefix=share_prefix, local_reparameterization=local_reparameterization)
+    RoutingContext(**settings)  # refuses a bad local_reparameterization before any work
     model = patch.model
     device = model.get_input_embeddings().weight.device
     input_ids = input_ids.to(device)
@@ -139,7 +151,7 @@ def predict(
     for samples in chunks:
         record: dict[str, Tensor] | None = {} if return_router_logits else None
         with (
-            routing_context(mode=mode, share_prefix=share_prefix, recorded_logits=record),
+            routing_context(**settings, recorded_logits=record),
             pyro.plate("samples", samples, dim=PARTICLE_DIM),
             guide.posterior(input_ids, attention_mask) if guide is not None else contextlib.nullcontext(),
         ):

@@ -10,6 +10,7 @@ Example::
 
     specs = family_specs(["mean-field", "mfvr", "swag"], steps=200)          # default sites and setups
     posteriors = fit_families(model, train_batches, specs, answer_token_ids=letters, steps=200)
+    on_text = fit_families(model, text_batches, family_specs(["mfvr"], steps=200), answer_token_ids=None)
     posteriors["swag"].predict(input_ids, attention_mask, num_samples=16)
 """
 
@@ -28,6 +29,7 @@ from pyro_moe.guides.family import GuideScope
 from pyro_moe.guides.registry import parse_guide
 from pyro_moe.inference.fitting import FittedPosterior, fit
 from pyro_moe.models.expert_patch import patch_experts
+from pyro_moe.models.likelihoods import likelihood_kind
 from pyro_moe.models.router_patch import patch_routers
 
 __all__ = ["DEFAULT_SITES", "FamilySpec", "default_family", "family_specs", "fit_families"]
@@ -142,7 +144,7 @@ def fit_families(
     batches: Sequence[Mapping[str, Tensor]],
     specs: Sequence[FamilySpec],
     *,
-    answer_token_ids: Tensor,
+    answer_token_ids: Tensor | None,
     layers: str | Sequence[int] = "all",
     steps: int = 200,
     seed: int = 0,
@@ -157,17 +159,20 @@ def fit_families(
             or, with ``in_place`` (one spec only), on ``model`` itself (no second copy in memory).
         batches: the fit's batches.
         specs: from :func:`family_specs`.
-        answer_token_ids: ``(choices,)`` answer-letter token ids.
+        answer_token_ids: ``(choices,)`` answer-letter token ids (MCQA batches), or ``None`` (text
+            batches, the next-token likelihood), as in :func:`pyro_moe.fit`.
         layers: the Bayesian decoder layers of specs that do not choose their own.
         steps, seed, progress: as in :func:`pyro_moe.fit` (a spec's options override them).
         validation_batches: held-out batches for the specs that ``tune`` hyperparameters after the fit.
 
     Raises:
         ConfigurationError: options a family refuses (``GuideFamily.check_options``: SWAG's schedule),
-            tuned specs without validation batches; before any fit.
+            a family that does not fit the likelihood, tuned specs without validation batches; before any fit.
     """
-    for spec in specs:  # every family's options, before any fit
+    kind = likelihood_kind(answer_token_ids)
+    for spec in specs:  # every family's likelihood and options, before any fit
         for family in parse_guide(spec.guide).values():
+            family.check_likelihood(kind)
             if family.check_options is not None:
                 options = spec.options.get("guide_options", {}).get(family.name, {})
                 family.check_options(options, spec.options.get("steps", steps))

@@ -54,6 +54,7 @@ def test_routing_average_equals_explicit_loop_over_the_same_draws(family, sites,
             num_samples=SAMPLES,
             mode="routing-average",
             return_router_logits=True,
+            local_reparameterization=False,  # S weight matrices drawn (tests/models/test_local_reparameterization.py)
         )
     draws = site_values(tracer.trace)
     locations = {loc.path: loc for loc in handle.locations}

@@ -1,0 +1,90 @@
+"""The next-token likelihood against HF's own causal-LM loss, its batch check, and likelihoods from configurations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pyro import poutine
+
+from pyro_moe import ConfigurationError, at_prior_mean, patch_routers
+from pyro_moe.models.likelihoods import (
+    LikelihoodKind,
+    MCQALikelihood,
+    NextTokenLikelihood,
+    check_text_batches,
+    likelihood_from_config,
+)
+from tests.helpers import ANSWERS, mcqa_batches
+from tests.tiny_models import tiny_model
+
+
+def _documents() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    return [torch.randint(4, 60, (length,), generator=generator) for length in (7, 4, 6)]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_the_log_likelihood_of_a_padded_batch_is_hfs_loss_of_each_document_alone(side):
+    """Every example's log-likelihood at the prior mean is minus HF's summed causal-LM loss of its
+    document run alone (``model(ids, labels=ids).loss`` times its predicted tokens), whichever side
+    the batch is padded on."""
+    documents, reference = _documents(), tiny_model("qwen2_moe")
+    expected = torch.stack(
+        [-reference(ids[None], labels=ids[None]).loss.detach() * (len(ids) - 1) for ids in documents]
+    )
+    length = max(len(ids) for ids in documents)
+    input_ids = torch.zeros(len(documents), length, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(documents):
+        columns = slice(length - len(ids), length) if side == "left" else slice(0, len(ids))
+        input_ids[row, columns], attention_mask[row, columns] = ids, 1
+    likelihood = NextTokenLikelihood(patch_routers(tiny_model("qwen2_moe"), {"logits": 2.0}, layers="all"))
+    with torch.no_grad(), at_prior_mean():
+        trace = poutine.trace(likelihood).get_trace(input_ids, attention_mask, num_examples=12)
+    site = trace.nodes["next_tokens"]
+    site_log_prob = site["fn"].log_prob(site["value"])
+    torch.testing.assert_close(site_log_prob, expected, rtol=1e-5, atol=1e-5)
+    assert site["scale"] == 12 / 3  # a minibatch of 3 of 12 documents stands for all
+    assert likelihood.last_nll == pytest.approx(float(-expected.mean()), rel=1e-5)
+
+
+def test_text_batches_are_checked_before_any_work():
+    ids = torch.randint(4, 60, (2, 5))
+    mask = torch.ones_like(ids)
+    good = {"input_ids": ids, "attention_mask": mask}
+    assert check_text_batches([good]) == [good]
+    cases = [
+        (good, "not one"),
+        ([], "the text data are empty"),
+        ([{**good, "labels": torch.zeros(2, dtype=torch.long)}], "batch 0 has labels: an MCQA batch"),
+        ([good, {"input_ids": ids}], r"text batch 1 lacks \['attention_mask'\]"),
+        ([{**good, "token_type_ids": mask}], r"has keys \['token_type_ids'\] the likelihood does not take"),
+        ([{"input_ids": ids, "attention_mask": mask[:, :3]}], "must both be"),
+        ([{"input_ids": ids.float(), "attention_mask": mask}], "integer token ids"),
+        ([{"input_ids": ids, "attention_mask": torch.eye(2, 5, dtype=torch.long)}], "no real token after a real token"),
+    ]
+    for data, message in cases:
+        with pytest.raises(ConfigurationError, match=message):
+            check_text_batches(data)
+
+
+def test_mcqa_batch_check_points_text_batches_to_the_next_token_likelihood():
+    handle = patch_routers(tiny_model("granitemoe"), {"logits": 1.0}, layers=[1])
+    batch = {key: value for key, value in mcqa_batches(count=1)[0].items() if key != "labels"}
+    with pytest.raises(ConfigurationError, match=r"lacks \['labels'\].*answer_token_ids=None"):
+        MCQALikelihood(handle, ANSWERS).check_batches([batch])
+
+
+def test_likelihoods_round_trip_their_configuration():
+    handle = patch_routers(tiny_model("granitemoe"), {"logits": 1.0}, layers=[1])
+    mcqa, text = MCQALikelihood(handle, ANSWERS), NextTokenLikelihood(handle)
+    assert mcqa.to_config() == {"likelihood": "mcqa", "answer_token_ids": ANSWERS.tolist()}
+    assert text.to_config() == {"likelihood": "next-token"}
+    rebuilt = likelihood_from_config(handle, text.to_config(), "fit/")
+    assert isinstance(rebuilt, NextTokenLikelihood) and rebuilt.param_prefix == "fit/"
+    older = likelihood_from_config(handle, {"answer_token_ids": [4, 5]})  # checkpoints from before text fits
+    assert older.kind is LikelihoodKind.MCQA and older.answer_token_ids.tolist() == [4, 5]
+    with pytest.raises(ConfigurationError, match=r"unknown likelihood 'poetry'.*mcqa, next-token"):
+        likelihood_from_config(handle, {"likelihood": "poetry"})
+    with pytest.raises(ConfigurationError, match="fitted on text"):
+        text.answer_token_ids  # noqa: B018
