@@ -1,20 +1,24 @@
-"""The demo on the embedded benchmark: stability, eight Bayesian families, calibration, OoD, ArviZ, collapse.
+"""The demo on the embedded benchmark: stability, eight Bayesian methods, calibration, OoD, ArviZ, collapse.
 
 One offline run on the embedded benchmark (:func:`pyro_moe.experiments.benchmark_model.load_benchmark`),
 composed of the experiments' own functions:
 
 1. routing stability of the deterministic model picks the susceptible layers
    (:func:`~pyro_moe.experiments.stability.stability_experiment`);
-2. the families of :data:`DEMO_FAMILIES` are fitted on those layers (expert Laplace on the last
-   layer's experts, its own recipe) with short fits (:func:`~pyro_moe.experiments.evaluation.fit_named_families`);
+2. the methods of :data:`DEMO_FAMILIES` are fitted on those layers: guide families with short fits
+   (:func:`~pyro_moe.experiments.evaluation.fit_named_families`; expert Laplace on the last layer's
+   experts), the per-token logits by the recipe ``mfvr-iwae-layer`` (starting scale chosen on calibration
+   questions, iwae with learned per-layer scales, a temperature per mode;
+   :func:`~pyro_moe.experiments.evaluation.fit_named_recipes`);
 3. their routing stability on the same questions (:func:`~pyro_moe.experiments.stability.posterior_stability`);
 4. calibration and OoD detection against the deterministic model and temperature scaling under both
    predictive modes (:func:`~pyro_moe.experiments.calibration.calibration_experiment`,
    :func:`~pyro_moe.experiments.ood.ood_experiment`);
 5. ArviZ ``InferenceData`` of the mean-field weight posterior as netCDF
-   (:func:`pyro_moe.diagnostics.arviz_export.to_inference_data`) and the collapse report of MFVR
-   (:func:`pyro_moe.diagnostics.collapse.collapse_report`);
-6. ``report.md`` with the headline table, the experiments' tables and the plots.
+   (:func:`pyro_moe.diagnostics.arviz_export.to_inference_data`) and the collapse report of the
+   recipe's logit guide (:func:`pyro_moe.diagnostics.collapse.collapse_report`);
+6. ``report.md`` with the headline table, the experiments' tables, the recipe's selection, learned
+   scales and temperatures, and the plots.
 
     pyro-moe demo --out runs/demo            # what `make demo` runs
     pyro-moe demo --out runs/quick --quick   # the same path, few steps and questions
@@ -30,6 +34,7 @@ from typing import Any
 from pyro_moe.core.routing_context import PredictiveMode
 from pyro_moe.diagnostics.arviz_export import to_inference_data
 from pyro_moe.diagnostics.collapse import collapse_report
+from pyro_moe.errors import ConfigurationError
 from pyro_moe.experiments.calibration import CalibrationSettings, calibration_experiment
 from pyro_moe.experiments.evaluation import (
     DETERMINISTIC,
@@ -40,8 +45,10 @@ from pyro_moe.experiments.evaluation import (
     benchmark_inputs,
     check_count,
     fit_named_families,
+    fit_named_recipes,
     markdown_table,
     posterior_modes,
+    slug,
     split_batches,
     write_results,
 )
@@ -52,13 +59,14 @@ from pyro_moe.experiments.stability import (
     posterior_stability,
     stability_experiment,
 )
+from pyro_moe.inference.recipes import RECIPES
 from pyro_moe.validation import check_integer
 
 __all__ = ["DEMO_FAMILIES", "HEADLINE_COLUMNS", "QUICK", "DemoSettings", "headline_rows", "run_demo"]
 
 DEMO_FAMILIES = (
     "mean-field",
-    "mfvr",
+    "mfvr-iwae-layer",
     "fcvr",
     "low-rank-logits",
     "vtsr",
@@ -66,8 +74,9 @@ DEMO_FAMILIES = (
     "swag",
     "expert-laplace",
 )
-"""Router weights (mean-field, MC dropout, SWAG), per-token logits (MFVR, FCVR, low-rank), per-token
-temperatures (VTSR) and the last layer's expert weights (expert Laplace)."""
+"""Router weights (mean-field, MC dropout, SWAG), per-token logits (the recipe ``mfvr-iwae-layer``, FCVR,
+low-rank), per-token temperatures (VTSR) and the last layer's expert weights (expert Laplace): guide
+families by name, and recipes by name (:data:`pyro_moe.inference.recipes.RECIPES`)."""
 
 HEADLINE_COLUMNS = ("method", "accuracy", "nll", "ece", "jaccard", "auroc near_ood", "auroc far_ood")
 HEADLINE_SCORE = "predictive entropy"
@@ -81,6 +90,7 @@ class DemoSettings:
 
     Attributes:
         steps: SVI steps per family.
+        recipe_steps: SVI steps per recipe (``None``: each recipe's own).
         fit_examples: train questions the families are fitted on.
         examples: questions per evaluated split (test, near_ood, far_ood; ``None``: all) and of the
             calibration split used to choose expert Laplace's prior precision.
@@ -89,11 +99,13 @@ class DemoSettings:
         samples: S per prediction.
         draws: posterior draws of the ArviZ export and the collapse report.
         diagnostic_examples: held-out calibration questions of the ArviZ export and the collapse report.
-        families: the guide families fitted.
+        families: the guide families and recipes fitted (a recipe name runs the recipe).
+        collapse: the method (one of ``families``) whose collapse report the demo writes.
         seed: seed of the fits, the noise and the sampling.
     """
 
     steps: int = 150
+    recipe_steps: int | None = None
     fit_examples: int = 512
     examples: int | None = 300
     stability_examples: int = 100
@@ -102,6 +114,7 @@ class DemoSettings:
     draws: int = 50
     diagnostic_examples: int = 50
     families: tuple[str, ...] = DEMO_FAMILIES
+    collapse: str = "mfvr-iwae-layer"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -116,11 +129,23 @@ class DemoSettings:
         ):
             check_integer(name, getattr(self, name))
         check_count("examples", self.examples)
+        check_count("recipe_steps", self.recipe_steps)
         check_integer("seed", self.seed, minimum=0)
+        if self.collapse not in self.families:
+            raise ConfigurationError(
+                f"collapse names {self.collapse!r}, which is not among the families {self.families}."
+            )
 
 
 QUICK = DemoSettings(
-    steps=12, fit_examples=32, examples=40, stability_examples=10, samples=2, draws=4, diagnostic_examples=8
+    steps=12,
+    recipe_steps=12,
+    fit_examples=32,
+    examples=40,
+    stability_examples=10,
+    samples=2,
+    draws=4,
+    diagnostic_examples=8,
 )
 """The reduced demo the tests run: the same code path with few steps, questions and draws."""
 
@@ -164,6 +189,7 @@ def _report(
     headline: list[dict[str, Any]],
     parts: dict[str, Path],
     stability: StabilityResults,
+    recipes: dict[str, tuple[str, Path]],
     collapse_table: str,
     netcdf: Path,
     collapse_plot: Path,
@@ -173,9 +199,10 @@ def _report(
         "",
         f"Bayesian layers (the {settings.susceptible} least stable of the deterministic model at gamma "
         f"{stability.gamma:g}): **{stability.susceptible}**; {settings.steps} SVI steps per family on "
-        f"{settings.fit_examples} train questions; S = {settings.samples}; evaluated on the first "
-        f"{settings.examples or 'all'} questions of each split. Expert Laplace puts its sites on the last "
-        "layer's experts.",
+        f"{settings.fit_examples} train questions (recipes: their own steps, their starting scale and "
+        f"temperatures chosen on the first {settings.examples or 'all'} calibration questions); "
+        f"S = {settings.samples}; evaluated on the first {settings.examples or 'all'} questions of each split. "
+        "Expert Laplace puts its sites on the last layer's experts.",
         "",
         "## Headline",
         "",
@@ -191,12 +218,14 @@ def _report(
         text = (folder / "report.md").read_text()
         text = text.replace("](", f"]({folder.name}/").replace("\n# ", "\n## ")
         lines += [f"## {name}", "", text.removeprefix("# ").split("\n", 1)[1], ""]
+    for markdown, plot in recipes.values():  # each recipe's section, its title one level down
+        lines += ["#" + markdown, f"![learned prior scales]({plot.name})", ""]
     lines += [
         "## Posterior inspection",
         "",
         f"ArviZ InferenceData of the mean-field weight posterior: `{netcdf.name}` (`az.from_netcdf`).",
         "",
-        "Collapse report of MFVR on held-out calibration questions:",
+        f"Collapse report of {settings.collapse} on held-out calibration questions:",
         "",
         collapse_table,
         f"![collapse report]({collapse_plot.name})",
@@ -233,7 +262,15 @@ def run_demo(
 
     stability = stability_experiment(model, tokenizer, splits, {}, measured)
     fitting = replace(fitting, layers=stability.susceptible)
-    posteriors = fit_named_families(model, tokenizer, splits, settings.families, fitting, answer_token_ids=letters)
+    families = [name for name in settings.families if name not in RECIPES]
+    recipe_names = [name for name in settings.families if name in RECIPES]
+    fitted = fit_named_families(model, tokenizer, splits, families, fitting, answer_token_ids=letters)
+    recipes = {}
+    if recipe_names:
+        recipes = fit_named_recipes(
+            model, tokenizer, splits, recipe_names, fitting, answer_token_ids=letters, steps=settings.recipe_steps
+        )
+    posteriors = {name: recipes[name].posterior if name in recipes else fitted[name] for name in settings.families}
     batches = split_batches(splits[measured.split], tokenizer, measured.batch_size, measured.examples)
     for name in settings.families:
         if ROUTING_AVERAGE in posterior_modes(posteriors[name], MODES):
@@ -254,16 +291,25 @@ def run_demo(
     netcdf = out / "posterior_mean-field.nc"
     to_inference_data(posteriors["mean-field"], held_out, num_draws=settings.draws, seed=seed).to_netcdf(netcdf)
     collapse = collapse_report(
-        posteriors["mfvr"], held_out, num_draws=settings.draws, local_draws=2, summary_draws=settings.draws, seed=seed
+        posteriors[settings.collapse],
+        held_out,
+        num_draws=settings.draws,
+        local_draws=2,
+        summary_draws=settings.draws,
+        seed=seed,
     )
-    collapse.table.to_csv(out / "collapse_mfvr.csv", index=False)
-    collapse_plot = collapse.plot(out / "collapse_mfvr.png")
+    collapse.table.to_csv(out / f"collapse_{slug(settings.collapse)}.csv", index=False)
+    collapse_plot = collapse.plot(out / f"collapse_{slug(settings.collapse)}.png")
     columns = ["site", "sd_ratio", "kl_per_dimension", "active_fraction", "deterministic", "prior_collapse"]
     collapse_rows = collapse.table[[c for c in columns if c in collapse.table]].to_dict("records")
     collapse_table = markdown_table(collapse_rows, [c for c in columns if c in collapse.table])
 
+    recipe_parts = {}
+    for name, result in recipes.items():
+        (out / f"recipe_{slug(name)}.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        recipe_parts[name] = (result.to_markdown(), result.plot(out / f"recipe_{slug(name)}_scales.png"))
     headline = headline_rows(calibration, ood, stability)
     (out / "headline.json").write_text(json.dumps({"settings": asdict(settings), "rows": headline}, indent=2) + "\n")
-    report = _report(settings, headline, parts, stability, collapse_table, netcdf, collapse_plot)
+    report = _report(settings, headline, parts, stability, recipe_parts, collapse_table, netcdf, collapse_plot)
     (out / "report.md").write_text(report)
     return headline

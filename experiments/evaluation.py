@@ -1,7 +1,9 @@
 """Shared pieces of the evaluation experiments (stability, calibration, OoD, efficiency).
 
 * guide families by name are fitted on the splits (:func:`fit_named_families`, through the presets
-  of :mod:`pyro_moe.inference.presets`), each on its own copy of the model;
+  of :mod:`pyro_moe.inference.presets`), each on its own copy of the model, and recipes by name
+  (:func:`fit_named_recipes`, :mod:`pyro_moe.inference.recipe_fit`) on the fit split with the
+  validation split for their selection, checks and calibration;
 * the deterministic model's answer logits (:func:`deterministic_logits`) and a posterior's
   predictions with their uncertainty scores (:func:`predict_batches`) on MCQA batches;
 * the settings of the fits by name (:class:`FitSettings`) and of the posteriors' predictions
@@ -28,6 +30,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import re
@@ -52,6 +55,8 @@ from pyro_moe.evaluation.temperature_scaling import TemperatureScaling, fit_temp
 from pyro_moe.inference.fitting import FittedPosterior
 from pyro_moe.inference.predictive import RoutedPrediction
 from pyro_moe.inference.presets import FamilySpec, family_specs, fit_families
+from pyro_moe.inference.recipe_fit import RecipeFit, run_recipe
+from pyro_moe.inference.recipes import Recipe, named_recipe
 from pyro_moe.validation import check_integer
 
 __all__ = [
@@ -74,6 +79,7 @@ __all__ = [
     "default_answer_token_ids",
     "deterministic_logits",
     "fit_named_families",
+    "fit_named_recipes",
     "fit_settings",
     "fit_temperature_scaling",
     "markdown_table",
@@ -268,6 +274,60 @@ def fit_named_families(
         validation_batches=validation,
         in_place=in_place,
     )
+
+
+def fit_named_recipes(
+    model: nn.Module,
+    tokenizer: Any,
+    splits: Mapping[str, Sequence[MCQAExample]],
+    recipes: Sequence[str | Recipe],
+    fitting: FitSettings = FitSettings(),
+    *,
+    answer_token_ids: Tensor,
+    steps: int | None = None,
+    in_place: bool = False,
+) -> dict[str, RecipeFit]:
+    """Run every recipe (:func:`pyro_moe.inference.recipe_fit.run_recipe`) as ``fitting`` says, each on its own
+    copy of ``model`` (``in_place``, one recipe: on ``model`` itself); returns ``{recipe name: RecipeFit}``.
+
+    The fit reads the first ``fitting.examples`` questions of ``splits[fitting.split]`` in shuffled batches;
+    the scale selection and the calibration the first ``fitting.validation_examples`` questions of
+    ``splits[fitting.validation_split]``; no other split is read (a test split in ``splits`` is never
+    touched). ``fitting.layers`` are the Bayesian layers, ``fitting.seed`` seeds the recipes' fits and
+    draws; ``fitting.steps`` is for guide families: a recipe keeps its own steps unless ``steps`` is given.
+
+    Raises:
+        ConfigurationError: an unknown recipe, two of the same name, ``fitting.sites`` (a recipe patches its
+            own sites), a missing or empty split, a bad ``steps``; before any work.
+    """
+    if isinstance(recipes, str) or not recipes:
+        raise ConfigurationError(f"recipes must be a non-empty list of recipe names or Recipes, got {recipes!r}.")
+    overrides = {"seed": fitting.seed} | ({} if steps is None else {"steps": check_integer("steps", steps)})
+    chosen = [(named_recipe(r) if isinstance(r, str) else r).with_training(**overrides) for r in recipes]
+    names = [recipe.name for recipe in chosen]
+    if len(set(names)) != len(names):
+        raise ConfigurationError(f"recipe names must be distinct, got {names}.")
+    if fitting.sites is not None:
+        raise ConfigurationError("recipes patch their own logit sites: leave FitSettings.sites unset for them.")
+    if in_place and len(chosen) != 1:
+        raise ConfigurationError(f"in_place runs one recipe on the model itself, got {len(chosen)} recipes.")
+    check_splits(splits, [fitting.split, fitting.validation_split])
+    examples = splits[fitting.split][: fitting.examples]
+    train = list(mcqa_batches(examples, tokenizer, fitting.batch_size, shuffle=True, seed=fitting.seed))
+    calibration = split_batches(splits[fitting.validation_split], tokenizer, 100, fitting.validation_examples)
+    results = {}
+    for recipe in tqdm(chosen, desc="recipes", disable=not fitting.progress or len(chosen) < 2):
+        target = model if in_place else copy.deepcopy(model)
+        results[recipe.name] = run_recipe(
+            target,
+            recipe,
+            train,
+            calibration,
+            answer_token_ids=answer_token_ids,
+            layers=fitting.layers,
+            progress=fitting.progress,
+        )
+    return results
 
 
 # ---------------------------------------------------------------------------------------------- predictions

@@ -15,8 +15,9 @@ held-out selection part (its last ones). Two fits on the fit part, same data, st
 
 Both are compared on held-out test questions under ``model-average`` with the deterministic model
 and two unfitted priors (no guide): the prior at the fits' initial scale, and the prior at the
-scale of a grid with the lowest NLL on the selection part (the baseline a learned scale has to
-beat; the test split is never read to choose it). Every row also gets the AUROC of its mutual
+scale of a grid with the lowest NLL on the selection part
+(:func:`pyro_moe.inference.selection.select_prior`, the baseline a learned scale has to beat; the
+test split is never read to choose it). Every row also gets the AUROC of its mutual
 information against the ``near_ood`` and ``far_ood`` splits
 (:func:`pyro_moe.evaluation.metrics.ood_auroc`), and the fits are checked with
 :func:`pyro_moe.diagnostics.collapse.collapse_report`.
@@ -50,12 +51,13 @@ from pyro_moe.core.routing_context import PredictiveMode
 from pyro_moe.data import mcqa_batches
 from pyro_moe.diagnostics.collapse import CollapseReport, collapse_report
 from pyro_moe.errors import ConfigurationError
-from pyro_moe.evaluation.metrics import calibration_report, negative_log_likelihood, ood_auroc
+from pyro_moe.evaluation.metrics import calibration_report, ood_auroc
 from pyro_moe.experiments.benchmark_model import LoadedBenchmark, answer_probabilities
 from pyro_moe.experiments.evaluation import Predictions, predict_batches
 from pyro_moe.experiments.guide_comparison import plot_elbo_curves
 from pyro_moe.inference.fitting import FittedPosterior, fit
 from pyro_moe.inference.predictive import RoutedPrediction, predict
+from pyro_moe.inference.selection import select_prior
 from pyro_moe.models.router_patch import RouterPatch, patch_routers
 from pyro_moe.validation import check_integer, check_number
 
@@ -252,16 +254,15 @@ def _prior_predictions(
     answer_token_ids: Tensor,
     batches: Mapping[str, Sequence[Mapping[str, Tensor]]],
     settings: ObjectiveStudySettings,
-    scores: bool = True,
 ) -> dict[str, Predictions]:
-    """``model-average`` predictions of the unfitted logit prior at ``scale`` on every split of
-    ``batches``; the model is patched for the call only."""
+    """``model-average`` predictions, with their mutual information, of the unfitted logit prior at
+    ``scale`` on every split of ``batches``; the model is patched for the call only."""
     handle = patch_routers(model, {"logits": scale}, layers=layers)
     try:
         prior = _UnfittedPrior(handle, answer_token_ids)
         return {
             split: predict_batches(
-                prior, split_batches, MODEL_AVERAGE, settings.num_samples, scores=scores, seed=settings.seed
+                prior, split_batches, MODEL_AVERAGE, settings.num_samples, scores=True, seed=settings.seed
             )
             for split, split_batches in batches.items()
         }
@@ -316,14 +317,17 @@ def run_objective_study(
     labels = torch.cat([batch["labels"] for batch in test])
     layers = settings.layers if isinstance(settings.layers, str) else list(settings.layers)
 
-    selection_labels = torch.cat([batch["labels"] for batch in selection])
-    selection_nll = {}
-    for scale in settings.selection_scales:
-        chosen = _prior_predictions(
-            loaded.model, scale, layers, letters, {"selection": selection}, settings, scores=False
-        )
-        selection_nll[scale] = negative_log_likelihood(chosen["selection"].probs, selection_labels)
-    selected = min(selection_nll, key=selection_nll.__getitem__)
+    prior_selection = select_prior(
+        loaded.model,
+        selection,
+        answer_token_ids=letters,
+        scales=settings.selection_scales,
+        layer_sets=[layers],
+        num_samples=settings.num_samples,
+        seed=settings.seed,
+    )
+    selection_nll = {candidate.scale: nll for candidate, nll in prior_selection.scores.items()}
+    selected = prior_selection.chosen.scale
 
     predictions: dict[str, dict[str, Predictions]] = {
         "deterministic": {

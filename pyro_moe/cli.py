@@ -6,7 +6,9 @@ Commands (``pyro-moe COMMAND --help`` lists the options of each):
 * ``stability``: routing stability under router-input noise and the susceptible layers;
 * ``fit``: fit a guide family (SVI, or post-hoc for the Laplace families) and save the posterior;
   on MCQA questions (``--data``) or plain text (``--text``: one document per line, the next-token
-  likelihood);
+  likelihood); or run a recipe by name on MCQA questions (``--recipe``: starting scale chosen on
+  calibration questions, iwae with learned prior scales, a temperature per predictive mode;
+  :mod:`pyro_moe.inference.recipes`);
 * ``laplace``: ``fit`` with a Laplace family (``laplace``, ``kron-laplace``, ``expert-laplace``);
 * ``evaluate``: calibration (and OoD detection with ``--ood-data``) of a saved posterior or of guide
   families fitted on the spot, against the deterministic model and temperature scaling; with
@@ -30,6 +32,8 @@ summary. A process that died or stopped answering ends the others with exit code
     torchrun --nproc_per_node=4 -m pyro_moe fit --model path/to/moe --data train.jsonl --device cuda --out runs/fit
 
     pyro-moe fit --model path/to/moe --data train.jsonl --guide mfvr --layers susceptible --out runs/fit
+    pyro-moe fit --model path/to/moe --data train.jsonl --calibration-data calib.jsonl --recipe mfvr-iwae-layer \
+        --out runs/recipe
     python -m pyro_moe evaluate --model path/to/moe --posterior runs/fit/posterior --data test.jsonl --out runs/eval
     pyro-moe fit --model path/to/moe --text train.txt --guide mfvr --sites logits --out runs/text-fit
     pyro-moe evaluate --model path/to/moe --text held_out.txt --posterior runs/text-fit/posterior --out runs/text-eval
@@ -69,7 +73,10 @@ LOG_NAME = "pyro-moe.log"
 DTYPES = ("bfloat16", "float16", "float32")
 """``--dtype`` choices (names of torch dtypes)."""
 CALIBRATION_FRACTION = 4
-"""With one ``--data`` file, ``evaluate`` fits temperature scaling on its first quarter and measures on the rest."""
+"""With one ``--data`` file, ``evaluate`` fits temperature scaling on its first quarter and measures on the rest;
+``fit --recipe`` (without ``--calibration-data``) chooses and calibrates on its first quarter and fits on the rest."""
+DEFAULT_STEPS = 200
+"""SVI steps of a guide fitted by name when ``--steps`` is not given (a recipe has its own)."""
 
 logger = logging.getLogger("pyro_moe.cli")
 
@@ -83,6 +90,16 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+def _recipe_name(text: str) -> str:
+    """An argparse ``type``: a registered recipe name, checked at parsing (the registry imports no torch)."""
+    from pyro_moe.inference.recipes import named_recipe
+
+    try:
+        return named_recipe(text).name
+    except PyroMoEError as error:
+        raise argparse.ArgumentTypeError(str(error).removesuffix(".")) from None
 
 
 def _integer(minimum: int) -> Callable[[str], int]:
@@ -212,17 +229,22 @@ def _examples(source: str, split: str | None) -> list[MCQAExample]:
 
 def load_inputs(args: argparse.Namespace, roles: Sequence[str]) -> Inputs:
     """Model, tokenizer and the splits of ``roles``: the embedded benchmark's, or from ``--data``
-    (every role from the same questions, except ``evaluate``'s calibration/test division, see
-    :data:`CALIBRATION_FRACTION`) and ``--ood-data`` (``near_ood`` ... one split per file)."""
+    (every role from the same questions, except a calibration role beside ``test`` (``evaluate``) or
+    ``train`` (``fit --recipe``): the first quarter calibrates, the rest is the other role, see
+    :data:`CALIBRATION_FRACTION`), ``--calibration-data`` (the calibration split, the whole of ``--data``
+    the other role) and ``--ood-data`` (``near_ood`` ... one split per file)."""
     data = getattr(args, "data", None)
+    calibration_data = getattr(args, "calibration_data", None)
+    calibration = None if calibration_data is None else _examples(calibration_data, None)
     if data is not None:  # the data first: a bad file is refused before a large model loads
         examples = _examples(data, args.split)
         splits = {"train": examples, "test": examples, "calibration": examples}
-        if "calibration" in roles and "test" in roles:
+        other = next((role for role in ("test", "train") if role in roles), None)
+        if "calibration" in roles and other is not None and calibration is None:
             cut = max(1, len(examples) // CALIBRATION_FRACTION)
             if len(examples) < 2:
-                raise DataError(f"{data}: evaluation needs at least 2 usable questions (calibration and test).")
-            splits["calibration"], splits["test"] = examples[:cut], examples[cut:]
+                raise DataError(f"{data}: needs at least 2 usable questions (calibration and {other}).")
+            splits["calibration"], splits[other] = examples[:cut], examples[cut:]
         for number, path in enumerate(getattr(args, "ood_data", None) or []):
             splits[f"ood_{number}_{Path(path).stem}"] = _examples(path, None)
     elif args.model is not None:
@@ -230,6 +252,8 @@ def load_inputs(args: argparse.Namespace, roles: Sequence[str]) -> Inputs:
     model, tokenizer, benchmark_splits = load_model(args)
     if data is None:
         splits = benchmark_splits
+    if calibration is not None:
+        splits["calibration"] = calibration
     from pyro_moe.experiments.evaluation import default_answer_token_ids
 
     letters = default_answer_token_ids(tokenizer, splits["test"])
@@ -293,6 +317,12 @@ def parse_sites(args: argparse.Namespace) -> dict[str, Any] | None:
     return sites
 
 
+def guide_steps(args: argparse.Namespace) -> int:
+    """The SVI steps of a guide fitted by name: ``--steps``, or :data:`DEFAULT_STEPS` (``fit``'s ``--steps``
+    defaults to none, so that ``--recipe`` keeps its recipe's own)."""
+    return DEFAULT_STEPS if args.steps is None else args.steps
+
+
 def check_guides(names: Sequence[str]) -> list[str]:
     """Every guide name parses against the registry (errors list the registered names)."""
     from pyro_moe.guides.registry import parse_guide
@@ -348,7 +378,7 @@ def _fit(
         examples=args.fit_examples,
         sites=parse_sites(args),
         layers=layers,
-        steps=args.steps,
+        steps=guide_steps(args),
         batch_size=args.batch_size,
         seed=args.seed,
         validation_examples=args.examples,
@@ -375,7 +405,11 @@ def run_demo(args: argparse.Namespace) -> None:
 
     settings = QUICK if args.quick else DemoSettings()
     settings = replace(
-        settings, seed=args.seed, steps=args.steps or settings.steps, samples=args.samples or settings.samples
+        settings,
+        seed=args.seed,
+        steps=args.steps or settings.steps,
+        recipe_steps=args.steps or settings.recipe_steps,
+        samples=args.samples or settings.samples,
     )
     headline = demo(args.out, settings)
     print(markdown_table(headline, HEADLINE_COLUMNS))
@@ -401,7 +435,8 @@ def _fit_text(args: argparse.Namespace, guide: str) -> FittedPosterior:
 
     for family in parse_guide(guide).values():
         family.check_likelihood(LikelihoodKind.NEXT_TOKEN)
-    specs = family_specs([guide], parse_sites(args), args.steps)
+    steps = guide_steps(args)
+    specs = family_specs([guide], parse_sites(args), steps)
     layers = resolve_layers(args, None)
     inputs = load_text_inputs(args)
     batches = text_batches_of(args, inputs, args.fit_examples)
@@ -411,7 +446,7 @@ def _fit_text(args: argparse.Namespace, guide: str) -> FittedPosterior:
         specs,
         answer_token_ids=None,
         layers=layers,
-        steps=args.steps,
+        steps=steps,
         seed=args.seed,
         in_place=True,
     )
@@ -420,7 +455,13 @@ def _fit_text(args: argparse.Namespace, guide: str) -> FittedPosterior:
 
 def run_fit(args: argparse.Namespace) -> None:
     """``fit`` and ``laplace``: one guide family, saved as ``posterior/`` (safetensors + JSON); on MCQA
-    questions, or with ``--text`` on plain text (the next-token likelihood)."""
+    questions, or with ``--text`` on plain text (the next-token likelihood); ``fit --recipe``:
+    :func:`run_recipe`."""
+    if getattr(args, "recipe", None) is not None:
+        run_recipe(args)
+        return
+    if getattr(args, "calibration_data", None) is not None:
+        raise BadInput("--calibration-data is for --recipe (its scale selection and temperatures).")
     guide = args.guide or ("laplace" if args.command == "laplace" else "mean-field")
     from pyro_moe.guides.registry import GUIDE_FAMILIES
 
@@ -445,6 +486,53 @@ def run_fit(args: argparse.Namespace) -> None:
     summary["last_step"] = last
     (args.out / "fit.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"{guide} on layers {posterior.config['layers']}: {len(posterior.history)} steps; written: {folder}")
+
+
+def run_recipe(args: argparse.Namespace) -> None:
+    """``fit --recipe``: the recipe on the loaded model itself (:func:`pyro_moe.inference.recipes.run_recipe`)
+    on ``--fit-examples`` train questions, choosing and calibrating on ``--examples`` calibration questions;
+    writes ``posterior/`` (calibrated, with the recipe and the selection), ``fit.json``, ``recipe.md`` and
+    ``scales.png`` (the learned scales' trajectory)."""
+    from pyro_moe.experiments.evaluation import FitSettings, fit_named_recipes
+
+    if args.sites is not None or args.prior is not None:
+        raise BadInput("--recipe patches its own logit sites (learned prior scales); drop --sites and --prior.")
+    if args.text is not None:
+        raise BadInput("--recipe fits MCQA questions (its temperatures calibrate answers); --text is for --guide.")
+    inputs = load_inputs(args, ["train", "calibration"])
+    fitting = FitSettings(
+        examples=args.fit_examples,
+        layers=resolve_layers(args, inputs),
+        batch_size=args.batch_size,
+        seed=args.seed,
+        validation_examples=args.examples,
+    )
+    (result,) = fit_named_recipes(
+        inputs.model,
+        inputs.tokenizer,
+        inputs.splits,
+        [args.recipe],
+        fitting,
+        answer_token_ids=inputs.answer_token_ids,
+        steps=args.steps,
+        in_place=True,
+    ).values()
+    posterior = result.posterior
+    folder = posterior.save(args.out / "posterior")  # data-parallel: rank 0 writes
+    if posterior.data_parallel is not None and not posterior.data_parallel.is_main:
+        return
+    processes = 1 if posterior.data_parallel is None else posterior.data_parallel.world_size
+    summary = {"guide": result.recipe.guide, "layers": posterior.config["layers"], "model": args.model}
+    summary |= {"processes": processes, "last_step": posterior.history[-1], **result.to_json()}
+    (args.out / "fit.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (args.out / "recipe.md").write_text(result.to_markdown())
+    result.plot(args.out / "scales.png")
+    chosen = result.selection.chosen
+    temperatures = ", ".join(f"{mode} {scaling.temperature:.3f}" for mode, scaling in posterior.calibration.items())
+    print(
+        f"{args.recipe} on layers {posterior.config['layers']}: start scale {chosen.scale:g}, "
+        f"{len(posterior.history)} steps, temperatures {temperatures or 'none'}; written: {folder}"
+    )
 
 
 def _posteriors(args: argparse.Namespace, inputs: Inputs, guides: Sequence[str]) -> dict[str, Any]:
@@ -611,7 +699,10 @@ def _data_options(parser: argparse.ArgumentParser, ood: bool = False, text: str 
         )
     group.add_argument("--split", help="split of a data folder or data-set name")
     group.add_argument(
-        "--examples", type=_integer(1), default=200, help="questions (documents) per evaluated split (default 200)"
+        "--examples",
+        type=_integer(1),
+        default=200,
+        help="questions (documents) per evaluated split, and fit --recipe's calibration questions (default 200)",
     )
     group.add_argument(
         "--batch-size", type=_integer(1), default=32, help="questions (documents) per batch (default 32)"
@@ -620,7 +711,7 @@ def _data_options(parser: argparse.ArgumentParser, ood: bool = False, text: str 
         group.add_argument("--ood-data", nargs="+", help="out-of-distribution MCQA files (one OoD split each)")
 
 
-def _posterior_options(parser: argparse.ArgumentParser, guide: bool = True) -> None:
+def _posterior_options(parser: argparse.ArgumentParser, guide: bool = True, recipe: bool = False) -> None:
     group = parser.add_argument_group("posterior")
     group.add_argument(
         "--layers",
@@ -639,12 +730,27 @@ def _posterior_options(parser: argparse.ArgumentParser, guide: bool = True) -> N
         help="prior family of the sites, e.g. normal, laplace, student-t, horseshoe (an unknown name lists all)",
     )
     if guide:
-        group.add_argument(
+        chosen = group.add_mutually_exclusive_group() if recipe else group
+        chosen.add_argument(
             "--guide",
             help="guide family, e.g. mean-field, low-rank, mfvr, map+low-rank-logits, swag, expert-laplace "
             "(default mean-field; laplace: laplace; an unknown name lists all)",
         )
-    group.add_argument("--steps", type=_integer(0), default=200, help="SVI steps (default 200)")
+        if recipe:
+            chosen.add_argument(
+                "--recipe",
+                type=_recipe_name,
+                help="a recipe instead of a guide, e.g. mfvr-iwae-layer, low-rank-logits-iwae-expert (an unknown "
+                "name lists all): starting scale by calibration NLL, iwae with learned prior scales, temperatures",
+            )
+    if recipe:
+        group.add_argument(
+            "--calibration-data",
+            help="--recipe: MCQA file of the calibration questions (default: the benchmark's calibration split, "
+            "or the first quarter of --data, the rest fitted on)",
+        )
+    steps_help = f"SVI steps (default {DEFAULT_STEPS}" + ("; with --recipe the recipe's own)" if recipe else ")")
+    group.add_argument("--steps", type=_integer(0), default=None if recipe else DEFAULT_STEPS, help=steps_help)
     group.add_argument(
         "--fit-examples",
         type=_integer(1),
@@ -668,7 +774,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the offline demo on the embedded benchmark (make demo)")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default runs/demo)")
     demo.add_argument("--quick", action="store_true", help="few steps and questions, same code path (for tests)")
-    demo.add_argument("--steps", type=_integer(1), default=None, help="SVI steps per family (default 150)")
+    demo.add_argument(
+        "--steps", type=_integer(1), default=None, help="SVI steps per family and recipe (default 150; recipes: 300)"
+    )
     demo.add_argument("--samples", type=_integer(1), default=None, help="S per prediction (default 8)")
     demo.add_argument("--seed", type=_integer(0), default=0, help="seed (default 0)")
     demo.set_defaults(run=run_demo)
@@ -682,11 +790,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(stability)
     stability.set_defaults(run=run_stability)
 
-    for name, text in (("fit", "fit a guide family by SVI and save it"), ("laplace", "fit a Laplace posterior")):
+    for name, text in (
+        ("fit", "fit a guide family by SVI (or a recipe) and save it"),
+        ("laplace", "fit a Laplace posterior"),
+    ):
         command = commands.add_parser(name, help=text)
         _model_options(command)
         _data_options(command, text="plain-text file, one document per line: fit with the next-token likelihood")
-        _posterior_options(command)
+        _posterior_options(command, recipe=name == "fit")
         command.add_argument(
             "--timeout",
             type=_positive_number,

@@ -21,7 +21,8 @@ ALLOWED: dict[str, set[str]] = {
     "core": {"base", "core"},
     "models": {"base", "core", "models"},
     "guides": {"base", "core", "models", "guides"},
-    "inference": {"base", "core", "models", "guides", "inference"},
+    # evaluation imports base and core only, so inference may use its metrics and temperature scaling (calibrate)
+    "inference": {"base", "core", "models", "guides", "evaluation", "inference"},
     "diagnostics": {"base", "core", "models", "guides", "inference", "diagnostics"},
     "evaluation": {"base", "core", "evaluation"},
     "data": {"base", "data"},

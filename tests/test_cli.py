@@ -23,7 +23,7 @@ from pyro_moe.cli import EXIT_BAD_INPUT, LOG_NAME, build_parser, main
 from pyro_moe.data import answer_token_ids, load_mcqa, mcqa_batches
 from pyro_moe.evaluation.metrics import calibration_report
 from pyro_moe.evaluation.stability import DEFAULT_GAMMA, routing_stability, susceptible_layers
-from pyro_moe.experiments.evaluation import FitSettings, fit_named_families
+from pyro_moe.experiments.evaluation import FitSettings, fit_named_families, fit_named_recipes
 from pyro_moe.inference import presets
 from pyro_moe.inference.checkpoint import CheckpointError
 from pyro_moe.inference.fitting import FittedPosterior
@@ -418,3 +418,77 @@ def test_text_and_data_together_are_refused_at_parsing_without_importing_torch(c
     assert result.stdout.strip().splitlines()[-2:] == ["exit 2", "[]"]
     assert result.stderr == f"pyro-moe {command}: error: argument --data: not allowed with argument --text\n"
     assert not Path("runs/never").exists()
+
+
+def test_fit_recipe_runs_the_library_recipe_on_the_data_cut(saved, tmp_path, capsys):
+    """``fit --recipe`` with one --data file: its first quarter chooses the scale and calibrates, the rest is
+    fitted on, as ``fit_named_recipes`` does with those splits; everything lands in the run folder."""
+    model = ["--model", str(saved["moe"]), "--data", str(saved["data"]), "--batch-size", "8", "--layers", "1"]
+    argv = ["fit", *model, "--recipe", "mfvr-iwae-expert", "--steps", "2", "--out", str(tmp_path / "recipe")]
+    assert main(argv) == 0
+    assert "mfvr-iwae-expert on layers [1]" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "recipe" / "fit.json").read_text())
+    config = json.loads((tmp_path / "recipe" / "posterior" / "config.json").read_text())
+    assert summary["recipe"]["name"] == config["recipe"]["name"] == "mfvr-iwae-expert"
+    assert set(config["calibration"]) == {"model-average", "routing-average"}
+    assert config["objective"] == "iwae" and len(config["history"]) == 2
+    assert "| scale | layers | calibration NLL | chosen |" in (tmp_path / "recipe" / "recipe.md").read_text()
+    assert (tmp_path / "recipe" / "scales.png").read_bytes()[:4] == b"\x89PNG"
+
+    questions = list(load_mcqa(str(saved["data"])))
+    cut = len(questions) // 4
+    splits = {"calibration": questions[:cut], "train": questions[cut:]}
+    hf, tokenizer = AutoModelForCausalLM.from_pretrained(saved["moe"]).eval(), tiny_tokenizer()
+    fitting = FitSettings(examples=512, layers=[1], batch_size=8, validation_examples=200, progress=False)
+    letters = answer_token_ids(tokenizer)
+    recipes = fit_named_recipes(hf, tokenizer, splits, ["mfvr-iwae-expert"], fitting, answer_token_ids=letters, steps=2)
+    (result,) = recipes.values()
+    expected = result.selection.to_json()
+    assert summary["selection"]["chosen"] == expected["chosen"] and summary["selection"]["examples"] == cut
+    for row, expected_row in zip(summary["selection"]["scores"], expected["scores"], strict=True):
+        assert row == {**expected_row, "nll": pytest.approx(expected_row["nll"], rel=1e-5)}
+    for mode, scaling in result.posterior.calibration.items():
+        assert config["calibration"][mode]["temperature"] == pytest.approx(scaling.temperature, rel=1e-5)
+    for site, scale in result.posterior.prior_scales().items():
+        assert summary["prior_scales"][site] == pytest.approx(scale.tolist(), rel=1e-5)
+
+    calibration = _write_jsonl(tmp_path / "calibration.jsonl", tiny_splits(seed=3)["calibration"])
+    argv = ["fit", *model, "--recipe", "fcvr-iwae-layer", "--steps", "1", "--calibration-data", str(calibration)]
+    assert main([*argv, "--examples", "20", "--out", str(tmp_path / "separate")]) == 0
+    separate = json.loads((tmp_path / "separate" / "fit.json").read_text())
+    assert separate["selection"]["examples"] == 20  # the calibration file's first 20 questions
+
+
+def test_an_unknown_recipe_is_refused_at_parsing_without_importing_torch():
+    script = (
+        "import sys\n"
+        "from pyro_moe.cli import main\n"
+        "try:\n"
+        "    main(['fit', '--recipe', 'mfvr-elbo', '--out', 'runs/never'])\n"
+        "except SystemExit as exit:\n"
+        "    print('exit', exit.code)\n"
+        f"print(sorted({{name.split('.')[0] for name in sys.modules}} & set({HEAVY_MODULES!r})))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip().splitlines()[-2:] == ["exit 2", "[]"]
+    assert result.stderr.count("\n") == 1
+    assert "unknown recipe 'mfvr-elbo'; registered recipes: mfvr-iwae-layer, mfvr-iwae-expert, " in result.stderr
+    assert not Path("runs/never").exists()
+
+
+def test_bad_recipe_options(saved, tmp_path, capsys):
+    data = ["--model", str(saved["moe"]), "--data", str(saved["data"])]
+    error = _bad_input(tmp_path, capsys, ["fit", *data, "--recipe", "mfvr-iwae-layer", "--sites", "logits"])
+    assert "--recipe patches its own logit sites" in error
+    error = _bad_input(tmp_path, capsys, ["fit", *data, "--guide", "mfvr", "--calibration-data", str(saved["data"])])
+    assert "--calibration-data is for --recipe" in error
+    text = tmp_path / "documents.txt"
+    text.write_text("the sky is blue\nwhat is one and two\n")
+    error = _bad_input(
+        tmp_path, capsys, ["fit", "--model", str(saved["moe"]), "--text", str(text), "--recipe", "mfvr-iwae-layer"]
+    )
+    assert "--recipe fits MCQA questions" in error
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--recipe", "mfvr-iwae-layer", "--guide", "mfvr", "--out", str(tmp_path / "never")])
+    assert stop.value.code == EXIT_BAD_INPUT
+    assert capsys.readouterr().err.endswith("argument --guide: not allowed with argument --recipe\n")

@@ -1,5 +1,5 @@
-"""PNG figures of the evaluation: reliability diagrams, per-layer stability violins, ROC curves and
-efficiency bars.
+"""PNG figures of the evaluation: reliability diagrams, per-layer stability violins, ROC curves,
+efficiency bars and the trajectories of learned prior scales.
 
 Figures are drawn on matplotlib's Agg canvas without pyplot, so nothing opens a window and the
 global backend is left alone. Every function writes one PNG (creating its folder), with a title,
@@ -13,12 +13,13 @@ Example::
     plots.plot_roc_curves({"mutual information": (mi_in, mi_ood)}, "out/roc.png")
     plots.plot_efficiency_bars({"deterministic": {"latency (ms)": 12.0}, "MFVR": {"latency (ms)": 30.0}},
                                "out/efficiency.png", baseline="deterministic")
+    plots.plot_scale_trajectories({"layer 0": {0: 1.0, 50: 1.2, 100: 1.25}}, "out/scales.png")
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import ScalarFormatter
 from sklearn.metrics import roc_curve
 from torch import Tensor
 
@@ -33,7 +35,13 @@ from pyro_moe.errors import ConfigurationError
 from pyro_moe.evaluation.metrics import ReliabilityDiagram, ood_auroc
 from pyro_moe.evaluation.stability import DEFAULT_GAMMA, RoutingStability
 
-__all__ = ["plot_efficiency_bars", "plot_reliability_diagram", "plot_roc_curves", "plot_stability_violins"]
+__all__ = [
+    "plot_efficiency_bars",
+    "plot_reliability_diagram",
+    "plot_roc_curves",
+    "plot_scale_trajectories",
+    "plot_stability_violins",
+]
 
 DPI = 120
 """Resolution of the written PNGs."""
@@ -267,4 +275,47 @@ def plot_efficiency_bars(
         axis.set_xticklabels(methods, rotation=30, ha="right")  # the methods are named under their bars
         axis.grid(axis="y", alpha=0.3)
     figure.suptitle(title if baseline is None else f"{title} (dashed line: {baseline})")
+    return _save(figure, path)
+
+
+def plot_scale_trajectories(
+    trajectories: Mapping[str, Mapping[int, float | Sequence[float]]],
+    path: str | Path,
+    *,
+    title: str = "Learned prior scales during training",
+) -> Path:
+    """Learned prior scales against the training step, one colour per site: one line for a scale per
+    layer, one thin line per expert for scales per expert (log scale on the y axis).
+
+    Args:
+        trajectories: ``{site label: {step: scale or [scale per expert]}}``, positive finite scales.
+        path: the ``.png`` to write.
+        title: the figure title.
+    """
+    path = _png_path(path)
+    _non_empty(trajectories, "trajectories")
+    series = {}
+    for label, trajectory in trajectories.items():
+        _non_empty(trajectory, f"the trajectory of {label!r}")
+        steps = sorted(trajectory)
+        try:
+            values = np.array([np.atleast_1d(np.asarray(trajectory[step], dtype=float)) for step in steps])
+        except (TypeError, ValueError):
+            values = np.empty(0)
+        if values.ndim != 2 or not np.isfinite(values).all() or (values <= 0).any():
+            raise ConfigurationError(f"the scales of {label!r} must be positive finite numbers of one shape per step.")
+        series[label] = (np.array(steps), values)
+    figure = Figure(figsize=(7.5, 4.8), layout="constrained")
+    axis = figure.subplots()
+    for number, (label, (steps, values)) in enumerate(series.items()):
+        colour = _colour(number, len(series))
+        width = 1.8 if values.shape[1] == 1 else 0.8
+        for column in range(values.shape[1]):
+            axis.plot(steps, values[:, column], color=colour, linewidth=width, label=label if column == 0 else None)
+    axis.set_yscale("log")
+    axis.yaxis.set_major_formatter(ScalarFormatter())  # plain numbers (1.5, 2) on the log axis
+    axis.yaxis.set_minor_formatter(ScalarFormatter())
+    axis.set(xlabel="training step", ylabel="prior scale (log scale)", title=title)
+    axis.grid(alpha=0.3, which="both")
+    axis.legend(fontsize="small")
     return _save(figure, path)

@@ -6,7 +6,8 @@ likelihood (multiple-choice batches and the answer letters' ids) or the next-tok
 objective), the frozen
 backbone, Adam, an optional KL weight with linear annealing, gradient clipping, a seed, and a
 progress bar with the loss, KL and NLL. The result predicts with both predictive modes, saves as
-safetensors plus JSON and resumes.
+safetensors plus JSON and resumes; :meth:`FittedPosterior.calibrate` adds a post-hoc temperature per
+predictive mode (:mod:`pyro_moe.inference.calibration`), saved with it.
 
 Example::
 
@@ -14,6 +15,8 @@ Example::
     posterior = fit(handle, batches, guide="low-rank", answer_token_ids=letter_ids, steps=300)
     posterior = fit(handle, batches, "low-rank", answer_token_ids=letter_ids, training=TrainingOptions(steps=300))
     prediction = posterior.predict(input_ids, attention_mask, num_samples=16)
+    posterior.calibrate(calibration_batches)                       # one temperature, model-average
+    posterior.predict(input_ids, attention_mask).temperature       # the calibrated probabilities' T
     posterior.save("runs/low-rank")
     posterior = FittedPosterior.load("runs/low-rank", model)      # on a fresh, unpatched model
     text = fit(handle, text_batches(documents, tokenizer, 8), "mfvr", answer_token_ids=None, steps=300)
@@ -28,6 +31,7 @@ processes, so a checkpoint resumes under any number of them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -38,17 +42,20 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from pyro_moe.core.routing_context import PredictiveMode
 from pyro_moe.distributed import DataParallel, data_parallel
 from pyro_moe.errors import ConfigurationError
+from pyro_moe.evaluation.temperature_scaling import TemperatureScaling
 from pyro_moe.guides.family import hooks_of
 from pyro_moe.guides.router_guide import RouterGuide
+from pyro_moe.inference.calibration import calibrated_probs, fit_predictive_temperature
 from pyro_moe.inference.callbacks import TrainingCallback, as_callback
 from pyro_moe.inference.checkpoint import load_checkpoint, save_checkpoint
 from pyro_moe.inference.options import TrainingOptions
-from pyro_moe.inference.predictive import RoutedPrediction, predict
+from pyro_moe.inference.predictive import RoutedPrediction, predict, predictive_mode
 from pyro_moe.inference.svi import SVIEngine
 from pyro_moe.models.expert_patch import patch_experts
-from pyro_moe.models.likelihoods import Likelihood, likelihood_from_config, likelihood_kind
+from pyro_moe.models.likelihoods import Likelihood, check_batches, likelihood_from_config, likelihood_kind
 from pyro_moe.models.priors import learned_scale_name
 from pyro_moe.models.router_patch import RouterPatch, patch_routers
 from pyro_moe.validation import check_integer
@@ -87,7 +94,8 @@ class FittedPosterior:
         likelihood: the MCQA or the next-token likelihood (``config["likelihood"]``).
         guide: the :class:`~pyro_moe.guides.router_guide.RouterGuide`.
         engine: the SVI engine (history, optimiser state).
-        config: everything that rebuilds the patch, the guide and the training.
+        config: everything that rebuilds the patch, the guide and the training; after
+            :meth:`calibrate`, ``config["calibration"]`` holds each calibrated mode's temperature.
     """
 
     def __init__(
@@ -130,6 +138,66 @@ class FittedPosterior:
         names = {site: learned_scale_name(site, prefix) for site in self.patch.learned_scale_sites}
         return {site: store[name].detach().clone() for site, name in names.items() if name in store}
 
+    @property
+    def calibration(self) -> dict[str, TemperatureScaling]:
+        """The temperature of every calibrated predictive mode (:meth:`calibrate`), by mode name; empty
+        before any calibration and after further training."""
+        return {
+            mode: TemperatureScaling(entry["temperature"], entry["calibration_nll"], entry["unscaled_nll"])
+            for mode, entry in self.config.get("calibration", {}).items()
+        }
+
+    def calibrate(
+        self,
+        calibration_batches: Iterable[Mapping[str, Tensor]],
+        *,
+        mode: PredictiveMode | str = PredictiveMode.MODEL_AVERAGE,
+        num_samples: int = 16,
+        seed: int = 0,
+    ) -> TemperatureScaling:
+        """Fit a post-hoc temperature on this posterior's averaged answer probabilities in predictive
+        ``mode`` and keep it: :meth:`predict` in that mode then returns ``softmax(log p / T)`` of the
+        average ``p`` (``calibrated=False``: the plain average), and :meth:`save` / :meth:`load` keep it.
+
+        ``T`` is :func:`~pyro_moe.evaluation.temperature_scaling.fit_temperature` on ``log p`` of the
+        calibration batches (:mod:`pyro_moe.inference.calibration`): on a deterministic predictive,
+        exactly temperature scaling of the model's answer logits. Calibrate on held-out data, never on
+        the test split, and last: :meth:`train` drops the temperatures of a posterior it trains further
+        (they were fitted to the old predictive); tuning that changes the predictive afterwards (an
+        expert Laplace's prior precision) does not know them.
+
+        Args:
+            calibration_batches: held-out batches (dicts of ``input_ids`` ``(B, L)``, ``attention_mask``
+                ``(B, L)``, ``labels`` ``(B,)``).
+            mode: the predictive mode to calibrate (one of the patch's ``predictive_modes``).
+            num_samples: ``S`` draws per prediction, as the calibrated predictions should use.
+            seed: seeds the draws; the caller's random streams are restored afterwards.
+
+        Returns:
+            The fitted :class:`~pyro_moe.evaluation.temperature_scaling.TemperatureScaling`.
+
+        Raises:
+            ConfigurationError: an unknown mode or one the patch does not predict in, a bad
+                ``num_samples`` or ``seed``, no batch or a malformed one; every calibration label ranked
+                first (``T -> 0``); all before anything in the posterior changes.
+        """
+        mode = predictive_mode(mode)
+        if mode not in self.patch.predictive_modes:
+            accepted = ", ".join(m.value for m in self.patch.predictive_modes)
+            raise ConfigurationError(f"this posterior predicts in {accepted}, not {mode.value}.")
+        check_integer("num_samples", num_samples)
+        check_integer("seed", seed, minimum=0)
+        batches = check_batches(calibration_batches, self.likelihood.num_choices)
+
+        def averaged(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+            return self.predict(input_ids, attention_mask, num_samples=num_samples, mode=mode, calibrated=False).probs
+
+        scaling = fit_predictive_temperature(averaged, batches, seed)
+        entry = {**dataclasses.asdict(scaling), "num_samples": num_samples, "seed": seed}
+        entry["examples"] = sum(len(batch["labels"]) for batch in batches)
+        self.config["calibration"] = {**self.config.get("calibration", {}), mode.value: entry}
+        return scaling
+
     def train(
         self,
         data: Iterable[Mapping[str, Tensor]],
@@ -163,6 +231,7 @@ class FittedPosterior:
         hooks.check_fit(self.patch, start, steps, self.config["num_particles"])
         if not hooks.trains:  # nothing to optimise (temp-sampling)
             return self
+        self.config.pop("calibration", None)  # fitted to the predictive these steps change
         bar = tqdm(range(start, start + steps), desc=f"fit {self.guide.spec}", disable=not progress)
         with _frozen(self.patch.model), _training(self.guide):
             for step in bar:
@@ -184,10 +253,17 @@ class FittedPosterior:
                 self.config["post_hoc_fitted"] = True
         return self
 
-    def predict(self, input_ids: Tensor, attention_mask: Tensor | None = None, **options: Any) -> RoutedPrediction:
+    def predict(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, *, calibrated: bool = True, **options: Any
+    ) -> RoutedPrediction:
         """:func:`pyro_moe.predict` with this posterior (``model-average`` by default): MCQA answers, so a
-        posterior fitted on text refuses (its perplexity: :func:`pyro_moe.inference.perplexity.perplexity`)."""
-        return predict(
+        posterior fitted on text refuses (its perplexity: :func:`pyro_moe.inference.perplexity.perplexity`).
+
+        In a mode :meth:`calibrate` has calibrated, ``probs`` are the calibrated probabilities and
+        ``temperature`` the temperature applied, unless ``calibrated=False``; ``sample_probs`` are always
+        the per-draw answer probabilities of the posterior, untempered (their mean is the uncalibrated
+        ``probs``: the temperature belongs to the average it was fitted on, not to single draws)."""
+        prediction = predict(
             self.patch,
             input_ids,
             attention_mask,
@@ -195,6 +271,11 @@ class FittedPosterior:
             guide=self.guide,
             **options,
         )
+        scaling = self.calibration.get(predictive_mode(options.get("mode", PredictiveMode.MODEL_AVERAGE)).value)
+        if not calibrated or scaling is None:
+            return prediction
+        probs = calibrated_probs(prediction.probs, scaling)
+        return dataclasses.replace(prediction, probs=probs, temperature=scaling.temperature)
 
     def save(self, folder: str | Path) -> Path:
         """Write the guide's parameters, the optimiser state and the configuration (safetensors + JSON).

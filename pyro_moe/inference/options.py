@@ -16,8 +16,6 @@ from dataclasses import asdict, dataclass, fields, replace
 from enum import StrEnum
 from typing import Any
 
-import torch
-
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.validation import check_integer, check_number
 
@@ -34,8 +32,10 @@ class Objective(StrEnum):
     """Renyi / importance-weighted bound (RenyiELBO, alpha in [0, 1), K particles)."""
 
 
-OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
-"""Optimisers by name: Adam (the default), plain SGD at a constant learning rate (SWAG's recipe)."""
+OPTIMIZERS: dict[str, str] = {"adam": "Adam", "sgd": "SGD"}
+"""Optimisers by name, as the names of their ``torch.optim`` classes: Adam (the default), plain SGD at a
+constant learning rate (SWAG's recipe). Names, not classes, so that options (and the recipes built of
+them) are checked without importing torch: the command line refuses a bad recipe at parsing."""
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from pyro_moe.errors import ConfigurationError
 from pyro_moe.models.router_patch import RouterPatch
 from pyro_moe.validation import check_integer
 
-__all__ = ["PosteriorGuide", "RoutedPrediction", "predict"]
+__all__ = ["PosteriorGuide", "RoutedPrediction", "predict", "predictive_mode"]
 
 
 class PosteriorGuide(Protocol):
@@ -56,11 +56,25 @@ class RoutedPrediction:
             ``(1, batch, choices)`` in routing-average mode; ``None`` unless requested.
         router_logits: per Bayesian router path, its sampled (tempered) logits
             ``(samples, batch, length, experts)``; ``None`` unless requested.
+        temperature: the calibration temperature ``T`` applied to :attr:`probs` (``softmax(log p / T)``
+            of the average ``p``, see :meth:`pyro_moe.FittedPosterior.calibrate`); ``None``: ``probs`` is
+            the plain average. :attr:`sample_probs` is never tempered.
     """
 
     probs: Tensor
     sample_probs: Tensor | None = None
     router_logits: dict[str, Tensor] | None = None
+    temperature: float | None = None
+
+
+def predictive_mode(mode: PredictiveMode | str) -> PredictiveMode:
+    """``mode`` as a :class:`~pyro_moe.core.routing_context.PredictiveMode`; an unknown one is refused
+    with the accepted names."""
+    try:
+        return PredictiveMode(mode)
+    except ValueError:
+        accepted = ", ".join(m.value for m in PredictiveMode)
+        raise ConfigurationError(f"unknown predictive mode {mode!r}; accepted: {accepted}.") from None
 
 
 def _check(
@@ -120,11 +134,7 @@ def predict(
             in routing-average, off in model-average; ``True`` in model-average is refused).
     """
     _check(patch, input_ids, attention_mask, num_samples, max_samples_per_pass)
-    try:
-        mode = PredictiveMode(mode)
-    except ValueError:
-        accepted = ", ".join(m.value for m in PredictiveMode)
-        raise ConfigurationError(f"unknown predictive mode {mode!r}; accepted: {accepted}.") from None
+    mode = predictive_mode(mode)
     if local_reparameterization is None:
         local_reparameterization = mode is PredictiveMode.ROUTING_AVERAGE
     settings = dict(mode=mode, share_prefix=share_prefix, local_reparameterization=local_reparameterization)

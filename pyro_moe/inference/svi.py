@@ -286,7 +286,8 @@ class SVIEngine:
             values = [param.detach() for param in self.params.values()]
             self.data_parallel.check_same_layout(values, "guide parameters")
             self.data_parallel.broadcast_(values, "the broadcast of the initial guide parameters")
-        self.optimizer = OPTIMIZERS[self.options.optimizer](list(self.params.values()), lr=self.options.lr)
+        optimizer = getattr(torch.optim, OPTIMIZERS[self.options.optimizer])
+        self.optimizer = optimizer(list(self.params.values()), lr=self.options.lr)
 
     def _culprit(self, batch: Mapping[str, Any]) -> str:
         """Name the first site whose value or log-density is not finite."""

@@ -88,3 +88,20 @@ def test_bad_input_raises(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="with 5 bins"):
         plots.plot_reliability_diagram({"a": diagram, "b": other}, tmp_path / "r.png")
     assert not list(tmp_path.iterdir())  # nothing was written
+
+
+def test_scale_trajectories(tmp_path: Path) -> None:
+    trajectories = {
+        "layer 0": {0: 1.0, 10: 1.1, 20: 1.15},
+        "layer 2 (per expert)": {0: [1.0, 1.0, 1.0], 10: [0.9, 1.2, 1.05], 20: [0.85, 1.3, 1.1]},
+    }
+    _assert_png(plots.plot_scale_trajectories(trajectories, tmp_path / "scales.png"))
+    with pytest.raises(ConfigurationError, match="positive finite"):
+        plots.plot_scale_trajectories({"layer 0": {0: 1.0, 10: -1.0}}, tmp_path / "bad.png")
+    with pytest.raises(ConfigurationError, match="one shape per step"):
+        plots.plot_scale_trajectories({"layer 0": {0: 1.0, 10: [1.0, 2.0]}}, tmp_path / "bad.png")
+    with pytest.raises(ConfigurationError, match="non-empty mapping"):
+        plots.plot_scale_trajectories({}, tmp_path / "bad.png")
+    with pytest.raises(ConfigurationError, match=r"must end in \.png"):
+        plots.plot_scale_trajectories(trajectories, tmp_path / "scales.pdf")
+    assert not (tmp_path / "bad.png").exists()

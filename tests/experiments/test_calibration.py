@@ -3,6 +3,7 @@ forward, a temperature fitted on the calibration logits, the posteriors' own pre
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -163,3 +164,35 @@ def test_cli_writes_metrics_report_and_plots_on_the_benchmark(tmp_path, capsys):
     assert metrics["temperature"] > 1  # the benchmark model is overconfident
     assert "| temperature scaling |" in (tmp_path / "report.md").read_text()
     assert all((tmp_path / f"reliability_{mode}.png").stat().st_size > 10_000 for mode in MODES)
+
+
+def test_a_calibrated_posterior_shows_its_calibrated_figures_in_its_calibrated_mode_only():
+    model, tokenizer, splits, letters = tiny_inputs()
+    for split in ("calibration", "test"):  # labels the random model gets two thirds right: a finite temperature
+        answers = direct_answer_probs(model, tokenizer, splits[split], letters).argmax(-1).tolist()
+        splits[split] = [
+            dataclasses.replace(e, answer=a if i % 3 else (a + 1) % 4)
+            for i, (e, a) in enumerate(zip(splits[split], answers, strict=True))
+        ]
+    (posterior,) = tiny_posteriors(model, tokenizer, splits, letters, families=("mfvr",)).values()
+    scaling = posterior.calibrate(split_batches(splits["calibration"], tokenizer, 8), num_samples=3, seed=1)
+    assert math.isfinite(scaling.temperature) and abs(scaling.temperature - 1) > 0.05
+    settings = CalibrationSettings(num_samples=3, batch_size=10, seed=5)
+    results = calibration_experiment(model, tokenizer, splits, {"calibrated mfvr": posterior}, settings)
+    labels = _labels(splits["test"])
+    batches = split_batches(splits["test"], tokenizer, 10)
+    for mode in MODES:
+        pyro.set_rng_seed(5)  # the plain averages of the same draws, tempered here where calibrated
+        average = torch.cat(
+            [
+                posterior.predict(b["input_ids"], b["attention_mask"], num_samples=3, mode=mode, calibrated=False).probs
+                for b in batches
+            ]
+        )
+        probs = (average.log() / scaling.temperature).softmax(-1) if mode == "model-average" else average
+        expected = calibration_report(probs, labels)
+        row = results.row("calibrated mfvr", mode)
+        assert {k: row[k] for k in expected} == pytest.approx(expected, abs=1e-6), mode
+        if mode == "model-average":  # the temperature moved the figures, not the answers
+            assert row["nll"] != pytest.approx(calibration_report(average, labels)["nll"], abs=1e-4)
+            assert row["accuracy"] == calibration_report(average, labels)["accuracy"]

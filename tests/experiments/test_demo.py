@@ -44,4 +44,13 @@ def test_quick_demo_writes_the_report(tmp_path, capsys):
     report = (out / "report.md").read_text()
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert len(images) >= 4 and all((out / image).is_file() for image in images)
-    assert "collapse_mfvr.png" in images
+    assert "collapse_mfvr-iwae-layer.png" in images and "recipe_mfvr-iwae-layer_scales.png" in images
+
+    # the logit guide is the recipe's: started at the selected scale, calibrated in both modes
+    recipe = json.loads((out / "recipe_mfvr-iwae-layer.json").read_text())
+    assert set(recipe["temperatures"]) == {"model-average", "routing-average"}
+    assert recipe["selection"]["examples"] == QUICK.examples  # the calibration split's first questions
+    assert recipe["selection"]["chosen"]["layers"] == stability["susceptible_layers"]
+    assert max(int(step) for step in recipe["scale_trajectory"]) == QUICK.recipe_steps
+    collapse = (out / "collapse_mfvr-iwae-layer.csv").read_text().splitlines()
+    assert len(collapse) == 1 + QUICK.susceptible and all(".logits," in line for line in collapse[1:])

@@ -1,0 +1,89 @@
+"""Post-hoc calibration of a posterior's predictive: one temperature on its averaged answer probabilities.
+
+A predictive (``model-average`` or ``routing-average``) gives averaged answer probabilities
+``p = mean_s softmax(z_s)`` ``(examples, choices)``. Temperature scaling of that average treats
+``log p`` as the answer logits and fits one temperature ``T`` on held-out calibration batches by
+:func:`pyro_moe.evaluation.temperature_scaling.fit_temperature` (the same fit as the deterministic
+model's temperature scaling); the calibrated probabilities are ``softmax(log p / T)``. On a
+deterministic predictive ``log p = z - logsumexp(z)``, so ``T`` and the calibrated probabilities are
+exactly temperature scaling of the model's answer logits ``z``. The predicted choice never changes.
+
+:meth:`pyro_moe.inference.fitting.FittedPosterior.calibrate` uses these functions and keeps one
+temperature per predictive mode in the posterior's configuration.
+
+Example::
+
+    scaling = fit_predictive_temperature(
+        lambda ids, mask: posterior.predict(ids, mask, num_samples=16, calibrated=False).probs, batches, seed=0
+    )
+    calibrated = calibrated_probs(probs, scaling)      # (examples, choices)
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import pyro
+import torch
+from torch import Tensor
+
+from pyro_moe.evaluation.temperature_scaling import TemperatureScaling, fit_temperature
+from pyro_moe.random_streams import RandomState
+
+__all__ = ["calibrated_probs", "fit_predictive_temperature", "log_probabilities", "predictive_probabilities"]
+
+ProbabilityPredictor = Callable[[Tensor, Tensor], Tensor]
+"""``predictor(input_ids (B, L), attention_mask (B, L)) -> answer probabilities (B, choices)``."""
+
+
+def predictive_probabilities(
+    predictor: ProbabilityPredictor, batches: Sequence[Mapping[str, Tensor]], seed: int
+) -> tuple[Tensor, Tensor]:
+    """Answer probabilities ``(examples, choices)`` (float32, CPU) of ``predictor`` batch after batch and
+    the labels ``(examples,)`` (int64, CPU).
+
+    Pyro's seed is set to ``seed`` once before the first batch, so every caller with the same seed and
+    batches sees the same draws; the generators of torch (and CUDA), Python and NumPy are restored
+    afterwards, so the caller's random streams go on as if nothing had been drawn. No gradients.
+    """
+    states = RandomState.current(), random.getstate(), np.random.get_state()
+    probs, labels = [], []
+    try:
+        pyro.set_rng_seed(seed)
+        with torch.no_grad():
+            for batch in batches:
+                probs.append(predictor(batch["input_ids"], batch["attention_mask"]).float().cpu())
+                labels.append(batch["labels"].long().cpu())
+    finally:
+        torch_state, python_state, numpy_state = states
+        torch_state.restore()
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+    return torch.cat(probs), torch.cat(labels)
+
+
+def log_probabilities(probs: Tensor) -> Tensor:
+    """``log probs`` ``(..., choices)``, a zero probability clamped to the smallest positive normal number of
+    the dtype first (finite answer logits: about -87 in float32)."""
+    return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+
+
+def fit_predictive_temperature(
+    predictor: ProbabilityPredictor, batches: Sequence[Mapping[str, Tensor]], seed: int
+) -> TemperatureScaling:
+    """The temperature of :func:`~pyro_moe.evaluation.temperature_scaling.fit_temperature` on the log of
+    ``predictor``'s averaged answer probabilities over ``batches`` (:func:`predictive_probabilities`).
+
+    Raises:
+        ConfigurationError: as ``fit_temperature`` does (every calibration label ranked first).
+    """
+    probs, labels = predictive_probabilities(predictor, batches, seed)
+    return fit_temperature(log_probabilities(probs), labels)
+
+
+def calibrated_probs(probs: Tensor, scaling: TemperatureScaling) -> Tensor:
+    """``softmax(log probs / T)`` ``(..., choices)``: averaged answer probabilities ``probs`` under the
+    fitted temperature (uniform where ``T`` is infinite)."""
+    return scaling.probs(log_probabilities(probs.float()))

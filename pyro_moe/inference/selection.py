@@ -1,0 +1,181 @@
+"""Choosing a prior scale (and the Bayesian layers) by the NLL of the unfitted prior on calibration batches.
+
+Every candidate, a prior scale of one site kind (``logits`` by default) on one set of layers, is
+scored by the mean negative log-likelihood of the labels of the calibration batches under the
+``model-average`` predictive of the *unfitted* prior at that scale (no guide, no fit): the model is
+patched with ``{kind: scale}`` on those layers, ``S`` joint draws per question with the same seed for
+every candidate, and unpatched again. The candidate with the lowest NLL wins (the first in grid order
+on a tie).
+
+Why the unfitted prior and not a fit per candidate: it costs one ``S``-draw prediction of the
+calibration batches per candidate, against a fit each, and on the embedded benchmark the unfitted
+logit prior at the scale chosen this way did as well as an ``iwae`` fit with learned scales (README,
+the objective study). The selection then serves as the *starting point* of a fit with learned scales
+(:mod:`pyro_moe.inference.recipes`), whose steps only have to move the scales from there.
+
+The helper receives calibration batches only: whatever split a caller keeps for testing cannot reach it.
+
+Example::
+
+    selection = select_prior(model, calibration_batches, answer_token_ids=letters,
+                             scales=(0.3, 0.5, 1.0, 2.0), layer_sets=("all", [2]))
+    selection.chosen            # PriorCandidate(scale=1.0, layers='all')
+    selection.table()           # [{"scale": 0.3, "layers": "all", "nll": 0.68}, ...]
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from pyro_moe.errors import ConfigurationError
+from pyro_moe.evaluation.metrics import negative_log_likelihood
+from pyro_moe.inference.calibration import predictive_probabilities
+from pyro_moe.inference.predictive import predict
+from pyro_moe.models.likelihoods import check_batches
+from pyro_moe.models.router_patch import patch_routers
+from pyro_moe.validation import check_integer, check_number
+
+__all__ = ["PriorCandidate", "PriorSelection", "select_prior"]
+
+Layers = str | tuple[int, ...]
+"""``"all"`` or decoder-layer indices (as :func:`pyro_moe.patch_routers` takes them)."""
+
+
+@dataclass(frozen=True)
+class PriorCandidate:
+    """One candidate of :func:`select_prior`.
+
+    Attributes:
+        scale: the prior scale of the site kind.
+        layers: the Bayesian decoder layers, ``"all"`` or a tuple of indices.
+    """
+
+    scale: float
+    layers: Layers
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"scale": ..., "layers": "all" or [indices]}``."""
+        return {"scale": self.scale, "layers": self.layers if isinstance(self.layers, str) else list(self.layers)}
+
+
+@dataclass(frozen=True)
+class PriorSelection:
+    """What :func:`select_prior` returns.
+
+    Attributes:
+        chosen: the candidate with the lowest calibration NLL.
+        scores: ``{candidate: calibration NLL}`` in grid order (layer sets outer, scales inner).
+        site_kind: the site kind whose scale was chosen.
+        num_samples: ``S`` draws per prediction.
+        seed: the seed of the draws.
+        examples: calibration questions scored.
+    """
+
+    chosen: PriorCandidate
+    scores: dict[PriorCandidate, float]
+    site_kind: str
+    num_samples: int
+    seed: int
+    examples: int
+
+    def table(self) -> list[dict[str, Any]]:
+        """One row per candidate: ``scale``, ``layers``, ``nll``, ``chosen``."""
+        return [
+            {**candidate.to_json(), "nll": nll, "chosen": candidate == self.chosen}
+            for candidate, nll in self.scores.items()
+        ]
+
+    def to_json(self) -> dict[str, Any]:
+        """The chosen candidate, the table and the settings as JSON-ready data."""
+        return {
+            "chosen": self.chosen.to_json(),
+            "site_kind": self.site_kind,
+            "num_samples": self.num_samples,
+            "seed": self.seed,
+            "examples": self.examples,
+            "scores": self.table(),
+        }
+
+
+def _layer_sets(layer_sets: Iterable[str | Sequence[int]]) -> list[Layers]:
+    if isinstance(layer_sets, str) or not isinstance(layer_sets, Iterable):
+        raise ConfigurationError(f"layer_sets must be a list of layer sets ('all' or index lists), got {layer_sets!r}.")
+    sets: list[Layers] = []
+    for layers in layer_sets:
+        if not isinstance(layers, str | Iterable):
+            raise ConfigurationError(f"a layer set is 'all' or a list of decoder-layer indices, got {layers!r}.")
+        sets.append(layers if isinstance(layers, str) else tuple(layers))
+    if not sets:
+        raise ConfigurationError("layer_sets must hold at least one layer set ('all' or a list of indices).")
+    if len(set(sets)) != len(sets):
+        raise ConfigurationError(f"layer_sets must be distinct, got {sets}.")
+    return sets
+
+
+def select_prior(
+    model: nn.Module,
+    calibration_batches: Iterable[Mapping[str, Tensor]],
+    *,
+    answer_token_ids: Tensor,
+    scales: Sequence[float],
+    layer_sets: Iterable[str | Sequence[int]] = ("all",),
+    site_kind: str = "logits",
+    num_samples: int = 16,
+    seed: int = 0,
+    progress: bool = False,
+) -> PriorSelection:
+    """Score every (layer set, scale) candidate by the calibration NLL of the unfitted prior; see the
+    module docstring.
+
+    Args:
+        model: an unpatched MoE model; it is patched and unpatched once per candidate and returned as it was.
+        calibration_batches: held-out batches (dicts of ``input_ids`` ``(B, L)``, ``attention_mask``
+            ``(B, L)``, ``labels`` ``(B,)``), never the test split.
+        answer_token_ids: ``(choices,)`` token ids of the answer letters.
+        scales: candidate prior scales (positive numbers).
+        layer_sets: candidate Bayesian layer sets, each ``"all"`` or a list of decoder-layer indices.
+        site_kind: the site kind made random (``"logits"``, ``"weight"``, ...), with prior ``{kind: scale}``.
+        num_samples: ``S`` joint draws per prediction.
+        seed: seeds the draws (the same for every candidate); the caller's random streams are restored.
+        progress: show a progress bar over the candidates.
+
+    Raises:
+        ConfigurationError: no scale or a non-positive one, no layer set, a bad ``num_samples`` or
+            ``seed``, no batch or a malformed one, a patched model; LayerSelectionError: a layer set the
+            model does not have. All before any prediction.
+    """
+    if isinstance(scales, str) or not isinstance(scales, Sequence) or not scales:
+        raise ConfigurationError(f"scales must be a non-empty list of positive prior scales, got {scales!r}.")
+    grid = [check_number(f"scales[{index}]", scale) for index, scale in enumerate(scales)]
+    if len(set(grid)) != len(grid):
+        raise ConfigurationError(f"scales must be distinct, got {list(scales)}.")
+    sets = _layer_sets(layer_sets)
+    check_integer("num_samples", num_samples)
+    check_integer("seed", seed, minimum=0)
+    batches = check_batches(calibration_batches, len(answer_token_ids))
+    candidates = [PriorCandidate(scale, layers) for layers, scale in itertools.product(sets, grid)]
+    for candidate in candidates:  # every site option and layer set is refused here, before any prediction
+        patch_routers(model, {site_kind: candidate.scale}, layers=candidate.layers).unpatch()
+    scores: dict[PriorCandidate, float] = {}
+    for candidate in tqdm(candidates, desc="prior selection", disable=not progress):
+        patch = patch_routers(model, {site_kind: candidate.scale}, layers=candidate.layers)
+        try:
+
+            def averaged(input_ids: Tensor, attention_mask: Tensor, patch: Any = patch) -> Tensor:
+                return predict(
+                    patch, input_ids, attention_mask, answer_token_ids=answer_token_ids, num_samples=num_samples
+                ).probs
+
+            probs, labels = predictive_probabilities(averaged, batches, seed)
+        finally:
+            patch.unpatch()
+        scores[candidate] = negative_log_likelihood(probs, labels)
+    chosen = min(scores, key=scores.__getitem__)
+    examples = sum(len(batch["labels"]) for batch in batches)
+    return PriorSelection(chosen, scores, site_kind, num_samples, seed, examples)
