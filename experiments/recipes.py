@@ -1,0 +1,332 @@
+"""The recipe study: do the calibrated Bayesian recipes beat temperature scaling on the embedded benchmark?
+
+Rows, all measured on the same test questions and OoD splits:
+
+* ``deterministic``: the HF model;
+* ``temperature scaling``: one temperature on its answer logits, fitted on the calibration split;
+* every recipe (:mod:`pyro_moe.inference.recipes`, run by :func:`~pyro_moe.experiments.evaluation.fit_named_recipes`)
+  twice: ``<recipe>`` with its calibration step (a temperature per predictive mode on the averaged
+  predictive) and ``<recipe>, no calibration step`` (the same posterior, ``calibrated=False``), in
+  both predictive modes.
+
+The recipes fit on the train split; their starting prior scale, the step they keep and their
+temperatures are chosen on the calibration split; the test split is read only to measure. Columns:
+accuracy, NLL, ECE and Brier on the test split (:func:`~pyro_moe.experiments.calibration.calibration_experiment`),
+and the AUROC of the predictive entropy and of the mutual information against the ``near_ood`` and
+``far_ood`` splits, the test questions the negatives (:func:`~pyro_moe.experiments.ood.ood_experiment`).
+
+The verdict (:attr:`RecipeStudy.verdict`) names the calibrated recipe rows that beat temperature
+scaling on both test NLL and ECE with an accuracy within :data:`ACCURACY_TOLERANCE`, and otherwise
+those that beat it on NLL alone.
+
+Example::
+
+    study = run_recipe_study(benchmark_inputs(), RecipeStudySettings(recipes=("mfvr-iwae-layer",)))
+    study.table                  # one row per method and mode
+    study.verdict                # which recipe beats temperature scaling, if any
+    study.write("runs/recipes")  # metrics.json, report.md, scales_<recipe>.png, calibration/, ood/
+
+    python -m pyro_moe.experiments.recipes --out runs/recipes
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from pyro_moe.errors import ConfigurationError
+from pyro_moe.experiments.calibration import CalibrationResults, CalibrationSettings, calibration_experiment
+from pyro_moe.experiments.evaluation import (
+    MODES,
+    TEMPERATURE_SCALING,
+    BenchmarkInputs,
+    FitSettings,
+    benchmark_inputs,
+    check_count,
+    fit_named_recipes,
+    markdown_table,
+    slug,
+    write_results,
+)
+from pyro_moe.experiments.ood import OoDResults, OoDSettings, ood_experiment
+from pyro_moe.inference.fitting import FittedPosterior
+from pyro_moe.inference.predictive import RoutedPrediction
+from pyro_moe.inference.recipe_fit import RecipeFit
+from pyro_moe.inference.recipes import named_recipe
+from pyro_moe.validation import check_integer
+
+__all__ = ["ACCURACY_TOLERANCE", "DEFAULT_RECIPES", "RecipeStudy", "RecipeStudySettings", "main", "run_recipe_study"]
+
+DEFAULT_RECIPES = ("mfvr-iwae-layer", "mfvr-iwae-expert", "low-rank-logits-iwae-layer")
+"""The recipes the study runs by default (the ``fcvr`` ones cost several times more per step)."""
+
+NO_CALIBRATION = ", no calibration step"
+"""Suffix of a recipe's row without its temperatures."""
+
+OOD_SPLITS = ("near_ood", "far_ood")
+OOD_SCORES = ("predictive entropy", "mutual information")
+ACCURACY_TOLERANCE = 0.01
+"""A recipe "beats" temperature scaling only with a test accuracy at most this much below it."""
+
+COLUMNS = (
+    "method",
+    "mode",
+    "accuracy",
+    "nll",
+    "ece",
+    "brier",
+    *(f"auroc {split}, {score}" for split in OOD_SPLITS for score in OOD_SCORES),
+)
+
+
+@dataclass(frozen=True)
+class RecipeStudySettings:
+    """What the study fits and measures; checked when built (before the benchmark loads).
+
+    Attributes:
+        recipes: registered recipe names (:data:`pyro_moe.inference.recipes.RECIPES`).
+        fit_examples: train questions the recipes are fitted on.
+        calibration_examples: calibration questions the recipes choose their scale, kept step and
+            temperatures on (``None``: all); temperature scaling is fitted on the whole calibration split.
+        test_examples: questions of the test and each OoD split measured (``None``: all).
+        layers: the Bayesian decoder layers, ``"all"`` or indices.
+        steps: SVI steps of every recipe (``None``: each recipe's own).
+        num_samples: S per prediction of the measured rows.
+        batch_size: questions per training batch.
+        seed: seeds the fits, the selections, the calibrations and the measured draws.
+    """
+
+    recipes: Sequence[str] = DEFAULT_RECIPES
+    fit_examples: int = 512
+    calibration_examples: int | None = None
+    test_examples: int | None = None
+    layers: str | Sequence[int] = "all"
+    steps: int | None = None
+    num_samples: int = 16
+    batch_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        recipes = (self.recipes,) if isinstance(self.recipes, str) else tuple(self.recipes)
+        if not recipes or len(set(recipes)) != len(recipes):
+            raise ConfigurationError(f"recipes must be distinct registered recipe names, got {list(recipes)}.")
+        for name in recipes:
+            named_recipe(name)  # unknown names: the error lists the registered ones
+        object.__setattr__(self, "recipes", recipes)
+        check_integer("fit_examples", self.fit_examples)
+        check_count("calibration_examples", self.calibration_examples)
+        check_count("test_examples", self.test_examples)
+        if self.steps is not None:
+            check_integer("steps", self.steps)
+        check_integer("num_samples", self.num_samples)
+        check_integer("batch_size", self.batch_size)
+        check_integer("seed", self.seed, minimum=0)
+
+
+class _WithoutCalibration:
+    """A calibrated posterior's predictions without its temperatures (``calibrated=False``)."""
+
+    def __init__(self, posterior: FittedPosterior) -> None:
+        self.posterior = posterior
+        self.patch = posterior.patch  # the experiments read the predictive modes from it
+
+    def predict(self, input_ids: Tensor, attention_mask: Tensor | None = None, **options: Any) -> RoutedPrediction:
+        return self.posterior.predict(input_ids, attention_mask, calibrated=False, **options)
+
+
+@dataclass
+class RecipeStudy:
+    """What :func:`run_recipe_study` returns.
+
+    Attributes:
+        settings: what was run.
+        table: one row per method and mode (:data:`COLUMNS`).
+        fits: every recipe's :class:`~pyro_moe.inference.recipe_fit.RecipeFit` (selection, kept step,
+            scale trajectories, temperatures).
+        calibration: the calibration experiment (reliability diagrams).
+        ood: the OoD experiment (ROC curves).
+    """
+
+    settings: RecipeStudySettings
+    table: list[dict[str, Any]]
+    fits: dict[str, RecipeFit]
+    calibration: CalibrationResults
+    ood: OoDResults
+
+    def _row(self, method: str, mode: str) -> dict[str, Any]:
+        return next(row for row in self.table if row["method"] == method and row["mode"] == mode)
+
+    @property
+    def verdict(self) -> str:
+        """Which calibrated recipe rows beat temperature scaling on test NLL and ECE (accuracy within
+        :data:`ACCURACY_TOLERANCE`), or, if none, on NLL alone; said in one sentence."""
+        reference = next(row for row in self.table if row["method"] == TEMPERATURE_SCALING)
+        calibrated = [row for row in self.table if row["method"] in self.fits]
+        both = [
+            row
+            for row in calibrated
+            if row["nll"] < reference["nll"]
+            and row["ece"] < reference["ece"]
+            and row["accuracy"] >= reference["accuracy"] - ACCURACY_TOLERANCE
+        ]
+        figures = f"temperature scaling: NLL {reference['nll']:.3f}, ECE {reference['ece']:.3f}"
+        if both:
+            names = "; ".join(f"{r['method']} ({r['mode']}): NLL {r['nll']:.3f}, ECE {r['ece']:.3f}" for r in both)
+            return f"Beats temperature scaling on NLL and ECE ({figures}): {names}."
+        nll_only = [row for row in calibrated if row["nll"] < reference["nll"]]
+        if nll_only:
+            names = "; ".join(f"{r['method']} ({r['mode']}): NLL {r['nll']:.3f}" for r in nll_only)
+            return f"No recipe beats temperature scaling on both NLL and ECE ({figures}); on NLL alone: {names}."
+        best = min(calibrated, key=lambda row: row["nll"])
+        return (
+            f"No recipe beats temperature scaling ({figures}); the best calibrated recipe row is {best['method']} "
+            f"({best['mode']}): NLL {best['nll']:.3f}, ECE {best['ece']:.3f}."
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "settings": asdict(self.settings),
+            "table": self.table,
+            "verdict": self.verdict,
+            "recipes": {name: fit.to_json() for name, fit in self.fits.items()},
+        }
+
+    def to_markdown(self) -> str:
+        lines = [
+            "# Recipes against temperature scaling (embedded benchmark)",
+            "",
+            f"Test questions: {self.settings.test_examples or 'all'}; S = {self.settings.num_samples}; recipes fitted "
+            f"on {self.settings.fit_examples} train questions, their scale, kept step and temperatures chosen on "
+            f"{self.settings.calibration_examples or 'all'} calibration questions; AUROC against the OoD splits, "
+            "the test questions the negatives.",
+            "",
+            markdown_table(self.table, COLUMNS),
+            "",
+            f"**Verdict.** {self.verdict}",
+            "",
+        ]
+        for name, fit in self.fits.items():
+            lines += [f"## {name}", "", fit.to_markdown(), ""]
+        return "\n".join(lines)
+
+    def plot(self, folder: str | Path) -> list[Path]:
+        """Every recipe's learned-scale trajectories (``scales_<recipe>.png``)."""
+        return [fit.plot(Path(folder) / f"scales_{slug(name)}.png") for name, fit in self.fits.items()]
+
+    def write(self, folder: str | Path) -> dict[str, Any]:
+        """``metrics.json``, ``report.md`` and the plots into ``folder``, the calibration and OoD
+        experiments' own files into ``calibration/`` and ``ood/``."""
+        folder = Path(folder)
+        written = write_results(self, folder)
+        written["calibration"] = write_results(self.calibration, folder / "calibration")
+        written["ood"] = write_results(self.ood, folder / "ood")
+        return written
+
+
+def _merged_rows(calibration: CalibrationResults, ood: OoDResults) -> list[dict[str, Any]]:
+    """One row per method and mode: the calibration figures and the entropy / MI AUROCs (``nan``
+    where a method has no such score, e.g. the mutual information of one network)."""
+    table = []
+    for row in calibration.rows:
+        merged = {key: row[key] for key in ("method", "mode", "accuracy", "nll", "ece", "brier")}
+        for split in OOD_SPLITS:
+            for score in OOD_SCORES:
+                found = [
+                    r["auroc"]
+                    for r in ood.rows
+                    if (r["method"], r["mode"], r["ood_split"], r["score"])
+                    == (row["method"], row["mode"], split, score)
+                ]
+                merged[f"auroc {split}, {score}"] = found[0] if found else math.nan
+        table.append(merged)
+    return table
+
+
+def run_recipe_study(inputs: BenchmarkInputs, settings: RecipeStudySettings = RecipeStudySettings()) -> RecipeStudy:
+    """Fit every recipe, then measure them with and without their calibration step beside the
+    deterministic model and temperature scaling; see the module docstring.
+
+    Args:
+        inputs: the model, tokenizer, answer-letter ids and splits (``train``, ``calibration``,
+            ``test``, ``near_ood``, ``far_ood``), e.g. :func:`~pyro_moe.experiments.evaluation.benchmark_inputs`.
+        settings: the recipes and sizes.
+    """
+    fitting = FitSettings(
+        examples=settings.fit_examples,
+        layers=settings.layers,
+        batch_size=settings.batch_size,
+        seed=settings.seed,
+        validation_split="calibration",
+        validation_examples=settings.calibration_examples,
+    )
+    fits = fit_named_recipes(
+        inputs.model,
+        inputs.tokenizer,
+        inputs.splits,
+        settings.recipes,
+        fitting,
+        answer_token_ids=inputs.answer_token_ids,
+        steps=settings.steps,
+    )
+    posteriors: dict[str, Any] = {}
+    for name, fit in fits.items():
+        posteriors[name] = fit.posterior
+        posteriors[name + NO_CALIBRATION] = _WithoutCalibration(fit.posterior)
+    common = {"num_samples": settings.num_samples, "modes": MODES, "seed": settings.seed}
+    calibration = calibration_experiment(
+        inputs.model,
+        inputs.tokenizer,
+        inputs.splits,
+        posteriors,
+        CalibrationSettings(test_examples=settings.test_examples, **common),
+        answer_token_ids=inputs.answer_token_ids,
+    )
+    ood = ood_experiment(
+        inputs.model,
+        inputs.tokenizer,
+        inputs.splits,
+        posteriors,
+        OoDSettings(ood_splits=OOD_SPLITS, examples=settings.test_examples, **common),
+        answer_token_ids=inputs.answer_token_ids,
+    )
+    return RecipeStudy(settings, _merged_rows(calibration, ood), fits, calibration, ood)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the study on the embedded benchmark and write its files."""
+    defaults = RecipeStudySettings()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/recipes"), help="folder of the results")
+    parser.add_argument("--recipes", nargs="+", default=list(defaults.recipes), help="recipe names")
+    parser.add_argument("--fit-examples", type=int, default=defaults.fit_examples, help="train questions fitted on")
+    parser.add_argument(
+        "--calibration-examples", type=int, default=None, help="calibration questions of the recipes (default all)"
+    )
+    parser.add_argument("--test-examples", type=int, default=None, help="questions per test / OoD split (default all)")
+    parser.add_argument("--steps", type=int, default=None, help="SVI steps of every recipe (default: the recipe's)")
+    parser.add_argument("--samples", type=int, default=defaults.num_samples, help="S per measured prediction")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the fits and draws")
+    args = parser.parse_args(argv)
+    settings = RecipeStudySettings(
+        recipes=args.recipes,
+        fit_examples=args.fit_examples,
+        calibration_examples=args.calibration_examples,
+        test_examples=args.test_examples,
+        steps=args.steps,
+        num_samples=args.samples,
+        seed=args.seed,
+    )
+    study = run_recipe_study(benchmark_inputs(), settings)
+    written = study.write(args.out)
+    print(markdown_table(study.table, COLUMNS))
+    print(f"\n{study.verdict}\nwritten: {written['report']}")
+
+
+if __name__ == "__main__":
+    main()
