@@ -358,6 +358,22 @@ def test_truncated_and_pickled_checkpoints_are_refused(saved, saved_posterior, t
 HEAVY_MODULES = ("torch", "pyro", "transformers", "numpy", "scipy", "arviz", "matplotlib", "sklearn", "pandas")
 
 
+def run_in_fresh_process(argv: list[str]) -> tuple[list[str], str]:
+    """``main(argv)`` in a new interpreter: its stdout lines, ending with ``exit <code>`` and the heavy
+    modules it imported (``[]``: none), and its stderr."""
+    script = (
+        "import sys\n"
+        "from pyro_moe.cli import main\n"
+        "try:\n"
+        f"    main({argv!r})\n"
+        "except SystemExit as exit:\n"
+        "    print('exit', exit.code)\n"
+        f"print(sorted({{name.split('.')[0] for name in sys.modules}} & set({HEAVY_MODULES!r})))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    return result.stdout.strip().splitlines(), result.stderr
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -369,54 +385,26 @@ HEAVY_MODULES = ("torch", "pyro", "transformers", "numpy", "scipy", "arviz", "ma
 )
 def test_help_and_bad_numbers_answer_without_importing_torch(argv):
     """``--help`` and numbers refused at parsing exit before torch, Pyro or transformers are imported."""
-    script = (
-        "import sys\n"
-        "from pyro_moe.cli import main\n"
-        "try:\n"
-        f"    main({argv!r})\n"
-        "except SystemExit as exit:\n"
-        "    print('exit', exit.code)\n"
-        f"print(sorted({{name.split('.')[0] for name in sys.modules}} & set({HEAVY_MODULES!r})))\n"
-    )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    lines = result.stdout.strip().splitlines()
+    lines, stderr = run_in_fresh_process(argv)
     assert lines[-1] == "[]", f"imported {lines[-1]}"
     assert lines[-2] == ("exit 0" if argv == ["--help"] else "exit 2")
     if argv != ["--help"]:
-        assert result.stderr.count("\n") == 1 and "must be a" in result.stderr
+        assert stderr.count("\n") == 1 and "must be a" in stderr
 
 
 @pytest.mark.parametrize("command", ["demo", "stability", "fit", "laplace", "evaluate", "compare", "diagnose", "bench"])
 def test_every_subcommand_help_answers_without_importing_torch(command):
-    script = (
-        "import sys\n"
-        "from pyro_moe.cli import main\n"
-        "try:\n"
-        f"    main([{command!r}, '--help'])\n"
-        "except SystemExit as exit:\n"
-        "    print('exit', exit.code)\n"
-        f"print(sorted({{name.split('.')[0] for name in sys.modules}} & set({HEAVY_MODULES!r})))\n"
-    )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert result.stdout.strip().splitlines()[-2:] == ["exit 0", "[]"]
-    assert "--out" in result.stdout
+    stdout, _ = run_in_fresh_process([command, "--help"])
+    assert stdout[-2:] == ["exit 0", "[]"]
+    assert "--out" in "\n".join(stdout)
 
 
 @pytest.mark.parametrize("command", ["fit", "evaluate"])
 def test_text_and_data_together_are_refused_at_parsing_without_importing_torch(command):
     argv = [command, "--text", "train.txt", "--data", "train.jsonl", "--out", "runs/never"]
-    script = (
-        "import sys\n"
-        "from pyro_moe.cli import main\n"
-        "try:\n"
-        f"    main({argv!r})\n"
-        "except SystemExit as exit:\n"
-        "    print('exit', exit.code)\n"
-        f"print(sorted({{name.split('.')[0] for name in sys.modules}} & set({HEAVY_MODULES!r})))\n"
-    )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert result.stdout.strip().splitlines()[-2:] == ["exit 2", "[]"]
-    assert result.stderr == f"pyro-moe {command}: error: argument --data: not allowed with argument --text\n"
+    stdout, stderr = run_in_fresh_process(argv)
+    assert stdout[-2:] == ["exit 2", "[]"]
+    assert stderr == f"pyro-moe {command}: error: argument --data: not allowed with argument --text\n"
     assert not Path("runs/never").exists()
 
 
@@ -460,19 +448,10 @@ def test_fit_recipe_runs_the_library_recipe_on_the_data_cut(saved, tmp_path, cap
 
 
 def test_an_unknown_recipe_is_refused_at_parsing_without_importing_torch():
-    script = (
-        "import sys\n"
-        "from pyro_moe.cli import main\n"
-        "try:\n"
-        "    main(['fit', '--recipe', 'mfvr-elbo', '--out', 'runs/never'])\n"
-        "except SystemExit as exit:\n"
-        "    print('exit', exit.code)\n"
-        f"print(sorted({{name.split('.')[0] for name in sys.modules}} & set({HEAVY_MODULES!r})))\n"
-    )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert result.stdout.strip().splitlines()[-2:] == ["exit 2", "[]"]
-    assert result.stderr.count("\n") == 1
-    assert "unknown recipe 'mfvr-elbo'; registered recipes: mfvr-iwae-layer, mfvr-iwae-expert, " in result.stderr
+    stdout, stderr = run_in_fresh_process(["fit", "--recipe", "mfvr-elbo", "--out", "runs/never"])
+    assert stdout[-2:] == ["exit 2", "[]"]
+    assert stderr.count("\n") == 1
+    assert "unknown recipe 'mfvr-elbo'; registered recipes: mfvr-iwae-layer, mfvr-iwae-expert, " in stderr
     assert not Path("runs/never").exists()
 
 
