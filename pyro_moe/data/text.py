@@ -144,12 +144,13 @@ def text_batches(
 
     Raises:
         ConfigurationError: a bad ``batch_size`` or ``max_length`` (at least 2: one token predicts the
-            next), no documents, a single string, or a tokenizer without a pad token.
+            next), no documents, a single string or an iterator, or a tokenizer without a pad token.
     """
     check_integer("batch_size", batch_size)
     check_integer("max_length", max_length, minimum=2)
-    if isinstance(documents, str):
-        raise ConfigurationError("give a sequence of documents (strings), not one string.")
+    if isinstance(documents, str) or not isinstance(documents, Sequence):
+        what = "one string" if isinstance(documents, str) else type(documents).__name__
+        raise ConfigurationError(f"give a sequence of documents (strings: a list, load_text's dataset), not {what}.")
     if len(documents) == 0:
         raise ConfigurationError("there are no documents.")
     if getattr(tokenizer, "pad_token_id", None) is None:

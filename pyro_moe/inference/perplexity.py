@@ -40,6 +40,7 @@ from pyro_moe.core.readout import next_token_logits, next_token_mask
 from pyro_moe.core.routing_context import PARTICLE_DIM, PredictiveMode, routing_context
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.inference.fitting import FittedPosterior
+from pyro_moe.inference.predictive import predictive_mode
 from pyro_moe.models.likelihoods import check_text_batches
 from pyro_moe.models.router_patch import RouterPatch
 from pyro_moe.validation import check_integer
@@ -100,11 +101,7 @@ def perplexity(
     check_integer("num_samples", num_samples)
     if max_samples_per_pass is not None:
         check_integer("max_samples_per_pass", max_samples_per_pass)
-    try:
-        mode = PredictiveMode(mode)
-    except ValueError:
-        accepted = ", ".join(m.value for m in PredictiveMode)
-        raise ConfigurationError(f"unknown predictive mode {mode!r}; accepted: {accepted}.") from None
+    mode = predictive_mode(mode)
     guide = None
     if isinstance(predictor, FittedPosterior):
         patch, guide = predictor.patch, predictor.guide
@@ -136,7 +133,8 @@ def perplexity(
             draws = []
             for start in range(0, num_samples, per_pass):
                 with (
-                    routing_context(mode=mode),
+                    # as predict's default: routing-average draws logits from their marginals where it can
+                    routing_context(mode=mode, local_reparameterization=mode is PredictiveMode.ROUTING_AVERAGE),
                     pyro.plate("samples", min(per_pass, num_samples - start), dim=PARTICLE_DIM),
                     guide.posterior(input_ids, attention_mask) if guide is not None else contextlib.nullcontext(),
                 ):

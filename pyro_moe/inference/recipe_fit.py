@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.evaluation.plots import plot_scale_trajectories
+from pyro_moe.guides.family import GuideScope
 from pyro_moe.guides.registry import parse_guide
 from pyro_moe.inference.callbacks import EvaluationCallback
 from pyro_moe.inference.fitting import FittedPosterior, fit
@@ -242,7 +243,15 @@ def run_recipe(
         raise ConfigurationError(
             f"recipe must be a Recipe or a registered name ({', '.join(RECIPES)}), got {recipe!r}."
         )
-    parse_guide(recipe.guide)
+    families = parse_guide(recipe.guide)
+    if GuideScope.LOGITS not in {family.scope for family in families.values()}:
+        raise ConfigurationError(
+            f"recipe {recipe.name!r}: its guide {recipe.guide!r} does not cover the per-token logit sites a recipe "
+            "patches; give a logit family (mfvr, fcvr, low-rank-logits)."
+        )
+    for family in families.values():
+        if family.check_options is not None:
+            family.check_options(recipe.guide_options, recipe.training.steps)
     PriorScale(1.0, mode="learned", per=recipe.scale_per)
     answer_token_ids = torch.as_tensor(answer_token_ids).long()
     train = check_batches(train_batches, len(answer_token_ids))

@@ -103,6 +103,11 @@ class Recipe:
             )
         check_integer("selection_samples", self.selection_samples)
         check_integer("evaluate_every", self.evaluate_every)
+        if self.training.steps < 1:
+            raise ConfigurationError(
+                f"a recipe trains: its training needs at least 1 step, got {self.training.steps} (the fit is checked "
+                "on the calibration questions every evaluate_every steps)."
+            )
         check_integer("calibration_samples", self.calibration_samples)
         if not isinstance(self.calibrate, bool):
             raise ConfigurationError(f"calibrate must be True or False, got {self.calibrate!r}.")

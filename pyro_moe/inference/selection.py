@@ -30,6 +30,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -122,7 +123,7 @@ def select_prior(
     model: nn.Module,
     calibration_batches: Iterable[Mapping[str, Tensor]],
     *,
-    answer_token_ids: Tensor,
+    answer_token_ids: Tensor | Sequence[int],
     scales: Sequence[float],
     layer_sets: Iterable[str | Sequence[int]] = ("all",),
     site_kind: str = "logits",
@@ -158,6 +159,12 @@ def select_prior(
     sets = _layer_sets(layer_sets)
     check_integer("num_samples", num_samples)
     check_integer("seed", seed, minimum=0)
+    answer_token_ids = torch.as_tensor(answer_token_ids).long()
+    if answer_token_ids.dim() != 1 or len(answer_token_ids) < 2:
+        raise ConfigurationError(
+            f"answer_token_ids must be (choices,) token ids of at least two answers, got shape "
+            f"{tuple(answer_token_ids.shape)}."
+        )
     batches = check_batches(calibration_batches, len(answer_token_ids))
     candidates = [PriorCandidate(scale, layers) for layers, scale in itertools.product(sets, grid)]
     for candidate in candidates:  # every site option and layer set is refused here, before any prediction

@@ -102,6 +102,8 @@ def test_batches_refuse_bad_options():
         list(text_batches(["a"], tokenizer, 0))
     with pytest.raises(ConfigurationError, match="not one string"):
         list(text_batches("the sky", tokenizer, 2))
+    with pytest.raises(ConfigurationError, match="not generator"):
+        list(text_batches((line for line in ["a", "b"]), tokenizer, 2))
     with pytest.raises(ConfigurationError, match="no documents"):
         list(text_batches([], tokenizer, 2))
     tokenizer.pad_token = None

@@ -71,6 +71,8 @@ def test_bad_recipes_are_refused_when_built_and_bad_runs_before_any_work(monkeyp
         Recipe(" ", "mfvr", "d")
     with pytest.raises(ConfigurationError, match=r"unknown training option\(s\) \['step'\]"):
         named_recipe("mfvr-iwae-layer").with_training(step=3)
+    with pytest.raises(ConfigurationError, match="needs at least 1 step"):
+        named_recipe("mfvr-iwae-layer").with_training(steps=0)
 
     import pyro_moe.inference.fitting as fitting
     import pyro_moe.inference.selection as selection
@@ -81,6 +83,8 @@ def test_bad_recipes_are_refused_when_built_and_bad_runs_before_any_work(monkeyp
     model = tiny_model("granitemoe")
     with pytest.raises(ConfigurationError, match="unknown guide 'nfvr'"):
         run_recipe(model, Recipe("r", "nfvr", "d"), TRAIN, CALIBRATION, answer_token_ids=ANSWERS)
+    with pytest.raises(ConfigurationError, match="does not cover the per-token logit sites"):
+        run_recipe(model, Recipe("r", "mean-field", "d"), TRAIN, CALIBRATION, answer_token_ids=ANSWERS)
     with pytest.raises(ConfigurationError, match="prior scale 'per' must be one of layer, expert"):
         run_recipe(model, Recipe("r", "mfvr", "d", scale_per="token"), TRAIN, CALIBRATION, answer_token_ids=ANSWERS)
     with pytest.raises(ConfigurationError, match="the data are empty"):

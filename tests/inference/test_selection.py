@@ -68,6 +68,8 @@ def test_the_seed_gives_the_same_scores_and_another_seed_other_draws():
     other = select_prior(model, CALIBRATION, seed=4, **common)
     assert first.scores == again.scores
     assert first.scores != other.scores
+    as_list = select_prior(model, CALIBRATION, seed=3, **{**common, "answer_token_ids": ANSWERS.tolist()})
+    assert as_list.scores == first.scores  # answer ids as a list of ints work as the tensor does
 
 
 def test_bad_candidates_are_refused_before_any_prediction(monkeypatch):
@@ -86,6 +88,7 @@ def test_bad_candidates_are_refused_before_any_prediction(monkeypatch):
         ({"layer_sets": [3]}, "a layer set is 'all' or a list"),
         ({"num_samples": 0}, "num_samples must be a positive integer"),
         ({"site_kind": "mystery"}, "mystery"),
+        ({"answer_token_ids": [7]}, "at least two answers"),
     ]
     for options, message in cases:
         with pytest.raises(ConfigurationError, match=message):
