@@ -7,7 +7,7 @@ import torch
 
 from pyro_moe.guides.family import GuideScope
 
-__all__ = ["ANSWERS", "FAMILY_SETUPS", "SITES_FOR_SCOPE", "mcqa_batches"]
+__all__ = ["ANSWERS", "FAMILY_SETUPS", "SITES_FOR_SCOPE", "mcqa_batches", "padded_text_batch", "text_documents"]
 
 ANSWERS = torch.tensor([4, 5, 6, 7])
 SITES_FOR_SCOPE = {
@@ -37,3 +37,20 @@ def mcqa_batches(count: int = 4, size: int = 8, seed: int = 0) -> list[dict[str,
         input_ids[0, :2] = 0
         batches.append({"input_ids": input_ids, "attention_mask": attention_mask, "labels": input_ids[:, -1] % 4})
     return batches
+
+
+def text_documents() -> list[torch.Tensor]:
+    """Four documents of token ids (lengths 9, 5, 7 and 2) in the tiny models' vocabulary."""
+    generator = torch.Generator().manual_seed(7)
+    return [torch.randint(4, 60, (length,), generator=generator) for length in (9, 5, 7, 2)]
+
+
+def padded_text_batch(documents: list[torch.Tensor], side: str) -> dict[str, torch.Tensor]:
+    """A text batch of ``documents``, padded with 0 on the ``"left"`` or ``"right"``."""
+    length = max(len(ids) for ids in documents)
+    input_ids = torch.zeros(len(documents), length, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(documents):
+        columns = slice(length - len(ids), length) if side == "left" else slice(0, len(ids))
+        input_ids[row, columns], attention_mask[row, columns] = ids, 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}

@@ -11,7 +11,7 @@ from pyro.poutine.messenger import Messenger
 
 from pyro_moe import ConfigurationError, patch_experts, patch_routers
 from pyro_moe.inference.perplexity import perplexity
-from tests.helpers import mcqa_batches
+from tests.helpers import mcqa_batches, padded_text_batch, text_documents
 from tests.tiny_models import tiny_model
 
 
@@ -25,21 +25,6 @@ class _Draws(Messenger):
     def _pyro_post_sample(self, msg: dict) -> None:
         if msg["name"].endswith(".weight"):
             self.values.setdefault(msg["name"], []).append(msg["value"])
-
-
-def _documents() -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(7)
-    return [torch.randint(4, 60, (length,), generator=generator) for length in (9, 5, 7, 2)]
-
-
-def _padded(documents: list[torch.Tensor], side: str) -> dict[str, torch.Tensor]:
-    length = max(len(ids) for ids in documents)
-    input_ids = torch.zeros(len(documents), length, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, ids in enumerate(documents):
-        columns = slice(length - len(ids), length) if side == "left" else slice(0, len(ids))
-        input_ids[row, columns], attention_mask[row, columns] = ids, 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
 @pytest.mark.parametrize("family", ["granitemoe", "qwen2_moe"])
@@ -61,14 +46,17 @@ def test_the_deterministic_models_perplexity_is_exp_of_hfs_loss(family):
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_a_padded_batch_scores_as_its_documents_one_by_one(side):
-    documents, model = _documents(), tiny_model("qwen2_moe")
+    documents, model = text_documents(), tiny_model("qwen2_moe")
     with torch.no_grad():
         sums = [float(model(ids[None], labels=ids[None]).loss) * (len(ids) - 1) for ids in documents]
     tokens = sum(len(ids) - 1 for ids in documents)
-    result = perplexity(model, [_padded(documents, side)], progress=False)
+    result = perplexity(model, [padded_text_batch(documents, side)], progress=False)
     assert result.tokens == tokens
     assert result.nll == pytest.approx(sum(sums) / tokens, rel=1e-5)
-    halves = [_padded(documents[:2], side), _padded(documents[2:], side)]  # batches of the same documents
+    halves = [
+        padded_text_batch(documents[:2], side),
+        padded_text_batch(documents[2:], side),
+    ]  # batches of the same documents
     assert perplexity(model, halves, progress=False).nll == pytest.approx(sum(sums) / tokens, rel=1e-5)
 
 
@@ -87,7 +75,7 @@ def _peaked_model():
 def test_the_model_average_is_the_mean_token_probability_over_the_joint_draws():
     """Reference: the unpatched model run once per drawn set of router weights (copied into it), each
     token's probability averaged over the draws."""
-    batch = _padded(_documents(), "left")
+    batch = padded_text_batch(text_documents(), "left")
     handle = patch_routers(_peaked_model(), {"weight": 1.0}, layers="all")
     with _Draws() as recorder:  # three passes of 2, 2 and 1 joint samples
         result = perplexity(handle, [batch], num_samples=5, max_samples_per_pass=2, progress=False)
@@ -112,7 +100,7 @@ def test_the_model_average_is_the_mean_token_probability_over_the_joint_draws():
 
 
 def test_passes_follow_the_mode_and_the_samples_per_pass():
-    batch = _padded(_documents(), "right")
+    batch = padded_text_batch(text_documents(), "right")
     handle = patch_routers(tiny_model("granitemoe"), {"logits": 1.0}, layers="all")
     passes = []
     hook = handle.model.register_forward_hook(lambda module, args, output: passes.append(output.logits.shape[0]))
@@ -125,7 +113,7 @@ def test_passes_follow_the_mode_and_the_samples_per_pass():
 
 
 def test_bad_input_is_refused_before_any_pass():
-    batch = _padded(_documents(), "right")
+    batch = padded_text_batch(text_documents(), "right")
     model = tiny_model("granitemoe")
     cases = [
         ((model, mcqa_batches(count=1)), {}, "has labels: an MCQA batch"),

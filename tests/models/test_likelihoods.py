@@ -14,7 +14,7 @@ from pyro_moe.models.likelihoods import (
     check_text_batches,
     likelihood_from_config,
 )
-from tests.helpers import ANSWERS, mcqa_batches
+from tests.helpers import ANSWERS, mcqa_batches, padded_text_batch
 from tests.tiny_models import tiny_model
 
 
@@ -32,12 +32,8 @@ def test_the_log_likelihood_of_a_padded_batch_is_hfs_loss_of_each_document_alone
     expected = torch.stack(
         [-reference(ids[None], labels=ids[None]).loss.detach() * (len(ids) - 1) for ids in documents]
     )
-    length = max(len(ids) for ids in documents)
-    input_ids = torch.zeros(len(documents), length, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, ids in enumerate(documents):
-        columns = slice(length - len(ids), length) if side == "left" else slice(0, len(ids))
-        input_ids[row, columns], attention_mask[row, columns] = ids, 1
+    batch = padded_text_batch(documents, side)
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     likelihood = NextTokenLikelihood(patch_routers(tiny_model("qwen2_moe"), {"logits": 2.0}, layers="all"))
     with torch.no_grad(), at_prior_mean():
         trace = poutine.trace(likelihood).get_trace(input_ids, attention_mask, num_examples=12)
