@@ -71,14 +71,13 @@ from pathlib import Path
 
 import pyro
 import torch
-from bench_svi import fastest, saved_bytes, timed_rounds
+from bench_svi import COVARIANCES, fastest, guide_cases, timed_rounds
 from torch import Tensor, nn
 from transformers import GraniteMoeConfig, GraniteMoeForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
 from pyro_moe import at_prior_mean, fit, patch_routers, predict
 from pyro_moe.core.curvature_targets import expert_targets
 from pyro_moe.experiments.efficiency import measure_peak_memory
-from pyro_moe.guides.amortized import AmortizedLogitGuide
 from pyro_moe.guides.laplace.kronecker_curvature import CurvatureRun, kronecker_curvature
 from pyro_moe.inference.fitting import _frozen, _training
 from pyro_moe.models.router_patch import RouterPatch
@@ -93,8 +92,6 @@ SAMPLES_PER_PASS = 2
 RANKS = (10, 50, None)
 GUIDES = {"mean-field": {"weight": 0.05}, "mfvr": {"logits": 1.0}, "fcvr": {"logits": 1.0}}
 GUIDES["low-rank-logits"] = {"logits": 1.0}
-GUIDE_COVARIANCES = {"mfvr": "diagonal", "low-rank-logits": "low-rank", "fcvr": "full"}
-GUIDE_WIDTH, GUIDE_RANK = 64, 4
 GB = 1e9
 GPU_BYTES = 80e9
 
@@ -352,43 +349,24 @@ def analytic(shape: Shape, model: nn.Module, batch: dict[str, Tensor]) -> dict[s
 
 def guide_cost(hidden: int, experts_list: tuple[int, ...], tokens: int, repeats: int) -> list[dict[str, float]]:
     """Per-token cost of ``q(l | u)`` (one reparameterised draw and its log-density) of the amortized
-    logit guides, as in ``bench_svi.py``, at ``hidden`` for every number of experts."""
-    cases, sizes = {}, {}
-    for experts in experts_list:
-        shape = Shape("router", "granite", hidden, 4, 4, experts, 2, 16, 0, 1, VOCAB, True)
-        handle = patch_routers(build_model(shape, layers=1), {"logits": 1.0})
-        router = next(iter(handle.routers.values()))
-        u = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(experts))
-        loc = (u @ router.weight.detach().T).float()
-        for name, covariance in GUIDE_COVARIANCES.items():
-            torch.manual_seed(0)
-            guide = AmortizedLogitGuide(handle, covariance=covariance, rank=GUIDE_RANK, width=GUIDE_WIDTH)
+    logit guides, ``bench_svi.guide_cases`` at ``hidden`` for every number of experts."""
 
-            def draw(guide=guide, router=router, u=u, loc=loc) -> Tensor:
-                q = guide.logits_distribution(router, u, loc)
-                sample = q.rsample()
-                return q.log_prob(sample).sum() + sample.sum()
+    def build(experts: int) -> nn.Module:
+        return build_model(Shape("router", "granite", hidden, 4, 4, experts, 2, 16, 0, 1, VOCAB, True), layers=1)
 
-            def draw_backward(guide=guide, draw=draw) -> None:
-                guide.zero_grad(set_to_none=True)
-                draw().backward()
-
-            key = (name, experts)
-            cases[(*key, "forward")] = lambda draw=draw: torch.no_grad()(draw)()
-            cases[(*key, "backward")] = draw_backward
-            sizes[key] = (next(iter(guide.encoders.values())).head.out_features, saved_bytes(draw) / tokens)
-    times = {key: fastest(rounds)[0] for key, rounds in timed_rounds(cases, repeats).items()}
+    cases, sizes = guide_cases(experts_list, tokens, build)
+    times = {name: fastest(rounds)[0] for name, rounds in timed_rounds(cases, repeats).items()}
     return [
         {
             "guide": name,
             "experts": experts,
-            "outputs_per_token": sizes[(name, experts)][0],
-            "forward_us_per_token": 1e6 * times[(name, experts, "forward")] / tokens,
-            "forward_backward_us_per_token": 1e6 * times[(name, experts, "backward")] / tokens,
-            "saved_kib_per_token": sizes[(name, experts)][1] / 1024,
+            "outputs_per_token": sizes[f"{name}, E={experts}"]["outputs"],
+            "forward_us_per_token": 1e6 * times[f"{name}, E={experts}, forward"] / tokens,
+            "forward_backward_us_per_token": 1e6 * times[f"{name}, E={experts}, forward + backward"] / tokens,
+            "saved_kib_per_token": sizes[f"{name}, E={experts}"]["saved_bytes_per_token"] / 1024,
         }
         for experts in experts_list
-        for name in GUIDE_COVARIANCES
+        for name in COVARIANCES
     ]
 
 
@@ -571,7 +549,7 @@ def growth_exponents(rows: list[dict[str, float]]) -> dict[str, float]:
     """Per guide, ``log(cost_2 / cost_1) / log(E_2 / E_1)`` of the fwd + bwd time per token between the
     two largest numbers of experts: about 1 for a cost linear in E, 2 for a quadratic one."""
     exponents = {}
-    for guide in GUIDE_COVARIANCES:
+    for guide in COVARIANCES:
         (e1, c1), (e2, c2) = sorted(
             (r["experts"], r["forward_backward_us_per_token"]) for r in rows if r["guide"] == guide
         )[-2:]

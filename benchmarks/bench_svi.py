@@ -36,7 +36,7 @@ import copy
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pyro
@@ -193,14 +193,20 @@ def saved_bytes(run: Callable[[], Tensor]) -> int:
     return sum(storage.nbytes() for storage in storages.values())
 
 
-def guide_cases() -> tuple[dict[str, Callable[[], object]], dict[str, dict[str, float]]]:
-    """Forward and forward + backward of every amortized logit guide at every E, and their sizes."""
+def guide_cases(
+    experts_list: Sequence[int] = GUIDE_EXPERTS,
+    tokens: int = GUIDE_TOKENS,
+    build: Callable[[int], torch.nn.Module] = lambda experts: build_model(experts, layers=1),
+) -> tuple[dict[str, Callable[[], object]], dict[str, dict[str, float]]]:
+    """Forward and forward + backward of every amortized logit guide at every E in ``experts_list`` on
+    ``tokens`` router inputs of the one-layer model ``build(E)``, and their sizes: cases named
+    ``"<guide>, E=<E>, forward"`` and ``"..., forward + backward"``, sizes by ``"<guide>, E=<E>"``."""
     cases: dict[str, Callable[[], object]] = {}
     sizes: dict[str, dict[str, float]] = {}
-    for experts in GUIDE_EXPERTS:
-        handle = patch_routers(build_model(experts, layers=1), {"logits": 1.0})
+    for experts in experts_list:
+        handle = patch_routers(build(experts), {"logits": 1.0})
         router = next(iter(handle.routers.values()))
-        u = torch.randn(GUIDE_TOKENS, HIDDEN, generator=torch.Generator().manual_seed(experts))
+        u = torch.randn(tokens, router.weight.shape[1], generator=torch.Generator().manual_seed(experts))
         loc = (u @ router.weight.detach().T).float()
         for name, covariance in COVARIANCES.items():
             torch.manual_seed(0)
@@ -221,7 +227,7 @@ def guide_cases() -> tuple[dict[str, Callable[[], object]], dict[str, dict[str, 
             cases[f"{key}, forward"] = lambda draw=draw: torch.no_grad()(draw)()
             cases[f"{key}, forward + backward"] = draw_backward
             outputs = next(iter(guide.encoders.values())).head.out_features
-            sizes[key] = {"outputs": outputs, "saved_bytes_per_token": saved_bytes(draw) / GUIDE_TOKENS}
+            sizes[key] = {"outputs": outputs, "saved_bytes_per_token": saved_bytes(draw) / tokens}
     return cases, sizes
 
 
