@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 
 import pyro
 import pytest
@@ -86,6 +87,56 @@ def test_minibatch_loss_is_an_unbiased_estimate_of_the_full_data_loss():
     error = math.sqrt(per_cycle.var() / draws + whole.var() / draws)
     assert abs(per_cycle.mean() - whole.mean()) < 4 * error
     handle.unpatch()
+
+
+def _hf_answer_log_likelihood(model, batches, router_path, weight):
+    """``sum_i log p(y_i | x_i)`` of the unpatched HF ``model`` with the router at ``router_path`` set to
+    ``weight``: every question alone, its padding stripped, HF's own forward and positions."""
+    router = model.get_submodule(router_path)
+    original = router.weight.detach().clone()
+    total = 0.0
+    with torch.no_grad():
+        router.weight.copy_(weight)
+        for batch in batches:
+            for ids, mask, label in zip(batch["input_ids"], batch["attention_mask"], batch["labels"], strict=True):
+                logits = model(input_ids=ids[mask.bool()][None]).logits[0, -1, ANSWERS]
+                total += float(torch.log_softmax(logits, -1)[label])
+        router.weight.copy_(original)
+    return total
+
+
+def test_an_epoch_of_unequal_batches_averages_to_the_full_data_objective():
+    """Batches of 8, 8, 8 and 2 rows: the losses of one epoch of the fit loop average to minus the
+    full-data log joint ``sum_i log p(y_i | W) + log p(W)`` at the MAP point, computed on the
+    unpatched HF model (each question alone) and ``torch.distributions`` (with ``N / B_j`` weights
+    the 2-row batch's rows would weigh 3.25 times their share)."""
+    model = tiny_model("granitemoe", dtype=torch.float64)
+    model.config._experts_implementation = "eager"  # grouped_mm has no float64
+    rows = {key: torch.cat([batch[key] for batch in mcqa_batches(count=4, size=8)]) for key in ("input_ids", "labels")}
+    rows["attention_mask"] = torch.ones_like(rows["input_ids"])  # float64 HF models give padded rows NaN
+    cuts = ((0, 8), (8, 16), (16, 24), (24, 26))
+    batches = [{key: value[start:stop] for key, value in rows.items()} for start, stop in cuts]
+    handle = patch_routers(model, {"weight": 0.3}, layers=[1])
+    posterior = fit(handle, batches, "map", answer_token_ids=ANSWERS, steps=4, lr=0.05, progress=False)  # W leaves W0
+    engine, losses = posterior.engine, []
+
+    def record_loss(batch):  # the step's loss at the current W, without a step
+        with torch.no_grad():
+            losses.append(float(engine.loss(batch)))
+        engine.step_count += 1
+        return {"step": engine.step_count, "loss": losses[-1], "nll": math.nan, "kl": math.nan, "beta": 1.0}
+
+    engine.step = record_loss
+    posterior.train(batches, steps=4, progress=False)  # the second epoch: every batch once
+    (site,) = posterior.guide.global_sites
+    weight = operator.attrgetter(site)(posterior.guide.global_guide.locs).detach()
+    router_path = site.removesuffix(".weight")
+    handle.unpatch()
+    pretrained = model.get_submodule(router_path).weight.detach()
+    log_prior = torch.distributions.Normal(pretrained.double(), 0.3).log_prob(weight.double()).sum()
+    full_log_joint = _hf_answer_log_likelihood(model, batches, router_path, weight.double()) + float(log_prior)
+    assert len(losses) == 4
+    assert sum(losses) / 4 == pytest.approx(-full_log_joint, abs=1e-4)  # the router sites are float32
 
 
 def test_save_load_predict_reproduces_and_resume_continues_the_curve(tmp_path):
