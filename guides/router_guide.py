@@ -46,6 +46,7 @@ from pyro_moe.guides.amortized import LocalGuides
 from pyro_moe.guides.family import GuideScope, PostHocData, hooks_of
 from pyro_moe.guides.registry import GUIDE_FAMILIES, parse_guide
 from pyro_moe.models.likelihoods import Likelihood, data_scale
+from pyro_moe.models.priors import is_hyperprior_site
 
 __all__ = ["RouterGuide", "is_local_site"]
 
@@ -145,6 +146,7 @@ class RouterGuide(nn.Module):
                 )
                 + f" (global sites: {self.global_sites[:4]}, per-token sites: {self.local_sites[:4]})."
             )
+        self._check_hierarchical_scales()
         sites = self.patch.sites
         if local_kinds and (sites.dropout > 0 or sites.selection.value == "sample-k"):
             raise ConfigurationError(
@@ -164,6 +166,24 @@ class RouterGuide(nn.Module):
                 else None,
             )
             self._register_local_guide()
+
+    def _check_hierarchical_scales(self) -> None:
+        """Refuse hierarchical prior scales (their hyperprior sites) under a global family that cannot
+        carry them (:attr:`~pyro_moe.guides.family.GuideFamily.hierarchical_refusal`)."""
+        family = self.families.get(GuideScope.GLOBAL)
+        hyperpriors = [name for name in self.global_sites if is_hyperprior_site(name)]
+        if family is None or family.hierarchical_refusal is None or not hyperpriors:
+            return
+        able = sorted(
+            name
+            for name, other in GUIDE_FAMILIES.items()
+            if other.scope is GuideScope.GLOBAL and other.hierarchical_refusal is None
+        )
+        raise ConfigurationError(
+            f"the guide family {family.name!r} cannot carry hierarchical prior scales ({family.hierarchical_refusal}); "
+            f"the model has {hyperpriors[:3]}. Give those sites a 'fixed' or 'learned' prior scale, or fit them "
+            f"with a family that carries them: {', '.join(able)}."
+        )
 
     def _missing_family(self, scope: GuideScope) -> str:
         """Name the registered families of ``scope`` and the guide specs that would add one."""

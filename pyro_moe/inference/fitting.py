@@ -56,7 +56,7 @@ from pyro_moe.inference.predictive import RoutedPrediction, predict, predictive_
 from pyro_moe.inference.svi import SVIEngine
 from pyro_moe.models.expert_patch import patch_experts
 from pyro_moe.models.likelihoods import Likelihood, check_batches, likelihood_from_config, likelihood_kind
-from pyro_moe.models.priors import learned_scale_name
+from pyro_moe.models.priors import HYPERPRIOR_SUFFIX, learned_scale_name
 from pyro_moe.models.router_patch import RouterPatch, patch_routers
 from pyro_moe.validation import check_integer
 
@@ -336,6 +336,7 @@ class FittedPosterior:
                 metadata = config.get("post_hoc_state", config.get("kronecker_laplace", {}))  # older: kronecker_laplace
                 posterior.guide.restore_post_hoc(buffers, metadata, dummy)
             elif hooks_of(posterior.guide.global_guide).trains:
+                tensors = _renamed_hyperprior_parameters(tensors, posterior.engine.param_prefix)
                 posterior.engine.load_state_tensors(tensors, dummy)
                 _load_buffers(posterior.guide, tensors)
             posterior.guide.eval()
@@ -345,6 +346,22 @@ class FittedPosterior:
             patch.unpatch()
             raise
         return posterior
+
+
+def _renamed_hyperprior_parameters(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """``tensors`` with the guide parameters of hierarchical prior scales under their current names:
+    checkpoints from before the hyperprior sites were named ``<site>_prior_scale``
+    (:func:`~pyro_moe.models.priors.hyperprior_site_name`) name them after ``<site>.prior_scale``. A
+    parameter is renamed only when the rebuilt guide has the new name and not the old one (a learned
+    scale, the ``pyro.param`` ``<site>.prior_scale``, keeps its name)."""
+    store, renamed = pyro.get_param_store(), {}
+    for key, value in tensors.items():
+        name = key.removeprefix("param/")
+        if key.startswith("param/") and name.endswith(".prior_scale") and prefix + name not in store:
+            current = name.removesuffix(".prior_scale") + HYPERPRIOR_SUFFIX
+            key = f"param/{current}" if prefix + current in store else key
+        renamed[key] = value
+    return renamed
 
 
 def _load_buffers(guide: nn.Module, tensors: Mapping[str, Tensor]) -> None:

@@ -58,7 +58,7 @@ def test_learned_prior_scales_train_and_hierarchical_scales_get_a_guide():
     pyro.clear_param_store()
     handle = patch_routers(model, {"logits": {"scale": 1.0, "mode": "hierarchical"}}, layers=[1])
     posterior = fit(handle, mcqa_batches(), "mean-field+mfvr", answer_token_ids=ANSWERS, steps=3, progress=False)
-    assert posterior.guide.global_sites == ["model.layers.1.block_sparse_moe.router.logits.prior_scale"]
+    assert posterior.guide.global_sites == ["model.layers.1.block_sparse_moe.router.logits_prior_scale"]
     handle.unpatch()
 
 
