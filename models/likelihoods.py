@@ -218,9 +218,10 @@ class MCQALikelihood:
         }
 
     def answer_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """``(draws, batch, choices)`` answer logits of the network (float32)."""
+        """``(draws, batch, choices)`` answer logits of the network, in its dtype (float32 at least: a
+        float64 model gives float64 logits and log-likelihoods)."""
         logits = last_token_logits(self.patch.model, input_ids, attention_mask)
-        return logits[..., self.answer_token_ids.to(logits.device)].float()
+        return logits[..., self.answer_token_ids.to(logits.device)]
 
     network_logits = answer_logits
     """What a pass of the network gives this likelihood (per-token guides run it: :meth:`answer_logits`)."""
@@ -310,7 +311,7 @@ class NextTokenLikelihood:
         return {"input_ids": ones * 0, "attention_mask": ones}
 
     def network_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """``(draws, batch, length - 1, vocab)`` logits of the next tokens (float32)."""
+        """``(draws, batch, length - 1, vocab)`` logits of the next tokens (the network's dtype, float32 at least)."""
         return next_token_logits(self.patch.model, input_ids, attention_mask)
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor, num_examples: int | None = None) -> Tensor:
