@@ -133,7 +133,9 @@ class FittedPosterior:
         detached copies: ``()`` for a scale per layer, ``(experts,)`` per expert.
 
         Empty when no scale is learned (``fixed`` scales; ``hierarchical`` scales are sample sites
-        with a posterior in the guide). A learned scale appears once a step has trained it."""
+        with a posterior in the guide). The scales survive ``pyro.clear_param_store()``: the posterior
+        puts its own back (:meth:`~pyro_moe.guides.router_guide.RouterGuide.restore_learned_scales`)."""
+        self.guide.restore_learned_scales()
         store, prefix = pyro.get_param_store(), self.engine.param_prefix
         names = {site: learned_scale_name(site, prefix) for site in self.patch.learned_scale_sites}
         return {site: store[name].detach().clone() for site, name in names.items() if name in store}

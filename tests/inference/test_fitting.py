@@ -62,6 +62,44 @@ def test_learned_prior_scales_train_and_hierarchical_scales_get_a_guide():
     handle.unpatch()
 
 
+def test_learned_prior_scales_survive_clearing_the_param_store(tmp_path):
+    """A live posterior keeps its learned scales through ``pyro.clear_param_store()``: its scales, its
+    predictions, the steps it trains afterwards and what it saves are those of a twin fit whose store
+    was never cleared (before, the cleared scales came back at their initial value and stopped training)."""
+    batches = mcqa_batches()
+    sites = {"weight": {"scale": 0.2, "mode": "learned"}, "logits": {"scale": 1.0, "mode": "learned"}}
+    runs = []
+    for clear in (False, True):
+        pyro.clear_param_store()
+        handle = patch_routers(tiny_model("granitemoe"), sites, layers=[1])
+        posterior = fit(handle, batches, "mean-field+mfvr", answer_token_ids=ANSWERS, steps=6, lr=0.1, progress=False)
+        fitted = posterior.prior_scales()
+        if clear:
+            pyro.clear_param_store()
+            assert {site: scale.tolist() for site, scale in posterior.prior_scales().items()} == {
+                site: scale.tolist() for site, scale in fitted.items()
+            }
+        pyro.set_rng_seed(1)
+        probs = posterior.predict(batches[0]["input_ids"], batches[0]["attention_mask"], num_samples=3).probs
+        posterior.train(batches, steps=3, progress=False)
+        posterior.save(tmp_path / str(clear))
+        runs.append((fitted, probs, posterior.history, posterior.prior_scales()))
+        handle.unpatch()
+    (fitted, probs, history, scales), (fitted_c, probs_c, history_c, scales_c) = runs
+    assert all(not torch.allclose(scale, torch.tensor(0.2)) for scale in fitted.values())  # they did train
+    torch.testing.assert_close(probs_c, probs)
+    assert [record["loss"] for record in history_c] == pytest.approx([record["loss"] for record in history])
+    for site, scale in scales.items():
+        torch.testing.assert_close(fitted_c[site], fitted[site])
+        torch.testing.assert_close(scales_c[site], scale)
+        assert not torch.equal(scale, fitted[site])  # and trained on after the clear
+    pyro.clear_param_store()
+    loaded = FittedPosterior.load(tmp_path / "True", tiny_model("granitemoe"))
+    for site, scale in loaded.prior_scales().items():
+        torch.testing.assert_close(scale, scales[site])
+    loaded.patch.unpatch()
+
+
 def test_minibatch_loss_is_an_unbiased_estimate_of_the_full_data_loss():
     model = tiny_model("olmoe")
     handle = patch_routers(model, {"weight": 0.3, "logits": 1.0}, layers=[1])
