@@ -363,15 +363,16 @@ def _model_device(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def deterministic_logits(model: nn.Module, batches: Sequence[Mapping[str, Tensor]], answer_token_ids: Tensor) -> Tensor:
-    """Answer logits ``(examples, choices)`` (float32, CPU) of the deterministic model: every
-    router site at its prior mean (:func:`pyro_moe.at_prior_mean`), so a patched model gives the HF model."""
+    """Answer logits ``(examples, choices)`` (the model's dtype, float32 at least; CPU) of the
+    deterministic model: every router site at its prior mean (:func:`pyro_moe.at_prior_mean`), so a
+    patched model gives the HF model."""
     device = _model_device(model)
     answer_token_ids = answer_token_ids.to(device)
     chunks = []
     with at_prior_mean():
         for batch in tqdm(batches, desc="deterministic predictions", leave=False):
             logits = last_token_logits(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
-            chunks.append(logits[0][:, answer_token_ids].float().cpu())
+            chunks.append(logits[0][:, answer_token_ids].cpu())
     return torch.cat(chunks)
 
 

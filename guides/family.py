@@ -187,6 +187,9 @@ class GuideFamily:
             snapshots); ``None``: nothing to check early.
         likelihoods: the likelihoods its part can fit (the Kronecker Laplace families' curvature is
             that of the MCQA answer); ``None``: any.
+        hierarchical_refusal: global families whose part cannot carry hierarchical prior scales (their
+            hyperprior sites are global sites it would have to cover): why, for the error that refuses
+            them when the guide is set up; ``None``: it carries them like any other global site.
     """
 
     name: str
@@ -197,6 +200,7 @@ class GuideFamily:
     post_hoc: bool = False
     check_options: Callable[[Mapping[str, Any], int], None] | None = None
     likelihoods: frozenset[LikelihoodKind] | None = None
+    hierarchical_refusal: str | None = None
 
     def check_likelihood(self, kind: LikelihoodKind) -> None:
         """Refuse a fit with the likelihood ``kind`` when the family does not fit it (before any work)."""

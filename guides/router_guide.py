@@ -46,6 +46,7 @@ from pyro_moe.guides.amortized import LocalGuides
 from pyro_moe.guides.family import GuideScope, PostHocData, hooks_of
 from pyro_moe.guides.registry import GUIDE_FAMILIES, parse_guide
 from pyro_moe.models.likelihoods import Likelihood, data_scale
+from pyro_moe.models.priors import is_hyperprior_site, learned_scale_name
 
 __all__ = ["RouterGuide", "is_local_site"]
 
@@ -103,6 +104,7 @@ class RouterGuide(nn.Module):
         self.local_guide: LocalGuides | None = None
         self.global_sites: list[str] = []
         self.local_sites: list[str] = []
+        self._learned_scales: dict[str, tuple[Tensor, Any]] = {}
 
     @property
     def param_prefix(self) -> str:
@@ -127,6 +129,7 @@ class RouterGuide(nn.Module):
         the parts. Raises ``ConfigurationError`` naming the uncovered or unused parts."""
         with torch.no_grad(), poutine.block():
             trace = poutine.trace(self.likelihood).get_trace(*args, **kwargs)
+        self._keep_learned_scales()
         self.global_sites = [name for name, site in trace.nodes.items() if _is_global_site(site)]
         self.local_sites = [
             name
@@ -145,6 +148,7 @@ class RouterGuide(nn.Module):
                 )
                 + f" (global sites: {self.global_sites[:4]}, per-token sites: {self.local_sites[:4]})."
             )
+        self._check_hierarchical_scales()
         sites = self.patch.sites
         if local_kinds and (sites.dropout > 0 or sites.selection.value == "sample-k"):
             raise ConfigurationError(
@@ -164,6 +168,45 @@ class RouterGuide(nn.Module):
                 else None,
             )
             self._register_local_guide()
+
+    def _keep_learned_scales(self) -> None:
+        """Hold this fit's learned prior scales (the ``pyro.param`` s the set-up trace declared): the
+        unconstrained tensors the optimiser trains and checkpoints save, with their constraints."""
+        store, prefix = pyro.get_param_store(), self.likelihood.param_prefix
+        names = [learned_scale_name(site, prefix) for site in self.patch.learned_scale_sites]
+        self._learned_scales = {
+            name: (store._params[name], store._constraints[name]) for name in names if name in store
+        }
+
+    def restore_learned_scales(self) -> None:
+        """Put this fit's learned prior scales back in Pyro's parameter store where they are missing or
+        were replaced (after ``pyro.clear_param_store()``): the very tensors the optimiser trains, so a
+        live posterior keeps its fitted scales instead of meeting fresh ones at their initial value
+        (the guide's own parameters live in its modules, which Pyro registers again by itself)."""
+        store = pyro.get_param_store()
+        for name, (unconstrained, constraint) in self._learned_scales.items():
+            if store._params.get(name) is not unconstrained:
+                store._params[name] = unconstrained
+                store._param_to_name[unconstrained] = name
+                store._constraints[name] = constraint
+
+    def _check_hierarchical_scales(self) -> None:
+        """Refuse hierarchical prior scales (their hyperprior sites) under a global family that cannot
+        carry them (:attr:`~pyro_moe.guides.family.GuideFamily.hierarchical_refusal`)."""
+        family = self.families.get(GuideScope.GLOBAL)
+        hyperpriors = [name for name in self.global_sites if is_hyperprior_site(name)]
+        if family is None or family.hierarchical_refusal is None or not hyperpriors:
+            return
+        able = sorted(
+            name
+            for name, other in GUIDE_FAMILIES.items()
+            if other.scope is GuideScope.GLOBAL and other.hierarchical_refusal is None
+        )
+        raise ConfigurationError(
+            f"the guide family {family.name!r} cannot carry hierarchical prior scales ({family.hierarchical_refusal}); "
+            f"the model has {hyperpriors[:3]}. Give those sites a 'fixed' or 'learned' prior scale, or fit them "
+            f"with a family that carries them: {', '.join(able)}."
+        )
 
     def _missing_family(self, scope: GuideScope) -> str:
         """Name the registered families of ``scope`` and the guide specs that would add one."""
@@ -193,6 +236,7 @@ class RouterGuide(nn.Module):
         rest of the likelihood's keyword arguments (``labels`` of MCQA, ``num_examples``)."""
         if not self.global_sites and self.local_guide is None:
             raise ConfigurationError("the guide is not set up: call setup(batch) or fit() first.")
+        self.restore_learned_scales()
         held = self.post_hoc and self.local_guide is not None
         with torch.no_grad() if held else contextlib.nullcontext():
             values = self.global_guide(input_ids, attention_mask, **observed) if self.global_guide else {}
@@ -212,6 +256,7 @@ class RouterGuide(nn.Module):
         with local reparameterisation, the routers draw their logits from the marginals it offers
         (:meth:`~pyro_moe.guides.family.PosteriorPart.normal_marginal`: mean-field) and from the drawn
         weights otherwise."""
+        self.restore_learned_scales()
         values, marginals = {}, None
         if self.global_guide is not None:
             with _PosteriorDraws():  # seen by the particle plate, renamed apart from the model's sites

@@ -84,5 +84,6 @@ TEMP_SAMPLING = GuideFamily(
     TemperatureSampling,
     "fixed temperature (option temperature) with Sample-K selection; nothing trained",
     preset=lambda steps: FamilyPreset(sites=["temperature"], selection="sample-k"),
+    hierarchical_refusal="it fixes every temperature and trains nothing",
 )
 """By name: per-layer temperature sites and Sample-K selection."""

@@ -8,10 +8,13 @@ engine use: ``param_prefix``, ``last_nll``, ``check_batches``, ``network_logits`
 (what a checkpoint keeps; :func:`likelihood_from_config` rebuilds it) and ``placeholder_batch``.
 
 Both run the (frozen) network, whose Bayesian routers declare their sample sites, and observe
-data in a plate ``examples`` of the full data size ``num_examples``: a minibatch of ``B`` of ``N``
-examples scales the observation by ``N / B``, and the routers' per-token sites by the same factor
-(``RoutingContext.local_scale``), so the ELBO of a minibatch is an unbiased estimate of the
-full-data ELBO; global sites count once.
+data in a plate ``examples`` of size ``num_examples``, the number of examples the batch stands for:
+a batch of ``B`` rows scales the observation by ``num_examples / B`` (:func:`data_scale`), and the
+routers' per-token sites by the same factor (``RoutingContext.local_scale``); global sites count
+once. For a uniformly random ``B`` of ``N`` examples ``num_examples = N``; ``fit`` visits ``J``
+fixed batches once per epoch and passes ``J B_j`` (each row weighs ``J``), which keeps the
+minibatch ELBO an unbiased estimate of the full-data ELBO when the batches differ in size
+(:meth:`~pyro_moe.inference.fitting.FittedPosterior.train`).
 
 Inside a plate of ``K`` vectorised particles (dim -2) the network folds the particles into its
 batch and the observation has batch shape ``(K, B)``.
@@ -154,7 +157,10 @@ def check_text_batches(data: Iterable[Mapping[str, Tensor]]) -> list[dict[str, T
 
 
 def data_scale(batch_size: int, num_examples: int | None) -> float:
-    """``N / B``: the factor that makes a minibatch of ``B`` of ``N`` examples stand for all."""
+    """``num_examples / B``: the weight of each row of a batch of ``B`` that stands for ``num_examples``
+    examples (1 when ``None``: the batch is the data). ``N / B`` for a uniformly random ``B`` of ``N``
+    examples; ``J`` for one of ``J`` fixed batches visited uniformly (``fit`` passes ``J B``): the
+    inverse of the batch's probability, so that the minibatch objective is unbiased."""
     if num_examples is None:
         return 1.0
     if num_examples < batch_size:
@@ -212,9 +218,10 @@ class MCQALikelihood:
         }
 
     def answer_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """``(draws, batch, choices)`` answer logits of the network (float32)."""
+        """``(draws, batch, choices)`` answer logits of the network, in its dtype (float32 at least: a
+        float64 model gives float64 logits and log-likelihoods)."""
         logits = last_token_logits(self.patch.model, input_ids, attention_mask)
-        return logits[..., self.answer_token_ids.to(logits.device)].float()
+        return logits[..., self.answer_token_ids.to(logits.device)]
 
     network_logits = answer_logits
     """What a pass of the network gives this likelihood (per-token guides run it: :meth:`answer_logits`)."""
@@ -304,7 +311,7 @@ class NextTokenLikelihood:
         return {"input_ids": ones * 0, "attention_mask": ones}
 
     def network_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """``(draws, batch, length - 1, vocab)`` logits of the next tokens (float32)."""
+        """``(draws, batch, length - 1, vocab)`` logits of the next tokens (the network's dtype, float32 at least)."""
         return next_token_logits(self.patch.model, input_ids, attention_mask)
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor, num_examples: int | None = None) -> Tensor:

@@ -58,6 +58,7 @@ from pyro_moe.errors import ConfigurationError
 from pyro_moe.validation import check_number
 
 __all__ = [
+    "HYPERPRIOR_SUFFIX",
     "PRIOR_FAMILIES",
     "GammaPrior",
     "HalfCauchyPrior",
@@ -77,6 +78,8 @@ __all__ = [
     "StudentTPrior",
     "family_name",
     "family_params",
+    "hyperprior_site_name",
+    "is_hyperprior_site",
     "learned_scale_name",
     "prior_family",
     "scaled_exp1",
@@ -429,6 +432,23 @@ def learned_scale_name(site: str, param_prefix: str = "") -> str:
     return f"{param_prefix}{site}.prior_scale"
 
 
+HYPERPRIOR_SUFFIX = "_prior_scale"
+"""What ends the name of a hierarchical prior scale's sample site (:func:`hyperprior_site_name`)."""
+
+
+def hyperprior_site_name(site: str) -> str:
+    """The sample site of the hierarchical prior scale of ``site``: ``<site>_prior_scale``, a sibling of
+    ``site`` (``model.layers.1.mlp.gate.weight_prior_scale``). Not ``<site>.prior_scale``: autoguides and
+    the ensemble keep a site's parameters at the attribute path of its name, where ``site``'s own
+    parameter already is."""
+    return f"{site}{HYPERPRIOR_SUFFIX}"
+
+
+def is_hyperprior_site(name: str) -> bool:
+    """Whether the sample site ``name`` is a hierarchical prior scale (:func:`hyperprior_site_name`)."""
+    return name.endswith(HYPERPRIOR_SUFFIX)
+
+
 @dataclass(frozen=True)
 class PriorScale:
     """How the scale of a site's prior is set.
@@ -438,7 +458,8 @@ class PriorScale:
             hyperprior (``hierarchical``).
         mode: ``"fixed"``; ``"learned"``: a positive ``pyro.param`` named ``<site>.prior_scale``
             trained with the guide (empirical Bayes); ``"hierarchical"``: a global sample site
-            ``<site>.prior_scale`` with prior ``LogNormal(log value, hyperprior_scale)``.
+            ``<site>_prior_scale`` (:func:`hyperprior_site_name`) with prior
+            ``LogNormal(log value, hyperprior_scale)``.
         per: one scale per ``"layer"`` or per ``"expert"`` (shape ``(experts,)``).
         hyperprior_scale: log-scale of the hierarchical hyperprior.
     """
@@ -460,7 +481,7 @@ class PriorScale:
         """The scale tensor of ``site``: ``()`` per layer or ``(experts,)`` per expert.
 
         Declares the ``pyro.param`` ``<param_prefix><site>.prior_scale`` or the sample site
-        ``<site>.prior_scale`` when not fixed (the prefix keeps the parameters of separate fits apart).
+        ``<site>_prior_scale`` when not fixed (the prefix keeps the parameters of separate fits apart).
         """
         shape = (num_experts,) if self.per == "expert" else ()
         initial = torch.full(shape, self.value, device=device)
@@ -469,7 +490,7 @@ class PriorScale:
         if self.mode == "learned":
             return pyro.param(learned_scale_name(site, param_prefix), initial, constraint=constraints.positive)
         hyperprior = dist.LogNormal(initial.log(), self.hyperprior_scale).to_event(len(shape))
-        return pyro.sample(f"{site}.prior_scale", hyperprior)
+        return pyro.sample(hyperprior_site_name(site), hyperprior)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ the model and all the data, and :func:`pyro_moe.fit` finds the process group and
 
 * **SVI**: every global batch of ``B`` rows is cut into contiguous shards, one per rank
   (:meth:`DataParallel.shard_rows`). A rank's loss is the usual minibatch estimate on its ``B_r``
-  rows (data scale ``N / B_r``); the gradients are averaged with weights ``B_r / B``. The ELBO is
+  rows (data scale ``n / B_r``, ``n`` the examples the global batch stands for: ``J B`` in ``fit``);
+  the gradients are averaged with weights ``B_r / B``. The ELBO is
   linear in the examples given the global draws, so this is exactly the gradient of the
   single-process loss on the whole batch. Global latent sites (router weights, layer temperatures)
   draw the same values on every rank; per-token sites and dropout draw from the rank's own stream

@@ -70,6 +70,7 @@ KRON_LAPLACE = GuideFamily(
     "MAP router weights, then a Kronecker-factored Laplace (options rank, fisher, tokens, mc_samples)",
     post_hoc=True,
     likelihoods=_MCQA_ONLY,
+    hierarchical_refusal="its Kronecker factors are the curvature of the router weights alone",
 )
 EXPERT_LAPLACE = GuideFamily(
     "expert-laplace",
@@ -86,4 +87,5 @@ EXPERT_LAPLACE = GuideFamily(
     ),
     post_hoc=True,
     likelihoods=_MCQA_ONLY,
+    hierarchical_refusal="its Kronecker factors are the curvature of the expert weights alone",
 )

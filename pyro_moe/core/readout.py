@@ -1,6 +1,10 @@
 """Reading logits out of a (patched) causal LM: at each row's last real position (MCQA answers),
 or at every position for the next token (text).
 
+Both give every row the positions it has alone (:func:`token_positions`), so a row's logits do not
+depend on the batch it is in (its padding, on either side); and both return logits in the model's
+dtype widened to float32 at least (:func:`at_least_float32`): a float64 model gives float64 logits.
+
 Works inside a plate of joint samples: the model folds the samples into its batch, and the
 result gains a leading sample dimension.
 
@@ -19,7 +23,20 @@ import inspect
 import torch
 from torch import Tensor, nn
 
-__all__ = ["last_positions", "last_token_logits", "next_token_logits", "next_token_mask", "token_positions"]
+__all__ = [
+    "at_least_float32",
+    "last_positions",
+    "last_token_logits",
+    "next_token_logits",
+    "next_token_mask",
+    "token_positions",
+]
+
+
+def at_least_float32(tensor: Tensor) -> Tensor:
+    """``tensor`` in float32 or wider: half precision (bfloat16, float16) widened to float32, float32
+    and float64 kept (answer logits, probabilities and log-likelihoods follow a float64 model)."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
 def last_positions(attention_mask: Tensor) -> Tensor:
@@ -30,7 +47,9 @@ def last_positions(attention_mask: Tensor) -> Tensor:
 
 
 def last_token_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """Next-token logits ``(draws, batch, vocab)`` at every row's last real token.
+    """Next-token logits ``(draws, batch, vocab)`` at every row's last real token, in the model's dtype
+    (float32 at least), from one forward pass with :func:`token_positions`: a question gives the same
+    logits alone as inside a padded batch with longer and shorter ones.
 
     ``draws`` is the number of joint samples the model folded into its batch (1 outside a
     model-average plate). With left padding (or none) only the last position's logits are
@@ -39,14 +58,14 @@ def last_token_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tenso
     batch, length = input_ids.shape
     positions = last_positions(attention_mask)
     keep_last = bool((positions == length - 1).all())
-    kwargs = {"use_cache": False}
+    kwargs = {"use_cache": False, "position_ids": token_positions(attention_mask)}
     if keep_last and "logits_to_keep" in inspect.signature(model.forward).parameters:
         kwargs["logits_to_keep"] = 1
     logits = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
     logits = logits.unflatten(0, (-1, batch))  # (draws, batch, length or 1, vocab)
     if keep_last:
-        return logits[:, :, -1]
-    return logits[:, torch.arange(batch, device=logits.device), positions]
+        return at_least_float32(logits[:, :, -1])
+    return at_least_float32(logits[:, torch.arange(batch, device=logits.device), positions])
 
 
 def token_positions(attention_mask: Tensor) -> Tensor:
@@ -65,10 +84,11 @@ def next_token_mask(attention_mask: Tensor) -> Tensor:
 
 
 def next_token_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """Logits ``(draws, batch, length - 1, vocab)`` (float32) of the tokens ``input_ids[:, 1:]``, from
-    one forward pass with :func:`token_positions`; on an unpadded batch the positions are HF's own
-    (``0 .. length - 1``), so ``cross_entropy`` of these logits is ``model(input_ids, labels=input_ids).loss``."""
+    """Logits ``(draws, batch, length - 1, vocab)`` (the model's dtype, float32 at least) of the tokens
+    ``input_ids[:, 1:]``, from one forward pass with :func:`token_positions`; on an unpadded batch the
+    positions are HF's own (``0 .. length - 1``), so ``cross_entropy`` of these logits is
+    ``model(input_ids, labels=input_ids).loss``."""
     batch = input_ids.shape[0]
     positions = token_positions(attention_mask)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False).logits
-    return logits.unflatten(0, (-1, batch))[:, :, :-1].float()
+    return at_least_float32(logits.unflatten(0, (-1, batch))[:, :, :-1])

@@ -101,8 +101,8 @@ class RoutingContext:
             ``(samples, tokens, experts)``, under its module path.
         local_guide: when set, the routers draw their per-token sites from it instead of their
             priors (a guide running the network).
-        local_scale: factor on the log-densities of per-token sites (``N / B`` for a minibatch
-            of ``B`` of ``N`` examples).
+        local_scale: factor on the log-densities of per-token sites, the likelihood's data scale
+            (:func:`~pyro_moe.models.likelihoods.data_scale`: ``J`` for one of ``J`` batches in ``fit``).
         param_prefix: prefix of the names of learned prior scales (one per fit).
         local_reparameterization: routing-average only: a router whose weight (and bias) sites have
             diagonal-Normal marginals draws each token's logits from their Normal marginal

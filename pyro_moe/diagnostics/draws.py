@@ -40,6 +40,7 @@ from torch import Tensor
 from torch.distributions import constraints
 from torch.distributions.constraints import Constraint
 
+from pyro_moe.core.readout import at_least_float32
 from pyro_moe.core.routing_context import PARTICLE_DIM, routing_context
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.guides.family import hooks_of
@@ -221,7 +222,7 @@ def run_with_draws(
         prior = elementwise(prior_trace.nodes[name]["fn"])
         shape = global_values[name].shape
         global_priors[name] = prior if prior.batch_shape == shape else prior.expand(shape)
-    answer_logits = trace.nodes["_RETURN"]["value"].float()
+    answer_logits = at_least_float32(trace.nodes["_RETURN"]["value"])
     return SiteDraws(
         global_priors=global_priors,
         local_values=local_values,

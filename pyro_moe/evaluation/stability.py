@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pyro_moe.core.families import find_moe_routers
+from pyro_moe.core.readout import token_positions
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.validation import check_integer, check_number
 
@@ -164,7 +165,8 @@ def _batch_tensors(batch: Mapping[str, Tensor], index: int) -> tuple[Tensor, Ten
 def router_inputs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
     """The hidden states every MoE router receives on one batch, real tokens only.
 
-    Runs ``model`` once (under the Pyro handlers and routing context in force).
+    Runs ``model`` once (under the Pyro handlers and routing context in force), every row at the
+    positions it has alone (:func:`~pyro_moe.core.readout.token_positions`), as the readouts do.
 
     Args:
         model: an HF MoE causal LM, patched or not.
@@ -187,7 +189,8 @@ def router_inputs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -
 
     handles = [model.get_submodule(loc.path).register_forward_pre_hook(capture(loc.path)) for loc in locations]
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        positions = token_positions(attention_mask)
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()

@@ -29,6 +29,7 @@ import pyro
 import torch
 from torch import Tensor
 
+from pyro_moe.core.readout import at_least_float32
 from pyro_moe.evaluation.temperature_scaling import TemperatureScaling, fit_temperature
 from pyro_moe.random_streams import RandomState
 
@@ -41,7 +42,7 @@ ProbabilityPredictor = Callable[[Tensor, Tensor], Tensor]
 def predictive_probabilities(
     predictor: ProbabilityPredictor, batches: Sequence[Mapping[str, Tensor]], seed: int
 ) -> tuple[Tensor, Tensor]:
-    """Answer probabilities ``(examples, choices)`` (float32, CPU) of ``predictor`` batch after batch and
+    """Answer probabilities ``(examples, choices)`` (float32 at least, CPU) of ``predictor`` batch after batch and
     the labels ``(examples,)`` (int64, CPU).
 
     Pyro's seed is set to ``seed`` once before the first batch, so every caller with the same seed and
@@ -54,7 +55,7 @@ def predictive_probabilities(
         pyro.set_rng_seed(seed)
         with torch.no_grad():
             for batch in batches:
-                probs.append(predictor(batch["input_ids"], batch["attention_mask"]).float().cpu())
+                probs.append(at_least_float32(predictor(batch["input_ids"], batch["attention_mask"])).cpu())
                 labels.append(batch["labels"].long().cpu())
     finally:
         torch_state, python_state, numpy_state = states
@@ -86,4 +87,4 @@ def fit_predictive_temperature(
 def calibrated_probs(probs: Tensor, scaling: TemperatureScaling) -> Tensor:
     """``softmax(log probs / T)`` ``(..., choices)``: averaged answer probabilities ``probs`` under the
     fitted temperature (uniform where ``T`` is infinite)."""
-    return scaling.probs(log_probabilities(probs.float()))
+    return scaling.probs(log_probabilities(at_least_float32(probs)))

@@ -3,7 +3,7 @@
 Every guide family trains the same model on the same data with the same loop: the MCQA
 likelihood (multiple-choice batches and the answer letters' ids) or the next-token likelihood
 (text batches, ``answer_token_ids=None``) on minibatches (an unbiased estimate of the full-data
-objective), the frozen
+objective for any batch sizes, the average over an epoch exactly it: :meth:`FittedPosterior.train`), the frozen
 backbone, Adam, an optional KL weight with linear annealing, gradient clipping, a seed, and a
 progress bar with the loss, KL and NLL. The result predicts with both predictive modes, saves as
 safetensors plus JSON and resumes; :meth:`FittedPosterior.calibrate` adds a post-hoc temperature per
@@ -56,7 +56,7 @@ from pyro_moe.inference.predictive import RoutedPrediction, predict, predictive_
 from pyro_moe.inference.svi import SVIEngine
 from pyro_moe.models.expert_patch import patch_experts
 from pyro_moe.models.likelihoods import Likelihood, check_batches, likelihood_from_config, likelihood_kind
-from pyro_moe.models.priors import learned_scale_name
+from pyro_moe.models.priors import HYPERPRIOR_SUFFIX, learned_scale_name
 from pyro_moe.models.router_patch import RouterPatch, patch_routers
 from pyro_moe.validation import check_integer
 
@@ -133,7 +133,9 @@ class FittedPosterior:
         detached copies: ``()`` for a scale per layer, ``(experts,)`` per expert.
 
         Empty when no scale is learned (``fixed`` scales; ``hierarchical`` scales are sample sites
-        with a posterior in the guide). A learned scale appears once a step has trained it."""
+        with a posterior in the guide). The scales survive ``pyro.clear_param_store()``: the posterior
+        puts its own back (:meth:`~pyro_moe.guides.router_guide.RouterGuide.restore_learned_scales`)."""
+        self.guide.restore_learned_scales()
         store, prefix = pyro.get_param_store(), self.engine.param_prefix
         names = {site: learned_scale_name(site, prefix) for site in self.patch.learned_scale_sites}
         return {site: store[name].detach().clone() for site, name in names.items() if name in store}
@@ -209,6 +211,17 @@ class FittedPosterior:
         posterior resumes); the batch order continues from the step count. Data-parallel, every
         rank gives the same ``data`` and steps on its rows of each batch.
 
+        The ``J`` batches are visited once per epoch, in an order drawn from ``seed + epoch`` (so the
+        order is a function of the seed and the step count alone, whatever the number of processes),
+        and a batch of ``B_j`` rows stands for ``J B_j`` examples: its rows (their observations and
+        per-token sites) weigh ``J``, global sites count once. Its share of the data is ``B_j / N``
+        and it is drawn with probability ``1 / J``, so weighing it by ``1 / (1 / J) = J`` makes every
+        step an unbiased estimate of the full-data objective, and an epoch's average exactly it, for
+        any batch sizes (a smaller last batch included). ``N / B_j`` (the uniform-subsample weight)
+        would overweight the rows of a small batch: its expectation is ``sum_j N / (J B_j) S_j``.
+        Visiting every batch once per epoch (rather than drawing batches in proportion to their sizes)
+        keeps the epoch average exact and the order a permutation.
+
         ``callback`` (see :mod:`pyro_moe.inference.callbacks`, e.g. an
         :class:`~pyro_moe.inference.callbacks.EvaluationCallback`) is checked before the first
         step, called after every step with the number of steps done (a returned number goes into
@@ -222,6 +235,7 @@ class FittedPosterior:
         if callback is not None:
             callback.check(self, self.engine.step_count, steps)
         num_examples = sum(len(batch["input_ids"]) for batch in batches)
+        num_batches = len(batches)
         parallel = self.data_parallel
         if parallel is not None:
             parallel.check_batch_sizes([len(batch["input_ids"]) for batch in batches])
@@ -235,11 +249,12 @@ class FittedPosterior:
         bar = tqdm(range(start, start + steps), desc=f"fit {self.guide.spec}", disable=not progress)
         with _frozen(self.patch.model), _training(self.guide):
             for step in bar:
-                epoch, position = divmod(step, len(batches))
-                order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed + epoch))
+                epoch, position = divmod(step, num_batches)
+                order = torch.randperm(num_batches, generator=torch.Generator().manual_seed(seed + epoch))
                 batch = batches[int(order[position])]
+                stands_for = num_batches * len(batch["input_ids"])  # J B_j: its rows weigh J (see the docstring)
                 batch = {k: v.to(device) for k, v in (parallel.shard_rows(batch) if parallel else batch).items()}
-                record = self.engine.step({**batch, "num_examples": num_examples})
+                record = self.engine.step({**batch, "num_examples": stands_for})
                 hooks.after_step(self.engine.step_count)
                 value = None if callback is None else callback(self, self.engine.step_count)
                 if value is not None:
@@ -323,6 +338,7 @@ class FittedPosterior:
                 metadata = config.get("post_hoc_state", config.get("kronecker_laplace", {}))  # older: kronecker_laplace
                 posterior.guide.restore_post_hoc(buffers, metadata, dummy)
             elif hooks_of(posterior.guide.global_guide).trains:
+                tensors = _renamed_hyperprior_parameters(tensors, posterior.engine.param_prefix)
                 posterior.engine.load_state_tensors(tensors, dummy)
                 _load_buffers(posterior.guide, tensors)
             posterior.guide.eval()
@@ -332,6 +348,22 @@ class FittedPosterior:
             patch.unpatch()
             raise
         return posterior
+
+
+def _renamed_hyperprior_parameters(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """``tensors`` with the guide parameters of hierarchical prior scales under their current names:
+    checkpoints from before the hyperprior sites were named ``<site>_prior_scale``
+    (:func:`~pyro_moe.models.priors.hyperprior_site_name`) name them after ``<site>.prior_scale``. A
+    parameter is renamed only when the rebuilt guide has the new name and not the old one (a learned
+    scale, the ``pyro.param`` ``<site>.prior_scale``, keeps its name)."""
+    store, renamed = pyro.get_param_store(), {}
+    for key, value in tensors.items():
+        name = key.removeprefix("param/")
+        if key.startswith("param/") and name.endswith(".prior_scale") and prefix + name not in store:
+            current = name.removesuffix(".prior_scale") + HYPERPRIOR_SUFFIX
+            key = f"param/{current}" if prefix + current in store else key
+        renamed[key] = value
+    return renamed
 
 
 def _load_buffers(guide: nn.Module, tensors: Mapping[str, Tensor]) -> None:

@@ -160,7 +160,7 @@ def predict(
     last = torch.cat(last)
     if answer_token_ids is not None:
         last = last[..., answer_token_ids.to(device)]
-    sample_probs = torch.softmax(last.float(), dim=-1)  # (S or 1, batch, choices)
+    sample_probs = torch.softmax(last, dim=-1)  # (S or 1, batch, choices), the model's dtype (float32 at least)
     router_logits = None
     if return_router_logits:
         router_logits = {

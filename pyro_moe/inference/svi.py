@@ -55,7 +55,8 @@ class DifferentiableRenyiELBO(RenyiELBO):
     tokens: per-token logits and temperatures), the examples are independent given their own
     latents and the bound is taken per example, as the IWAE of Burda et al. (2016) does:
     ``-s / (1 - alpha) * sum_i log mean_k w_ik^(1 - alpha)`` with ``log w_ik`` example ``i``'s
-    ``(log p - log q) / s`` in particle ``k`` (its tokens summed) and ``s = N / B`` the data scale.
+    ``(log p - log q) / s`` in particle ``k`` (its tokens summed) and ``s`` the data scale (the
+    observation's scale: ``J`` for one of ``J`` batches in ``fit``, ``N / B`` for a random ``B`` of ``N``).
     With alpha = 0 each example's term bounds the log of its own Monte Carlo predictive.
 
     With a global latent site (router weights, layer temperatures, hierarchical prior scales) the
@@ -125,7 +126,8 @@ def _joint_log_weight(model_trace: Any, guide_trace: Any, data_parallel: DataPar
 
 def _whole_batch_terms(model_trace: Any, shared: Tensor, sharded: Tensor, data_parallel: DataParallel) -> Tensor:
     """The shard terms of the whole batch, ``sum_r (B_r / B) t_r`` (each ``t_r`` at data scale
-    ``N / B_r``), with the gradient of this rank's own ``t_r``; refuses ranks whose global draws differ."""
+    ``n / B_r``, ``n`` the examples the batch stands for), with the gradient of this rank's own
+    ``t_r``; refuses ranks whose global draws differ."""
     observed = [site for site in model_trace.nodes.values() if site["type"] == "sample" and site["is_observed"]]
     frames = [frame for site in observed for frame in site["cond_indep_stack"] if frame.dim == -1]
     if not frames:

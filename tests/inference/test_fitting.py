@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 
 import pyro
 import pytest
@@ -57,8 +58,46 @@ def test_learned_prior_scales_train_and_hierarchical_scales_get_a_guide():
     pyro.clear_param_store()
     handle = patch_routers(model, {"logits": {"scale": 1.0, "mode": "hierarchical"}}, layers=[1])
     posterior = fit(handle, mcqa_batches(), "mean-field+mfvr", answer_token_ids=ANSWERS, steps=3, progress=False)
-    assert posterior.guide.global_sites == ["model.layers.1.block_sparse_moe.router.logits.prior_scale"]
+    assert posterior.guide.global_sites == ["model.layers.1.block_sparse_moe.router.logits_prior_scale"]
     handle.unpatch()
+
+
+def test_learned_prior_scales_survive_clearing_the_param_store(tmp_path):
+    """A live posterior keeps its learned scales through ``pyro.clear_param_store()``: its scales, its
+    predictions, the steps it trains afterwards and what it saves are those of a twin fit whose store
+    was never cleared (before, the cleared scales came back at their initial value and stopped training)."""
+    batches = mcqa_batches()
+    sites = {"weight": {"scale": 0.2, "mode": "learned"}, "logits": {"scale": 1.0, "mode": "learned"}}
+    runs = []
+    for clear in (False, True):
+        pyro.clear_param_store()
+        handle = patch_routers(tiny_model("granitemoe"), sites, layers=[1])
+        posterior = fit(handle, batches, "mean-field+mfvr", answer_token_ids=ANSWERS, steps=6, lr=0.1, progress=False)
+        fitted = posterior.prior_scales()
+        if clear:
+            pyro.clear_param_store()
+            assert {site: scale.tolist() for site, scale in posterior.prior_scales().items()} == {
+                site: scale.tolist() for site, scale in fitted.items()
+            }
+        pyro.set_rng_seed(1)
+        probs = posterior.predict(batches[0]["input_ids"], batches[0]["attention_mask"], num_samples=3).probs
+        posterior.train(batches, steps=3, progress=False)
+        posterior.save(tmp_path / str(clear))
+        runs.append((fitted, probs, posterior.history, posterior.prior_scales()))
+        handle.unpatch()
+    (fitted, probs, history, scales), (fitted_c, probs_c, history_c, scales_c) = runs
+    assert all(not torch.allclose(scale, torch.tensor(0.2)) for scale in fitted.values())  # they did train
+    torch.testing.assert_close(probs_c, probs)
+    assert [record["loss"] for record in history_c] == pytest.approx([record["loss"] for record in history])
+    for site, scale in scales.items():
+        torch.testing.assert_close(fitted_c[site], fitted[site])
+        torch.testing.assert_close(scales_c[site], scale)
+        assert not torch.equal(scale, fitted[site])  # and trained on after the clear
+    pyro.clear_param_store()
+    loaded = FittedPosterior.load(tmp_path / "True", tiny_model("granitemoe"))
+    for site, scale in loaded.prior_scales().items():
+        torch.testing.assert_close(scale, scales[site])
+    loaded.patch.unpatch()
 
 
 def test_minibatch_loss_is_an_unbiased_estimate_of_the_full_data_loss():
@@ -86,6 +125,56 @@ def test_minibatch_loss_is_an_unbiased_estimate_of_the_full_data_loss():
     error = math.sqrt(per_cycle.var() / draws + whole.var() / draws)
     assert abs(per_cycle.mean() - whole.mean()) < 4 * error
     handle.unpatch()
+
+
+def _hf_answer_log_likelihood(model, batches, router_path, weight):
+    """``sum_i log p(y_i | x_i)`` of the unpatched HF ``model`` with the router at ``router_path`` set to
+    ``weight``: every question alone, its padding stripped, HF's own forward and positions."""
+    router = model.get_submodule(router_path)
+    original = router.weight.detach().clone()
+    total = 0.0
+    with torch.no_grad():
+        router.weight.copy_(weight)
+        for batch in batches:
+            for ids, mask, label in zip(batch["input_ids"], batch["attention_mask"], batch["labels"], strict=True):
+                logits = model(input_ids=ids[mask.bool()][None]).logits[0, -1, ANSWERS]
+                total += float(torch.log_softmax(logits, -1)[label])
+        router.weight.copy_(original)
+    return total
+
+
+def test_an_epoch_of_unequal_batches_averages_to_the_full_data_objective():
+    """Batches of 8, 8, 8 and 2 rows: the losses of one epoch of the fit loop average to minus the
+    full-data log joint ``sum_i log p(y_i | W) + log p(W)`` at the MAP point, computed on the
+    unpatched HF model (each question alone) and ``torch.distributions`` (with ``N / B_j`` weights
+    the 2-row batch's rows would weigh 3.25 times their share)."""
+    model = tiny_model("granitemoe", dtype=torch.float64)
+    model.config._experts_implementation = "eager"  # grouped_mm has no float64
+    rows = {key: torch.cat([batch[key] for batch in mcqa_batches(count=4, size=8)]) for key in ("input_ids", "labels")}
+    rows["attention_mask"] = torch.ones_like(rows["input_ids"])  # float64 HF models give padded rows NaN
+    cuts = ((0, 8), (8, 16), (16, 24), (24, 26))
+    batches = [{key: value[start:stop] for key, value in rows.items()} for start, stop in cuts]
+    handle = patch_routers(model, {"weight": 0.3}, layers=[1])
+    posterior = fit(handle, batches, "map", answer_token_ids=ANSWERS, steps=4, lr=0.05, progress=False)  # W leaves W0
+    engine, losses = posterior.engine, []
+
+    def record_loss(batch):  # the step's loss at the current W, without a step
+        with torch.no_grad():
+            losses.append(float(engine.loss(batch)))
+        engine.step_count += 1
+        return {"step": engine.step_count, "loss": losses[-1], "nll": math.nan, "kl": math.nan, "beta": 1.0}
+
+    engine.step = record_loss
+    posterior.train(batches, steps=4, progress=False)  # the second epoch: every batch once
+    (site,) = posterior.guide.global_sites
+    weight = operator.attrgetter(site)(posterior.guide.global_guide.locs).detach()
+    router_path = site.removesuffix(".weight")
+    handle.unpatch()
+    pretrained = model.get_submodule(router_path).weight.detach()
+    log_prior = torch.distributions.Normal(pretrained.double(), 0.3).log_prob(weight.double()).sum()
+    full_log_joint = _hf_answer_log_likelihood(model, batches, router_path, weight.double()) + float(log_prior)
+    assert len(losses) == 4
+    assert sum(losses) / 4 == pytest.approx(-full_log_joint, abs=1e-4)  # the router sites are float32
 
 
 def test_save_load_predict_reproduces_and_resume_continues_the_curve(tmp_path):

@@ -12,7 +12,7 @@ from pyro.poutine.messenger import Messenger
 
 import pyro_moe
 from pyro_moe import ConfigurationError, at_prior_mean, patch_routers, predict
-from tests.tiny_models import tiny_model
+from tests.tiny_models import FAMILIES, tiny_model
 
 ANSWERS = torch.tensor([4, 5, 6, 7])
 SAMPLES = 5
@@ -301,3 +301,48 @@ def test_max_samples_per_pass_splits_the_samples_and_changes_nothing_else(batch,
         torch.testing.assert_close(chunked.router_logits[path], logits)
     with pytest.raises(ConfigurationError, match="max_samples_per_pass must be a positive integer"):
         predict(handle, input_ids, attention_mask, max_samples_per_pass=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_questions_prediction_does_not_depend_on_its_batch(family):
+    """At the prior mean (deterministic routing) each of three questions of 5, 8 and 3 tokens gets the
+    same answer probabilities alone as inside their left-padded batch, in both predictive modes, and
+    those of the unpatched HF model on the question alone."""
+    generator = torch.Generator().manual_seed(4)
+    questions = [torch.randint(4, 60, (length,), generator=generator) for length in (5, 8, 3)]
+    model = tiny_model(family)
+    with torch.no_grad():
+        reference = [torch.softmax(model(ids[None]).logits[0, -1, ANSWERS], -1) for ids in questions]
+    input_ids = torch.zeros(3, 8, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(questions):
+        input_ids[row, 8 - len(ids) :], attention_mask[row, 8 - len(ids) :] = ids, 1
+    handle = patch_routers(model, {"weight": 0.2, "logits": 1.0}, layers="all")
+    with at_prior_mean():
+        for mode in ("model-average", "routing-average"):
+            batched = predict(handle, input_ids, attention_mask, answer_token_ids=ANSWERS, num_samples=2, mode=mode)
+            for row, ids in enumerate(questions):
+                alone = predict(handle, ids[None], answer_token_ids=ANSWERS, num_samples=2, mode=mode).probs[0]
+                torch.testing.assert_close(batched.probs[row], alone, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(alone, reference[row], rtol=1e-5, atol=1e-5)
+    handle.unpatch()
+
+
+def test_the_mcqa_forward_gets_each_rows_own_positions(batch):
+    """The readout gives the model the positions each row has alone (HF's forward would count from the
+    first column, shifting left-padded rows): ``0 .. n - 1`` over a row's ``n`` real tokens."""
+    input_ids, attention_mask = batch
+    model = tiny_model("olmoe")
+    seen = []
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["position_ids"]), with_kwargs=True
+    )
+    handle = patch_routers(model, ["logits"])
+    with at_prior_mean():
+        predict(handle, input_ids, attention_mask, answer_token_ids=ANSWERS, num_samples=2)
+    hook.remove()
+    (positions,) = seen
+    real = attention_mask.bool()
+    for row in range(len(input_ids)):
+        assert positions[row][real[row]].tolist() == list(range(int(real[row].sum())))
+    handle.unpatch()

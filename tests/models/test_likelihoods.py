@@ -84,3 +84,28 @@ def test_likelihoods_round_trip_their_configuration():
         likelihood_from_config(handle, {"likelihood": "poetry"})
     with pytest.raises(ConfigurationError, match="fitted on text"):
         text.answer_token_ids  # noqa: B018
+
+
+@pytest.mark.parametrize("family", ["mixtral", "olmoe", "qwen3_moe"])
+def test_a_float64_model_gives_float64_answer_logits_and_log_likelihoods_exactly_hfs(family):
+    """At the prior mean the answer logits of a float64 model are float64 and equal the unpatched HF
+    model's bit for bit (where the routing rule reproduces HF's arithmetic, the routing scores in float32
+    as HF's own), and the observed site's log-density and the NLL are float64 to float64 rounding."""
+    model = tiny_model(family, dtype=torch.float64)
+    model.config._experts_implementation = "eager"  # grouped_mm has no float64
+    input_ids = torch.randint(4, 60, (5, 7), generator=torch.Generator().manual_seed(2))
+    attention_mask, labels = torch.ones_like(input_ids), input_ids[:, -1] % 4
+    with torch.no_grad():
+        reference = model(input_ids=input_ids).logits[:, -1, ANSWERS]
+    expected = torch.log_softmax(reference, -1).gather(-1, labels[:, None]).squeeze(-1)
+    likelihood = MCQALikelihood(patch_routers(model, {"weight": 0.1, "logits": 1.0}), ANSWERS)
+    with torch.no_grad(), at_prior_mean():
+        trace = poutine.trace(likelihood).get_trace(input_ids, attention_mask, labels=labels)
+    answer_logits = trace.nodes["_RETURN"]["value"][0]
+    site = trace.nodes["answer"]
+    assert answer_logits.dtype == site["fn"].log_prob(site["value"]).dtype == torch.float64
+    assert torch.equal(answer_logits, reference)
+    # float64 rounding only (float32 answer logits were 1e-7 off)
+    torch.testing.assert_close(site["fn"].log_prob(site["value"]), expected, rtol=0, atol=1e-14)
+    assert likelihood.last_nll == pytest.approx(float(-expected.mean()), rel=0, abs=1e-14)
+    likelihood.patch.unpatch()

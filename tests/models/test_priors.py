@@ -57,7 +57,7 @@ def test_scale_modes_declare_what_they_say():
     assert trace.nodes["site.prior_scale"]["type"] == "param"
     torch.testing.assert_close(pyro.param("site.prior_scale"), torch.full((4,), 2.0))
     trace = poutine.trace(lambda: PriorScale(2.0, mode="hierarchical").resolve("other", 4, "cpu")).get_trace()
-    site = trace.nodes["other.prior_scale"]
+    site = trace.nodes["other_prior_scale"]  # a sibling of the site, not a child (autoguides nest by dots)
     assert site["type"] == "sample" and not site["is_observed"]
     torch.testing.assert_close(site["fn"].base_dist.loc, torch.tensor(math.log(2.0)))  # hyperprior median 2
 
