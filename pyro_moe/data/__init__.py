@@ -44,8 +44,9 @@ Example::
     batches = list(text_batches(documents, tokenizer, batch_size=8, max_length=256))
 """
 
-from pyro_moe.data.batches import DEFAULT_TEMPLATE, PromptTemplate, answer_token_ids, mcqa_batches
+from pyro_moe.data.batches import DEFAULT_BATCH_TOKENS, DEFAULT_TEMPLATE, PromptTemplate, answer_token_ids, mcqa_batches
 from pyro_moe.data.loading import REPORTED_ROWS, SUFFIXES, LoadReport, MCQADataset, load_mcqa
+from pyro_moe.data.prompt_limits import PromptLimit, bound_prompts, model_positions
 from pyro_moe.data.schemas import (
     LETTERS,
     SCHEMAS,
@@ -62,6 +63,7 @@ from pyro_moe.data.schemas import (
 from pyro_moe.data.text import DEFAULT_MAX_LENGTH, TextDataset, load_text, text_batches
 
 __all__ = [
+    "DEFAULT_BATCH_TOKENS",
     "DEFAULT_MAX_LENGTH",
     "DEFAULT_TEMPLATE",
     "LETTERS",
@@ -77,13 +79,16 @@ __all__ = [
     "MMLUSchema",
     "MedMCQASchema",
     "OpenBookQASchema",
+    "PromptLimit",
     "PromptTemplate",
     "RowError",
     "SciQSchema",
     "TextDataset",
     "answer_token_ids",
+    "bound_prompts",
     "load_mcqa",
     "load_text",
     "mcqa_batches",
+    "model_positions",
     "text_batches",
 ]
