@@ -225,7 +225,9 @@ class EvaluationCallback(TrainingCallback):
 
 
 def _state(posterior: _Posterior) -> dict[str, Tensor]:
-    """The trained tensors of ``posterior``: the engine's parameters (unconstrained) and the guide's buffers."""
-    state = {f"param/{name}": value for name, value in posterior.engine.params.items()}
+    """The trained tensors of ``posterior``: the engine's parameters (unconstrained; named without the fit's
+    prefix, as checkpoints name them) and the guide's buffers."""
+    prefix = posterior.engine.param_prefix
+    state = {f"param/{name.removeprefix(prefix)}": value for name, value in posterior.engine.params.items()}
     state.update({f"buffer/{name}": value for name, value in posterior.guide.named_buffers()})
     return state
