@@ -6,6 +6,7 @@ from a posterior folder are refused naming what differs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import signal
@@ -21,6 +22,8 @@ from pyro_moe.guides.registry import GUIDE_FAMILIES
 from pyro_moe.inference.callbacks import EvaluationCallback, TrainingCallback
 from pyro_moe.inference.checkpoint import load_checkpoint
 from pyro_moe.inference.fitting import FittedPosterior, fit
+from pyro_moe.inference.recipe_fit import run_recipe
+from pyro_moe.inference.recipes import named_recipe
 from pyro_moe.inference.resume import CheckpointOptions, FitInterrupted, ResumeError
 from pyro_moe.models.expert_patch import patch_experts
 from tests.helpers import ANSWERS, FAMILY_SETUPS, SITES_FOR_SCOPE, mcqa_batches
@@ -207,3 +210,47 @@ def test_a_resume_with_other_options_batches_or_from_a_posterior_is_refused_nami
         _fit("mean-field", tmp_path / "posterior", resume=True)
     with pytest.raises(Exception, match="every"):
         CheckpointOptions(tmp_path, every=-1)
+
+
+def test_a_recipe_resumed_from_its_checkpoint_equals_the_uninterrupted_recipe(tmp_path, monkeypatch):
+    """The calibration NLL along the fit, the best step and the learned scales' trajectory are in the checkpoint."""
+    recipe = dataclasses.replace(
+        named_recipe("mfvr-iwae-expert").with_training(steps=9, seed=2),
+        scale_grid=(0.3, 1.0),
+        selection_samples=2,
+        calibration_samples=2,
+        evaluate_every=2,
+    )
+
+    def run(folder, **options):
+        pyro.clear_param_store()
+        checkpoint = CheckpointOptions(folder, every=3, **options)
+        return run_recipe(
+            tiny_model("granitemoe"),
+            recipe,
+            TRAIN,
+            HELD_OUT,
+            answer_token_ids=ANSWERS,
+            progress=False,
+            checkpoint=checkpoint,
+        )
+
+    straight = run(tmp_path / "straight")
+    expected = straight.to_json()  # the learned scales are read from the param store, which the next fit clears
+    crashing = EvaluationCallback.__call__
+
+    def crash(self, posterior, step):
+        if step == 7:
+            raise RuntimeError("crash")
+        return crashing(self, posterior, step)
+
+    monkeypatch.setattr(EvaluationCallback, "__call__", crash)
+    with pytest.raises(RuntimeError, match="crash"):
+        run(tmp_path / "run")
+    monkeypatch.undo()
+    _scramble_random_streams()
+    resumed = run(tmp_path / "run", resume=True)
+    assert resumed.scale_trajectory == straight.scale_trajectory and len(straight.scale_trajectory) > 3
+    assert resumed.calibration_nll == straight.calibration_nll and resumed.best_step == straight.best_step
+    assert resumed.to_json() == expected and expected["prior_scales"]
+    _assert_same_state(straight.posterior, resumed.posterior)
