@@ -23,6 +23,10 @@ are skipped; the dataset's :class:`LoadReport` counts them and keeps the first f
 and, for JSON-lines and CSV files, their file lines, and a warning naming the file lines is logged.
 A UTF-8 byte-order mark and CRLF line ends are accepted.
 
+:func:`bound_prompts` refuses (or, with ``PromptLimit(truncate=True)``, cuts from the start) prompts longer
+than the model's positions, measured cheaply (:mod:`pyro_moe.data.prompt_limits`); :func:`mcqa_batches`
+keeps every batch within ``max_batch_tokens`` tokens (:data:`DEFAULT_BATCH_TOKENS`).
+
 Conventions checked against the sources: SciQ lists the correct answer apart, so it is placed at a
 position drawn from a SHA-256 hash of the question (independent of Python's hash seed). MedMCQA's
 ``cop`` is 1-based (1 = ``opa``) in the official release files and 0-based in the Hugging Face
@@ -39,6 +43,8 @@ Example::
         prediction = pyro_moe.predict(handle, batch["input_ids"], batch["attention_mask"],
                                       answer_token_ids=letters)
         labels = batch["labels"]                               # (batch,)
+
+    examples, truncated = bound_prompts(dataset, tokenizer, PromptLimit(model_positions(model)))  # long: refused
 
     documents = load_text("train.txt")                         # documents.report: skipped lines
     batches = list(text_batches(documents, tokenizer, batch_size=8, max_length=256))

@@ -260,13 +260,16 @@ class Checkpointer:
 
     @contextlib.contextmanager
     def stop_on_interrupt(self) -> Iterator[None]:
-        """While the steps run (in the main thread of a single process): SIGINT requests a stop after the
-        step under way (:meth:`after_step`); a second SIGINT, or one that comes after the last step,
-        interrupts as usual (``KeyboardInterrupt``)."""
+        """While the steps run (in the main thread of a single process that does not ignore SIGINT): SIGINT
+        requests a stop after the step under way (:meth:`after_step`); a second SIGINT, or one that comes
+        after the last step, interrupts as usual (``KeyboardInterrupt``)."""
         if self.posterior.data_parallel is not None or threading.current_thread() is not threading.main_thread():
             yield
             return
         previous = signal.getsignal(signal.SIGINT)
+        if previous is signal.SIG_IGN:  # started with SIGINT ignored (nohup, a background job): keep it so
+            yield
+            return
         previous = signal.default_int_handler if previous is None else previous
 
         def request_stop(signum: int, frame: Any) -> None:
