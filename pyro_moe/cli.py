@@ -963,6 +963,7 @@ def build_parser() -> argparse.ArgumentParser:
         runs.add_argument(
             "--checkpoint-every",
             type=_integer(0),
+            metavar="N",
             default=CHECKPOINT_STEPS,
             help=f"write a checkpoint into --out/{CHECKPOINT_NAME} every N steps (default {CHECKPOINT_STEPS}; 0: "
             f"none by steps), and at least every {CHECKPOINT_MINUTES:g} minutes, and on Ctrl-C",
@@ -976,6 +977,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--min-rows",
             type=_integer(1),
+            metavar="N",
             default=MIN_ROWS,
             help=f"the fewest usable training questions (documents) accepted (default {MIN_ROWS})",
         )
