@@ -217,3 +217,22 @@ def test_too_few_rows_repeated_layers_and_unavailable_devices_are_refused(saved,
         )
         assert not (tmp_path / "device").exists()  # refused before any work
     assert "cpu" in devices.split(", ")
+
+
+def test_ctrl_c_before_the_steps_exits_130_with_one_line_and_no_traceback(saved, tmp_path, capsys, monkeypatch):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "load_model", interrupted)
+    assert main(_fit_argv(saved, tmp_path / "run")) == EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "pyro-moe fit: interrupted before the first checkpoint; nothing to resume (run the command again)."
+    )
+    assert "interrupted before the first checkpoint" in (tmp_path / "run" / cli.LOG_NAME).read_text()
+    assert (
+        main(["stability", "--model", str(saved["moe"]), "--data", str(saved["data"]), "--out", str(tmp_path / "s")])
+        == EXIT_INTERRUPTED
+    )
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "pyro-moe stability: interrupted."
