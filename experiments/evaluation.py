@@ -57,6 +57,7 @@ from pyro_moe.inference.predictive import RoutedPrediction
 from pyro_moe.inference.presets import FamilySpec, family_specs, fit_families
 from pyro_moe.inference.recipe_fit import RecipeFit, run_recipe
 from pyro_moe.inference.recipes import Recipe, named_recipe
+from pyro_moe.inference.resume import CheckpointOptions
 from pyro_moe.validation import check_integer
 
 __all__ = [
@@ -191,6 +192,8 @@ class FitSettings:
         validation_split: where the families that choose their prior precision (expert Laplace)
             measure the validation NLL.
         validation_examples: its first this many questions are used (``None``: all).
+        checkpoint: run checkpoints of the fit and resuming one (one family or recipe;
+            :class:`~pyro_moe.inference.resume.CheckpointOptions`); ``None``: none.
     """
 
     split: str = "train"
@@ -203,6 +206,7 @@ class FitSettings:
     progress: bool = True
     validation_split: str = "calibration"
     validation_examples: int | None = 200
+    checkpoint: CheckpointOptions | None = None
 
     def __post_init__(self) -> None:
         check_count("examples", self.examples)
@@ -273,6 +277,7 @@ def fit_named_families(
         progress=fitting.progress,
         validation_batches=validation,
         in_place=in_place,
+        checkpoint=fitting.checkpoint,
     )
 
 
@@ -311,6 +316,8 @@ def fit_named_recipes(
         raise ConfigurationError("recipes patch their own logit sites: leave FitSettings.sites unset for them.")
     if in_place and len(chosen) != 1:
         raise ConfigurationError(f"in_place runs one recipe on the model itself, got {len(chosen)} recipes.")
+    if fitting.checkpoint is not None and len(chosen) != 1:
+        raise ConfigurationError(f"a checkpoint folder holds one fit, got {len(chosen)} recipes.")
     check_splits(splits, [fitting.split, fitting.validation_split])
     examples = splits[fitting.split][: fitting.examples]
     train = list(mcqa_batches(examples, tokenizer, fitting.batch_size, shuffle=True, seed=fitting.seed))
@@ -326,6 +333,7 @@ def fit_named_recipes(
             answer_token_ids=answer_token_ids,
             layers=fitting.layers,
             progress=fitting.progress,
+            checkpoint=fitting.checkpoint,
         )
     return results
 

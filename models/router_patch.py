@@ -91,7 +91,7 @@ def select_layers(
     locations: list[RouterLocation], layers: str | Iterable[int], num_layers: int
 ) -> list[RouterLocation]:
     """The ``locations`` in ``layers`` (``"all"`` or decoder-layer indices, negative from the end, each
-    holding an MoE block); raises :class:`LayerSelectionError` naming the MoE layers otherwise."""
+    holding an MoE block, each layer once); raises :class:`LayerSelectionError` naming the MoE layers otherwise."""
     moe_layers = sorted({loc.layer_index for loc in locations})
     if isinstance(layers, str):
         if layers != "all":
@@ -112,6 +112,11 @@ def select_layers(
         index %= num_layers
         if index not in moe_layers:
             raise LayerSelectionError(f"decoder layer {index} has no MoE block; MoE layers: {moe_layers}.")
+        if index in chosen:
+            raise LayerSelectionError(
+                f"layers {requested} name decoder layer {index} more than once (negative indices count from the "
+                "end); give each layer once."
+            )
         chosen.add(index)
     return [loc for loc in locations if loc.layer_index in chosen]
 

@@ -46,6 +46,8 @@ import copy
 import json
 import logging
 import os
+import shlex
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -62,12 +64,25 @@ if TYPE_CHECKING:  # torch, transformers and the library load on first use: --he
     from pyro_moe.distributed import DataParallel
     from pyro_moe.experiments.stability import StabilityResults
     from pyro_moe.inference.fitting import FittedPosterior
+    from pyro_moe.inference.resume import CheckpointOptions
 
-__all__ = ["DATA_PARALLEL_COMMANDS", "EXIT_BAD_INPUT", "EXIT_DISTRIBUTED", "build_parser", "main"]
+__all__ = ["DATA_PARALLEL_COMMANDS", "EXIT_BAD_INPUT", "EXIT_DISTRIBUTED", "EXIT_INTERRUPTED", "build_parser", "main"]
 
 EXIT_BAD_INPUT = 2
 EXIT_DISTRIBUTED = 1
 """Exit code of a data-parallel run whose collective failed (another process died or hung)."""
+EXIT_INTERRUPTED = 130
+"""Exit code after SIGINT (Ctrl-C), 128 + the signal's number as shells report it."""
+CHECKPOINT_NAME = "checkpoint"
+"""``fit`` and ``laplace`` write their run checkpoints into ``--out/checkpoint``."""
+MIN_ROWS = 4
+"""``--min-rows`` default: the fewest usable training rows (questions or documents) a fit accepts."""
+CHECKPOINT_STEPS = 100
+"""``--checkpoint-every`` default (:data:`pyro_moe.inference.resume.CHECKPOINT_STEPS`; the parser imports no torch)."""
+CHECKPOINT_MINUTES = 5
+"""The time cadence of the checkpoints (:data:`pyro_moe.inference.resume.CHECKPOINT_SECONDS`), for the help."""
+RESUMABLE_OPTIONS = ("checkpoint_every", "device", "device_map", "timeout")
+"""Options a ``--resume`` may change (besides ``--resume`` and ``--out``): they do not change what is fitted."""
 DATA_PARALLEL_COMMANDS = ("fit", "laplace")
 LOG_NAME = "pyro-moe.log"
 DTYPES = ("bfloat16", "float16", "float32")
@@ -160,6 +175,41 @@ def check_out(out: Path) -> None:
             raise BadInput(f"--out {out} {where}: --out needs a folder (existing or new) to write the results into.")
 
 
+def available_devices() -> list[str]:
+    """The devices torch can use here: ``cpu``, every ``cuda:i``, ``mps`` and every ``xpu:i`` present."""
+    import torch
+
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        devices.append("mps")
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        devices += [f"xpu:{index}" for index in range(xpu.device_count())]
+    return devices
+
+
+def check_device(text: str | None) -> None:
+    """``--device`` must name a device that exists here (a type without an index: its first device); refused
+    before any work with the devices that exist."""
+    if text is None:
+        return
+    import torch
+
+    devices = available_devices()
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is not None:
+        name = device.type if device.type in ("cpu", "mps") else f"{device.type}:{device.index or 0}"
+        if name in devices:
+            return
+    reason = "is not a device type torch knows" if device is None else "is not available on this machine"
+    raise BadInput(f"--device {text} {reason}; the devices here: {', '.join(devices)}.")
+
+
 def join_process_group(args: argparse.Namespace) -> DataParallel | None:
     """Under a launcher (``WORLD_SIZE`` > 1) ``fit`` and ``laplace`` join the process group, where
     ``--device cuda`` means the process's own GPU; other commands run in one process only."""
@@ -232,32 +282,67 @@ def load_inputs(args: argparse.Namespace, roles: Sequence[str]) -> Inputs:
     (every role from the same questions, except a calibration role beside ``test`` (``evaluate``) or
     ``train`` (``fit --recipe``): the first quarter calibrates, the rest is the other role, see
     :data:`CALIBRATION_FRACTION`), ``--calibration-data`` (the calibration split, the whole of ``--data``
-    the other role) and ``--ood-data`` (``near_ood`` ... one split per file)."""
+    the other role) and ``--ood-data`` (``near_ood`` ... one split per file). Every prompt is bounded by
+    the model's positions before any work (:func:`bound_splits`)."""
     data = getattr(args, "data", None)
     calibration_data = getattr(args, "calibration_data", None)
-    calibration = None if calibration_data is None else _examples(calibration_data, None)
+    files: dict[str, tuple[list[MCQAExample], str]] = {}  # split name: its questions and their file
+    if calibration_data is not None:
+        files["calibration"] = (_examples(calibration_data, None), calibration_data)
+    cut, other = False, None
     if data is not None:  # the data first: a bad file is refused before a large model loads
         examples = _examples(data, args.split)
-        splits = {"train": examples, "test": examples, "calibration": examples}
+        check_row_count(args, data, len(examples), "questions")
         other = next((role for role in ("test", "train") if role in roles), None)
-        if "calibration" in roles and other is not None and calibration is None:
-            cut = max(1, len(examples) // CALIBRATION_FRACTION)
-            if len(examples) < 2:
-                raise DataError(f"{data}: needs at least 2 usable questions (calibration and {other}).")
-            splits["calibration"], splits[other] = examples[:cut], examples[cut:]
+        cut = "calibration" in roles and other is not None and calibration_data is None
+        if cut and len(examples) < 2:
+            raise DataError(f"{data}: needs at least 2 usable questions (calibration and {other}).")
+        files["data"] = (examples, data)
         for number, path in enumerate(getattr(args, "ood_data", None) or []):
-            splits[f"ood_{number}_{Path(path).stem}"] = _examples(path, None)
+            files[f"ood_{number}_{Path(path).stem}"] = (_examples(path, None), path)
     elif args.model is not None:
         raise BadInput("--model needs --data (an MCQA file or data-set name); only the embedded benchmark has its own.")
     model, tokenizer, benchmark_splits = load_model(args)
     if data is None:
-        splits = benchmark_splits
-    if calibration is not None:
-        splits["calibration"] = calibration
+        files = {name: (split, f"the benchmark's {name} split") for name, split in benchmark_splits.items()} | files
+    splits = bound_splits(args, model, tokenizer, files)
+    if data is not None:
+        examples = splits.pop("data")
+        splits = {role: splits.get(role, examples) for role in ("train", "test", "calibration")} | splits
+        if cut:
+            at = max(1, len(examples) // CALIBRATION_FRACTION)
+            splits["calibration"], splits[other] = examples[:at], examples[at:]
     from pyro_moe.experiments.evaluation import default_answer_token_ids
 
     letters = default_answer_token_ids(tokenizer, splits["test"])
     return Inputs(model, tokenizer, letters.to(model.get_input_embeddings().weight.device), splits)
+
+
+def check_row_count(args: argparse.Namespace, source: str | Path, count: int, what: str) -> None:
+    """``fit`` and ``laplace``: training data with fewer usable rows than ``--min-rows`` is refused."""
+    floor = getattr(args, "min_rows", None)
+    if floor is not None and count < floor:
+        raise DataError(
+            f"{source}: {count} usable {what}, fewer than --min-rows {floor}; give more data, or lower --min-rows "
+            "to fit on these anyway."
+        )
+
+
+def bound_splits(
+    args: argparse.Namespace, model: nn.Module, tokenizer: Any, files: dict[str, tuple[list[MCQAExample], str]]
+) -> dict[str, list[MCQAExample]]:
+    """The questions of ``files`` (``{name: (questions, where they come from)}``) with every prompt within
+    the model's positions and one batch's token budget (:func:`pyro_moe.data.bound_prompts`): a longer one is
+    refused before any work, naming its file and position, or cut with ``--truncate-prompts`` (a warning
+    counts them)."""
+    from pyro_moe.data import DEFAULT_BATCH_TOKENS, PromptLimit, bound_prompts, model_positions
+
+    positions = model_positions(model)
+    limit = PromptLimit(min(positions or DEFAULT_BATCH_TOKENS, DEFAULT_BATCH_TOKENS), args.truncate_prompts)
+    return {
+        name: bound_prompts(examples, tokenizer, limit, source=str(source))[0]
+        for name, (examples, source) in files.items()
+    }
 
 
 def load_text_inputs(args: argparse.Namespace) -> TextInputs:
@@ -268,6 +353,7 @@ def load_text_inputs(args: argparse.Namespace) -> TextInputs:
     if getattr(args, "ood_data", None):
         raise BadInput("--ood-data holds MCQA questions; with --text, evaluate measures perplexity only.")
     documents = load_text(args.text)
+    check_row_count(args, args.text, len(documents), "documents")
     model, tokenizer, _ = load_model(args)
     return TextInputs(model, tokenizer, documents)
 
@@ -361,17 +447,27 @@ def resolve_layers(args: argparse.Namespace, inputs: Inputs | None) -> str | lis
         logger.info("susceptible layers: %s", result.susceptible)
         return result.susceptible
     try:
-        return [int(layer) for layer in args.layers]
+        layers = [int(layer) for layer in args.layers]
     except ValueError:
         raise BadInput(f"--layers takes 'all', 'susceptible' or layer indices, got {' '.join(args.layers)}.") from None
+    repeated = sorted({layer for layer in layers if layers.count(layer) > 1})
+    if repeated:
+        raise BadInput(f"--layers {' '.join(args.layers)} names layer(s) {repeated} more than once; give each once.")
+    return layers
 
 
 def _fit(
-    args: argparse.Namespace, inputs: Inputs, guides: Sequence[str], layers: Any, in_place: bool = False
+    args: argparse.Namespace,
+    inputs: Inputs,
+    guides: Sequence[str],
+    layers: Any,
+    in_place: bool = False,
+    checkpoint: CheckpointOptions | None = None,
 ) -> dict[str, FittedPosterior]:
     """The ``guides`` fitted as the options say: ``evaluate`` and ``compare`` fit every family on its own
     copy of the model (the deterministic model is measured beside them); ``fit`` and ``laplace`` patch
-    the loaded model itself (``in_place``: the command owns it, so no second copy of the MoE is made)."""
+    the loaded model itself (``in_place``: the command owns it, so no second copy of the MoE is made)
+    and write run checkpoints (``checkpoint``)."""
     from pyro_moe.experiments.evaluation import FitSettings, fit_named_families
 
     fitting = FitSettings(
@@ -382,6 +478,7 @@ def _fit(
         batch_size=args.batch_size,
         seed=args.seed,
         validation_examples=args.examples,
+        checkpoint=checkpoint,
     )
     return fit_named_families(
         inputs.model,
@@ -426,7 +523,7 @@ def run_stability(args: argparse.Namespace) -> None:
     print("written:", paths["metrics"], paths["report"])
 
 
-def _fit_text(args: argparse.Namespace, guide: str) -> FittedPosterior:
+def _fit_text(args: argparse.Namespace, guide: str, checkpoint: CheckpointOptions) -> FittedPosterior:
     """``fit --text``: ``guide`` fitted with the next-token likelihood on the first ``--fit-examples``
     documents, on the loaded model itself; the family, sites and layers are checked before the model loads."""
     from pyro_moe.guides.registry import parse_guide
@@ -449,8 +546,55 @@ def _fit_text(args: argparse.Namespace, guide: str) -> FittedPosterior:
         steps=steps,
         seed=args.seed,
         in_place=True,
+        checkpoint=checkpoint,
     )
     return posteriors[guide]
+
+
+def _run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options that decide what ``fit`` computes (all but ``--out``, ``--resume`` and
+    :data:`RESUMABLE_OPTIONS`), JSON-ready: a checkpoint keeps them and ``--resume`` compares them."""
+    skipped = {"run", "out", "resume", *RESUMABLE_OPTIONS}
+    options = {key: value for key, value in vars(args).items() if key not in skipped}
+    return {key: str(value) if isinstance(value, Path) else value for key, value in sorted(options.items())}
+
+
+def _option_text(key: str, value: Any) -> str:
+    """``--key value`` as typed (a flag: ``--key`` or ``no --key``)."""
+    flag = "--" + key.replace("_", "-")
+    if isinstance(value, bool) or value is None:
+        return flag if value else f"no {flag}"
+    return f"{flag} {' '.join(map(str, value)) if isinstance(value, list) else value}"
+
+
+def run_checkpoint(args: argparse.Namespace) -> CheckpointOptions:
+    """The run checkpoints of ``fit`` (``--out/checkpoint``, every ``--checkpoint-every`` steps), checked
+    before any work: ``--resume`` needs a checkpoint written with the same options (the first that differs
+    is named); without ``--resume`` a checkpoint there (an unfinished fit) is refused rather than lost."""
+    from pyro_moe.inference.resume import CheckpointOptions, read_checkpoint
+
+    folder, options = args.out / CHECKPOINT_NAME, _run_options(args)
+    saved = read_checkpoint(folder) if args.resume or folder.exists() else None
+    if saved is not None and not args.resume:
+        config = saved[1]
+        raise BadInput(
+            f"{folder} holds the checkpoint of an unfinished fit (step {config['step_count']} of "
+            f"{config.get('steps', '?')}): add --resume to continue it, or delete that folder to start over."
+        )
+    if saved is None and args.resume:
+        finished = " (the fit there finished: its posterior/ is written)" if (args.out / "posterior").exists() else ""
+        raise BadInput(f"--resume: no checkpoint in {folder}{finished}; run without --resume to start a fit.")
+    if saved is not None:
+        before = saved[1]["checkpoint"].get("run", {})
+        for key in sorted(set(before) | set(options)):
+            if before.get(key) != options.get(key):
+                changeable = ", ".join("--" + name.replace("_", "-") for name in RESUMABLE_OPTIONS)
+                raise BadInput(
+                    f"--resume: the checkpoint in {folder} was written with {_option_text(key, before.get(key))}, "
+                    f"this run has {_option_text(key, options.get(key))}; resume with the checkpoint's options "
+                    f"(only {changeable} may change)."
+                )
+    return CheckpointOptions(folder, every=args.checkpoint_every, resume=args.resume, run=options)
 
 
 def run_fit(args: argparse.Namespace) -> None:
@@ -470,15 +614,17 @@ def run_fit(args: argparse.Namespace) -> None:
         raise BadInput(f"laplace fits the post-hoc families {', '.join(post_hoc)}; got --guide {guide}.")
     check_guides([guide])
     parse_sites(args)
+    checkpoint = run_checkpoint(args)
     if args.text is not None:
-        posterior = _fit_text(args, guide)
+        posterior = _fit_text(args, guide, checkpoint)
     else:
         inputs = load_inputs(args, ["train"])
         layers = resolve_layers(args, inputs)
-        posterior = _fit(args, inputs, [guide], layers, in_place=True)[guide]
+        posterior = _fit(args, inputs, [guide], layers, in_place=True, checkpoint=checkpoint)[guide]
     folder = posterior.save(args.out / "posterior")  # data-parallel: rank 0 writes
     if posterior.data_parallel is not None and not posterior.data_parallel.is_main:
         return
+    shutil.rmtree(checkpoint.folder, ignore_errors=True)  # the posterior holds the same state
     last = posterior.history[-1] if posterior.history else {}
     processes = 1 if posterior.data_parallel is None else posterior.data_parallel.world_size
     summary = {"guide": guide, "layers": posterior.config["layers"], "model": args.model, "processes": processes}
@@ -499,6 +645,7 @@ def run_recipe(args: argparse.Namespace) -> None:
         raise BadInput("--recipe patches its own logit sites (learned prior scales); drop --sites and --prior.")
     if args.text is not None:
         raise BadInput("--recipe fits MCQA questions (its temperatures calibrate answers); --text is for --guide.")
+    checkpoint = run_checkpoint(args)
     inputs = load_inputs(args, ["train", "calibration"])
     fitting = FitSettings(
         examples=args.fit_examples,
@@ -506,6 +653,7 @@ def run_recipe(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         seed=args.seed,
         validation_examples=args.examples,
+        checkpoint=checkpoint,
     )
     (result,) = fit_named_recipes(
         inputs.model,
@@ -521,6 +669,7 @@ def run_recipe(args: argparse.Namespace) -> None:
     folder = posterior.save(args.out / "posterior")  # data-parallel: rank 0 writes
     if posterior.data_parallel is not None and not posterior.data_parallel.is_main:
         return
+    shutil.rmtree(checkpoint.folder, ignore_errors=True)  # the posterior holds the same state
     processes = 1 if posterior.data_parallel is None else posterior.data_parallel.world_size
     summary = {"guide": result.recipe.guide, "layers": posterior.config["layers"], "model": args.model}
     summary |= {"processes": processes, "last_step": posterior.history[-1], **result.to_json()}
@@ -707,6 +856,12 @@ def _data_options(parser: argparse.ArgumentParser, ood: bool = False, text: str 
     group.add_argument(
         "--batch-size", type=_integer(1), default=32, help="questions (documents) per batch (default 32)"
     )
+    group.add_argument(
+        "--truncate-prompts",
+        action="store_true",
+        help="cut prompts longer than the model's positions from the start (keeping the choices and the answer "
+        "line), with a warning counting them (default: such a prompt is refused before any work)",
+    )
     if ood:
         group.add_argument("--ood-data", nargs="+", help="out-of-distribution MCQA files (one OoD split each)")
 
@@ -804,6 +959,28 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help="data-parallel: seconds to wait for the other processes (default: distributed.DEFAULT_TIMEOUT)",
         )
+        runs = command.add_argument_group("checkpoints")
+        runs.add_argument(
+            "--checkpoint-every",
+            type=_integer(0),
+            metavar="N",
+            default=CHECKPOINT_STEPS,
+            help=f"write a checkpoint into --out/{CHECKPOINT_NAME} every N steps (default {CHECKPOINT_STEPS}; 0: "
+            f"none by steps), and at least every {CHECKPOINT_MINUTES:g} minutes, and on Ctrl-C",
+        )
+        runs.add_argument(
+            "--resume",
+            action="store_true",
+            help=f"continue the fit of the checkpoint in --out/{CHECKPOINT_NAME} (same options): bitwise the "
+            "uninterrupted fit",
+        )
+        command.add_argument(
+            "--min-rows",
+            type=_integer(1),
+            metavar="N",
+            default=MIN_ROWS,
+            help=f"the fewest usable training questions (documents) accepted (default {MIN_ROWS})",
+        )
         _common(command)
         command.set_defaults(run=run_fit)
 
@@ -847,6 +1024,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_out(args.out)  # before any work, in every process
+        check_device(getattr(args, "device", None))
         parallel = join_process_group(args)
     except (PyroMoEError, DistributedError) as error:
         return _failure(args, error)
@@ -863,7 +1041,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace, writes: bool, argv: Sequence[str]) -> int:
     """Run the command; ``writes``: this process keeps the log (rank 0 of a data-parallel run)."""
     if not writes:
-        return _outcome(args)
+        return _outcome(args, argv)
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # e.g. no permission to write there
@@ -880,7 +1058,7 @@ def _run(args: argparse.Namespace, writes: bool, argv: Sequence[str]) -> int:
     logging.getLogger("pyro_moe.data").addHandler(data_warnings)
     logger.info("pyro-moe %s", " ".join(argv))
     try:
-        return _outcome(args)
+        return _outcome(args, argv)
     finally:
         logging.getLogger("pyro_moe.data").removeHandler(data_warnings)
         root.removeHandler(handler)
@@ -888,13 +1066,36 @@ def _run(args: argparse.Namespace, writes: bool, argv: Sequence[str]) -> int:
         handler.close()
 
 
-def _outcome(args: argparse.Namespace) -> int:
-    """Run the command; bad input and failed collectives end as :func:`_failure`."""
+def _outcome(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Run the command; bad input and failed collectives end as :func:`_failure`, SIGINT as :func:`_interrupted`."""
+    from pyro_moe.inference.resume import FitInterrupted
+
     try:
         args.run(args)
     except (PyroMoEError, DistributedError) as error:
         return _failure(args, error)
+    except (FitInterrupted, KeyboardInterrupt) as stop:
+        return _interrupted(args, argv, stop)
     return 0
+
+
+def _interrupted(args: argparse.Namespace, argv: Sequence[str], stop: BaseException) -> int:
+    """One line on stderr (and in the log) after SIGINT: where the checkpoint is and the command that resumes it."""
+    resume = shlex.join(["pyro-moe", *argv, *([] if "--resume" in argv else ["--resume"])])
+    folder = args.out / CHECKPOINT_NAME
+    if not isinstance(stop, KeyboardInterrupt):
+        message = f"interrupted after step {stop.step} of {stop.steps}; checkpoint: {stop.folder}; "
+        message += f"resume with: {resume}"
+    elif args.command in DATA_PARALLEL_COMMANDS and folder.exists():
+        message = f"interrupted; the last checkpoint is in {folder}; resume with: {resume}"
+    elif args.command in DATA_PARALLEL_COMMANDS:
+        message = "interrupted before the first checkpoint; nothing to resume (run the command again)."
+    else:
+        message = "interrupted."
+    if logger.hasHandlers():
+        logger.error("%s", message)
+    print(f"pyro-moe {args.command}: {message}", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def _failure(args: argparse.Namespace, error: PyroMoEError | DistributedError) -> int:

@@ -23,6 +23,10 @@ are skipped; the dataset's :class:`LoadReport` counts them and keeps the first f
 and, for JSON-lines and CSV files, their file lines, and a warning naming the file lines is logged.
 A UTF-8 byte-order mark and CRLF line ends are accepted.
 
+:func:`bound_prompts` refuses (or, with ``PromptLimit(truncate=True)``, cuts from the start) prompts longer
+than the model's positions, measured cheaply (:mod:`pyro_moe.data.prompt_limits`); :func:`mcqa_batches`
+keeps every batch within ``max_batch_tokens`` tokens (:data:`DEFAULT_BATCH_TOKENS`).
+
 Conventions checked against the sources: SciQ lists the correct answer apart, so it is placed at a
 position drawn from a SHA-256 hash of the question (independent of Python's hash seed). MedMCQA's
 ``cop`` is 1-based (1 = ``opa``) in the official release files and 0-based in the Hugging Face
@@ -40,12 +44,15 @@ Example::
                                       answer_token_ids=letters)
         labels = batch["labels"]                               # (batch,)
 
+    examples, truncated = bound_prompts(dataset, tokenizer, PromptLimit(model_positions(model)))  # long: refused
+
     documents = load_text("train.txt")                         # documents.report: skipped lines
     batches = list(text_batches(documents, tokenizer, batch_size=8, max_length=256))
 """
 
-from pyro_moe.data.batches import DEFAULT_TEMPLATE, PromptTemplate, answer_token_ids, mcqa_batches
+from pyro_moe.data.batches import DEFAULT_BATCH_TOKENS, DEFAULT_TEMPLATE, PromptTemplate, answer_token_ids, mcqa_batches
 from pyro_moe.data.loading import REPORTED_ROWS, SUFFIXES, LoadReport, MCQADataset, load_mcqa
+from pyro_moe.data.prompt_limits import PromptLimit, bound_prompts, model_positions
 from pyro_moe.data.schemas import (
     LETTERS,
     SCHEMAS,
@@ -62,6 +69,7 @@ from pyro_moe.data.schemas import (
 from pyro_moe.data.text import DEFAULT_MAX_LENGTH, TextDataset, load_text, text_batches
 
 __all__ = [
+    "DEFAULT_BATCH_TOKENS",
     "DEFAULT_MAX_LENGTH",
     "DEFAULT_TEMPLATE",
     "LETTERS",
@@ -77,13 +85,16 @@ __all__ = [
     "MMLUSchema",
     "MedMCQASchema",
     "OpenBookQASchema",
+    "PromptLimit",
     "PromptTemplate",
     "RowError",
     "SciQSchema",
     "TextDataset",
     "answer_token_ids",
+    "bound_prompts",
     "load_mcqa",
     "load_text",
     "mcqa_batches",
+    "model_positions",
     "text_batches",
 ]

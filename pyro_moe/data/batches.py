@@ -13,7 +13,10 @@ from pyro_moe.data.schemas import LETTERS, MCQAExample
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.validation import check_integer
 
-__all__ = ["DEFAULT_TEMPLATE", "PromptTemplate", "answer_token_ids", "mcqa_batches"]
+__all__ = ["DEFAULT_BATCH_TOKENS", "DEFAULT_TEMPLATE", "PromptTemplate", "answer_token_ids", "mcqa_batches"]
+
+DEFAULT_BATCH_TOKENS = 65536
+"""The most tokens (rows x padded length) of an MCQA batch by default: 32 prompts of 2,048 tokens."""
 
 # ---------------------------------------------------------------------------------------------- prompts
 
@@ -112,8 +115,11 @@ def mcqa_batches(
     template: PromptTemplate = DEFAULT_TEMPLATE,
     shuffle: bool = False,
     seed: int = 0,
+    max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
 ) -> Iterator[dict[str, Tensor]]:
-    """Left-padded batches of prompts.
+    """Left-padded batches of prompts, each of at most ``max_batch_tokens`` tokens (rows x padded length):
+    a run of ``batch_size`` prompts that would exceed it is cut into consecutive smaller batches, so that
+    memory stays bounded whatever the prompts' lengths (bound them first: :mod:`pyro_moe.data.prompt_limits`).
 
     Yields:
         ``{"input_ids": (batch, length), "attention_mask": (batch, length), "labels": (batch,)}``
@@ -121,9 +127,11 @@ def mcqa_batches(
         ``shuffle``; the last batch may be smaller.
 
     Raises:
-        ConfigurationError: a bad ``batch_size``, an empty dataset or a tokenizer without a pad token.
+        ConfigurationError: a bad ``batch_size`` or ``max_batch_tokens``, an empty dataset, a tokenizer
+            without a pad token, a prompt longer than ``max_batch_tokens`` (named by its position).
     """
     check_integer("batch_size", batch_size)
+    check_integer("max_batch_tokens", max_batch_tokens)
     if len(dataset) == 0:
         raise ConfigurationError("the dataset is empty.")
     if getattr(tokenizer, "pad_token_id", None) is None:
@@ -135,11 +143,33 @@ def mcqa_batches(
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
     else:
         order = list(range(len(dataset)))
-    for start in range(0, len(order), batch_size):
-        chosen = order[start : start + batch_size]
-        encoded = tokenizer([prompts[i] for i in chosen], padding=True, padding_side="left", return_tensors="pt")
-        yield {
-            "input_ids": encoded["input_ids"].long(),
-            "attention_mask": encoded["attention_mask"].long(),
+
+    def encoded(chosen: list[int]) -> dict[str, Tensor]:
+        tokens = tokenizer([prompts[i] for i in chosen], padding=True, padding_side="left", return_tensors="pt")
+        return {
+            "input_ids": tokens["input_ids"].long(),
+            "attention_mask": tokens["attention_mask"].long(),
             "labels": torch.tensor([dataset[i].answer for i in chosen], dtype=torch.long),
         }
+
+    for start in range(0, len(order), batch_size):
+        chosen = order[start : start + batch_size]
+        batch = encoded(chosen)
+        if batch["input_ids"].numel() <= max_batch_tokens:
+            yield batch
+            continue
+        lengths = batch["attention_mask"].sum(-1).tolist()
+        part: list[int] = []
+        longest = 0
+        for index, length in zip(chosen, lengths, strict=True):
+            if length > max_batch_tokens:
+                raise ConfigurationError(
+                    f"question {index} (0-based) has {length} prompt tokens, more than max_batch_tokens="
+                    f"{max_batch_tokens}: bound the prompts first (pyro_moe.data.prompt_limits) or raise the limit."
+                )
+            if part and (len(part) + 1) * max(longest, length) > max_batch_tokens:
+                yield encoded(part)
+                part, longest = [], 0
+            part.append(index)
+            longest = max(longest, length)
+        yield encoded(part)

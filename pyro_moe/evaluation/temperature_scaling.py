@@ -119,8 +119,10 @@ def fit_temperature(
     label_logits = logits.gather(-1, labels[:, None]).squeeze(-1)  # (examples,)
     if bool((label_logits == logits.max(-1).values).all()):
         raise ConfigurationError(
-            "the temperature diverges to 0: the logits rank every calibration label first, so the NLL falls "
-            "towards 0 as T -> 0 and has no minimum; calibrate on data the model gets wrong sometimes."
+            f"the temperature diverges to 0: the logits rank the label of every one of the {len(labels)} calibration "
+            "examples first (the model answers them all correctly), so the NLL falls towards 0 as T -> 0 and has no "
+            "minimum. Calibrate on more or harder held-out examples the model gets wrong sometimes (on the command "
+            "line: more --examples, or other --calibration-data or --data), or keep the probabilities uncalibrated."
         )
     if float((logits.mean(-1) - label_logits).mean()) >= 0:  # no signal: the NLL falls as T -> inf
         return TemperatureScaling(

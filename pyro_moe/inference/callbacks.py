@@ -59,6 +59,14 @@ class TrainingCallback:
     def finish(self, posterior: _Posterior) -> None:
         """Called after the last step of :meth:`FittedPosterior.train` (not when a step failed)."""
 
+    def checkpoint_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """What a run checkpoint (:mod:`pyro_moe.inference.resume`) keeps of this callback so that a resumed
+        fit continues it: tensors by name and JSON-ready values; none by default (a stateless callback)."""
+        return {}, {}
+
+    def restore_checkpoint_state(self, tensors: Mapping[str, Tensor], values: Mapping[str, Any]) -> None:
+        """Take back :meth:`checkpoint_state` (before the resumed fit's first step)."""
+
 
 @dataclass
 class _FunctionCallback(TrainingCallback):
@@ -122,9 +130,10 @@ class EvaluationCallback(TrainingCallback):
             ``labels`` ``(B,)``), e.g. from :func:`pyro_moe.data.mcqa_batches`.
         every: evaluate after every ``every``-th step (step counts ``every, 2 every, ...``).
         num_samples: ``S`` joint draws of the predictive.
-        keep_best: restore, at the end of training, the guide's parameters and buffers of the
-            evaluated step with the lowest held-out NLL (the earliest on ties). The step count,
-            history and optimiser state stay those of the last step.
+        keep_best: restore, at the end of training, the guide's parameters, buffers and optimiser state
+            (Adam's moments) of the evaluated step with the lowest held-out NLL (the earliest on ties), so
+            that training resumed from the result continues from that step's state. The step count and
+            history stay those of the last step (what ran; the batch order continues from there).
         folder: write the posterior there (:meth:`FittedPosterior.save`, atomically) at every new
             best evaluation: a checkpoint of the best step that :meth:`FittedPosterior.load` reads
             and resumes from; ``None``: none.
@@ -181,22 +190,44 @@ class EvaluationCallback(TrainingCallback):
         if value < self.best_value:
             self.best_step, self.best_value = step, value
             if self.keep_best:
-                self._best_state = {name: tensor.detach().clone() for name, tensor in _state(posterior).items()}
+                state = _state(posterior) | posterior.engine.optimizer_tensors()
+                self._best_state = {name: tensor.detach().clone() for name, tensor in state.items()}
             if self.folder is not None:
                 posterior.save(self.folder)
         return value
 
     def finish(self, posterior: _Posterior) -> None:
-        """With ``keep_best``: copy the best evaluation's parameters and buffers into the guide."""
+        """With ``keep_best``: copy the best evaluation's parameters and buffers into the guide and its
+        optimiser state into the optimiser."""
         if not self.keep_best or not self._best_state:
             return
         with torch.no_grad():
             for name, tensor in _state(posterior).items():
                 tensor.copy_(self._best_state[name])
+        posterior.engine.load_optimizer_tensors(self._best_state)
+
+    def checkpoint_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """The evaluations so far, the best one and (``keep_best``) its state."""
+        values = {
+            "values": {str(step): value for step, value in self.values.items()},
+            "best_step": self.best_step,
+            "best_value": None if self.best_step is None else self.best_value,
+        }
+        return {f"best/{name}": tensor for name, tensor in self._best_state.items()}, values
+
+    def restore_checkpoint_state(self, tensors: Mapping[str, Tensor], values: Mapping[str, Any]) -> None:
+        self.values = {int(step): float(value) for step, value in values["values"].items()}
+        self.best_step = values["best_step"]
+        self.best_value = math.inf if values["best_value"] is None else float(values["best_value"])
+        self._best_state = {
+            name.removeprefix("best/"): tensor.clone() for name, tensor in tensors.items() if name.startswith("best/")
+        }
 
 
 def _state(posterior: _Posterior) -> dict[str, Tensor]:
-    """The trained tensors of ``posterior``: the engine's parameters (unconstrained) and the guide's buffers."""
-    state = {f"param/{name}": value for name, value in posterior.engine.params.items()}
+    """The trained tensors of ``posterior``: the engine's parameters (unconstrained; named without the fit's
+    prefix, as checkpoints name them) and the guide's buffers."""
+    prefix = posterior.engine.param_prefix
+    state = {f"param/{name.removeprefix(prefix)}": value for name, value in posterior.engine.params.items()}
     state.update({f"buffer/{name}": value for name, value in posterior.guide.named_buffers()})
     return state

@@ -53,6 +53,14 @@ from pyro_moe.inference.callbacks import TrainingCallback, as_callback
 from pyro_moe.inference.checkpoint import load_checkpoint, save_checkpoint
 from pyro_moe.inference.options import TrainingOptions
 from pyro_moe.inference.predictive import RoutedPrediction, predict, predictive_mode
+from pyro_moe.inference.resume import (
+    Checkpointer,
+    CheckpointOptions,
+    batches_digest,
+    check_resumable,
+    read_checkpoint,
+    restore_host_random,
+)
 from pyro_moe.inference.svi import SVIEngine
 from pyro_moe.models.expert_patch import patch_experts
 from pyro_moe.models.likelihoods import Likelihood, check_batches, likelihood_from_config, likelihood_kind
@@ -206,10 +214,13 @@ class FittedPosterior:
         steps: int,
         progress: bool = True,
         callback: TrainingCallback | Callable[[FittedPosterior, int], float | None] | None = None,
+        checkpoint: CheckpointOptions | None = None,
     ) -> FittedPosterior:
         """Run ``steps`` more SVI steps on ``data`` (also how :func:`fit` trains and how a loaded
         posterior resumes); the batch order continues from the step count. Data-parallel, every
-        rank gives the same ``data`` and steps on its rows of each batch.
+        rank gives the same ``data`` and steps on its rows of each batch. A posterior that has
+        trained already may be given 0 steps (the end of a fit resumed at its last step: the
+        callback's finish and the post-hoc stage only).
 
         The ``J`` batches are visited once per epoch, in an order drawn from ``seed + epoch`` (so the
         order is a function of the seed and the step count alone, whatever the number of processes),
@@ -225,15 +236,21 @@ class FittedPosterior:
         ``callback`` (see :mod:`pyro_moe.inference.callbacks`, e.g. an
         :class:`~pyro_moe.inference.callbacks.EvaluationCallback`) is checked before the first
         step, called after every step with the number of steps done (a returned number goes into
-        that step's history record under the callback's name) and finished after the last."""
+        that step's history record under the callback's name) and finished after the last.
+        ``checkpoint``: write run checkpoints while the steps run, and on SIGINT write one and raise
+        :class:`~pyro_moe.inference.resume.FitInterrupted` (:mod:`pyro_moe.inference.resume`; its
+        ``resume`` is for :func:`fit`)."""
         hooks = hooks_of(self.guide.global_guide)
-        check_integer("steps", steps, minimum=self.guide.min_steps)
+        start = self.engine.step_count
+        check_integer("steps", steps, minimum=0 if start else self.guide.min_steps)
         if self.fitted_post_hoc:
             raise ConfigurationError("a posterior fitted post hoc (a Laplace) cannot resume training; fit a new one.")
+        if checkpoint is not None and not isinstance(checkpoint, CheckpointOptions):
+            raise ConfigurationError(f"checkpoint must be CheckpointOptions or None, got {checkpoint!r}.")
         batches = self.likelihood.check_batches(data)
         callback = None if callback is None else as_callback(callback)
-        if callback is not None:
-            callback.check(self, self.engine.step_count, steps)
+        if callback is not None and (steps or not start):
+            callback.check(self, start, steps)
         num_examples = sum(len(batch["input_ids"]) for batch in batches)
         num_batches = len(batches)
         parallel = self.data_parallel
@@ -241,25 +258,34 @@ class FittedPosterior:
             parallel.check_batch_sizes([len(batch["input_ids"]) for batch in batches])
             progress = progress and parallel.is_main
         device, seed = self._device(), self.config["seed"]
-        start = self.engine.step_count
         hooks.check_fit(self.patch, start, steps, self.config["num_particles"])
         if not hooks.trains:  # nothing to optimise (temp-sampling)
             return self
         self.config.pop("calibration", None)  # fitted to the predictive these steps change
+        checkpointer = None
+        if checkpoint is not None:
+            checkpointer = Checkpointer(checkpoint, self, callback, batches_digest(batches), start + steps)
+        interrupts = contextlib.nullcontext() if checkpointer is None else checkpointer.stop_on_interrupt()
+        if not steps and self.engine.resume_rng_state is not None:  # no step to restore it: the state as saved
+            self.engine.resume_rng_state.restore()
+            self.engine.resume_rng_state = None
         bar = tqdm(range(start, start + steps), desc=f"fit {self.guide.spec}", disable=not progress)
         with _frozen(self.patch.model), _training(self.guide):
-            for step in bar:
-                epoch, position = divmod(step, num_batches)
-                order = torch.randperm(num_batches, generator=torch.Generator().manual_seed(seed + epoch))
-                batch = batches[int(order[position])]
-                stands_for = num_batches * len(batch["input_ids"])  # J B_j: its rows weigh J (see the docstring)
-                batch = {k: v.to(device) for k, v in (parallel.shard_rows(batch) if parallel else batch).items()}
-                record = self.engine.step({**batch, "num_examples": stands_for})
-                hooks.after_step(self.engine.step_count)
-                value = None if callback is None else callback(self, self.engine.step_count)
-                if value is not None:
-                    record[callback.name] = float(value)
-                bar.set_postfix(loss=f"{record['loss']:.3g}", kl=f"{record['kl']:.3g}", nll=f"{record['nll']:.3f}")
+            with interrupts, contextlib.closing(bar):
+                for step in bar:
+                    epoch, position = divmod(step, num_batches)
+                    order = torch.randperm(num_batches, generator=torch.Generator().manual_seed(seed + epoch))
+                    batch = batches[int(order[position])]
+                    stands_for = num_batches * len(batch["input_ids"])  # J B_j: its rows weigh J (see the docstring)
+                    batch = {k: v.to(device) for k, v in (parallel.shard_rows(batch) if parallel else batch).items()}
+                    record = self.engine.step({**batch, "num_examples": stands_for})
+                    hooks.after_step(self.engine.step_count)
+                    value = None if callback is None else callback(self, self.engine.step_count)
+                    if value is not None:
+                        record[callback.name] = float(value)
+                    bar.set_postfix(loss=f"{record['loss']:.3g}", kl=f"{record['kl']:.3g}", nll=f"{record['nll']:.3f}")
+                    if checkpointer is not None:
+                        checkpointer.after_step(self.engine.step_count)
             if callback is not None:
                 callback.finish(self)
             if hooks.post_hoc:
@@ -299,12 +325,18 @@ class FittedPosterior:
         on rank 0 alone both work)."""
         if self.data_parallel is not None and not self.data_parallel.is_main:
             return Path(folder)
+        return save_checkpoint(folder, *self.training_state())
+
+    def training_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """What :meth:`save` writes: the tensors (parameters, buffers, optimiser and random state) and the
+        configuration with the history and step count (the run checkpoints of
+        :mod:`pyro_moe.inference.resume` add to it)."""
         tensors = self.engine.state_tensors()
         tensors.update({f"buffer/{name}": value for name, value in self.guide.named_buffers()})
         config = {**self.config, "history": self.engine.history, "step_count": self.engine.step_count}
         if self.fitted_post_hoc:
             config["post_hoc_state"] = hooks_of(self.guide.global_guide).fitted_metadata()
-        return save_checkpoint(folder, tensors, config)
+        return tensors, config
 
     @classmethod
     def load(cls, folder: str | Path, model: nn.Module, distributed: bool | None = None) -> FittedPosterior:
@@ -403,6 +435,7 @@ def fit(
     progress: bool = True,
     distributed: bool | None = None,
     callback: TrainingCallback | Callable[[FittedPosterior, int], float | None] | None = None,
+    checkpoint: CheckpointOptions | None = None,
     **overrides: Any,
 ) -> FittedPosterior:
     """Fit a posterior over the router sites of ``patch`` on MCQA or text ``data`` by SVI.
@@ -429,6 +462,13 @@ def fit(
         callback: runs after every step (:meth:`FittedPosterior.train`), e.g.
             ``EvaluationCallback(validation_batches, every=50, keep_best=True)``: held-out NLL in the
             history, the best evaluation's parameters restored at the end.
+        checkpoint: write run checkpoints every few steps and on SIGINT
+            (:class:`~pyro_moe.inference.resume.CheckpointOptions`, :mod:`pyro_moe.inference.resume`); with
+            ``resume=True`` and a checkpoint in its folder, continue that fit (parameters, optimiser,
+            random streams, history, the callback's state) after checking that it was written with the
+            same options and batches: the result equals the uninterrupted fit bitwise (one process, the
+            same device and threads). The checkpoint stays when the fit ends (delete it once the
+            posterior is saved).
         overrides: fields of :class:`~pyro_moe.inference.options.TrainingOptions` replacing those of
             ``training`` (``steps=300, lr=0.05``).
 
@@ -437,7 +477,10 @@ def fit(
             fit the likelihood (the Kronecker Laplace families: MCQA only), empty data, labels outside
             the choices, MCQA batches with ``answer_token_ids=None`` or text batches with answer ids,
             text without a next token to observe, bad options, data-parallel batches with fewer rows
-            than processes, a callback's bad options or held-out batches; before training starts.
+            than processes, a callback's bad options or held-out batches, a checkpoint to resume that
+            was written with other options or batches (:class:`~pyro_moe.inference.resume.ResumeError`);
+            before training starts.
+        FitInterrupted: SIGINT during the steps, with ``checkpoint``: the checkpoint is written.
     """
     options = (training or TrainingOptions()).with_overrides(overrides)
     parallel = data_parallel(distributed)
@@ -456,6 +499,12 @@ def fit(
     batches = posterior.likelihood.check_batches(data)
     if parallel is not None:
         parallel.check_batch_sizes([len(batch["input_ids"]) for batch in batches])
+    callback = None if callback is None else as_callback(callback)
+    saved = None
+    if checkpoint is not None and checkpoint.resume:
+        saved = read_checkpoint(checkpoint.folder)
+        if saved is not None:
+            check_resumable(checkpoint.folder, saved[1], config, checkpoint, batches_digest(batches))
     pyro.set_rng_seed(options.seed)
     original_device = patch.model.get_input_embeddings().weight.device
     try:
@@ -466,4 +515,26 @@ def fit(
     except BaseException:
         patch.model.to(original_device)  # a refused guide leaves the model where it was
         raise
-    return posterior.train(batches, options.steps, progress=progress, callback=callback)
+    if saved is not None:
+        _resume(posterior, *saved, {**first, "num_examples": sum(len(b["input_ids"]) for b in batches)}, callback)
+    steps = options.steps - posterior.engine.step_count
+    return posterior.train(batches, steps, progress=progress, callback=callback, checkpoint=checkpoint)
+
+
+def _resume(
+    posterior: FittedPosterior,
+    tensors: Mapping[str, Tensor],
+    config: Mapping[str, Any],
+    batch: Mapping[str, Any],
+    callback: TrainingCallback | None,
+) -> None:
+    """Continue a run checkpoint (:func:`pyro_moe.inference.resume.read_checkpoint`) in the freshly set-up
+    ``posterior``: parameters, buffers, optimiser, random streams, history, step count, the callback's state."""
+    posterior.engine.load_state_tensors(tensors, batch)  # torch's streams: restored at the next step
+    _load_buffers(posterior.guide, tensors)
+    posterior.engine.history = [dict(record) for record in config["history"]]
+    posterior.engine.step_count = int(config["step_count"])
+    if callback is not None:
+        state = {name.removeprefix("callback/"): t for name, t in tensors.items() if name.startswith("callback/")}
+        callback.restore_checkpoint_state(state, config["checkpoint"].get("callback", {}))
+    restore_host_random(tensors)

@@ -28,6 +28,7 @@ from pyro_moe.errors import ConfigurationError
 from pyro_moe.guides.family import GuideScope
 from pyro_moe.guides.registry import parse_guide
 from pyro_moe.inference.fitting import FittedPosterior, fit
+from pyro_moe.inference.resume import CheckpointOptions
 from pyro_moe.models.expert_patch import patch_experts
 from pyro_moe.models.likelihoods import likelihood_kind
 from pyro_moe.models.router_patch import patch_routers
@@ -151,6 +152,7 @@ def fit_families(
     progress: bool = True,
     validation_batches: Sequence[Mapping[str, Tensor]] | None = None,
     in_place: bool = False,
+    checkpoint: CheckpointOptions | None = None,
 ) -> dict[str, FittedPosterior]:
     """Fit every spec with :func:`pyro_moe.fit` on ``batches``; returns ``{spec name: FittedPosterior}``.
 
@@ -164,6 +166,7 @@ def fit_families(
         layers: the Bayesian decoder layers of specs that do not choose their own.
         steps, seed, progress: as in :func:`pyro_moe.fit` (a spec's options override them).
         validation_batches: held-out batches for the specs that ``tune`` hyperparameters after the fit.
+        checkpoint: run checkpoints (and resuming one) of the fit, as in :func:`pyro_moe.fit`; one spec only.
 
     Raises:
         ConfigurationError: options a family refuses (``GuideFamily.check_options``: SWAG's schedule),
@@ -181,6 +184,8 @@ def fit_families(
         raise ConfigurationError(f"{tuned} choose hyperparameters on validation data: give validation_batches.")
     if in_place and len(specs) != 1:
         raise ConfigurationError(f"in_place fits one family on the model itself, got {len(specs)} families.")
+    if checkpoint is not None and len(specs) != 1:
+        raise ConfigurationError(f"a checkpoint folder holds one fit, got {len(specs)} families.")
     posteriors = {}
     for spec in tqdm(specs, desc="families", disable=not progress or len(specs) < 2):
         target = model if in_place else copy.deepcopy(model)
@@ -189,7 +194,7 @@ def fit_families(
             patch = patch_experts(target, layers=family_layers)
         else:
             patch = patch_routers(target, spec.sites, layers=family_layers, selection=spec.selection)
-        options = {"steps": steps, "seed": seed, "progress": progress, **spec.options}
+        options = {"steps": steps, "seed": seed, "progress": progress, "checkpoint": checkpoint, **spec.options}
         try:
             posterior = fit(patch, batches, spec.guide, answer_token_ids=answer_token_ids, **options)
         except BaseException:

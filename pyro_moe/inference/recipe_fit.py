@@ -43,6 +43,7 @@ from pyro_moe.guides.registry import parse_guide
 from pyro_moe.inference.callbacks import EvaluationCallback
 from pyro_moe.inference.fitting import FittedPosterior, fit
 from pyro_moe.inference.recipes import RECIPES, SITE_KIND, Recipe, named_recipe
+from pyro_moe.inference.resume import CheckpointOptions
 from pyro_moe.inference.selection import PriorSelection, select_prior
 from pyro_moe.models.likelihoods import check_batches
 from pyro_moe.models.priors import PriorScale
@@ -73,6 +74,15 @@ class _RecipePath(EvaluationCallback):
         if step % self.record_every == 0 or step == self._last:
             self.trajectory[step] = {site: scale.tolist() for site, scale in posterior.prior_scales().items()}
         return value
+
+    def checkpoint_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """The parent's state and the scales recorded so far."""
+        tensors, values = super().checkpoint_state()
+        return tensors, {**values, "trajectory": {str(step): scales for step, scales in self.trajectory.items()}}
+
+    def restore_checkpoint_state(self, tensors: Mapping[str, Tensor], values: Mapping[str, Any]) -> None:
+        super().restore_checkpoint_state(tensors, values)
+        self.trajectory = {int(step): scales for step, scales in values["trajectory"].items()}
 
 
 @dataclass
@@ -216,6 +226,7 @@ def run_recipe(
     layers: str | Sequence[int] = "all",
     layer_candidates: Sequence[str | Sequence[int]] | None = None,
     progress: bool = True,
+    checkpoint: CheckpointOptions | None = None,
 ) -> RecipeFit:
     """Select, patch, fit and calibrate as ``recipe`` says (see the module docstring); ``model`` is patched
     in place (``result.posterior.patch.unpatch()`` restores it).
@@ -233,6 +244,9 @@ def run_recipe(
         layer_candidates: several layer sets to choose from with the scale (by the same calibration NLL);
             ``None``: ``layers`` alone.
         progress: show progress bars.
+        checkpoint: run checkpoints of the fit (step 3; the calibration NLL along it and the scales' trajectory
+            included), and resuming one, as in :func:`pyro_moe.fit`; the selection runs again on resume (it is
+            deterministic), the calibration after the fit.
 
     Raises:
         ConfigurationError: an unknown recipe name, a recipe whose guide or scale sharing is not
@@ -290,6 +304,7 @@ def run_recipe(
             guide_options=guide_options,
             progress=progress,
             callback=path,
+            checkpoint=checkpoint,
         )
         last = path.trajectory[max(path.trajectory)]  # the scales' shapes: a float per layer, a list per expert
         start = {site: [chosen.scale] * len(v) if isinstance(v, list) else chosen.scale for site, v in last.items()}

@@ -395,12 +395,37 @@ class SVIEngine:
         tensors = {
             f"param/{name.removeprefix(self.param_prefix)}": value.detach() for name, value in self.params.items()
         }
+        tensors.update(self.optimizer_tensors())
+        tensors.update(RandomState.current().tensors())
+        return tensors
+
+    def optimizer_tensors(self) -> dict[str, Tensor]:
+        """The optimiser's state (Adam's moments and step counts) as flat tensors ``optimizer/{index}/{key}``,
+        ``index`` the position of the parameter in name order; detached, not copies. Empty before the first step."""
+        tensors: dict[str, Tensor] = {}
         if self.optimizer is not None:
             for index, state in self.optimizer.state_dict()["state"].items():
                 for key, value in state.items():
-                    tensors[f"optimizer/{index}/{key}"] = torch.as_tensor(value)
-        tensors.update(RandomState.current().tensors())
+                    tensors[f"optimizer/{index}/{key}"] = torch.as_tensor(value).detach()
         return tensors
+
+    def load_optimizer_tensors(self, tensors: Mapping[str, Tensor]) -> None:
+        """Set the optimiser's state to copies of :meth:`optimizer_tensors` (entries of other names are ignored);
+        the optimiser must exist (after the first step or :meth:`load_state_tensors`)."""
+        moments: dict[int, dict[str, Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith(("optimizer/", "adam/")):  # "adam/": checkpoints from before SGD
+                _, index, field = key.split("/")
+                moments.setdefault(int(index), {})[field] = value
+        if not moments:
+            return
+        devices = [self.params[name].device for name in sorted(self.params)]
+        state = self.optimizer.state_dict()
+        state["state"] = {
+            index: {k: v.clone() if k == "step" else v.to(devices[index], copy=True) for k, v in entries.items()}
+            for index, entries in moments.items()
+        }
+        self.optimizer.load_state_dict(state)
 
     def load_state_tensors(self, tensors: Mapping[str, Tensor], batch: Mapping[str, Any]) -> None:
         """Restore :meth:`state_tensors` (the model and guide must be built as when saved)."""
@@ -418,18 +443,5 @@ class SVIEngine:
             raise ConfigurationError(
                 f"the checkpoint's parameters {sorted(names)[:5]} differ from the guide's {sorted(self.params)[:5]}."
             )
-        moments: dict[int, dict[str, Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith(("optimizer/", "adam/")):  # "adam/": checkpoints from before SGD
-                _, index, field = key.split("/")
-                moments.setdefault(int(index), {})[field] = value
-        if moments:
-            state = self.optimizer.state_dict()
-            state["state"] = {
-                index: {
-                    k: v.to(self.params[sorted(self.params)[index]].device) if k != "step" else v for k, v in s.items()
-                }
-                for index, s in moments.items()
-            }
-            self.optimizer.load_state_dict(state)
+        self.load_optimizer_tensors(tensors)
         self.resume_rng_state = RandomState.from_tensors(dict(tensors))

@@ -78,8 +78,10 @@ def test_perfectly_separated_labels_are_refused_as_a_temperature_diverging_to_ze
     labels = logits.argmax(-1)
     grid = np.array([1.0, 0.1, 0.01, 0.001])
     assert np.all(np.diff(_grid_nll(logits.double().numpy(), labels.numpy(), grid)) < 0)
-    with pytest.raises(ConfigurationError, match="diverges to 0"):
+    with pytest.raises(ConfigurationError, match="diverges to 0") as refused:
         fit_temperature(logits, labels)
+    assert "every one of the 50 calibration examples" in str(refused.value)
+    assert "Calibrate on more or harder held-out examples" in str(refused.value)  # what to do instead
 
 
 def test_labels_without_signal_give_an_infinite_temperature_and_uniform_probabilities():

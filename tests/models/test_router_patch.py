@@ -178,6 +178,12 @@ BAD_INPUT = [
     ),
     (lambda: tiny_model("qwen2_moe"), {"sites": ["logits"], "layers": []}, LayerSelectionError, r"no layer"),
     (
+        lambda: tiny_model("qwen2_moe"),
+        {"sites": ["logits"], "layers": [2, -1]},
+        LayerSelectionError,
+        r"layers \[2, -1\] name decoder layer 2 more than once",
+    ),
+    (
         lambda: tiny_model("mixtral"),
         {"sites": ["logit"]},
         ConfigurationError,
