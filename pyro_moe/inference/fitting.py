@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,14 +51,16 @@ from pyro_moe.guides.family import hooks_of
 from pyro_moe.guides.router_guide import RouterGuide
 from pyro_moe.inference.calibration import calibrated_probs, fit_predictive_temperature
 from pyro_moe.inference.callbacks import TrainingCallback, as_callback
-from pyro_moe.inference.checkpoint import load_checkpoint, save_checkpoint
+from pyro_moe.inference.checkpoint import CONFIG, CheckpointError, read_checkpoint, save_checkpoint
+from pyro_moe.inference.model_fingerprint import model_differences, model_fingerprint
 from pyro_moe.inference.options import TrainingOptions
 from pyro_moe.inference.predictive import RoutedPrediction, predict, predictive_mode
+from pyro_moe.inference.saved_config import check_saved_config
 from pyro_moe.inference.svi import SVIEngine
 from pyro_moe.models.expert_patch import patch_experts
 from pyro_moe.models.likelihoods import Likelihood, check_batches, likelihood_from_config, likelihood_kind
 from pyro_moe.models.priors import learned_scale_name
-from pyro_moe.models.router_patch import RouterPatch, patch_routers
+from pyro_moe.models.router_patch import RouterPatch, check_unpatched, patch_routers
 from pyro_moe.validation import check_integer
 
 __all__ = ["FittedPosterior", "fit"]
@@ -278,7 +281,10 @@ class FittedPosterior:
         return dataclasses.replace(prediction, probs=probs, temperature=scaling.temperature)
 
     def save(self, folder: str | Path) -> Path:
-        """Write the guide's parameters, the optimiser state and the configuration (safetensors + JSON).
+        """Write the guide's parameters, the optimiser state and the configuration (safetensors + JSON)
+        with a manifest binding them to their bytes and to the model (its fingerprint), as one atomic
+        folder (:mod:`pyro_moe.inference.checkpoint`): ``folder`` is replaced as a whole, so it must be
+        new, empty or a checkpoint.
 
         Data-parallel, only rank 0 writes; the others return at once (so calling it on every rank or
         on rank 0 alone both work)."""
@@ -289,25 +295,64 @@ class FittedPosterior:
         config = {**self.config, "history": self.engine.history, "step_count": self.engine.step_count}
         if self.fitted_post_hoc:
             config["post_hoc_state"] = hooks_of(self.guide.global_guide).fitted_metadata()
-        return save_checkpoint(folder, tensors, config)
+        return save_checkpoint(folder, tensors, config, model=model_fingerprint(self.patch))
 
     @classmethod
-    def load(cls, folder: str | Path, model: nn.Module, distributed: bool | None = None) -> FittedPosterior:
+    def load(
+        cls,
+        folder: str | Path,
+        model: nn.Module,
+        distributed: bool | None = None,
+        *,
+        allow_other_model: bool = False,
+    ) -> FittedPosterior:
         """Patch ``model`` as the saved posterior was patched and restore its guide and training state.
 
-        The model must be the same architecture and weights; it is patched in place (undo with
-        ``posterior.patch.unpatch()``). ``distributed``: as in :func:`fit`; a checkpoint resumes
-        under any number of processes."""
+        The folder's bytes are checked against its manifest, every configuration entry against the
+        model (:func:`~pyro_moe.inference.saved_config.check_saved_config`), and the model against the
+        fingerprint of the one the posterior was fitted on (configuration and the weights of the MoE
+        blocks with sample sites, :mod:`~pyro_moe.inference.model_fingerprint`). ``model`` is patched
+        in place (undo with ``posterior.patch.unpatch()``); a refusal leaves it unpatched.
+
+        Args:
+            folder: a folder :meth:`save` wrote.
+            model: the model it was fitted on (fresh, unpatched).
+            distributed: as in :func:`fit`; a checkpoint resumes under any number of processes.
+            allow_other_model: load into a model whose fingerprint differs (a deliberate transfer, e.g.
+                to a fine-tune of the same architecture), with a warning naming what differs.
+
+        Raises:
+            CheckpointError: a missing, changed or extra file; a configuration entry the model cannot
+                use (naming it); another model than the fitted one (naming the configuration entries
+                or the blocks whose weights differ), unless ``allow_other_model``.
+        """
         parallel = data_parallel(distributed)
-        tensors, config = load_checkpoint(folder)
+        saved = read_checkpoint(folder)
+        tensors, config = saved.tensors, saved.config
+        check_unpatched(model)
+        check_saved_config(config, model, saved.folder / CONFIG)
         try:
             if "experts" in config["sites"]:
                 patch = patch_experts(model, config["layers"], sites=config["sites"])
             else:
                 patch = patch_routers(model, config["sites"], layers=config["layers"], selection=config["selection"])
-        except KeyError as missing:
-            raise ConfigurationError(f"checkpoint {folder} lacks the configuration entry {missing}.") from None
+        except ConfigurationError as error:
+            raise CheckpointError(f"checkpoint file {saved.folder / CONFIG}: entry 'sites': {error}") from None
         try:
+            if saved.model is not None:
+                differences = model_differences(saved.model, model_fingerprint(patch))
+                if differences and not allow_other_model:
+                    raise CheckpointError(
+                        f"posterior {saved.folder} was fitted on another model: {'; '.join(differences)} differ. "
+                        "Load it into the model it was fitted on, or transfer it deliberately with "
+                        "allow_other_model=True (command line: --allow-other-model)."
+                    )
+                if differences:
+                    warnings.warn(
+                        f"loading posterior {saved.folder} into another model than it was fitted on "
+                        f"(allow_other_model): {'; '.join(differences)} differ.",
+                        stacklevel=2,
+                    )
             posterior = _build(patch, config, parallel)
             device = posterior._device()
             dummy = {**posterior.likelihood.placeholder_batch(device), "num_examples": 1}
@@ -327,7 +372,7 @@ class FittedPosterior:
                 _load_buffers(posterior.guide, tensors)
             posterior.guide.eval()
             posterior.engine.history = list(config.get("history", []))
-            posterior.engine.step_count = int(config.get("step_count", 0))
+            posterior.engine.step_count = config.get("step_count", 0)
         except BaseException:
             patch.unpatch()
             raise
