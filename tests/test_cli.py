@@ -27,6 +27,7 @@ from pyro_moe.experiments.evaluation import FitSettings, fit_named_families, fit
 from pyro_moe.inference import presets
 from pyro_moe.inference.checkpoint import CheckpointError
 from pyro_moe.inference.fitting import FittedPosterior
+from pyro_moe.run_lock import LOCK_NAME
 from tests.experiments.tiny_evaluation import direct_answer_probs, tiny_splits
 from tests.tiny_models import tiny_dense_model, tiny_model, tiny_tokenizer
 
@@ -179,7 +180,7 @@ def _bad_input(tmp_path, capsys, argv) -> str:
     assert "Traceback" not in err
     error = err.strip().splitlines()[-1]
     assert error.startswith(f"pyro-moe {argv[0]}: error: ")
-    assert sorted(path.name for path in out.iterdir()) == [LOG_NAME]
+    assert sorted(path.name for path in out.iterdir()) == sorted([LOCK_NAME, LOG_NAME])  # the lock, released
     return error
 
 

@@ -94,7 +94,7 @@ def _file_digest(path: Path) -> tuple[str, int]:
 
 
 def _check_replaceable(folder: Path) -> None:
-    """``folder`` is new, empty or a checkpoint: a save replaces it as a whole, and must not take other files with it."""
+    """``folder`` is new, empty or a checkpoint: a save replaces it as a whole and must not take other files along."""
     if not folder.exists():
         return
     if not folder.is_dir():
