@@ -48,6 +48,7 @@ import logging
 import os
 import shlex
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -911,12 +912,25 @@ def _run(args: argparse.Namespace, writes: bool, argv: Sequence[str]) -> int:
             logger.warning(message)
             print(f"pyro-moe {args.command}: warning: {message}", file=sys.stderr)
         try:
-            return _outcome(args)
+            with warnings.catch_warnings():  # Python warnings (a transferred posterior, ...) as one line, logged too
+                warnings.showwarning = _warning_line(args.command)
+                return _outcome(args)
         finally:
             logging.getLogger("pyro_moe.data").removeHandler(data_warnings)
             root.removeHandler(handler)
             root.setLevel(level)
             handler.close()
+
+
+def _warning_line(command: str) -> Callable[..., None]:
+    """A ``warnings.showwarning`` that writes ``pyro-moe COMMAND: warning: MESSAGE`` on stderr and into the log."""
+
+    def show(message: Warning | str, *_: Any, **__: Any) -> None:
+        text = " ".join(str(message).split())
+        logger.warning(text)
+        print(f"pyro-moe {command}: warning: {text}", file=sys.stderr)
+
+    return show
 
 
 def _outcome(args: argparse.Namespace) -> int:
