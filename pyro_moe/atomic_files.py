@@ -39,6 +39,7 @@ __all__ = [
     "committed_folder",
     "fsync_file",
     "fsync_folder",
+    "process_alive",
     "replace_folder",
     "write_atomically",
     "write_text_atomically",
@@ -115,7 +116,10 @@ def committed_folder(folder: str | os.PathLike) -> Path | None:
     return aside if aside.is_dir() else None
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: object) -> bool:
+    """Whether ``pid`` (an integer > 0) names a running process on this host."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -129,7 +133,7 @@ def _remove_dead_incoming(folder: Path) -> None:
     """Remove the temporary siblings of ``folder`` that processes no longer running left behind."""
     for leftover in folder.parent.glob(f".{folder.name}.{INCOMING}-*"):
         pid = leftover.name.rsplit(f".{INCOMING}-", 1)[1].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             shutil.rmtree(leftover, ignore_errors=True)
 
 

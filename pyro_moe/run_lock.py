@@ -30,7 +30,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from pyro_moe.atomic_files import write_text_atomically
+from pyro_moe.atomic_files import process_alive, write_text_atomically
 from pyro_moe.errors import PyroMoEError
 
 __all__ = ["HOLDER_NAME", "LOCK_NAME", "RunFolderLocked", "RunLock", "describe_holder", "lock_run_folder"]
@@ -41,18 +41,6 @@ HOLDER_NAME = ".pyro-moe.lock.json"
 
 class RunFolderLocked(PyroMoEError):
     """Another process holds the lock on the run folder."""
-
-
-def _process_alive(pid: object) -> bool:
-    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
 
 
 def _read_holder(folder: Path) -> dict[str, Any] | None:
@@ -118,7 +106,7 @@ def lock_run_folder(folder: str | os.PathLike, command: str) -> RunLock:
         holder = _read_holder(folder)
         who = (
             describe_holder(holder)
-            if holder is not None and _process_alive(holder.get("pid"))
+            if holder is not None and process_alive(holder.get("pid"))
             else "another process (starting: it has not written its PID yet)"
         )
         raise RunFolderLocked(
