@@ -21,7 +21,10 @@ Without ``--model`` the embedded benchmark model is used, without ``--data`` its
 loaded with ``AutoModelForCausalLM.from_pretrained`` (a local folder, or an HF id, downloaded as
 transformers does when there is a network), remote code only with ``--trust-remote-code``.
 Bad input ends with exit code 2 and a one-line reason, before anything but ``pyro-moe.log`` is
-written into ``--out`` (a folder: an existing file there is refused). Data rows that are skipped
+written into ``--out`` (a folder: an existing file there is refused). Every command locks ``--out``
+first (:mod:`pyro_moe.run_lock`): a second command writing into the same folder is refused with exit
+code 2 naming the first one's PID and command. ``evaluate`` and ``diagnose`` refuse a ``--posterior``
+fitted on another model unless ``--allow-other-model`` (:mod:`pyro_moe.inference.checkpoint`). Data rows that are skipped
 (broken lines, rows that fit no schema) are named by file line in a warning on stderr and in the log.
 
 ``fit`` and ``laplace`` run data-parallel when a launcher starts several processes (torchrun,
@@ -892,34 +895,31 @@ def _run(args: argparse.Namespace, writes: bool, argv: Sequence[str]) -> int:
         lock = lock_run_folder(args.out, shlex.join(["pyro-moe", *argv]))
     except PyroMoEError as error:
         return _failure(args, error)
-    with lock:
-        handler = logging.FileHandler(args.out / LOG_NAME)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root = logging.getLogger()
-        level = root.level
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)
-        data_warnings = logging.StreamHandler(sys.stderr)  # skipped rows and their file lines, on the terminal too
-        data_warnings.setLevel(logging.WARNING)
-        data_warnings.setFormatter(logging.Formatter(f"pyro-moe {args.command}: warning: %(message)s"))
-        logging.getLogger("pyro_moe.data").addHandler(data_warnings)
-        logger.info("pyro-moe %s", " ".join(argv))
-        if lock.stale_holder is not None:
-            message = (
-                f"took over the lock on --out {args.out} from {describe_holder(lock.stale_holder)}, which was "
-                "killed before it released it."
-            )
-            logger.warning(message)
-            print(f"pyro-moe {args.command}: warning: {message}", file=sys.stderr)
-        try:
-            with warnings.catch_warnings():  # Python warnings (a transferred posterior, ...) as one line, logged too
-                warnings.showwarning = _warning_line(args.command)
-                return _outcome(args)
-        finally:
-            logging.getLogger("pyro_moe.data").removeHandler(data_warnings)
-            root.removeHandler(handler)
-            root.setLevel(level)
-            handler.close()
+    handler = logging.FileHandler(args.out / LOG_NAME)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    data_warnings = logging.StreamHandler(sys.stderr)  # skipped rows and their file lines, on the terminal too
+    data_warnings.setLevel(logging.WARNING)
+    data_warnings.setFormatter(logging.Formatter(f"pyro-moe {args.command}: warning: %(message)s"))
+    logging.getLogger("pyro_moe.data").addHandler(data_warnings)
+    logger.info("pyro-moe %s", " ".join(argv))
+    if lock.stale_holder is not None:
+        message = f"took over the lock on --out {args.out} from {describe_holder(lock.stale_holder)}, which was killed"
+        logger.warning("%s before it released it.", message)
+        print(f"pyro-moe {args.command}: warning: {message} before it released it.", file=sys.stderr)
+    try:
+        with warnings.catch_warnings():  # Python warnings (a transferred posterior, ...) as one line, logged too
+            warnings.showwarning = _warning_line(args.command)
+            return _outcome(args)
+    finally:
+        logging.getLogger("pyro_moe.data").removeHandler(data_warnings)
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
+        lock.release()
 
 
 def _warning_line(command: str) -> Callable[..., None]:
