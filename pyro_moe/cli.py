@@ -24,8 +24,9 @@ Bad input ends with exit code 2 and a one-line reason, before anything but ``pyr
 written into ``--out`` (a folder: an existing file there is refused). Every command locks ``--out``
 first (:mod:`pyro_moe.run_lock`): a second command writing into the same folder is refused with exit
 code 2 naming the first one's PID and command. ``evaluate`` and ``diagnose`` refuse a ``--posterior``
-fitted on another model unless ``--allow-other-model`` (:mod:`pyro_moe.inference.checkpoint`). Data rows that are skipped
-(broken lines, rows that fit no schema) are named by file line in a warning on stderr and in the log.
+fitted on another model unless ``--allow-other-model`` (:mod:`pyro_moe.inference.checkpoint`). Data
+rows that are skipped (broken lines, rows that fit no schema) are named by file line in a warning on
+stderr and in the log.
 
 ``fit`` and ``laplace`` run data-parallel when a launcher starts several processes (torchrun,
 accelerate launch; see :mod:`pyro_moe.distributed`): rank 0 writes the log, the posterior and the
