@@ -45,13 +45,13 @@ from tqdm.auto import tqdm
 
 from pyro_moe.core.routing_context import PredictiveMode
 from pyro_moe.distributed import DataParallel, data_parallel
-from pyro_moe.errors import ConfigurationError
+from pyro_moe.errors import ConfigurationError, PyroMoEError
 from pyro_moe.evaluation.temperature_scaling import TemperatureScaling
 from pyro_moe.guides.family import hooks_of
 from pyro_moe.guides.router_guide import RouterGuide
 from pyro_moe.inference.calibration import calibrated_probs, fit_predictive_temperature
 from pyro_moe.inference.callbacks import TrainingCallback, as_callback
-from pyro_moe.inference.checkpoint import CONFIG, CheckpointError, read_checkpoint, save_checkpoint
+from pyro_moe.inference.checkpoint import CONFIG, CheckpointError, SavedCheckpoint, read_checkpoint, save_checkpoint
 from pyro_moe.inference.model_fingerprint import model_differences, model_fingerprint
 from pyro_moe.inference.options import TrainingOptions
 from pyro_moe.inference.predictive import RoutedPrediction, predict, predictive_mode
@@ -323,8 +323,10 @@ class FittedPosterior:
 
         Raises:
             CheckpointError: a missing, changed or extra file; a configuration entry the model cannot
-                use (naming it); another model than the fitted one (naming the configuration entries
-                or the blocks whose weights differ), unless ``allow_other_model``.
+                use (naming it), guide options the guide refuses, tensors that do not fit the guide the
+                configuration describes; another model than the fitted one (naming the configuration
+                entries or the blocks whose weights differ), unless ``allow_other_model``.
+            ConfigurationError: ``model`` already carries a patch.
         """
         parallel = data_parallel(distributed)
         saved = read_checkpoint(folder)
@@ -339,24 +341,9 @@ class FittedPosterior:
         except ConfigurationError as error:
             raise CheckpointError(f"checkpoint file {saved.folder / CONFIG}: entry 'sites': {error}") from None
         try:
-            if saved.model is not None:
-                differences = model_differences(saved.model, model_fingerprint(patch))
-                if differences and not allow_other_model:
-                    raise CheckpointError(
-                        f"posterior {saved.folder} was fitted on another model: {'; '.join(differences)} differ. "
-                        "Load it into the model it was fitted on, or transfer it deliberately with "
-                        "allow_other_model=True (command line: --allow-other-model)."
-                    )
-                if differences:
-                    warnings.warn(
-                        f"loading posterior {saved.folder} into another model than it was fitted on "
-                        f"(allow_other_model): {'; '.join(differences)} differ.",
-                        stacklevel=2,
-                    )
-            posterior = _build(patch, config, parallel)
+            _check_same_model(saved, patch, allow_other_model)
+            posterior, dummy = _rebuilt(patch, config, parallel, saved.folder / CONFIG)
             device = posterior._device()
-            dummy = {**posterior.likelihood.placeholder_batch(device), "num_examples": 1}
-            posterior.guide.setup(**dummy)
             if posterior.fitted_post_hoc:
                 if any(name.startswith("param/") for name in tensors):  # what the SVI steps trained (per-token parts)
                     posterior.engine.load_state_tensors(tensors, dummy)
@@ -373,10 +360,53 @@ class FittedPosterior:
             posterior.guide.eval()
             posterior.engine.history = list(config.get("history", []))
             posterior.engine.step_count = config.get("step_count", 0)
+        except ConfigurationError as error:  # tensors that do not fit the guide the configuration describes
+            patch.unpatch()
+            raise CheckpointError(f"checkpoint {saved.folder}: {error}") from None
         except BaseException:
             patch.unpatch()
             raise
         return posterior
+
+
+def _check_same_model(saved: SavedCheckpoint, patch: RouterPatch, allow_other_model: bool) -> None:
+    """Refuse (or, ``allow_other_model``, warn about) a model whose fingerprint differs from the saved one."""
+    if saved.model is None:  # written without a fingerprint (save_checkpoint alone, or before manifests)
+        return
+    differences = model_differences(saved.model, model_fingerprint(patch))
+    if differences and not allow_other_model:
+        raise CheckpointError(
+            f"posterior {saved.folder} was fitted on another model: {'; '.join(differences)} differ. Load it into "
+            "the model it was fitted on, or transfer it deliberately with allow_other_model=True (command line: "
+            "--allow-other-model)."
+        )
+    if differences:
+        warnings.warn(
+            f"loading posterior {saved.folder} into another model than it was fitted on (allow_other_model): "
+            f"{'; '.join(differences)} differ.",
+            stacklevel=3,
+        )
+
+
+def _rebuilt(
+    patch: RouterPatch, config: dict, parallel: DataParallel | None, source: Path
+) -> tuple[FittedPosterior, dict[str, Any]]:
+    """The posterior ``config`` (read from ``source``) describes on ``patch``, its guide set up on a
+    placeholder batch (returned too); what the likelihood or the guide refuses names ``source``."""
+    try:
+        posterior = _build(patch, config, parallel)
+        dummy = {**posterior.likelihood.placeholder_batch(posterior._device()), "num_examples": 1}
+        posterior.guide.setup(**dummy)
+    except PyroMoEError as error:
+        raise CheckpointError(f"checkpoint file {source}: {error}") from None
+    except (TypeError, ValueError) as error:  # guide options reach Pyro's and torch's constructors as they are
+        if not config.get("guide_options"):
+            raise
+        raise CheckpointError(
+            f"checkpoint file {source}: entry 'guide_options': the guide {config['guide']!r} refuses "
+            f"{config['guide_options']}: {error}."
+        ) from None
+    return posterior, dummy
 
 
 def _load_buffers(guide: nn.Module, tensors: Mapping[str, Tensor]) -> None:

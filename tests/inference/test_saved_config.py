@@ -81,3 +81,32 @@ def test_an_edit_without_the_manifest_is_refused_by_the_manifest_and_the_saved_c
     pyro.clear_param_store()
     assert FittedPosterior.load(folder, tiny_model("granitemoe")).engine.step_count == 2
     assert vocabulary_size(tiny_model("granitemoe")) == tiny_model("granitemoe").lm_head.out_features
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"low-rank": {"rank": "x"}}, r"entry 'guide_options': the guide 'low-rank' refuses .*rank"),
+        ({"low-rank": {"foo": 1}}, r"entry 'guide_options': the guide 'low-rank' refuses .*foo"),
+        ({"mfvr": {}}, r"options given for \['mfvr'\], which the guide 'low-rank' does not use"),
+        ({"low-rank": {"rank": 3}}, r"has shape \(\d+, 2\), the guide its configuration describes \(\d+, 3\)"),
+    ],
+)
+def test_hand_edited_guide_options_are_refused_naming_them(tmp_path, options, message):
+    pyro.clear_param_store()
+    handle = patch_routers(tiny_model("granitemoe"), {"weight": 0.2}, layers=[1])
+    posterior = fit(
+        handle,
+        mcqa_batches(count=2),
+        "low-rank",
+        answer_token_ids=ANSWERS,
+        steps=2,
+        progress=False,
+        guide_options={"low-rank": {"rank": 2}},
+    )
+    folder = posterior.save(tmp_path / "fit")
+    _edit(folder, json.loads((folder / CONFIG).read_text()), (folder / MANIFEST).read_text(), "guide_options", options)
+    model = tiny_model("granitemoe")
+    with pytest.raises(CheckpointError, match=rf"config\.json.*{message}|{message}"):
+        FittedPosterior.load(folder, model)
+    assert not any("Bayesian" in type(module).__name__ for module in model.modules())
