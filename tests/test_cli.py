@@ -548,6 +548,11 @@ def test_a_flipped_byte_a_swapped_file_and_another_model_exit_2(saved, saved_pos
     error = _bad_input(tmp_path / "swapped", capsys, evaluate)
     assert f"{tensors} does not match its manifest" in error
     tensors.write_bytes(original)
+    config = saved_posterior / "config.json"
+    config.rename(tmp_path / "config.json")
+    error = _bad_input(tmp_path / "missing", capsys, evaluate)
+    assert f"{config} is missing (its manifest lists it)" in error
+    (tmp_path / "config.json").rename(config)
 
     other = tmp_path / "other-moe"  # the same architecture and shapes, other weights
     tiny_model("granitemoe", seed=1).save_pretrained(other)
