@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
-from safetensors.torch import load, load_file, save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from pyro_moe.atomic_files import committed_folder, replace_folder
@@ -171,8 +171,16 @@ def _manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def _verified_bytes(folder: Path, manifest: Mapping[str, Any]) -> dict[str, bytes]:
-    """The bytes of every file the manifest lists, each checked against its size and SHA-256."""
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    """What changes when a file is replaced (saves never modify a file in place: they write new ones)."""
+    status = path.stat()
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
+
+
+def _verify(folder: Path, manifest: Mapping[str, Any]) -> dict[str, tuple[int, int, int, int]]:
+    """Check every file the manifest lists against its size and SHA-256 (streamed: a large tensors
+    file is not held in memory twice) and that no other file is there; returns each file's identity,
+    so that the caller can tell whether one was replaced while it read them."""
     listed = manifest["files"]
     extra = sorted(path.name for path in folder.iterdir() if path.name not in listed and path.name != MANIFEST)
     if extra:
@@ -180,30 +188,30 @@ def _verified_bytes(folder: Path, manifest: Mapping[str, Any]) -> dict[str, byte
             f"checkpoint folder {folder} holds {', '.join(extra[:5])}, which its manifest does not list (a file "
             "from another run?); a checkpoint folder holds only what its save wrote."
         )
-    contents = {}
+    identities = {}
     for name, entry in sorted(listed.items()):
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"checkpoint file {path} is missing (its manifest lists it).")
-        data = path.read_bytes()
-        if len(data) != entry["size"]:
+        identities[name] = _identity(path)
+        sha256, size = _file_digest(path)
+        if size != entry["size"]:
             raise CheckpointError(
-                f"checkpoint file {path} does not match its manifest ({len(data)} bytes, the manifest says "
+                f"checkpoint file {path} does not match its manifest ({size} bytes, the manifest says "
                 f"{entry['size']}): truncated or tampered, or from another run."
             )
-        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        if sha256 != entry["sha256"]:
             raise CheckpointError(
                 f"checkpoint file {path} does not match its manifest (SHA-256 differs): truncated or tampered, "
                 "or from another run."
             )
-        contents[name] = data
-    return contents
+    return identities
 
 
-def _parse(folder: Path, tensor_bytes: bytes | None, config_text: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def _parse(folder: Path, config_text: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
     tensors_path, config_path = folder / TENSORS, folder / CONFIG
     try:
-        tensors = load_file(tensors_path) if tensor_bytes is None else load(tensor_bytes)
+        tensors = load_file(tensors_path)
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(
             f"checkpoint file {tensors_path} is unreadable (truncated or tampered?): {error}"
@@ -248,15 +256,20 @@ def read_checkpoint(folder: str | os.PathLike) -> SavedCheckpoint:
             raise CheckpointError(
                 f"checkpoint file {found / CONFIG} is unreadable (truncated or tampered?): {error}"
             ) from None
-        tensors, config = _parse(found, None, config_text)
+        tensors, config = _parse(found, config_text)
         return SavedCheckpoint(tensors, config, None, found, verified=False)
     manifest = _manifest(found)
-    contents = _verified_bytes(found, manifest)
+    identities = _verify(found, manifest)
     try:
-        config_text = contents[CONFIG].decode("utf-8")
+        config_text = (found / CONFIG).read_bytes().decode("utf-8")
     except UnicodeDecodeError as error:
         raise CheckpointError(f"checkpoint file {found / CONFIG} is not UTF-8 text: {error}") from None
-    tensors, config = _parse(found, contents[TENSORS], config_text)
+    tensors, config = _parse(found, config_text)
+    for name, identity in identities.items():
+        if not (found / name).is_file() or _identity(found / name) != identity:
+            raise CheckpointError(
+                f"checkpoint file {found / name} was replaced while it was read (a save at the same time?); load again."
+            )
     return SavedCheckpoint(tensors, config, manifest["model"], found, verified=True)
 
 

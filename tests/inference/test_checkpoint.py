@@ -203,3 +203,22 @@ def test_a_folder_without_a_manifest_loads_with_a_warning_and_a_bad_manifest_is_
         load_checkpoint(folder)
     _resave_manifest(folder)
     assert load_checkpoint(folder)[1] == {"run": "hand-edited"}
+
+
+def test_a_save_landing_while_a_checkpoint_is_read_is_refused_not_mixed(tmp_path, monkeypatch):
+    """The bytes are hashed, then parsed: a save that swaps the folder in between is noticed."""
+    from pyro_moe.inference import checkpoint
+
+    folder = save_checkpoint(tmp_path / "fit", OLD, {"run": "old"})
+    real_load_file = checkpoint.load_file
+
+    def load_after_a_save(path):
+        monkeypatch.setattr(checkpoint, "load_file", real_load_file)
+        save_checkpoint(folder, NEW, {"run": "new"})  # lands between the hashing and the parsing
+        return real_load_file(path)
+
+    monkeypatch.setattr(checkpoint, "load_file", load_after_a_save)
+    with pytest.raises(CheckpointError, match=r"was replaced while it was read \(a save at the same time\?\)"):
+        read_checkpoint(folder)
+    saved = read_checkpoint(folder)
+    assert _same(saved.tensors, NEW) and saved.config == {"run": "new"}
