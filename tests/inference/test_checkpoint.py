@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from pyro_moe.atomic_files import aside_folder
+from pyro_moe.inference import checkpoint
 from pyro_moe.inference.checkpoint import (
     CONFIG,
     MANIFEST,
@@ -207,8 +208,6 @@ def test_a_folder_without_a_manifest_loads_with_a_warning_and_a_bad_manifest_is_
 
 def test_a_save_landing_while_a_checkpoint_is_read_is_refused_not_mixed(tmp_path, monkeypatch):
     """The bytes are hashed, then parsed: a save that swaps the folder in between is noticed."""
-    from pyro_moe.inference import checkpoint
-
     folder = save_checkpoint(tmp_path / "fit", OLD, {"run": "old"})
     real_load_file = checkpoint.load_file
 
