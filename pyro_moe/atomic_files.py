@@ -157,12 +157,16 @@ def replace_folder(folder: str | os.PathLike, fill: Callable[[Path], None]) -> P
         shutil.rmtree(incoming, ignore_errors=True)
         raise
     aside = aside_folder(folder)
-    if folder.exists():
-        if aside.exists():  # left by a replacement killed after its second rename: folder is complete
-            shutil.rmtree(aside)
-        os.rename(folder, aside)
-        fsync_folder(folder.parent)
-    os.rename(incoming, folder)
+    try:
+        if folder.exists():
+            if aside.exists():  # left by a replacement killed after its second rename: folder is complete
+                shutil.rmtree(aside)
+            os.rename(folder, aside)
+            fsync_folder(folder.parent)
+        os.rename(incoming, folder)
+    except OSError:  # e.g. another writer's folder landed in between: it stays, this one is dropped
+        shutil.rmtree(incoming, ignore_errors=True)
+        raise
     fsync_folder(folder.parent)
     with contextlib.suppress(FileNotFoundError):
         shutil.rmtree(aside)
