@@ -30,7 +30,7 @@ from pyro_moe.inference.checkpoint import CheckpointError
 from pyro_moe.inference.options import TrainingOptions
 from pyro_moe.models.bayesian_router import Selection
 from pyro_moe.models.likelihoods import LikelihoodKind
-from pyro_moe.validation import check_integer, check_number
+from pyro_moe.validation import check_integer
 
 __all__ = ["check_saved_config", "vocabulary_size"]
 
@@ -48,6 +48,10 @@ def vocabulary_size(model: nn.Module) -> int:
 
 def _is_integer(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _check_entry(config: Mapping[str, Any], model: nn.Module, key: str) -> None:
@@ -107,9 +111,11 @@ def _check_entry(config: Mapping[str, Any], model: nn.Module, key: str) -> None:
                 raise PyroMoEError(f"unknown predictive mode {mode!r}; accepted: {', '.join(PredictiveMode)}")
             if not isinstance(entry, dict):
                 raise PyroMoEError(f"{mode}: must be an object with a temperature, got {entry!r}")
-            check_number(f"{mode} temperature", entry.get("temperature"))
+            temperature = entry.get("temperature")  # inf: the calibration logits carried no signal (uniform)
+            if not _is_number(temperature) or not temperature > 0:
+                raise PyroMoEError(f"{mode} temperature must be a positive number or Infinity, got {temperature!r}")
             for number in ("calibration_nll", "unscaled_nll"):
-                if not isinstance(entry.get(number), int | float) or not math.isfinite(entry[number]):
+                if not _is_number(entry.get(number)) or not math.isfinite(entry[number]):
                     raise PyroMoEError(f"{mode} {number} must be a finite number, got {entry.get(number)!r}")
     elif key in ("post_hoc_fitted", "laplace_fitted"):
         if not isinstance(value, bool):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 
 import pyro
 import pytest
@@ -56,7 +57,8 @@ def _edit(folder, config, manifest_text, key, value, resave_manifest=True):
         ("num_particles", True, r"num_particles must be a positive integer"),
         ("optimizer", "adamw", r"unknown optimizer 'adamw'"),
         ("history", [{"loss": "low"}], r"a list of records of numbers"),
-        ("calibration", {"model-average": {"temperature": 0}}, r"temperature must be a positive number"),
+        ("calibration", {"model-average": {"temperature": 0}}, r"temperature must be a positive number or Infinity"),
+        ("calibration", {"model-average": {"temperature": "1"}}, r"temperature must be a positive number or Infinity"),
         ("sites", {"weights": 0.2}, r"'sites'"),
         ("guide", ..., r"lacks the entry 'guide'"),
         ("answer_token_ids", ..., r"lacks the entry 'answer_token_ids'"),
@@ -80,6 +82,10 @@ def test_an_edit_without_the_manifest_is_refused_by_the_manifest_and_the_saved_c
     _edit(folder, config, manifest, "step_count", config["step_count"])  # the saved values, re-serialised
     pyro.clear_param_store()
     assert FittedPosterior.load(folder, tiny_model("granitemoe")).engine.step_count == 2
+    uniform = {"model-average": {"temperature": math.inf, "calibration_nll": 1.39, "unscaled_nll": 1.5}}
+    _edit(folder, config, manifest, "calibration", uniform)  # what a calibration without signal saves
+    pyro.clear_param_store()
+    assert FittedPosterior.load(folder, tiny_model("granitemoe")).calibration["model-average"].temperature == math.inf
     assert vocabulary_size(tiny_model("granitemoe")) == tiny_model("granitemoe").lm_head.out_features
 
 
