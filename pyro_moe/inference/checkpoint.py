@@ -10,7 +10,7 @@ A checkpoint (a posterior) is a folder of three files:
 
 :func:`save_checkpoint` writes the three into a temporary sibling folder, flushes every file and the
 folder, and swaps it in with :func:`pyro_moe.atomic_files.replace_folder`: a reader sees the old
-checkpoint or the new one, complete, never a mix. :func:`read_checkpoint` checks the bytes against the
+checkpoint or the new one, complete, never a mix. :func:`read_checkpoint_folder` checks the bytes against the
 manifest before parsing anything: a changed byte, a missing file or one the manifest does not list
 (a file from another run) is refused with :class:`CheckpointError` naming the file. When a save was
 killed between its two renames (the folder missing, the old copy aside), the old copy is read, with a
@@ -21,7 +21,7 @@ Example::
 
     save_checkpoint("runs/fit", {"loc": torch.zeros(3)}, {"guide": "mean-field"})
     tensors, config = load_checkpoint("runs/fit")
-    saved = read_checkpoint("runs/fit")        # also saved.model (the fingerprint) and saved.folder
+    saved = read_checkpoint_folder("runs/fit")        # also saved.model (the fingerprint) and saved.folder
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ __all__ = [
     "CheckpointError",
     "SavedCheckpoint",
     "load_checkpoint",
-    "read_checkpoint",
+    "read_checkpoint_folder",
     "save_checkpoint",
 ]
 
@@ -67,7 +67,7 @@ class CheckpointError(PyroMoEError):
 
 @dataclass(frozen=True)
 class SavedCheckpoint:
-    """A checkpoint as :func:`read_checkpoint` found it.
+    """A checkpoint as :func:`read_checkpoint_folder` found it.
 
     Attributes:
         tensors: the tensors by name, on the CPU.
@@ -227,7 +227,7 @@ def _parse(folder: Path, config_text: str) -> tuple[dict[str, Tensor], dict[str,
     return tensors, config
 
 
-def read_checkpoint(folder: str | os.PathLike) -> SavedCheckpoint:
+def read_checkpoint_folder(folder: str | os.PathLike) -> SavedCheckpoint:
     """Read and verify a checkpoint written by :func:`save_checkpoint` (see the module docstring);
     errors name the file and the reason. Nothing is parsed before its bytes match the manifest."""
     requested = Path(folder)
@@ -274,6 +274,6 @@ def read_checkpoint(folder: str | os.PathLike) -> SavedCheckpoint:
 
 
 def load_checkpoint(folder: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """The tensors and configuration of :func:`read_checkpoint`."""
-    saved = read_checkpoint(folder)
+    """The tensors and configuration of :func:`read_checkpoint_folder`."""
+    saved = read_checkpoint_folder(folder)
     return saved.tensors, saved.config

@@ -51,7 +51,13 @@ from pyro_moe.guides.family import hooks_of
 from pyro_moe.guides.router_guide import RouterGuide
 from pyro_moe.inference.calibration import calibrated_probs, fit_predictive_temperature
 from pyro_moe.inference.callbacks import TrainingCallback, as_callback
-from pyro_moe.inference.checkpoint import CONFIG, CheckpointError, SavedCheckpoint, read_checkpoint, save_checkpoint
+from pyro_moe.inference.checkpoint import (
+    CONFIG,
+    CheckpointError,
+    SavedCheckpoint,
+    read_checkpoint_folder,
+    save_checkpoint,
+)
 from pyro_moe.inference.model_fingerprint import model_differences, model_fingerprint
 from pyro_moe.inference.options import TrainingOptions
 from pyro_moe.inference.predictive import RoutedPrediction, predict, predictive_mode
@@ -329,7 +335,7 @@ class FittedPosterior:
             ConfigurationError: ``model`` already carries a patch.
         """
         parallel = data_parallel(distributed)
-        saved = read_checkpoint(folder)
+        saved = read_checkpoint_folder(folder)
         tensors, config = saved.tensors, saved.config
         check_unpatched(model)
         check_saved_config(config, model, saved.folder / CONFIG)

@@ -27,7 +27,7 @@ from pyro_moe.inference.checkpoint import (
     TENSORS,
     CheckpointError,
     load_checkpoint,
-    read_checkpoint,
+    read_checkpoint_folder,
     save_checkpoint,
 )
 
@@ -93,7 +93,7 @@ def test_sigkill_at_every_phase_of_a_save_leaves_the_old_or_the_new_checkpoint(t
         phases = line[1:]
         with warnings.catch_warnings(record=True):
             warnings.simplefilter("always")
-            saved = read_checkpoint(folder)
+            saved = read_checkpoint_folder(folder)
         renamed_in = phases[:-1].count("rename") >= 2 if line[0] == "paused" else True
         expected, run = (NEW, "new") if renamed_in else (OLD, "old")
         assert _same(saved.tensors, expected), (pause_at, phases)
@@ -194,7 +194,7 @@ def test_a_folder_without_a_manifest_loads_with_a_warning_and_a_bad_manifest_is_
         load_checkpoint(folder)
     (folder / MANIFEST).unlink()
     with pytest.warns(UserWarning, match=r"has no manifest\.json .* not checked; load it and save it again"):
-        saved = read_checkpoint(folder)
+        saved = read_checkpoint_folder(folder)
     assert not saved.verified and _same(saved.tensors, OLD)
 
     save_checkpoint(folder, OLD, {"run": "edited"})
@@ -218,6 +218,6 @@ def test_a_save_landing_while_a_checkpoint_is_read_is_refused_not_mixed(tmp_path
 
     monkeypatch.setattr(checkpoint, "load_file", load_after_a_save)
     with pytest.raises(CheckpointError, match=r"was replaced while it was read \(a save at the same time\?\)"):
-        read_checkpoint(folder)
-    saved = read_checkpoint(folder)
+        read_checkpoint_folder(folder)
+    saved = read_checkpoint_folder(folder)
     assert _same(saved.tensors, NEW) and saved.config == {"run": "new"}
