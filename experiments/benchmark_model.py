@@ -42,6 +42,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import BatchEncoding, GraniteMoeConfig, GraniteMoeForCausalLM, PreTrainedTokenizerFast
 
+from pyro_moe.atomic_files import write_text_atomically
 from pyro_moe.core.readout import last_token_logits
 from pyro_moe.data import DEFAULT_TEMPLATE, MCQAExample, answer_token_ids, mcqa_batches
 from pyro_moe.errors import ConfigurationError
@@ -254,9 +255,9 @@ def train_benchmark_model(
     tokenizer.save_pretrained(out)
     # transformers leaves the attention implementation out of config.json; loading honours it when present.
     config = json.loads((out / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps({**config, "attn_implementation": "eager"}, indent=2) + "\n")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (out / "README.md").write_text(_readme(metrics))
+    write_text_atomically(out / "config.json", json.dumps({**config, "attn_implementation": "eager"}, indent=2) + "\n")
+    write_text_atomically(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    write_text_atomically(out / "README.md", _readme(metrics))
     return metrics
 
 

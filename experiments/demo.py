@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from pyro_moe.atomic_files import write_atomically, write_text_atomically
 from pyro_moe.core.routing_context import PredictiveMode
 from pyro_moe.diagnostics.arviz_export import to_inference_data
 from pyro_moe.diagnostics.collapse import collapse_report
@@ -289,7 +290,8 @@ def run_demo(
 
     held_out = split_batches(splits["calibration"], tokenizer, 50, settings.diagnostic_examples)
     netcdf = out / "posterior_mean-field.nc"
-    to_inference_data(posteriors["mean-field"], held_out, num_draws=settings.draws, seed=seed).to_netcdf(netcdf)
+    idata = to_inference_data(posteriors["mean-field"], held_out, num_draws=settings.draws, seed=seed)
+    write_atomically(netcdf, idata.to_netcdf)
     collapse = collapse_report(
         posteriors[settings.collapse],
         held_out,
@@ -298,7 +300,9 @@ def run_demo(
         summary_draws=settings.draws,
         seed=seed,
     )
-    collapse.table.to_csv(out / f"collapse_{slug(settings.collapse)}.csv", index=False)
+    write_atomically(
+        out / f"collapse_{slug(settings.collapse)}.csv", lambda path: collapse.table.to_csv(path, index=False)
+    )
     collapse_plot = collapse.plot(out / f"collapse_{slug(settings.collapse)}.png")
     columns = ["site", "sd_ratio", "kl_per_dimension", "active_fraction", "deterministic", "prior_collapse"]
     collapse_rows = collapse.table[[c for c in columns if c in collapse.table]].to_dict("records")
@@ -306,10 +310,12 @@ def run_demo(
 
     recipe_parts = {}
     for name, result in recipes.items():
-        (out / f"recipe_{slug(name)}.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        write_text_atomically(out / f"recipe_{slug(name)}.json", json.dumps(result.to_json(), indent=2) + "\n")
         recipe_parts[name] = (result.to_markdown(), result.plot(out / f"recipe_{slug(name)}_scales.png"))
     headline = headline_rows(calibration, ood, stability)
-    (out / "headline.json").write_text(json.dumps({"settings": asdict(settings), "rows": headline}, indent=2) + "\n")
+    write_text_atomically(
+        out / "headline.json", json.dumps({"settings": asdict(settings), "rows": headline}, indent=2) + "\n"
+    )
     report = _report(settings, headline, parts, stability, recipe_parts, collapse_table, netcdf, collapse_plot)
-    (out / "report.md").write_text(report)
+    write_text_atomically(out / "report.md", report)
     return headline

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from pyro_moe.atomic_files import write_text_atomically
 from pyro_moe.core.handlers import at_prior_mean
 from pyro_moe.core.readout import last_token_logits
 from pyro_moe.core.routing_context import PredictiveMode
@@ -497,8 +498,8 @@ def write_results(results: Results, folder: str | Path) -> dict[str, Path | list
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     metrics, report = folder / "metrics.json", folder / "report.md"
-    metrics.write_text(json.dumps(_json_ready(results.to_json()), indent=2) + "\n")
-    report.write_text(results.to_markdown())
+    write_text_atomically(metrics, json.dumps(_json_ready(results.to_json()), indent=2) + "\n")
+    write_text_atomically(report, results.to_markdown())
     return {"metrics": metrics, "report": report, "plots": results.plot(folder)}
 
 

@@ -49,6 +49,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
+from pyro_moe.atomic_files import write_atomically
 from pyro_moe.diagnostics.arviz_export import compare, loo, plot_forest, to_inference_data
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.evaluation.metrics import accuracy, expected_calibration_error, negative_log_likelihood
@@ -106,8 +107,8 @@ class GuideComparison:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         paths = {"table": folder / "table.csv", "ranking": folder / "ranking.csv"}
-        self.table.to_csv(paths["table"])
-        self.ranking.to_csv(paths["ranking"])
+        write_atomically(paths["table"], self.table.to_csv)
+        write_atomically(paths["ranking"], self.ranking.to_csv)
         having = {
             name: export
             for name, export in self.exports.items()
@@ -139,7 +140,7 @@ def plot_elbo_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], pat
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(figure)
-    figure.savefig(path, dpi=120)
+    write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=120))
     return path
 
 

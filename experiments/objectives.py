@@ -47,6 +47,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from pyro_moe.atomic_files import write_text_atomically
 from pyro_moe.core.routing_context import PredictiveMode
 from pyro_moe.data import mcqa_batches
 from pyro_moe.diagnostics.collapse import CollapseReport, collapse_report
@@ -225,9 +226,9 @@ class ObjectiveStudy:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         paths = {"metrics": folder / "metrics.json", "report": folder / "report.md"}
-        paths["metrics"].write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        write_text_atomically(paths["metrics"], json.dumps(self.to_json(), indent=2) + "\n")
         title = "# Plain ELBO against the importance-weighted bound with learned prior scales\n\n"
-        paths["report"].write_text(title + self.to_markdown())
+        write_text_atomically(paths["report"], title + self.to_markdown())
         paths["elbo"] = plot_elbo_curves(
             {case: posterior.history for case, posterior in self.posteriors.items()}, folder / "elbo.png"
         )

@@ -21,8 +21,12 @@ Without ``--model`` the embedded benchmark model is used, without ``--data`` its
 loaded with ``AutoModelForCausalLM.from_pretrained`` (a local folder, or an HF id, downloaded as
 transformers does when there is a network), remote code only with ``--trust-remote-code``.
 Bad input ends with exit code 2 and a one-line reason, before anything but ``pyro-moe.log`` is
-written into ``--out`` (a folder: an existing file there is refused). Data rows that are skipped
-(broken lines, rows that fit no schema) are named by file line in a warning on stderr and in the log.
+written into ``--out`` (a folder: an existing file there is refused). Every command locks ``--out``
+first (:mod:`pyro_moe.run_lock`): a second command writing into the same folder is refused with exit
+code 2 naming the first one's PID and command. ``evaluate`` and ``diagnose`` refuse a ``--posterior``
+fitted on another model unless ``--allow-other-model`` (:mod:`pyro_moe.inference.checkpoint`). Data
+rows that are skipped (broken lines, rows that fit no schema) are named by file line in a warning on
+stderr and in the log.
 
 ``fit`` and ``laplace`` run data-parallel when a launcher starts several processes (torchrun,
 accelerate launch; see :mod:`pyro_moe.distributed`): rank 0 writes the log, the posterior and the
@@ -49,11 +53,13 @@ import os
 import shlex
 import shutil
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pyro_moe.atomic_files import write_atomically, write_text_atomically
 from pyro_moe.errors import DataError, DistributedError, PyroMoEError
 from pyro_moe.validation import check_integer, check_number
 
@@ -630,7 +636,7 @@ def run_fit(args: argparse.Namespace) -> None:
     summary = {"guide": guide, "layers": posterior.config["layers"], "model": args.model, "processes": processes}
     summary["likelihood"] = posterior.config["likelihood"]
     summary["last_step"] = last
-    (args.out / "fit.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomically(args.out / "fit.json", json.dumps(summary, indent=2) + "\n")
     print(f"{guide} on layers {posterior.config['layers']}: {len(posterior.history)} steps; written: {folder}")
 
 
@@ -673,8 +679,8 @@ def run_recipe(args: argparse.Namespace) -> None:
     processes = 1 if posterior.data_parallel is None else posterior.data_parallel.world_size
     summary = {"guide": result.recipe.guide, "layers": posterior.config["layers"], "model": args.model}
     summary |= {"processes": processes, "last_step": posterior.history[-1], **result.to_json()}
-    (args.out / "fit.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (args.out / "recipe.md").write_text(result.to_markdown())
+    write_text_atomically(args.out / "fit.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomically(args.out / "recipe.md", result.to_markdown())
     result.plot(args.out / "scales.png")
     chosen = result.selection.chosen
     temperatures = ", ".join(f"{mode} {scaling.temperature:.3f}" for mode, scaling in posterior.calibration.items())
@@ -690,7 +696,9 @@ def _posteriors(args: argparse.Namespace, inputs: Inputs, guides: Sequence[str])
     posteriors: dict[str, Any] = {}
     if getattr(args, "posterior", None) is not None:
         _check_path(str(args.posterior), "posterior")
-        posteriors["posterior"] = FittedPosterior.load(args.posterior, copy.deepcopy(inputs.model))
+        posteriors["posterior"] = FittedPosterior.load(
+            args.posterior, copy.deepcopy(inputs.model), allow_other_model=args.allow_other_model
+        )
     if guides:
         posteriors.update(_fit(args, inputs, guides, resolve_layers(args, inputs)))
     return posteriors
@@ -714,7 +722,8 @@ def evaluate_text(args: argparse.Namespace) -> None:
     settings = PredictionSettings(num_samples=args.samples, seed=args.seed)
     inputs = load_text_inputs(args)
     batches = text_batches_of(args, inputs, args.examples)
-    posterior = FittedPosterior.load(args.posterior, copy.deepcopy(inputs.model))
+    model = copy.deepcopy(inputs.model)
+    posterior = FittedPosterior.load(args.posterior, model, allow_other_model=args.allow_other_model)
     results = perplexity_experiment(inputs.model, batches, {"posterior": posterior}, settings)
     paths = write_results(results, args.out / "perplexity")
     print(results.to_markdown())
@@ -773,18 +782,19 @@ def run_diagnose(args: argparse.Namespace) -> None:
 
     _check_path(str(args.posterior), "posterior")
     inputs = load_inputs(args, ["test"])
-    posterior = FittedPosterior.load(args.posterior, inputs.model)
+    posterior = FittedPosterior.load(args.posterior, inputs.model, allow_other_model=args.allow_other_model)
     batches = split_batches(inputs.splits["test"], inputs.tokenizer, args.batch_size, args.examples)
     draws = args.samples or 100
     idata = to_inference_data(posterior, batches, num_draws=draws, seed=args.seed)
     report = collapse_report(posterior, batches, num_draws=draws, summary_draws=draws, seed=args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
-    idata.to_netcdf(args.out / "posterior.nc")
-    report.summary.to_csv(args.out / "summary.csv")
-    report.table.to_csv(args.out / "collapse.csv", index=False)
+    write_atomically(args.out / "posterior.nc", idata.to_netcdf)
+    write_atomically(args.out / "summary.csv", report.summary.to_csv)
+    write_atomically(args.out / "collapse.csv", lambda path: report.table.to_csv(path, index=False))
     report.plot(args.out / "collapse.png")
     flags = {flag: report.flagged(flag) for flag in ("deterministic", "prior_collapse", "runaway_temperature")}
-    (args.out / "flags.json").write_text(json.dumps({k: [list(v) for v in vs] for k, vs in flags.items()}, indent=2))
+    flagged = {k: [list(v) for v in vs] for k, vs in flags.items()}
+    write_text_atomically(args.out / "flags.json", json.dumps(flagged, indent=2))
     print(report.table.to_string(max_cols=8))
     print("written:", *(args.out / name for name in ("posterior.nc", "summary.csv", "collapse.csv", "collapse.png")))
 
@@ -921,6 +931,15 @@ def _common(parser: argparse.ArgumentParser, samples: str | None = None) -> None
     parser.add_argument("--seed", type=_integer(0), default=0, help="seed of fits, noise and sampling (default 0)")
 
 
+def _allow_other_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-other-model",
+        action="store_true",
+        help="load --posterior into a model other than the one it was fitted on (another configuration or other "
+        "weights of the MoE blocks; refused without it), e.g. to transfer it to a fine-tune on purpose",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``pyro-moe`` parser with its subcommands."""
     parser = _Parser(prog="pyro-moe", description=__doc__.split("\n\n")[0])
@@ -998,6 +1017,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if name == "evaluate":
             command.add_argument("--posterior", type=Path, help="a posterior folder written by pyro-moe fit")
+            _allow_other_model(command)
         _common(command, "S, posterior samples per prediction (default 16)")
         command.set_defaults(run=run_evaluate, samples=16)
 
@@ -1005,6 +1025,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(diagnose)
     _data_options(diagnose)
     diagnose.add_argument("--posterior", type=Path, required=True, help="a posterior folder written by pyro-moe fit")
+    _allow_other_model(diagnose)
     _common(diagnose, "posterior draws of the export and the collapse report (default 100)")
     diagnose.set_defaults(run=run_diagnose)
 
@@ -1046,6 +1067,12 @@ def _run(args: argparse.Namespace, writes: bool, argv: Sequence[str]) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # e.g. no permission to write there
         return _failure(args, BadInput(f"--out {args.out}: cannot create the folder: {error.strerror or error}."))
+    from pyro_moe.run_lock import describe_holder, lock_run_folder
+
+    try:  # before the log: a refused second writer appends nothing to the first one's folder
+        lock = lock_run_folder(args.out, shlex.join(["pyro-moe", *argv]))
+    except PyroMoEError as error:
+        return _failure(args, error)
     handler = logging.FileHandler(args.out / LOG_NAME)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
@@ -1057,13 +1084,31 @@ def _run(args: argparse.Namespace, writes: bool, argv: Sequence[str]) -> int:
     data_warnings.setFormatter(logging.Formatter(f"pyro-moe {args.command}: warning: %(message)s"))
     logging.getLogger("pyro_moe.data").addHandler(data_warnings)
     logger.info("pyro-moe %s", " ".join(argv))
+    if lock.stale_holder is not None:
+        message = f"took over the lock on --out {args.out} from {describe_holder(lock.stale_holder)}, which was killed"
+        logger.warning("%s before it released it.", message)
+        print(f"pyro-moe {args.command}: warning: {message} before it released it.", file=sys.stderr)
     try:
-        return _outcome(args, argv)
+        with warnings.catch_warnings():  # Python warnings (a transferred posterior, ...) as one line, logged too
+            warnings.showwarning = _warning_line(args.command)
+            return _outcome(args, argv)
     finally:
         logging.getLogger("pyro_moe.data").removeHandler(data_warnings)
         root.removeHandler(handler)
         root.setLevel(level)
         handler.close()
+        lock.release()
+
+
+def _warning_line(command: str) -> Callable[..., None]:
+    """A ``warnings.showwarning`` that writes ``pyro-moe COMMAND: warning: MESSAGE`` on stderr and into the log."""
+
+    def show(message: Warning | str, *_: Any, **__: Any) -> None:
+        text = " ".join(str(message).split())
+        logger.warning(text)
+        print(f"pyro-moe {command}: warning: {text}", file=sys.stderr)
+
+    return show
 
 
 def _outcome(args: argparse.Namespace, argv: Sequence[str]) -> int:

@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"pyro_moe": "pyro_moe", "models": "pyro_moe.models", "guides": "pyro_moe.guides"}
 FOLDERS["experiments"] = "pyro_moe.experiments"
 
-BASE = {"errors", "validation", "distributed", "random_streams"}
-"""Top-level modules every package may import: errors, the validation helper, process groups, RNG state."""
+BASE = {"errors", "validation", "distributed", "random_streams", "atomic_files", "run_lock"}
+"""Top-level modules every package may import: errors, the validation helper, process groups, RNG state,
+atomic file writes and the lock on a run folder."""
 
 ALLOWED: dict[str, set[str]] = {
     "base": {"base"},

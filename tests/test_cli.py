@@ -4,11 +4,16 @@ bad input (exit code 2, one line, nothing but the log in ``--out``) and the refu
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
+import os
 import pickle
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import arviz as az
@@ -27,6 +32,7 @@ from pyro_moe.experiments.evaluation import FitSettings, fit_named_families, fit
 from pyro_moe.inference import presets
 from pyro_moe.inference.checkpoint import CheckpointError
 from pyro_moe.inference.fitting import FittedPosterior
+from pyro_moe.run_lock import HOLDER_NAME, LOCK_NAME
 from tests.experiments.tiny_evaluation import direct_answer_probs, tiny_splits
 from tests.tiny_models import tiny_dense_model, tiny_model, tiny_tokenizer
 
@@ -179,7 +185,7 @@ def _bad_input(tmp_path, capsys, argv) -> str:
     assert "Traceback" not in err
     error = err.strip().splitlines()[-1]
     assert error.startswith(f"pyro-moe {argv[0]}: error: ")
-    assert sorted(path.name for path in out.iterdir()) == [LOG_NAME]
+    assert sorted(path.name for path in out.iterdir()) == sorted([LOCK_NAME, LOG_NAME])  # the lock, released
     return error
 
 
@@ -471,3 +477,112 @@ def test_bad_recipe_options(saved, tmp_path, capsys):
         main(["fit", "--recipe", "mfvr-iwae-layer", "--guide", "mfvr", "--out", str(tmp_path / "never")])
     assert stop.value.code == EXIT_BAD_INPUT
     assert capsys.readouterr().err.endswith("argument --guide: not allowed with argument --recipe\n")
+
+
+def _wait_for_holder(out: Path, process: subprocess.Popen) -> None:
+    """Until ``process`` holds the lock on ``out`` (its PID in the holder file); it must not exit first."""
+    holder = out / HOLDER_NAME
+    for _ in range(1200):
+        if process.poll() is not None:
+            pytest.fail(f"the first writer exited with {process.returncode} before taking the lock")
+        try:
+            if json.loads(holder.read_text())["pid"] == process.pid:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.1)
+    pytest.fail("the first writer never took the lock")
+
+
+def test_a_second_writer_is_refused_naming_the_first_and_a_killed_writers_lock_is_taken_over(saved, tmp_path, capsys):
+    out = tmp_path / "fit"
+    argv = ["fit", "--model", str(saved["moe"]), "--data", str(saved["data"]), "--batch-size", "8"]
+    argv += ["--fit-examples", "8"]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "pyro_moe", *argv, "--steps", "1000000", "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for_holder(out, first)
+        assert main([*argv, "--steps", "1", "--out", str(out)]) == EXIT_BAD_INPUT
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert error.startswith(f"pyro-moe fit: error: --out {out} is in use by PID {first.pid} on ")
+        assert f"(pyro-moe fit --model {saved['moe']}" in error and "--steps 1000000" in error
+        assert "--steps 1 --out" not in (out / LOG_NAME).read_text()  # the refused writer wrote nothing
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+    assert (out / HOLDER_NAME).exists()  # what the killed writer left; the kernel released its lock
+    assert main([*argv, "--steps", "1", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"pyro-moe fit: warning: took over the lock on --out {out} from PID {first.pid} on " in err
+    assert "which was killed before it released it" in (out / LOG_NAME).read_text()
+    assert not (out / HOLDER_NAME).exists()
+    assert FittedPosterior.load(out / "posterior", tiny_model("granitemoe")).engine.step_count == 1
+
+
+def _resave_manifest(folder: Path) -> None:
+    """Recompute the manifest's hashes and sizes with hashlib, as a careful hand-editor would."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for name in manifest["files"]:
+        data = (folder / name).read_bytes()
+        manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_flipped_byte_a_swapped_file_and_another_model_exit_2(saved, saved_posterior, tmp_path, capsys):
+    model = ["--model", str(saved["moe"]), "--data", str(saved["data"]), "--examples", "8", "--samples", "2"]
+    evaluate = ["evaluate", *model, "--posterior", str(saved_posterior)]
+    tensors = saved_posterior / "tensors.safetensors"
+    original = tensors.read_bytes()
+    flipped = bytearray(original)
+    flipped[-4] ^= 0x10
+    tensors.write_bytes(bytes(flipped))
+    error = _bad_input(tmp_path / "flipped", capsys, evaluate)
+    assert f"{tensors} does not match its manifest (SHA-256 differs)" in error
+
+    other_run = ["fit", "--model", str(saved["moe"]), "--data", str(saved["data"]), "--steps", "2", "--seed", "1"]
+    assert main([*other_run, "--batch-size", "8", "--fit-examples", "8", "--out", str(tmp_path / "other")]) == 0
+    tensors.write_bytes((tmp_path / "other" / "posterior" / "tensors.safetensors").read_bytes())
+    error = _bad_input(tmp_path / "swapped", capsys, evaluate)
+    assert f"{tensors} does not match its manifest" in error
+    tensors.write_bytes(original)
+    config = saved_posterior / "config.json"
+    config.rename(tmp_path / "config.json")
+    error = _bad_input(tmp_path / "missing", capsys, evaluate)
+    assert f"{config} is missing (its manifest lists it)" in error
+    (tmp_path / "config.json").rename(config)
+
+    other = tmp_path / "other-moe"  # the same architecture and shapes, other weights
+    tiny_model("granitemoe", seed=1).save_pretrained(other)
+    tiny_tokenizer().save_pretrained(other)
+    diagnose = ["diagnose", "--model", str(other), "--data", str(saved["data"]), "--examples", "8", "--samples", "2"]
+    diagnose += ["--posterior", str(saved_posterior)]
+    error = _bad_input(tmp_path / "other-model", capsys, diagnose)
+    assert f"posterior {saved_posterior} was fitted on another model: weights of model.layers." in error
+    assert "--allow-other-model" in error
+    assert main([*diagnose, "--allow-other-model", "--out", str(tmp_path / "transferred")]) == 0
+    assert "pyro-moe diagnose: warning: loading posterior" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("answer_token_ids", [4, 10_000], r"entry 'answer_token_ids': must be two or more distinct token ids in \[0, "),
+        ("step_count", 2.5, r"entry 'step_count': step_count must be a non-negative integer, got 2\.5"),
+    ],
+)
+def test_a_hand_edited_config_is_refused_with_exit_2_naming_the_entry(
+    saved, saved_posterior, tmp_path, capsys, key, value, message
+):
+    config_path = saved_posterior / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, key: value}))
+    argv = ["evaluate", "--model", str(saved["moe"]), "--data", str(saved["data"]), "--examples", "8"]
+    argv += ["--posterior", str(saved_posterior)]
+    error = _bad_input(tmp_path / "edited", capsys, argv)
+    assert f"{config_path} does not match its manifest" in error  # the manifest notices the edit first
+    _resave_manifest(saved_posterior)
+    error = _bad_input(tmp_path / "edited-and-resealed", capsys, argv)
+    assert re.search(message, error), error

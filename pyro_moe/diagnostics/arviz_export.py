@@ -60,6 +60,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from torch.distributions import Distribution
 
+from pyro_moe.atomic_files import write_atomically
 from pyro_moe.diagnostics.draws import draw_global_sites, draw_prior_global_sites, fit_parameters, run_with_draws
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.inference.fitting import FittedPosterior
@@ -480,5 +481,5 @@ def plot_forest(idatas: Mapping[str, az.InferenceData], path: str | Path, var_na
     axis.set_xlabel("value (94 % HDI)")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=120))
     return path

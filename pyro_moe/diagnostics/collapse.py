@@ -61,6 +61,7 @@ from pyro.poutine.messenger import Messenger
 from torch import Tensor
 from torch.distributions import Distribution, biject_to, kl_divergence
 
+from pyro_moe.atomic_files import write_atomically
 from pyro_moe.diagnostics.arviz_export import SiteLayout, posterior_summary, selected_sites, to_inference_data
 from pyro_moe.diagnostics.draws import draw_global_sites, elementwise, fit_parameters, run_with_draws
 from pyro_moe.errors import ConfigurationError
@@ -191,7 +192,7 @@ class CollapseReport:
         figure.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
         FigureCanvasAgg(figure)
-        figure.savefig(path, dpi=120)
+        write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=120))
         return path
 
 

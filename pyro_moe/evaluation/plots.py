@@ -31,6 +31,7 @@ from matplotlib.ticker import ScalarFormatter
 from sklearn.metrics import roc_curve
 from torch import Tensor
 
+from pyro_moe.atomic_files import write_atomically
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.evaluation.metrics import ReliabilityDiagram, ood_auroc
 from pyro_moe.evaluation.stability import DEFAULT_GAMMA, RoutingStability
@@ -57,7 +58,7 @@ def _png_path(path: str | Path) -> Path:
 def _save(figure: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(figure)
-    figure.savefig(path, dpi=DPI)
+    write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=DPI))
     return path
 
 

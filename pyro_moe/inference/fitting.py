@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,13 +45,20 @@ from tqdm.auto import tqdm
 
 from pyro_moe.core.routing_context import PredictiveMode
 from pyro_moe.distributed import DataParallel, data_parallel
-from pyro_moe.errors import ConfigurationError
+from pyro_moe.errors import ConfigurationError, PyroMoEError
 from pyro_moe.evaluation.temperature_scaling import TemperatureScaling
 from pyro_moe.guides.family import hooks_of
 from pyro_moe.guides.router_guide import RouterGuide
 from pyro_moe.inference.calibration import calibrated_probs, fit_predictive_temperature
 from pyro_moe.inference.callbacks import TrainingCallback, as_callback
-from pyro_moe.inference.checkpoint import load_checkpoint, save_checkpoint
+from pyro_moe.inference.checkpoint import (
+    CONFIG,
+    CheckpointError,
+    SavedCheckpoint,
+    read_checkpoint_folder,
+    save_checkpoint,
+)
+from pyro_moe.inference.model_fingerprint import model_differences, model_fingerprint
 from pyro_moe.inference.options import TrainingOptions
 from pyro_moe.inference.predictive import RoutedPrediction, predict, predictive_mode
 from pyro_moe.inference.resume import (
@@ -61,11 +69,12 @@ from pyro_moe.inference.resume import (
     read_checkpoint,
     restore_host_random,
 )
+from pyro_moe.inference.saved_config import check_saved_config
 from pyro_moe.inference.svi import SVIEngine
 from pyro_moe.models.expert_patch import patch_experts
 from pyro_moe.models.likelihoods import Likelihood, check_batches, likelihood_from_config, likelihood_kind
 from pyro_moe.models.priors import HYPERPRIOR_SUFFIX, learned_scale_name
-from pyro_moe.models.router_patch import RouterPatch, patch_routers
+from pyro_moe.models.router_patch import RouterPatch, check_unpatched, patch_routers
 from pyro_moe.validation import check_integer
 
 __all__ = ["FittedPosterior", "fit"]
@@ -319,13 +328,16 @@ class FittedPosterior:
         return dataclasses.replace(prediction, probs=probs, temperature=scaling.temperature)
 
     def save(self, folder: str | Path) -> Path:
-        """Write the guide's parameters, the optimiser state and the configuration (safetensors + JSON).
+        """Write the guide's parameters, the optimiser state and the configuration (safetensors + JSON)
+        with a manifest binding them to their bytes and to the model (its fingerprint), as one atomic
+        folder (:mod:`pyro_moe.inference.checkpoint`): ``folder`` is replaced as a whole, so it must be
+        new, empty or a checkpoint.
 
         Data-parallel, only rank 0 writes; the others return at once (so calling it on every rank or
         on rank 0 alone both work)."""
         if self.data_parallel is not None and not self.data_parallel.is_main:
             return Path(folder)
-        return save_checkpoint(folder, *self.training_state())
+        return save_checkpoint(folder, *self.training_state(), model=model_fingerprint(self.patch))
 
     def training_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """What :meth:`save` writes: the tensors (parameters, buffers, optimiser and random state) and the
@@ -339,26 +351,52 @@ class FittedPosterior:
         return tensors, config
 
     @classmethod
-    def load(cls, folder: str | Path, model: nn.Module, distributed: bool | None = None) -> FittedPosterior:
+    def load(
+        cls,
+        folder: str | Path,
+        model: nn.Module,
+        distributed: bool | None = None,
+        *,
+        allow_other_model: bool = False,
+    ) -> FittedPosterior:
         """Patch ``model`` as the saved posterior was patched and restore its guide and training state.
 
-        The model must be the same architecture and weights; it is patched in place (undo with
-        ``posterior.patch.unpatch()``). ``distributed``: as in :func:`fit`; a checkpoint resumes
-        under any number of processes."""
+        The folder's bytes are checked against its manifest, every configuration entry against the
+        model (:func:`~pyro_moe.inference.saved_config.check_saved_config`), and the model against the
+        fingerprint of the one the posterior was fitted on (configuration and the weights of the MoE
+        blocks with sample sites, :mod:`~pyro_moe.inference.model_fingerprint`). ``model`` is patched
+        in place (undo with ``posterior.patch.unpatch()``); a refusal leaves it unpatched.
+
+        Args:
+            folder: a folder :meth:`save` wrote.
+            model: the model it was fitted on (fresh, unpatched).
+            distributed: as in :func:`fit`; a checkpoint resumes under any number of processes.
+            allow_other_model: load into a model whose fingerprint differs (a deliberate transfer, e.g.
+                to a fine-tune of the same architecture), with a warning naming what differs.
+
+        Raises:
+            CheckpointError: a missing, changed or extra file; a configuration entry the model cannot
+                use (naming it), guide options the guide refuses, tensors that do not fit the guide the
+                configuration describes; another model than the fitted one (naming the configuration
+                entries or the blocks whose weights differ), unless ``allow_other_model``.
+            ConfigurationError: ``model`` already carries a patch.
+        """
         parallel = data_parallel(distributed)
-        tensors, config = load_checkpoint(folder)
+        saved = read_checkpoint_folder(folder)
+        tensors, config = saved.tensors, saved.config
+        check_unpatched(model)
+        check_saved_config(config, model, saved.folder / CONFIG)
         try:
             if "experts" in config["sites"]:
                 patch = patch_experts(model, config["layers"], sites=config["sites"])
             else:
                 patch = patch_routers(model, config["sites"], layers=config["layers"], selection=config["selection"])
-        except KeyError as missing:
-            raise ConfigurationError(f"checkpoint {folder} lacks the configuration entry {missing}.") from None
+        except ConfigurationError as error:
+            raise CheckpointError(f"checkpoint file {saved.folder / CONFIG}: entry 'sites': {error}") from None
         try:
-            posterior = _build(patch, config, parallel)
+            _check_same_model(saved, patch, allow_other_model)
+            posterior, dummy = _rebuilt(patch, config, parallel, saved.folder / CONFIG)
             device = posterior._device()
-            dummy = {**posterior.likelihood.placeholder_batch(device), "num_examples": 1}
-            posterior.guide.setup(**dummy)
             if posterior.fitted_post_hoc:
                 if any(name.startswith("param/") for name in tensors):  # what the SVI steps trained (per-token parts)
                     posterior.engine.load_state_tensors(tensors, dummy)
@@ -375,7 +413,10 @@ class FittedPosterior:
                 _load_buffers(posterior.guide, tensors)
             posterior.guide.eval()
             posterior.engine.history = list(config.get("history", []))
-            posterior.engine.step_count = int(config.get("step_count", 0))
+            posterior.engine.step_count = config.get("step_count", 0)
+        except ConfigurationError as error:  # tensors that do not fit the guide the configuration describes
+            patch.unpatch()
+            raise CheckpointError(f"checkpoint {saved.folder}: {error}") from None
         except BaseException:
             patch.unpatch()
             raise
@@ -396,6 +437,46 @@ def _renamed_hyperprior_parameters(tensors: Mapping[str, Tensor], prefix: str) -
             key = f"param/{current}" if prefix + current in store else key
         renamed[key] = value
     return renamed
+
+
+def _check_same_model(saved: SavedCheckpoint, patch: RouterPatch, allow_other_model: bool) -> None:
+    """Refuse (or, ``allow_other_model``, warn about) a model whose fingerprint differs from the saved one."""
+    if saved.model is None:  # written without a fingerprint (save_checkpoint alone, or before manifests)
+        return
+    differences = model_differences(saved.model, model_fingerprint(patch))
+    if differences and not allow_other_model:
+        raise CheckpointError(
+            f"posterior {saved.folder} was fitted on another model: {'; '.join(differences)} differ. Load it into "
+            "the model it was fitted on, or transfer it deliberately with allow_other_model=True (command line: "
+            "--allow-other-model)."
+        )
+    if differences:
+        warnings.warn(
+            f"loading posterior {saved.folder} into another model than it was fitted on (allow_other_model): "
+            f"{'; '.join(differences)} differ.",
+            stacklevel=3,
+        )
+
+
+def _rebuilt(
+    patch: RouterPatch, config: dict, parallel: DataParallel | None, source: Path
+) -> tuple[FittedPosterior, dict[str, Any]]:
+    """The posterior ``config`` (read from ``source``) describes on ``patch``, its guide set up on a
+    placeholder batch (returned too); what the likelihood or the guide refuses names ``source``."""
+    try:
+        posterior = _build(patch, config, parallel)
+        dummy = {**posterior.likelihood.placeholder_batch(posterior._device()), "num_examples": 1}
+        posterior.guide.setup(**dummy)
+    except PyroMoEError as error:
+        raise CheckpointError(f"checkpoint file {source}: {error}") from None
+    except (TypeError, ValueError) as error:  # guide options reach Pyro's and torch's constructors as they are
+        if not config.get("guide_options"):
+            raise
+        raise CheckpointError(
+            f"checkpoint file {source}: entry 'guide_options': the guide {config['guide']!r} refuses "
+            f"{config['guide_options']}: {error}."
+        ) from None
+    return posterior, dummy
 
 
 def _load_buffers(guide: nn.Module, tensors: Mapping[str, Tensor]) -> None:
@@ -502,7 +583,7 @@ def fit(
     callback = None if callback is None else as_callback(callback)
     saved = None
     if checkpoint is not None and checkpoint.resume:
-        saved = read_checkpoint(checkpoint.folder)
+        saved = read_checkpoint(checkpoint.folder, patch)
         if saved is not None:
             check_resumable(checkpoint.folder, saved[1], config, checkpoint, batches_digest(batches))
     pyro.set_rng_seed(options.seed)

@@ -44,9 +44,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pyro_moe.atomic_files import committed_folder
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.inference.callbacks import TrainingCallback
-from pyro_moe.inference.checkpoint import load_checkpoint, save_checkpoint
+from pyro_moe.inference.checkpoint import read_checkpoint_folder, save_checkpoint
+from pyro_moe.inference.model_fingerprint import model_differences, model_fingerprint
 from pyro_moe.validation import check_integer, check_number
 
 __all__ = [
@@ -162,16 +164,28 @@ def restore_host_random(tensors: Mapping[str, Tensor]) -> None:
         np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), position, has_gauss, cached))
 
 
-def read_checkpoint(folder: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
-    """The run checkpoint in ``folder`` (tensors, configuration), ``None`` when there is none; a damaged one
-    raises :class:`~pyro_moe.inference.checkpoint.CheckpointError`, one that is not a run checkpoint (a
-    posterior) :class:`ResumeError`."""
+def read_checkpoint(folder: str | Path, patch: Any | None = None) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
+    """The run checkpoint in ``folder`` (tensors, configuration), ``None`` when there is none (neither the
+    folder nor the copy a save killed between its two renames set aside); a damaged one raises
+    :class:`~pyro_moe.inference.checkpoint.CheckpointError`, one that is not a run checkpoint (a posterior)
+    or was written on another model than ``patch``'s (its fingerprint,
+    :mod:`~pyro_moe.inference.model_fingerprint`) :class:`ResumeError`. ``patch=None``: the model is not
+    checked (the command line looks at the checkpoint before it loads the model; :func:`fit` checks it)."""
     folder = Path(folder)
-    if not folder.exists():
+    if committed_folder(folder) is None:
         return None
-    tensors, config = load_checkpoint(folder)
+    saved = read_checkpoint_folder(folder)
+    tensors, config = saved.tensors, saved.config
     if not isinstance(config.get("checkpoint"), dict) or "step_count" not in config:
         raise ResumeError(f"{folder} is not a run checkpoint (no checkpoint record); resume needs one a fit wrote.")
+    differences = (
+        [] if saved.model is None or patch is None else model_differences(saved.model, model_fingerprint(patch))
+    )
+    if differences:
+        raise ResumeError(
+            f"the checkpoint in {folder} was written on another model: {'; '.join(differences)} differ. Resume "
+            f"on the model it was fitted on, or start over (delete {folder})."
+        )
     return tensors, config
 
 
@@ -245,7 +259,7 @@ class Checkpointer:
         tensors.update({f"callback/{name}": tensor for name, tensor in callback_tensors.items()})
         tensors.update(_host_random_tensors())
         config["checkpoint"] = {"run": dict(self.options.run), "data": self.digest, "callback": callback_values}
-        save_checkpoint(self.options.folder, tensors, config)
+        save_checkpoint(self.options.folder, tensors, config, model=model_fingerprint(self.posterior.patch))
 
     def after_step(self, step: int) -> None:
         """Write a checkpoint when one is due after ``step`` steps; after a SIGINT, write it and raise

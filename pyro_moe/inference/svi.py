@@ -435,6 +435,12 @@ class SVIEngine:
             for name in names:
                 if name not in store:
                     raise ConfigurationError(f"the checkpoint has parameter {name!r}, which the rebuilt guide lacks.")
+                saved = tensors["param/" + name.removeprefix(self.param_prefix)]
+                if saved.shape != store._params[name].shape:
+                    raise ConfigurationError(
+                        f"the checkpoint's parameter {name!r} has shape {tuple(saved.shape)}, the guide its "
+                        f"configuration describes {tuple(store._params[name].shape)} (edited guide options?)."
+                    )
                 # in place: modules hold the very tensors the store holds (plain nn.Parameters of
                 # autoguides are read from the module, not from the store)
                 store._params[name].copy_(tensors["param/" + name.removeprefix(self.param_prefix)])
