@@ -212,6 +212,19 @@ def test_a_resume_with_other_options_batches_or_from_a_posterior_is_refused_nami
         CheckpointOptions(tmp_path, every=-1)
 
 
+def test_a_resume_on_another_model_is_refused_naming_the_block_whose_weights_differ(tmp_path):
+    with pytest.raises(RuntimeError, match="crash"):
+        _fit("mean-field", tmp_path / "run", callback=_Crash(4))
+    pyro.clear_param_store()
+    other = tiny_model("granitemoe")
+    with torch.no_grad():
+        other.model.layers[1].block_sparse_moe.router.weight.add_(0.5)  # same shapes, other router weights
+    handle = patch_routers(other, SITES_FOR_SCOPE[GUIDE_FAMILIES["mean-field"].scope], layers=[1])
+    checkpoint = CheckpointOptions(tmp_path / "run", every=3, resume=True)
+    with pytest.raises(ResumeError, match=r"written on another model: .*layers\.1"):
+        fit(handle, TRAIN, "mean-field", answer_token_ids=ANSWERS, steps=STEPS, lr=0.05, checkpoint=checkpoint)
+
+
 def test_a_recipe_resumed_from_its_checkpoint_equals_the_uninterrupted_recipe(tmp_path, monkeypatch):
     """The calibration NLL along the fit, the best step and the learned scales' trajectory are in the checkpoint."""
     recipe = dataclasses.replace(
