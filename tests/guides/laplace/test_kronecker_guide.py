@@ -364,3 +364,29 @@ def test_kron_laplace_refuses_router_dropout_before_the_map_stage_runs():
     assert calls == [1, 1]  # RouterGuide.setup's trace of the sites and the guide's prototype trace; no SVI step
     hook.remove()
     handle.unpatch()
+
+
+@pytest.mark.parametrize("per", ["layer", "expert", "model"])
+def test_the_optimised_prior_precision_is_the_argmax_of_the_reported_evidence_with_unrouted_experts(per):
+    """Top-2 of 4 experts at 2 last tokens: some experts get no token. Those are left out of both the
+    optimiser and log_evidence(), so a grid of the reported evidence around the chosen tau peaks there."""
+    model = tiny_model("granitemoe")
+    batches = [{key: value[:2] for key, value in tiny_batches(1)[0].items()}]
+    handle = patch_experts(model, layers=[1], prior_precision=50.0, prior_mean="zero")
+    options = {"expert-laplace": {"fisher": "exact", "optimize_prior": per}}
+    posterior = fit(handle, batches, "expert-laplace", answer_token_ids=ANSWERS, steps=0, guide_options=options)
+    guide = posterior.guide.global_guide
+    (laplace,) = guide.posteriors().values()
+    unrouted = laplace.input_values.abs().amax(-1).eq(0)  # A = 0: no token reached the expert
+    assert unrouted.any() and not unrouted.all()
+    tau = guide.prior_precisions()[SITE].clone()
+    best = guide.log_evidence()
+    blocks = [slice(b, b + 1) for b in range(4) if not unrouted[b]] if per == "expert" else [slice(None)]
+    for block in blocks:
+        for factor in torch.logspace(-1, 1, 21, dtype=torch.float64).tolist():
+            moved = tau.clone()
+            moved[block] = moved[block] * factor
+            guide.set_prior_precision({SITE: moved})
+            assert guide.log_evidence() <= best + 1e-9
+    guide.set_prior_precision({SITE: tau})
+    handle.unpatch()
