@@ -17,28 +17,11 @@ from torch.func import functional_call, jacrev
 from pyro_moe import fit
 from pyro_moe.models.expert_patch import patch_experts
 from tests.helpers import ANSWERS
-from tests.tiny_models import MOE_LAYERS, tiny_model
+from tests.reference.tiny_float64 import REFERENCE_FAMILIES, float64_model, relative_error, unpadded_batches
+from tests.tiny_models import MOE_LAYERS
 
-FAMILIES = ["mixtral", "qwen2_moe", "granitemoe", "olmoe", "qwen3_moe"]
 TAU = 4.0
 TOLERANCE = 1e-5
-
-
-def float64_model(family: str):
-    model = tiny_model(family, dtype=torch.float64)
-    model.config._experts_implementation = "eager"  # grouped_mm has no float64
-    return model
-
-
-def unpadded_batches(count: int, size: int, seed: int = 0, length: int = 6) -> list[dict[str, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(count):
-        input_ids = torch.randint(8, 60, (size, length), generator=generator)
-        batches.append(
-            {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids[:, -1] % 4}
-        )
-    return batches
 
 
 def experts_path(model, layer: int) -> str:
@@ -85,10 +68,6 @@ def reference_factors(model, path: str, batches):
     return a_sum / counts.clamp_min(1)[:, None, None], g_sum, counts
 
 
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual - expected).abs().max() / expected.abs().max())
-
-
 def dense(vectors: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return (vectors * values) @ vectors.T
 
@@ -101,7 +80,7 @@ def fit_expert_laplace(family: str, layer: int, batches):
     )
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", REFERENCE_FAMILIES)
 def test_expert_factors_through_fit_equal_per_token_jacobians(family):
     batches = unpadded_batches(2, 3)
     layer = MOE_LAYERS[family][-1]
@@ -123,7 +102,7 @@ def test_expert_factors_through_fit_equal_per_token_jacobians(family):
     posterior.patch.unpatch()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", REFERENCE_FAMILIES)
 def test_where_kfac_is_exact_the_precision_is_the_dense_ggn_plus_the_prior(family):
     batches = unpadded_batches(1, 1, seed=2)
     layer = MOE_LAYERS[family][-1]

@@ -19,29 +19,11 @@ from pyro_moe import fit, patch_routers
 from pyro_moe.core.families import find_moe_routers
 from pyro_moe.core.routing_context import routing_context
 from tests.helpers import ANSWERS
-from tests.tiny_models import MOE_LAYERS, tiny_model
+from tests.reference.tiny_float64 import REFERENCE_FAMILIES, float64_model, relative_error, unpadded_batches
+from tests.tiny_models import MOE_LAYERS
 
-FAMILIES = ["mixtral", "qwen2_moe", "granitemoe", "olmoe", "qwen3_moe"]
 PRIOR_SCALE = 0.3
 TOLERANCE = 1e-5
-
-
-def float64_model(family: str):
-    model = tiny_model(family, dtype=torch.float64)
-    model.config._experts_implementation = "eager"  # grouped_mm has no float64
-    return model
-
-
-def unpadded_batches(count: int, size: int, seed: int = 0, length: int = 6) -> list[dict[str, torch.Tensor]]:
-    """Random prompts without padding; the label is a function of the last token."""
-    generator = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(count):
-        input_ids = torch.randint(8, 60, (size, length), generator=generator)
-        batches.append(
-            {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids[:, -1] % 4}
-        )
-    return batches
 
 
 def router_path(model, layer: int) -> str:
@@ -95,10 +77,6 @@ def reference_factors(model, path: str, batches, fisher: str):
     return a_sum / count, (candidates if fisher == "mc" else g_sum)
 
 
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual - expected).abs().max() / expected.abs().max())
-
-
 def fitted_factors(posterior, site: str) -> tuple[torch.Tensor, torch.Tensor]:
     (laplace,) = [p for name, p in posterior.guide.global_guide.posteriors().items() if name == site]
     a = (laplace.input_vectors[0] * laplace.input_values[0]) @ laplace.input_vectors[0].T
@@ -124,7 +102,7 @@ def fit_kron_laplace(family: str, layers: list[int], batches, fisher: str, steps
     return posterior
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", REFERENCE_FAMILIES)
 @pytest.mark.parametrize("fisher", ["exact", "empirical"])
 def test_router_factors_through_fit_equal_per_example_jacobians(family, fisher):
     """Every MoE layer's router; several examples per batch and several batches."""
@@ -142,7 +120,7 @@ def test_router_factors_through_fit_equal_per_example_jacobians(family, fisher):
     posterior.patch.unpatch()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", REFERENCE_FAMILIES)
 def test_mc_fisher_factor_is_the_outer_product_sum_of_some_drawn_labels(family):
     """One example per batch, one label draw each: ``G`` must be ``sum_n g_n(y_n) g_n(y_n)^T`` for one of
     the ``C^N`` label assignments (every one is enumerated)."""
@@ -162,7 +140,7 @@ def test_mc_fisher_factor_is_the_outer_product_sum_of_some_drawn_labels(family):
     posterior.patch.unpatch()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", REFERENCE_FAMILIES)
 @pytest.mark.parametrize("mode", ["model-average", "routing-average"])
 def test_where_kfac_is_exact_the_precision_is_the_dense_ggn_plus_the_prior(family, mode):
     """One example, the last decoder layer (an MoE layer in every family here): ``G (x) A + tau I`` equals
