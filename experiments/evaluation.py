@@ -184,7 +184,8 @@ class FitSettings:
             them) instead of the defaults of its guide scopes (:data:`DEFAULT_SITES`); not of
             ``expert-laplace``, whose sites are the experts.
         layers: the Bayesian decoder layers, ``"all"`` or indices.
-        steps: SVI steps per family (SWAG's default schedule follows them).
+        steps: SVI steps per family (SWAG's default schedule follows them); 0 fits the post-hoc (Laplace)
+            families alone, at the model's weights, and is refused for the others before any fit.
         batch_size: questions per shuffled training batch.
         seed: seed of the shuffling and the fits.
         progress: show the fits' progress bars.
@@ -206,7 +207,7 @@ class FitSettings:
 
     def __post_init__(self) -> None:
         check_count("examples", self.examples)
-        check_integer("steps", self.steps)
+        check_integer("steps", self.steps, minimum=0)  # 0: post-hoc families only (fit_families says so)
         check_integer("batch_size", self.batch_size)
         check_integer("seed", self.seed, minimum=0)
         check_count("validation_examples", self.validation_examples)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.guides.family import GuideScope
-from pyro_moe.guides.registry import parse_guide
+from pyro_moe.guides.registry import GUIDE_FAMILIES, parse_guide
 from pyro_moe.inference.fitting import FittedPosterior, fit
 from pyro_moe.models.expert_patch import patch_experts
 from pyro_moe.models.likelihoods import likelihood_kind
@@ -171,7 +171,13 @@ def fit_families(
     """
     kind = likelihood_kind(answer_token_ids)
     for spec in specs:  # every family's likelihood and options, before any fit
-        for family in parse_guide(spec.guide).values():
+        families = parse_guide(spec.guide).values()
+        if spec.options.get("steps", steps) == 0 and not all(family.post_hoc for family in families):
+            raise ConfigurationError(
+                f"{spec.name} trains by SVI: it needs a positive number of steps; 0 steps fit the post-hoc "
+                f"families alone ({', '.join(name for name, f in GUIDE_FAMILIES.items() if f.post_hoc)})."
+            )
+        for family in families:
             family.check_likelihood(kind)
             if family.check_options is not None:
                 options = spec.options.get("guide_options", {}).get(family.name, {})
