@@ -330,6 +330,8 @@ def test_linearized_predict_refuses_bad_num_samples_and_seed_before_any_forward_
         ({"mc_samples": True}, "mc_samples must be a positive integer"),
         ({"rank": 0}, "rank must be a positive integer"),
         ({"tokens": "first"}, "token selections"),
+        ({"ranks": 4}, r"unknown kron-laplace option\(s\) \['ranks'\]; accepted: rank, fisher, tokens, mc_samples"),
+        ({"optimize_prior": "layer"}, "optimize_prior is for expert-laplace"),
     ],
 )
 def test_kronecker_options_are_refused_before_the_map_stage_runs(options, match):
@@ -348,8 +350,32 @@ def test_kronecker_options_are_refused_before_the_map_stage_runs(options, match)
             progress=False,
             guide_options={"kron-laplace": options},
         )
-    # one forward pass: RouterGuide.setup's trace of the sites, which builds the guide; no SVI step
-    assert calls == [1]
+    assert calls == []  # refused when the guide is built, before RouterGuide.setup's trace of the sites
+    hook.remove()
+    handle.unpatch()
+
+
+def test_expert_laplace_refuses_an_unknown_option_by_name_before_any_forward_pass():
+    model = tiny_model("granitemoe")
+    handle = patch_experts(model, layers=[1])
+    calls = []
+    hook = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    options = {"expert-laplace": {"rank": 4, "prior_precision": 3.0}}
+    with pytest.raises(ConfigurationError, match=r"unknown expert-laplace option\(s\) \['prior_precision'\]; accepted"):
+        fit(handle, tiny_batches(1), "expert-laplace", answer_token_ids=ANSWERS, steps=0, guide_options=options)
+    assert calls == []
+    hook.remove()
+    handle.unpatch()
+
+
+def test_kron_laplace_refuses_sample_k_selection_before_the_map_stage_runs():
+    model = tiny_model("granitemoe")
+    handle = patch_routers(model, {"weight": 0.3}, layers=[1], selection="sample-k")
+    calls = []
+    hook = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    with pytest.raises(ConfigurationError, match=r"deterministic expert selection.*Sample-K.*selection='top-k'"):
+        fit(handle, tiny_batches(1), "kron-laplace", answer_token_ids=ANSWERS, steps=3, progress=False)
+    assert calls == [1, 1]  # RouterGuide.setup's trace of the sites and the guide's prototype trace; no SVI step
     hook.remove()
     handle.unpatch()
 
