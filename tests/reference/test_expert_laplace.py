@@ -160,8 +160,7 @@ def test_the_log_evidence_is_the_laplace_formula_on_the_dense_precision():
     logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, -1, ANSWERS]
     log_likelihood = float(torch.log_softmax(logits.detach(), -1).gather(-1, batch["labels"][:, None]).sum())
     expected = log_likelihood
-    for e in range(weight.shape[0]):
-        precision = laplace.dense_precision()[e]
+    for e, precision in enumerate(laplace.dense_precision()):
         if torch.equal(precision, TAU * torch.eye(len(precision), dtype=torch.float64)):
             continue
         expected += -0.5 * TAU * float(weight[e].square().sum()) - 0.5 * float(torch.logdet(precision / TAU))
