@@ -531,8 +531,9 @@ def add_common_arguments(
 
 
 def fit_settings(args: argparse.Namespace) -> FitSettings:
-    """The :class:`FitSettings` of the options :func:`add_common_arguments` adds (no ``--layers``: all)."""
-    return FitSettings(
+    """The :class:`FitSettings` of the options :func:`add_common_arguments` adds (no ``--layers``: all);
+    the ``--families`` are checked with them (names, and 0 ``--steps`` for post-hoc families only)."""
+    settings = FitSettings(
         split=args.fit_split,
         examples=args.fit_examples,
         sites=args.sites,
@@ -540,6 +541,9 @@ def fit_settings(args: argparse.Namespace) -> FitSettings:
         steps=args.steps,
         seed=args.seed,
     )
+    if args.families:  # an empty list is the experiment's to judge
+        family_specs(args.families, args.sites, args.steps)
+    return settings
 
 
 @dataclass

@@ -122,7 +122,8 @@ def family_specs(
         steps: the SVI steps the families will get (SWAG's schedule follows them).
 
     Raises:
-        ConfigurationError: an unknown guide name, no family, or two families of the same name.
+        ConfigurationError: an unknown guide name, no family, two families of the same name, or 0 steps
+            for a family that trains by SVI (:func:`check_steps`).
     """
     if isinstance(families, str) or not families:
         raise ConfigurationError(f"families must be a non-empty list of guide names or FamilySpecs, got {families!r}.")
@@ -136,7 +137,20 @@ def family_specs(
     names = [spec.name for spec in specs]
     if len(set(names)) != len(names):
         raise ConfigurationError(f"family names must be distinct, got {names}.")
+    check_steps(specs, steps)
     return specs
+
+
+def check_steps(specs: Sequence[FamilySpec], steps: int) -> None:
+    """Refuse 0 SVI steps (``steps``, or a spec's own) for a spec that trains by SVI: only the post-hoc
+    families (the Laplace ones, fitted at the model's weights) take 0 steps."""
+    for spec in specs:
+        if spec.options.get("steps", steps) == 0 and not all(f.post_hoc for f in parse_guide(spec.guide).values()):
+            post_hoc = ", ".join(name for name, family in GUIDE_FAMILIES.items() if family.post_hoc)
+            raise ConfigurationError(
+                f"steps must be a positive integer, got 0, for {spec.name} (it trains by SVI); 0 steps fit the "
+                f"post-hoc families alone ({post_hoc})."
+            )
 
 
 def fit_families(
@@ -170,14 +184,9 @@ def fit_families(
             a family that does not fit the likelihood, tuned specs without validation batches; before any fit.
     """
     kind = likelihood_kind(answer_token_ids)
+    check_steps(specs, steps)
     for spec in specs:  # every family's likelihood and options, before any fit
-        families = parse_guide(spec.guide).values()
-        if spec.options.get("steps", steps) == 0 and not all(family.post_hoc for family in families):
-            raise ConfigurationError(
-                f"{spec.name} trains by SVI: it needs a positive number of steps; 0 steps fit the post-hoc "
-                f"families alone ({', '.join(name for name, f in GUIDE_FAMILIES.items() if f.post_hoc)})."
-            )
-        for family in families:
+        for family in parse_guide(spec.guide).values():
             family.check_likelihood(kind)
             if family.check_options is not None:
                 options = spec.options.get("guide_options", {}).get(family.name, {})

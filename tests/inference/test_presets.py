@@ -51,8 +51,11 @@ def test_zero_steps_fit_post_hoc_families_and_refuse_the_others_before_any_fit()
     assert posterior.history == [] and posterior.fitted_post_hoc
     calls = []
     hook = model.register_forward_pre_hook(lambda module, args: calls.append(1))
-    specs = family_specs(["kron-laplace", "mean-field"], {"weight": 0.2}, 0)
-    with pytest.raises(ConfigurationError, match="mean-field trains by SVI: it needs a positive number of steps"):
+    message = r"steps must be a positive integer, got 0, for mean-field \(it trains by SVI\)"
+    with pytest.raises(ConfigurationError, match=message):
+        family_specs(["kron-laplace", "mean-field"], {"weight": 0.2}, 0)
+    specs = family_specs(["kron-laplace", "mean-field"], {"weight": 0.2}, 3)
+    with pytest.raises(ConfigurationError, match=message):
         fit_families(model, batches, specs, answer_token_ids=ANSWERS, steps=0, progress=False)
     assert calls == []
     hook.remove()
