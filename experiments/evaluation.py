@@ -186,7 +186,8 @@ class FitSettings:
             them) instead of the defaults of its guide scopes (:data:`DEFAULT_SITES`); not of
             ``expert-laplace``, whose sites are the experts.
         layers: the Bayesian decoder layers, ``"all"`` or indices.
-        steps: SVI steps per family (SWAG's default schedule follows them).
+        steps: SVI steps per family (SWAG's default schedule follows them); 0 fits the post-hoc (Laplace)
+            families alone, at the model's weights, and is refused for the others before any fit.
         batch_size: questions per shuffled training batch.
         seed: seed of the shuffling and the fits.
         progress: show the fits' progress bars.
@@ -211,7 +212,7 @@ class FitSettings:
 
     def __post_init__(self) -> None:
         check_count("examples", self.examples)
-        check_integer("steps", self.steps)
+        check_integer("steps", self.steps, minimum=0)  # 0: post-hoc families only (fit_families says so)
         check_integer("batch_size", self.batch_size)
         check_integer("seed", self.seed, minimum=0)
         check_count("validation_examples", self.validation_examples)
@@ -540,8 +541,9 @@ def add_common_arguments(
 
 
 def fit_settings(args: argparse.Namespace) -> FitSettings:
-    """The :class:`FitSettings` of the options :func:`add_common_arguments` adds (no ``--layers``: all)."""
-    return FitSettings(
+    """The :class:`FitSettings` of the options :func:`add_common_arguments` adds (no ``--layers``: all);
+    the ``--families`` are checked with them (names, and 0 ``--steps`` for post-hoc families only)."""
+    settings = FitSettings(
         split=args.fit_split,
         examples=args.fit_examples,
         sites=args.sites,
@@ -549,6 +551,9 @@ def fit_settings(args: argparse.Namespace) -> FitSettings:
         steps=args.steps,
         seed=args.seed,
     )
+    if args.families:  # an empty list is the experiment's to judge
+        family_specs(args.families, args.sites, args.steps)
+    return settings
 
 
 @dataclass

@@ -184,7 +184,9 @@ class GuideFamily:
             command lists these families).
         check_options: ``check_options(options, steps)`` refuses, before any fit, part options (and a
             schedule over ``steps`` steps) the part would refuse only once built or trained (SWAG's
-            snapshots); ``None``: nothing to check early.
+            snapshots, the Kronecker families' unknown options); ``steps=None``: the options alone, as
+            :class:`~pyro_moe.guides.router_guide.RouterGuide` checks them when it is built (before the
+            set-up trace); ``None``: nothing to check early.
         likelihoods: the likelihoods its part can fit (the Kronecker Laplace families' curvature is
             that of the MCQA answer); ``None``: any.
         hierarchical_refusal: global families whose part cannot carry hierarchical prior scales (their
@@ -198,7 +200,7 @@ class GuideFamily:
     description: str
     preset: Callable[[int], FamilyPreset] = field(default=lambda steps: FamilyPreset())
     post_hoc: bool = False
-    check_options: Callable[[Mapping[str, Any], int], None] | None = None
+    check_options: Callable[[Mapping[str, Any], int | None], None] | None = None
     likelihoods: frozenset[LikelihoodKind] | None = None
     hierarchical_refusal: str | None = None
 

@@ -100,6 +100,9 @@ class RouterGuide(nn.Module):
         stray = sorted(set(self.options) - named)
         if stray:
             raise ConfigurationError(f"options given for {stray}, which the guide {spec!r} does not use.")
+        for family in self.families.values():  # options a part refuses, before the set-up trace
+            if family.check_options is not None:
+                family.check_options(self.options.get(family.name, {}), None)
         self.global_guide: nn.Module | None = None
         self.local_guide: LocalGuides | None = None
         self.global_sites: list[str] = []

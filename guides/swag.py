@@ -145,9 +145,12 @@ def _swag_preset(steps: int) -> FamilyPreset:
     return FamilyPreset(guide_options={"rank": 5, "burn_in": steps // 2, "every": max(1, steps // 10)})
 
 
-def _check_swag_options(options: Mapping[str, Any], steps: int) -> None:
-    """SWAG's options and its schedule over ``steps`` steps, before any fit (on a guide whose model never runs)."""
-    SWAG(lambda *args, **kwargs: None, **options).check_schedule(steps)
+def _check_swag_options(options: Mapping[str, Any], steps: int | None) -> None:
+    """SWAG's options and its schedule over ``steps`` steps (``None``: the options alone), before any fit
+    (on a guide whose model never runs)."""
+    guide = SWAG(lambda *args, **kwargs: None, **options)
+    if steps is not None:
+        guide.check_schedule(steps)
 
 
 SWAG_FAMILY = GuideFamily(

@@ -497,6 +497,9 @@ class BayesianRouter(nn.Module):
             logits = self._marginal_logits(hidden, marginals, particles)  # (S, T, E)
         else:
             logits = self.family.logits(hidden, draws.weight, draws.bias)  # (1 or S, T, E)
+            if context.linear_maps is not None:  # the curvature of W: this very tensor, upstream of the weights
+                inputs = hidden.expand(*logits.shape[:-1], hidden_size).reshape(-1, hidden_size)
+                context.linear_maps[self.path] = (inputs, logits)
         if particles == 1:  # no particle dimension: (T, E), (T, H)
             logits, hidden = logits.squeeze(0), hidden.squeeze(0)
 

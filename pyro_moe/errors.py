@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigurationError",
+    "CurvatureError",
     "DataError",
     "DistributedError",
     "LayerSelectionError",
@@ -32,6 +33,11 @@ class LayerSelectionError(PyroMoEError):
 
 class ConfigurationError(PyroMoEError):
     """An unknown site kind, selection or mode, or an invalid prior or option value."""
+
+
+class CurvatureError(PyroMoEError):
+    """A curvature target that received tokens gets no output gradient, or an identically zero one: the
+    likelihood does not depend on it the way the target says, and its curvature would silently be zero."""
 
 
 class DataError(PyroMoEError):

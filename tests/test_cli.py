@@ -586,3 +586,21 @@ def test_a_hand_edited_config_is_refused_with_exit_2_naming_the_entry(
     _resave_manifest(saved_posterior)
     error = _bad_input(tmp_path / "edited-and-resealed", capsys, argv)
     assert re.search(message, error), error
+
+
+@pytest.mark.parametrize(("guide", "steps"), [("expert-laplace", []), ("kron-laplace", ["--steps", "0"])])
+def test_a_post_hoc_laplace_from_the_laplace_command_is_diagnosed(saved, tmp_path, guide, steps):
+    """``pyro-moe laplace`` (no SVI step: the Laplace at the model's weights) then ``pyro-moe diagnose``."""
+    model = ["--model", str(saved["moe"]), "--data", str(saved["data"]), "--batch-size", "8"]
+    laplace = [*model, "--guide", guide, *steps, "--examples", "8", "--fit-examples", "16"]
+    assert main(["laplace", *laplace, "--out", str(tmp_path / "laplace")]) == 0
+    posterior = tmp_path / "laplace" / "posterior"
+    assert json.loads((posterior / "config.json").read_text())["history"] == []  # no SVI step was taken
+    diagnose = [*model, "--posterior", str(posterior), "--examples", "8", "--samples", "4"]
+    assert main(["diagnose", *diagnose, "--out", str(tmp_path / "diagnose")]) == 0
+    for name in ("posterior.nc", "summary.csv", "collapse.csv"):
+        assert (tmp_path / "diagnose" / name).stat().st_size > 0
+    idata = az.from_netcdf(tmp_path / "diagnose" / "posterior.nc")
+    variable = "down_proj" if guide == "expert-laplace" else "weight"
+    assert idata.posterior[variable].dims[-1] == ("intermediate" if guide == "expert-laplace" else "hidden")
+    assert (tmp_path / "diagnose" / "collapse.csv").read_text().startswith("chain,site")

@@ -51,9 +51,19 @@ class PriorPrecisionSelection:
 
 def _kronecker_builder(covers: str) -> Callable[..., KroneckerMAP]:
     def build(model: Callable[..., Any], **options: Any) -> KroneckerMAP:
+        KroneckerMAP.checked_options(covers, options)  # a ConfigurationError naming the option, not a TypeError
         return KroneckerMAP(model, covers=covers, **options)
 
     return build
+
+
+def _kronecker_options_check(covers: str) -> Callable[[Mapping[str, Any], int | None], None]:
+    """The family's ``check_options``: unknown or bad options refused before any forward pass."""
+
+    def check(options: Mapping[str, Any], steps: int | None) -> None:
+        KroneckerMAP.checked_options(covers, options)
+
+    return check
 
 
 LAPLACE = GuideFamily(
@@ -69,6 +79,7 @@ KRON_LAPLACE = GuideFamily(
     _kronecker_builder("router"),
     "MAP router weights, then a Kronecker-factored Laplace (options rank, fisher, tokens, mc_samples)",
     post_hoc=True,
+    check_options=_kronecker_options_check("router"),
     likelihoods=_MCQA_ONLY,
     hierarchical_refusal="its Kronecker factors are the curvature of the router weights alone",
 )
@@ -86,6 +97,7 @@ EXPERT_LAPLACE = GuideFamily(
         tune=PriorPrecisionSelection((3, 10, 30, 100)),
     ),
     post_hoc=True,
+    check_options=_kronecker_options_check("experts"),
     likelihoods=_MCQA_ONLY,
     hierarchical_refusal="its Kronecker factors are the curvature of the expert weights alone",
 )

@@ -75,7 +75,7 @@ from pyro_moe.core.curvature_targets import (
 )
 from pyro_moe.core.readout import last_positions, last_token_logits
 from pyro_moe.distributed import DataParallel
-from pyro_moe.errors import ConfigurationError, NonFiniteError
+from pyro_moe.errors import ConfigurationError, CurvatureError, NonFiniteError
 from pyro_moe.guides.laplace.kronecker_factors import EigenFactor, make_factor
 from pyro_moe.validation import check_integer
 
@@ -235,6 +235,8 @@ def kronecker_curvature(
         ConfigurationError: unknown Fisher type or token selection, ``rank <= 0``, ``mc_samples < 1``,
             no targets, empty data, or missing labels with the empirical Fisher (before any work).
         NonFiniteError: NaN or infinite logits, inputs or output gradients.
+        CurvatureError: a target that received selected tokens gets no output gradient at one of its
+            records, or output gradients that are zero over all of them (named; never filled with zeros).
     """
     options = CurvatureOptions(fisher, tokens, rank, mc_samples)
     fisher, tokens = FisherType(options.fisher), TokenSelection(options.tokens)
@@ -291,7 +293,14 @@ def kronecker_curvature(
                 loss, [record.outputs for record in records], retain_graph=position < len(losses) - 1, allow_unused=True
             )
             for record, rows, gradient in zip(records, keep, gradients, strict=True):
-                gradient = torch.zeros_like(record.outputs) if gradient is None else gradient
+                if gradient is None:
+                    if not rows.any():
+                        continue  # none of its tokens is selected: it contributes nothing
+                    raise CurvatureError(
+                        f"no output gradient reaches {record.target} (block {record.block}), which received "
+                        f"{int(rows.sum())} selected token(s): the recorded output is not upstream of the answer "
+                        "logits, so its curvature would be zero."
+                    )
                 gradient = gradient.reshape(-1, gradient.shape[-1])
                 _check_finite(gradient, f"the output gradients of {record.target} block {record.block}")
                 output_factors[record.target][record.block].update(gradient[rows], scale)
@@ -310,14 +319,19 @@ def kronecker_curvature(
         log_likelihood, labelled, num_examples = float(totals[0]), not totals[1], int(totals[2])
     curvature = {}
     for target in targets:
+        outputs = [factor.eigen(target.parameter.device) for factor in output_factors[target.name]]
+        received = int(token_counts[target.name].sum())
+        if received > 0 and not any(bool(factor.values.ne(0).any()) for factor in outputs):
+            # one expert may legitimately see only tokens the answer does not depend on (tokens="all" in
+            # the last layer); a whole target may not
+            raise CurvatureError(
+                f"the output gradients of {target.name} are identically zero over its {received} selected "
+                "token(s): the answer does not depend on it through them (e.g. routing weights that are "
+                "constant in the router logits), and its Laplace would be the prior."
+            )
         inputs = []
         for factor, count in zip(input_factors[target.name], token_counts[target.name], strict=True):
             eigen = factor.eigen(target.parameter.device)
             inputs.append(EigenFactor(eigen.vectors, eigen.values / max(int(count), 1), int(count)))
-        curvature[target.name] = KroneckerCurvature(
-            target,
-            inputs,
-            [factor.eigen(target.parameter.device) for factor in output_factors[target.name]],
-            token_counts[target.name],
-        )
+        curvature[target.name] = KroneckerCurvature(target, inputs, outputs, token_counts[target.name])
     return CurvatureRun(curvature, log_likelihood if labelled else float("nan"), num_examples, fisher)

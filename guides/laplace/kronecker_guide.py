@@ -8,11 +8,12 @@ and returns a :class:`KroneckerLaplaceGuide`, which samples every site from its
 and the prior mean read off the model's Normal prior of the site).
 
 * ``kron-laplace``: router-weight sites ``<router>.weight`` (``patch_routers(model, {"weight": s})``; routers
-  with MC dropout are refused at setup: the masks are no sample sites, so the curvature of ``W`` would be
-  that of a mixture over masks);
+  with MC dropout or Sample-K selection are refused at setup: the masks and the Gumbel noise are no sample
+  sites, so the curvature of ``W`` would be that of a mixture over them);
 * ``expert-laplace``: expert sites ``<experts>.down_proj`` (:func:`pyro_moe.models.expert_patch.patch_experts`).
 
-Options (``guide_options={"expert-laplace": {...}}``): ``rank`` (``None``: full factors), ``fisher``
+Options (``guide_options={"expert-laplace": {...}}``; any other is refused when the guide is built, before
+any forward pass): ``rank`` (``None``: full factors), ``fisher``
 (``"mc"``, ``"empirical"``, ``"exact"``), ``tokens`` (``"last"``, ``"all"``), ``mc_samples``,
 ``optimize_prior`` (``None``, or ``"model"``/``"layer"``/``"expert"``: maximise the evidence over the
 prior precision of expert sites, which updates the model's prior).
@@ -48,6 +49,7 @@ from pyro_moe.guides.autoguides import RouterAutoDelta
 from pyro_moe.guides.family import PosteriorPart, PostHocData
 from pyro_moe.guides.laplace.kronecker_curvature import CurvatureOptions, kronecker_curvature
 from pyro_moe.guides.laplace.kronecker_posterior import KroneckerLaplace, log_evidence, optimize_prior_precision
+from pyro_moe.models.bayesian_router import Selection
 from pyro_moe.models.router_patch import RouterPatch
 
 __all__ = ["KroneckerLaplaceGuide", "KroneckerMAP", "KroneckerNormal", "site_targets"]
@@ -162,9 +164,40 @@ class KroneckerMAP(RouterAutoDelta, PosteriorPart):
         mc_samples: int = 1,
         optimize_prior: str | None = None,
     ) -> None:
+        curvature_options = self.checked_options(
+            covers,
+            {
+                "rank": rank,
+                "fisher": fisher,
+                "tokens": tokens,
+                "mc_samples": mc_samples,
+                "optimize_prior": optimize_prior,
+            },
+        )
+        super().__init__(model, init_loc_fn=self._initial_value)
+        self.curvature_options = curvature_options
+        self.covers, self.optimize_prior = covers, optimize_prior
+        self.patch: RouterPatch | None = None
+
+    post_hoc = True
+
+    OPTIONS: ClassVar[tuple[str, ...]] = ("rank", "fisher", "tokens", "mc_samples", "optimize_prior")
+    """The guide options (keyword arguments besides ``model`` and ``covers``)."""
+
+    @classmethod
+    def checked_options(cls, covers: str, options: Mapping[str, Any]) -> CurvatureOptions:
+        """Refuse unknown or bad ``options`` of the family covering ``covers`` (no model needed: called when
+        the guide is built, before any forward pass); returns the curvature options."""
         if covers not in ("router", "experts"):
             raise ConfigurationError(f"covers must be 'router' or 'experts', got {covers!r}.")
-        curvature_options = CurvatureOptions(fisher, tokens, rank, mc_samples)
+        family = "kron-laplace" if covers == "router" else "expert-laplace"
+        unknown = sorted(set(options) - set(cls.OPTIONS))
+        if unknown:
+            raise ConfigurationError(f"unknown {family} option(s) {unknown}; accepted: {', '.join(cls.OPTIONS)}.")
+        curvature = CurvatureOptions(
+            **{key: options[key] for key in ("fisher", "tokens", "rank", "mc_samples") if key in options}
+        )
+        optimize_prior = options.get("optimize_prior")
         if optimize_prior not in (None, "model", "layer", "expert"):
             raise ConfigurationError(
                 f"optimize_prior must be None, 'model', 'layer' or 'expert', got {optimize_prior!r}."
@@ -174,12 +207,7 @@ class KroneckerMAP(RouterAutoDelta, PosteriorPart):
                 "kron-laplace takes the router prior of the model (set its scale in patch_routers); "
                 "optimize_prior is for expert-laplace."
             )
-        super().__init__(model, init_loc_fn=self._initial_value)
-        self.curvature_options = curvature_options
-        self.covers, self.optimize_prior = covers, optimize_prior
-        self.patch: RouterPatch | None = None
-
-    post_hoc = True
+        return curvature
 
     def bind(self, patch: RouterPatch) -> None:
         """The point masses start at the weights of ``patch``'s model; the curvature runs through it."""
@@ -208,6 +236,14 @@ class KroneckerMAP(RouterAutoDelta, PosteriorPart):
             raise ConfigurationError(
                 f"kron-laplace needs a deterministic router input, but the routers have MC dropout (dropout="
                 f"{dropout:g}): patch the routers without the 'dropout' option (or use the 'mc-dropout' family)."
+            )
+        selection = getattr(self.patch.sites, "selection", Selection.TOP_K)
+        if self.covers == "router" and selection is Selection.SAMPLE_K:
+            # Sample-K draws its experts with Gumbel noise that is no sample site: the likelihood of W would be
+            # an expectation over that noise, and prediction would stack it on the Laplace draws.
+            raise ConfigurationError(
+                "kron-laplace needs deterministic expert selection, but the routers use Sample-K (its Gumbel "
+                "noise is no sample site): patch the routers with selection='top-k'."
             )
         weight_prior = getattr(self.patch.sites, "weight", None)
         if weight_prior is not None and weight_prior.scale.mode != "fixed":

@@ -24,9 +24,15 @@ Exact sampling, one standard normal ``Z`` ``(out, in)`` per block::
 
 Memory per block: ``out x rg + in x ra + rg + ra`` floats, plus the ``rg x ra`` eigenvalue products.
 
-Log evidence (Laplace, prior ``N(W0, tau^-1 I)``, ``D`` = data)::
+Log evidence (Laplace, prior ``N(W0, tau^-1 I)``, ``D`` = data), summed over the blocks with data::
 
     log p(D) ~ log p(D | W_map) - tau/2 ||W_map - W0||^2 - 1/2 sum_ij log(1 + lG_i lA_j / tau)
+
+A block with zero curvature (an expert no token was routed to) contributes nothing: the likelihood does
+not depend on it, so its exact evidence factor is the integral of its prior, 1, whatever ``tau`` (the
+Laplace terms would instead add ``-tau/2 ||W_map - W0||^2``, merely because the mode is not that prior's
+mode). :func:`log_evidence` and :func:`optimize_prior_precision` both leave such blocks out, so the
+optimised ``tau`` is the argmax of the reported evidence.
 
 Example: one block ``(out, in) = (3, 2)`` seen by one token, whose factors are exact. (From a model,
 :meth:`KroneckerLaplace.from_curvature` takes the factors of
@@ -216,13 +222,20 @@ class KroneckerLaplace:
         """``(n,)``: ``||W_map - W0||^2`` per block."""
         return ((self.mean.to(torch.float64) - self.prior_mean.to(torch.float64)) ** 2).sum((-1, -2))
 
+    def informed(self) -> Tensor:
+        """``(n,)`` bool: the blocks with nonzero curvature, i.e. with data."""
+        return self.eigenvalue_products().flatten(1).ne(0).any(-1)
+
     def evidence_terms(self) -> Tensor:
-        """``(n,)``: each block's ``-tau/2 ||W_map - W0||^2 - 1/2 log det ratio``."""
-        return -0.5 * self.prior_precision * self.squared_distance() - 0.5 * self.log_det_ratio()
+        """``(n,)``: each block's ``-tau/2 ||W_map - W0||^2 - 1/2 log det ratio``; 0 for a block without
+        data (see the module docstring)."""
+        terms = -0.5 * self.prior_precision * self.squared_distance() - 0.5 * self.log_det_ratio()
+        return torch.where(self.informed(), terms, torch.zeros_like(terms))
 
 
 def log_evidence(posteriors: Sequence[KroneckerLaplace], log_likelihood: float) -> float:
-    """The Laplace log evidence of independent blocks: ``log p(D | W_map)`` plus every block's terms."""
+    """The Laplace log evidence of independent blocks: ``log p(D | W_map)`` plus the terms of every block
+    with data (:meth:`KroneckerLaplace.evidence_terms`)."""
     return float(log_likelihood) + float(sum(p.evidence_terms().sum() for p in posteriors))
 
 
@@ -241,7 +254,8 @@ def optimize_prior_precision(
     its exact evidence ``p(D)`` does not depend on its prior, and the Laplace terms' only dependence,
     ``-tau/2 ||W_map - W0||^2``, would drive tau to the lower bound (a prior as wide as the bound allows)
     merely because the mode is not a posterior mode of that prior. Such blocks are left out of the
-    objective, and a parameter that only such blocks share (an expert with ``per="expert"``, a layer
+    objective, as :func:`log_evidence` leaves them out (the chosen tau maximises the reported evidence),
+    and a parameter that only such blocks share (an expert with ``per="expert"``, a layer
     with no data) keeps its current tau; with ``per="layer"`` or ``"model"`` they take the tau the
     other blocks of their layer (or model) chose.
 
@@ -262,7 +276,7 @@ def optimize_prior_precision(
     else:
         groups = [[(i, slice(b, b + 1))] for i, p in enumerate(posteriors) for b in range(p.blocks)]
     # (n,) per posterior: the blocks with nonzero curvature, i.e. with data.
-    informed = [p.eigenvalue_products().flatten(1).ne(0).any(-1) for p in posteriors]
+    informed = [p.informed() for p in posteriors]
     searches = []
     for group in groups:
         stats = [

@@ -7,7 +7,9 @@ Two kinds of weight matrices, each a ``(out, in)`` map ``s = W x`` applied to so
   Parameter ``(experts, H, I)``): ``x`` is the expert's input ``act(gate(u)) * up(u)`` ``(I,)``, the
   tokens those routed to expert ``e`` (read from the eager implementation's ``linear(x, down_proj[e])``
   calls through a ``TorchFunctionMode``);
-* **router weights** ``W`` ``(E, H)``: ``x = u`` the router input, ``s`` the router logits (a forward hook).
+* **router weights** ``W`` ``(E, H)``: ``x = u`` the router input, ``s = W u`` the router logits (a forward
+  hook; a Bayesian router hands over its own linear map's input and output through the routing context's
+  ``linear_maps``, since the logits it returns are not the tensor its routing weights are computed from).
 
 The Kronecker factors themselves are accumulated by
 :func:`pyro_moe.guides.laplace.kronecker_curvature.kronecker_curvature`.
@@ -34,6 +36,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from pyro_moe.core.families import RouterLocation, find_moe_routers
+from pyro_moe.core.routing_context import pop_context, push_context
 from pyro_moe.errors import LayerSelectionError, UnsupportedFamilyError
 
 __all__ = [
@@ -237,10 +240,16 @@ class _ExpertCalls(TorchFunctionMode):
 def captured_linear_maps(targets: Sequence[CurvatureTarget]) -> Iterator[tuple[_ExpertCalls, list[LinearMapRecord]]]:
     """Record inputs and outputs of every target while the model runs: yields the expert calls
     (``.records``) and the router records; the experts use their eager implementation and the
-    targets' weights require gradients (both restored afterwards)."""
+    targets' weights require gradients (both restored afterwards).
+
+    A router's record holds the output its routing weights are computed from: an HF router's returned
+    logits, or a Bayesian router's linear map ``W u`` (it stores it in the routing context's
+    ``linear_maps``; its logits are drawn from the weight site's value, never by local reparameterisation
+    while recording)."""
     experts = [t for t in targets if t.kind is TargetKind.EXPERTS]
     calls = _ExpertCalls(experts)
     router_records: list[LinearMapRecord] = []
+    linear_maps: dict[str, tuple[Tensor, Tensor]] = {}
     handles, restore = [], []
     for target in targets:
         parameter = target.parameter
@@ -261,15 +270,18 @@ def captured_linear_maps(targets: Sequence[CurvatureTarget]) -> Iterator[tuple[_
         else:
 
             def record(module, args, output, target=target):
-                hidden = args[0].reshape(-1, target.in_features)
+                found = linear_maps.pop(target.name.removesuffix(".weight"), None)
+                hidden, logits = (args[0].reshape(-1, target.in_features), output[0]) if found is None else found
                 tokens = torch.arange(hidden.shape[0], device=hidden.device)
-                router_records.append(LinearMapRecord(target.name, 0, hidden, output[0], tokens))
+                router_records.append(LinearMapRecord(target.name, 0, hidden, logits, tokens))
 
             handles.append(target.module.register_forward_hook(record))
+    token = push_context(linear_maps=linear_maps, local_reparameterization=False)
     try:
         with calls:
             yield calls, router_records
     finally:
+        pop_context(token)
         for handle in handles:
             handle.remove()
         for undo in reversed(restore):

@@ -110,6 +110,12 @@ class RoutingContext:
             :class:`~pyro_moe.models.bayesian_router.BayesianRouter`); refused in model-average mode.
         posterior_marginals: the posterior in force (a guide's ``posterior`` sets it), asked for the
             marginals; ``None``: no posterior, the priors' marginals (a Normal prior has them).
+        linear_maps: when not ``None``, every Bayesian router stores the input and the output of its
+            linear map ``l = W u`` under its module path: the input rows ``(draws x tokens, hidden)`` and
+            the output ``(draws, tokens, experts)`` itself, the tensor in the autograd graph that the
+            routing weights are computed from (through the logit and temperature sites, if any). The
+            Kronecker curvature of router weights takes its output gradient there
+            (:func:`~pyro_moe.core.curvature_targets.captured_linear_maps`).
     """
 
     mode: PredictiveMode = PredictiveMode.MODEL_AVERAGE
@@ -123,6 +129,7 @@ class RoutingContext:
     param_prefix: str = ""
     local_reparameterization: bool = False
     posterior_marginals: NormalMarginals | None = None
+    linear_maps: dict[str, tuple[Tensor, Tensor]] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.local_reparameterization, bool):

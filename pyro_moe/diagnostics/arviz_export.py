@@ -7,7 +7,8 @@ independent fits of the same model (the chains), into an ``arviz.InferenceData``
 group                    content
 =======================  ==================================================================
 ``posterior``            draws of every global site from the guide, stacked over layers:
-                         ``weight`` ``(chain, draw, layer, expert, hidden)``, ``bias``
+                         ``weight`` ``(chain, draw, layer, expert, hidden)``, expert
+                         ``down_proj`` ``(..., layer, expert, hidden, intermediate)``, ``bias``
                          ``(..., layer, expert)``, ``temperature`` ``(..., layer)`` or
                          ``(..., layer, expert)``, hierarchical prior scales
                          ``<kind>_prior_scale``; with ``batches``, per-token sites summarised
@@ -32,10 +33,12 @@ group                    content
                          :func:`loo` with ``importance_corrected=True``
 =======================  ==================================================================
 
-Coordinates: ``layer`` holds the decoder-layer indices, ``expert``, ``hidden``, ``example``,
-``choice``, ``token`` and ``step`` count from 0. The ``posterior`` group's ``sites`` attribute
-maps every variable to its site names (JSON). All ArviZ calls of pyro-moe live in this module,
-so that the arviz 1.x ``DataTree`` API can be added here; the file is plain netCDF.
+Coordinates: ``layer`` holds the decoder-layer indices, ``expert``, ``hidden``, ``intermediate``,
+``example``, ``choice``, ``token`` and ``step`` count from 0; every dim is named (none is left to
+ArviZ's ``<variable>_dim_<i>``). Post-hoc posteriors (``laplace``, ``kron-laplace``, ``expert-laplace``,
+also fitted with ``steps=0`` and no trained parameter) export like the others. The ``posterior``
+group's ``sites`` attribute maps every variable to its site names (JSON). All ArviZ calls of pyro-moe
+live in this module, so that the arviz 1.x ``DataTree`` API can be added here; the file is plain netCDF.
 
 Example::
 
@@ -114,8 +117,20 @@ class SiteLayout:
         return {name: sorted(entries) for name, entries in grouped.items()}
 
 
-def _event_dims(shape: Sequence[int]) -> list[str]:
-    return ["expert", "hidden"][: len(shape)]
+EVENT_DIMS: dict[str, tuple[str, ...]] = {"down_proj": ("expert", "hidden", "intermediate")}
+"""The names of a variable's per-draw dims; every other variable's are a prefix of ``(expert, hidden)``
+(``weight``, ``bias``, per-expert ``temperature`` and prior scales, per-token ``logits``)."""
+
+
+def _event_dims(variable: str, shape: Sequence[int]) -> list[str]:
+    """The dims of ``variable``'s value ``shape`` (per draw, without the layer)."""
+    names = EVENT_DIMS.get(variable, ("expert", "hidden"))
+    if len(shape) > len(names):
+        raise ConfigurationError(
+            f"the site variable {variable!r} has {len(shape)} dims {tuple(shape)}; the export names at most "
+            f"{len(names)} ({', '.join(names)})."
+        )
+    return list(names[: len(shape)])
 
 
 def _check_posteriors(posteriors: FittedPosterior | Sequence[FittedPosterior]) -> list[FittedPosterior]:
@@ -272,7 +287,7 @@ def to_inference_data(
             values = global_draws.values
             for name, array in _stack(values, layout, global_sites, layers).items():
                 posterior.setdefault(name, []).append(array)
-                dims[name] = ["layer", *_event_dims(array.shape[2:])]
+                dims[name] = ["layer", *_event_dims(name, array.shape[2:])]
             prior_values = draw_prior_global_sites(chain, num_draws, *reference)
             for name, array in _stack(prior_values, layout, global_sites, layers).items():
                 prior.setdefault(name, []).append(array)
@@ -354,7 +369,7 @@ def _local_variables(
         if per_token:
             arrays = {layer: summaries[site].token_values() for layer, site in entries}
             event = next(iter(arrays.values())).shape[2:]
-            variables[name] = (_by_layer(arrays, layers), ["layer", "token", *_event_dims(event)])
+            variables[name] = (_by_layer(arrays, layers), ["layer", "token", *_event_dims(name, event)])
             continue
         scale = {layer: summaries[site].scale_mean() for layer, site in entries}
         spread = {layer: summaries[site].shift_spread() for layer, site in entries}

@@ -80,8 +80,10 @@ def _parameter_constraints(posterior: FittedPosterior) -> dict[str, Constraint]:
 def fit_parameters(posterior: FittedPosterior) -> Iterator[None]:
     """Within the block, Pyro's parameter store holds exactly ``posterior``'s trained parameters
     (the tensors its engine trained), where its guide modules read them; the store is restored
-    afterwards. Fits of the same model share parameter names, so this keeps chains apart."""
-    if not posterior.engine.params and hooks_of(posterior.guide.global_guide).trains:
+    afterwards. Fits of the same model share parameter names, so this keeps chains apart. A fitted
+    post-hoc posterior (a Laplace, also with ``steps=0``) draws from its buffers and may have no parameter."""
+    trains = hooks_of(posterior.guide.global_guide).trains and not posterior.fitted_post_hoc
+    if not posterior.engine.params and trains:
         raise ConfigurationError("the posterior has no trained parameters: fit it (fit or FittedPosterior.load) first.")
     state = {"params": dict(posterior.engine.params), "constraints": _parameter_constraints(posterior)}
     with pyro.get_param_store().scope(state):

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.guides.family import GuideScope
-from pyro_moe.guides.registry import parse_guide
+from pyro_moe.guides.registry import GUIDE_FAMILIES, parse_guide
 from pyro_moe.inference.fitting import FittedPosterior, fit
 from pyro_moe.inference.resume import CheckpointOptions
 from pyro_moe.models.expert_patch import patch_experts
@@ -123,7 +123,8 @@ def family_specs(
         steps: the SVI steps the families will get (SWAG's schedule follows them).
 
     Raises:
-        ConfigurationError: an unknown guide name, no family, or two families of the same name.
+        ConfigurationError: an unknown guide name, no family, two families of the same name, or 0 steps
+            for a family that trains by SVI (:func:`check_steps`).
     """
     if isinstance(families, str) or not families:
         raise ConfigurationError(f"families must be a non-empty list of guide names or FamilySpecs, got {families!r}.")
@@ -137,7 +138,20 @@ def family_specs(
     names = [spec.name for spec in specs]
     if len(set(names)) != len(names):
         raise ConfigurationError(f"family names must be distinct, got {names}.")
+    check_steps(specs, steps)
     return specs
+
+
+def check_steps(specs: Sequence[FamilySpec], steps: int) -> None:
+    """Refuse 0 SVI steps (``steps``, or a spec's own) for a spec that trains by SVI: only the post-hoc
+    families (the Laplace ones, fitted at the model's weights) take 0 steps."""
+    for spec in specs:
+        if spec.options.get("steps", steps) == 0 and not all(f.post_hoc for f in parse_guide(spec.guide).values()):
+            post_hoc = ", ".join(name for name, family in GUIDE_FAMILIES.items() if family.post_hoc)
+            raise ConfigurationError(
+                f"steps must be a positive integer, got 0, for {spec.name} (it trains by SVI); 0 steps fit the "
+                f"post-hoc families alone ({post_hoc})."
+            )
 
 
 def fit_families(
@@ -173,6 +187,7 @@ def fit_families(
             a family that does not fit the likelihood, tuned specs without validation batches; before any fit.
     """
     kind = likelihood_kind(answer_token_ids)
+    check_steps(specs, steps)
     for spec in specs:  # every family's likelihood and options, before any fit
         for family in parse_guide(spec.guide).values():
             family.check_likelihood(kind)

@@ -15,6 +15,7 @@ from pyro_moe import ConfigurationError, fit, patch_routers
 from pyro_moe.diagnostics.arviz_export import UnknownSiteError, posterior_summary, to_inference_data
 from pyro_moe.diagnostics.collapse import collapse_report
 from pyro_moe.guides.registry import GUIDE_FAMILIES
+from pyro_moe.inference.fitting import FittedPosterior
 from pyro_moe.models.expert_patch import patch_experts
 from tests.helpers import ANSWERS, FAMILY_SETUPS, SITES_FOR_SCOPE, mcqa_batches
 from tests.tiny_models import tiny_model
@@ -237,6 +238,45 @@ def test_every_registered_family_exports_and_gets_a_collapse_report(name, held_o
     exported = to_inference_data(posterior, held_out, num_draws=6)
     assert exported.log_likelihood["answer"].shape == (1, 6, 10)
     assert np.isfinite(exported.log_likelihood["answer"].values).all()
+    assert unnamed_dims(exported) == []
     report = collapse_report(posterior, held_out, num_draws=20, local_draws=2, summary_draws=6)
     assert set(report.table["site"]) == set(handle.site_names) - {n for n in handle.site_names if n.endswith(".tokens")}
     handle.unpatch()
+
+
+def unnamed_dims(exported: az.InferenceData) -> list[str]:
+    """The dims ArviZ had to name itself (``<variable>_dim_<i>``), over every group."""
+    return [dim for group in exported.groups() for dim in exported[group].dims if "_dim_" in str(dim)]
+
+
+POST_HOC = sorted(name for name, family in GUIDE_FAMILIES.items() if family.post_hoc)
+
+
+@pytest.mark.parametrize("name", POST_HOC)
+def test_post_hoc_families_fitted_with_no_step_export_diagnose_and_round_trip(name, held_out, tmp_path):
+    """A post-hoc Laplace at the model's weights (``steps=0``, its documented use) has no trained parameter:
+    it exports, gets a collapse report and does both again after save/load, with every dim named."""
+    assert POST_HOC == ["expert-laplace", "kron-laplace", "laplace"]
+    setup = dict(FAMILY_SETUPS.get(name, {}))
+    sites = setup.pop("sites", SITES_FOR_SCOPE[GUIDE_FAMILIES[name].scope])
+    if sites == "experts":
+        handle = patch_experts(tiny_model("granitemoe"), layers=[1], prior_precision=100.0)
+    else:
+        handle = patch_routers(tiny_model("granitemoe"), {"weight": 0.2}, layers=[1])
+    posterior = fit(handle, mcqa_batches(), name, answer_token_ids=ANSWERS, steps=0, progress=False)
+    assert not posterior.engine.params
+    exported = to_inference_data(posterior, held_out, num_draws=6)
+    (variable,) = exported.posterior.data_vars
+    expected = ("layer", "expert", "hidden", "intermediate") if sites == "experts" else ("layer", "expert", "hidden")
+    assert exported.posterior[variable].dims == ("chain", "draw", *expected)
+    assert exported.posterior[variable].values.std(1).max() > 0  # draws from the Laplace, not a point
+    assert unnamed_dims(exported) == []
+    report = collapse_report(posterior, held_out, num_draws=20, summary_draws=6)
+    assert list(report.table["site"]) == handle.site_names
+    folder = posterior.save(tmp_path / name)
+    handle.unpatch()
+    loaded = FittedPosterior.load(folder, tiny_model("granitemoe"))
+    again = to_inference_data(loaded, held_out, num_draws=6)
+    np.testing.assert_allclose(again.posterior[variable].values, exported.posterior[variable].values, rtol=1e-6)
+    assert list(collapse_report(loaded, held_out, num_draws=20, summary_draws=6).table["site"]) == handle.site_names
+    loaded.patch.unpatch()

@@ -7,7 +7,9 @@ import pytest
 
 from pyro_moe import ConfigurationError
 from pyro_moe.guides.family import GuideScope
-from pyro_moe.inference.presets import DEFAULT_SITES, default_family, family_specs
+from pyro_moe.inference.presets import DEFAULT_SITES, default_family, family_specs, fit_families
+from tests.helpers import ANSWERS, mcqa_batches
+from tests.tiny_models import tiny_model
 
 
 def test_a_composite_guide_gets_the_default_sites_of_every_scope():
@@ -40,3 +42,20 @@ def test_swag_schedule_follows_the_steps():
 def test_bad_family_lists_are_refused(families, message):
     with pytest.raises(ConfigurationError, match=message):
         family_specs(families)
+
+
+def test_zero_steps_fit_post_hoc_families_and_refuse_the_others_before_any_fit():
+    model, batches = tiny_model("granitemoe"), mcqa_batches(1)
+    specs = family_specs(["kron-laplace"], {"weight": 0.2}, 0)
+    (posterior,) = fit_families(model, batches, specs, answer_token_ids=ANSWERS, steps=0, progress=False).values()
+    assert posterior.history == [] and posterior.fitted_post_hoc
+    calls = []
+    hook = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    message = r"steps must be a positive integer, got 0, for mean-field \(it trains by SVI\)"
+    with pytest.raises(ConfigurationError, match=message):
+        family_specs(["kron-laplace", "mean-field"], {"weight": 0.2}, 0)
+    specs = family_specs(["kron-laplace", "mean-field"], {"weight": 0.2}, 3)
+    with pytest.raises(ConfigurationError, match=message):
+        fit_families(model, batches, specs, answer_token_ids=ANSWERS, steps=0, progress=False)
+    assert calls == []
+    hook.remove()

@@ -11,8 +11,10 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 from pyro_moe.core.curvature_targets import EXPERT_FAMILIES, expert_targets, router_targets
+from pyro_moe.core.readout import last_token_logits
 from pyro_moe.errors import (
     ConfigurationError,
+    CurvatureError,
     LayerSelectionError,
     NoMoELayersError,
     NonFiniteError,
@@ -403,3 +405,27 @@ def test_prior_mean_at_the_mode_of_one_layer_is_refused_before_any_change():
     with pytest.raises(ConfigurationError, match="grows without bound"):
         optimize_prior_precision([away, at_mode], per="layer")
     assert away.prior_precision.tolist() == [2.0, 2.0]
+
+
+def test_a_target_no_gradient_reaches_is_named_instead_of_zero_filled():
+    model = tiny_model("granitemoe")
+    targets = router_targets(model, [1])
+    bias = torch.zeros(len(ANSWERS), requires_grad=True)
+
+    def detached(input_ids, attention_mask):  # the answer does not depend on the recorded router logits
+        return last_token_logits(model, input_ids, attention_mask)[0][:, ANSWERS].detach() + bias
+
+    with pytest.raises(CurvatureError, match=r"no output gradient reaches model\.layers\.1\..*\.weight"):
+        kronecker_curvature(model, targets, [mcqa_batch(2)], ANSWERS, answer_logits=detached, progress=False)
+
+
+def test_a_target_whose_gradients_are_all_zero_is_named():
+    model = tiny_model("granitemoe")
+    targets = router_targets(model, [1])
+    bias = torch.zeros(len(ANSWERS), requires_grad=True)
+
+    def flat(input_ids, attention_mask):  # connected to the router, but with zero gradients
+        return last_token_logits(model, input_ids, attention_mask)[0][:, ANSWERS] * 0.0 + bias
+
+    with pytest.raises(CurvatureError, match=r"model\.layers\.1\..*\.weight are identically zero over its 2"):
+        kronecker_curvature(model, targets, [mcqa_batch(2)], ANSWERS, answer_logits=flat, progress=False)

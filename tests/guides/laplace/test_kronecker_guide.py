@@ -330,6 +330,8 @@ def test_linearized_predict_refuses_bad_num_samples_and_seed_before_any_forward_
         ({"mc_samples": True}, "mc_samples must be a positive integer"),
         ({"rank": 0}, "rank must be a positive integer"),
         ({"tokens": "first"}, "token selections"),
+        ({"ranks": 4}, r"unknown kron-laplace option\(s\) \['ranks'\]; accepted: rank, fisher, tokens, mc_samples"),
+        ({"optimize_prior": "layer"}, "optimize_prior is for expert-laplace"),
     ],
 )
 def test_kronecker_options_are_refused_before_the_map_stage_runs(options, match):
@@ -348,8 +350,32 @@ def test_kronecker_options_are_refused_before_the_map_stage_runs(options, match)
             progress=False,
             guide_options={"kron-laplace": options},
         )
-    # one forward pass: RouterGuide.setup's trace of the sites, which builds the guide; no SVI step
-    assert calls == [1]
+    assert calls == []  # refused when the guide is built, before RouterGuide.setup's trace of the sites
+    hook.remove()
+    handle.unpatch()
+
+
+def test_expert_laplace_refuses_an_unknown_option_by_name_before_any_forward_pass():
+    model = tiny_model("granitemoe")
+    handle = patch_experts(model, layers=[1])
+    calls = []
+    hook = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    options = {"expert-laplace": {"rank": 4, "prior_precision": 3.0}}
+    with pytest.raises(ConfigurationError, match=r"unknown expert-laplace option\(s\) \['prior_precision'\]; accepted"):
+        fit(handle, tiny_batches(1), "expert-laplace", answer_token_ids=ANSWERS, steps=0, guide_options=options)
+    assert calls == []
+    hook.remove()
+    handle.unpatch()
+
+
+def test_kron_laplace_refuses_sample_k_selection_before_the_map_stage_runs():
+    model = tiny_model("granitemoe")
+    handle = patch_routers(model, {"weight": 0.3}, layers=[1], selection="sample-k")
+    calls = []
+    hook = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    with pytest.raises(ConfigurationError, match=r"deterministic expert selection.*Sample-K.*selection='top-k'"):
+        fit(handle, tiny_batches(1), "kron-laplace", answer_token_ids=ANSWERS, steps=3, progress=False)
+    assert calls == [1, 1]  # RouterGuide.setup's trace of the sites and the guide's prototype trace; no SVI step
     hook.remove()
     handle.unpatch()
 
@@ -363,4 +389,30 @@ def test_kron_laplace_refuses_router_dropout_before_the_map_stage_runs():
         fit(handle, tiny_batches(1), "kron-laplace", answer_token_ids=ANSWERS, steps=3, progress=False)
     assert calls == [1, 1]  # RouterGuide.setup's trace of the sites and the guide's prototype trace; no SVI step
     hook.remove()
+    handle.unpatch()
+
+
+@pytest.mark.parametrize("per", ["layer", "expert", "model"])
+def test_the_optimised_prior_precision_is_the_argmax_of_the_reported_evidence_with_unrouted_experts(per):
+    """Top-2 of 4 experts at 2 last tokens: some experts get no token. Those are left out of both the
+    optimiser and log_evidence(), so a grid of the reported evidence around the chosen tau peaks there."""
+    model = tiny_model("granitemoe")
+    batches = [{key: value[:2] for key, value in tiny_batches(1)[0].items()}]
+    handle = patch_experts(model, layers=[1], prior_precision=50.0, prior_mean="zero")
+    options = {"expert-laplace": {"fisher": "exact", "optimize_prior": per}}
+    posterior = fit(handle, batches, "expert-laplace", answer_token_ids=ANSWERS, steps=0, guide_options=options)
+    guide = posterior.guide.global_guide
+    (laplace,) = guide.posteriors().values()
+    unrouted = laplace.input_values.abs().amax(-1).eq(0)  # A = 0: no token reached the expert
+    assert unrouted.any() and not unrouted.all()
+    tau = guide.prior_precisions()[SITE].clone()
+    best = guide.log_evidence()
+    blocks = [slice(b, b + 1) for b in range(4) if not unrouted[b]] if per == "expert" else [slice(None)]
+    for block in blocks:
+        for factor in torch.logspace(-1, 1, 21, dtype=torch.float64).tolist():
+            moved = tau.clone()
+            moved[block] = moved[block] * factor
+            guide.set_prior_precision({SITE: moved})
+            assert guide.log_evidence() <= best + 1e-9
+    guide.set_prior_precision({SITE: tau})
     handle.unpatch()
