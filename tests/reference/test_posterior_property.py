@@ -153,8 +153,11 @@ READINGS: dict[str, Reading] = {
         repeats=1,
     ),
     "laplace": Reading(Kind.CURVATURE, {"weight": 0.3}, _POST_HOC, floor=0.2, ceiling=0.12, repeats=1),
-    # layer 0 only: the issue-22 fix refuses a target whose output gradient is identically 0, as layer 1's is
-    "kron-laplace": Reading(Kind.CURVATURE, _WEIGHT, _POST_HOC, floor=0.2, ceiling=0.12, repeats=1, layers=(0,)),
+    # layer 0 only: the issue-22 fix refuses a target whose output gradient is identically 0, as layer 1's
+    # is; a weak prior (tau 1/9): the curvature of the last tokens' routers (its default) is small
+    "kron-laplace": Reading(
+        Kind.CURVATURE, {"weight": 3.0}, _POST_HOC, floor=0.2, ceiling=0.12, repeats=1, layers=(INFORMED_LAYER,)
+    ),
     "expert-laplace": Reading(
         Kind.CURVATURE, "experts", _POST_HOC, floor=0.06, ceiling=0.04, repeats=1, prior_precision=1e-4
     ),
