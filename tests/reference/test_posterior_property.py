@@ -390,7 +390,7 @@ def prior_copy_family():
 
 
 def test_a_family_that_fits_nothing_fails_the_check(prior_copy_family):
-    reading = dataclasses.replace(_GAUSSIAN, training={"steps": 1}, guide_options={})
+    reading = dataclasses.replace(_GAUSSIAN, training={"steps": 1}, guide_options={})  # fit takes no step: trains=False
     posterior = fitted("prior-copy", reading)
     with pytest.raises(AssertionError, match="does not differ from its prior where the data inform it"):
         check_property("prior-copy", reading, posterior)
