@@ -377,8 +377,10 @@ def generate(
     )
     passes = [_Pass(min(per_pass, num_samples - start)) for start in range(0, num_samples, per_pass)]
     eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
+    parameters = inspect.signature(model.forward).parameters
     # transformers 5.x renamed ``past_key_values`` to ``cache`` (argument and output field)
-    cache_keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_keyword = "cache" if "cache" in parameters else "past_key_values"
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}  # only the last position's logits
 
     tokens, live_masks, figures, top_k = [], [], [], []
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -400,7 +402,7 @@ def generate(
                         attention_mask=attention_mask,
                         position_ids=positions,
                         use_cache=True,
-                        logits_to_keep=1,
+                        **keep,
                         **{cache_keyword: chunk.cache},
                     )
                 chunk.cache = getattr(output, cache_keyword)
