@@ -900,6 +900,10 @@ def run_generate(args: argparse.Namespace) -> None:
         raise BadInput(f"--uncertain-quantile must be in [0, 1], got {args.uncertain_quantile:g}.")
     sites = None if args.posterior is not None else (parse_sites(args) or {"logits": 2.0})
     layers = None if args.posterior is not None else resolve_layers(args, None)
+    if sites is not None:
+        from pyro_moe.models.bayesian_router import RouterSites
+
+        RouterSites.parse(sites)  # a bad site or prior scale before the model loads
     if args.posterior is not None:
         _check_path(str(args.posterior), "posterior")
     model, tokenizer, _ = load_model(args)
