@@ -83,14 +83,14 @@ def test_one_sample_with_zero_prior_scales_equals_hf_generate(family, batch):
     assert torch.equal(generation.stopped, (generation.tokens == model.generation_config.eos_token_id).any(-1))
 
 
-def recompute_without_cache(handle, recorder, generation, prompt, mode, step):
+def recompute_without_cache(handle, recorder, generation, prompt, mode, step, local):
     """Every sample's next-token distribution at ``step`` from one no-cache pass over the whole prefix,
-    the global sites at their first recorded draws, the per-token sites at the recorded draws of every position."""
+    the global sites at their first recorded draws, the ``local`` (per-token) sites at the recorded draws of
+    every position."""
     input_ids, attention_mask = prompt
     batch = input_ids.shape[0]
     ids = torch.cat([input_ids, generation.tokens[:, :step]], -1)
     mask = torch.cat([attention_mask, torch.ones_like(generation.tokens[:, :step])], -1)
-    local = [name for name in recorder.names if name.rpartition(".")[2] in handle.sites.local_kinds]
     values = dict(recorder.passes[0])
     for name in local:
         parts = [p[name].unflatten(1, (batch, -1)) for p in recorder.passes[: step + 1]]
@@ -134,7 +134,8 @@ def test_cached_steps_equal_no_cache_recomputation_with_the_same_draws(family, s
         )
     assert len(recorder.passes) == generation.tokens.shape[1] == NEW
     for step in range(NEW):
-        reference = recompute_without_cache(handle, recorder, generation, batch, mode, step)
+        local = [name for name in handle.site_names if name.rpartition(".")[2] in kinds]
+        reference = recompute_without_cache(handle, recorder, generation, batch, mode, step, local)
         torch.testing.assert_close(full_distributions(generation, step), reference, atol=1e-5, rtol=0)
         figures = categorical_figures(reference, generation.tokens[:, step])
         live = generation.generated_mask[:, step]  # a row that stopped has zeros
@@ -148,6 +149,21 @@ def test_cached_steps_equal_no_cache_recomputation_with_the_same_draws(family, s
         else:
             assert all(torch.equal(v, values[0]) for v in values)
             assert not torch.equal(values[0][0], values[0][1])  # the samples differ
+
+
+def test_expert_weights_are_held_and_cached_steps_equal_recomputation(batch):
+    handle = patch_experts(tiny_model("qwen2_moe"), layers=[-1], prior_precision=30.0, router_sites={"logits": 2.0})
+    recorder = DrawRecorder(handle.site_names)
+    with recorder:
+        generation = generate(handle, *batch, max_new_tokens=3, num_samples=2, top_k_per_sample=TINY_VOCAB_SIZE)
+    local = [name for name in handle.site_names if name.endswith(".logits")]
+    experts = [name for name in handle.site_names if name.endswith(".down_proj")]
+    assert len(experts) == 1 and local
+    for step in range(3):
+        reference = recompute_without_cache(handle, recorder, generation, batch, "model-average", step, local)
+        torch.testing.assert_close(full_distributions(generation, step), reference, atol=1e-5, rtol=0)
+    draws = [p[experts[0]] for p in recorder.passes]
+    assert all(torch.equal(draw, draws[0]) for draw in draws) and not torch.equal(draws[0][0], draws[0][1])
 
 
 def test_model_average_has_mutual_information_and_routing_average_none(batch):
