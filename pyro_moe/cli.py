@@ -926,10 +926,12 @@ def run_generate(args: argparse.Namespace) -> None:
         "do_sample": args.do_sample,
         "temperature": 1.0 if args.temperature is None else args.temperature,
         "top_p": 1.0 if args.top_p is None else args.top_p,
-        "seed": args.seed,
         "stop_strings": args.stop or (),
         "tokenizer": tokenizer,
     }
+    import pyro
+
+    pyro.set_rng_seed(args.seed)  # one seeded stream for the whole run: every batch gets its own draws
     texts = []
     for start in range(0, len(prompts), args.batch_size):
         chunk = prompts[start : start + args.batch_size]
