@@ -115,6 +115,12 @@ def recompute_without_cache(handle, recorder, generation, prompt, mode, step, lo
         # the dense and MoE layers in front of the Bayesian one run once for all samples, their cache unfolded
         ("qwen2_moe", {"logits": 2.0, "weight": 0.3}, "model-average", [2]),
         ("mixtral", {"weight": 0.5, "temperature": {"per": "token", "scale": 0.5}}, "routing-average", "all"),
+        # caches of other kinds: linear attention and Mamba states, sliding windows, latent attention
+        ("granitemoehybrid", {"logits": 2.0}, "model-average", "all"),
+        ("qwen3_next", {"logits": 2.0}, "model-average", [1]),
+        ("minimax", {"weight": 0.5}, "model-average", "all"),
+        ("gpt_oss", {"logits": 2.0}, "model-average", "all"),
+        ("deepseek_v3", {"logits": 2.0}, "model-average", [2]),
     ],
 )
 def test_cached_steps_equal_no_cache_recomputation_with_the_same_draws(family, sites, mode, layers, batch):
