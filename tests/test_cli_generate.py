@@ -4,6 +4,7 @@ library on the same model and seed, under the prior and under a saved posterior,
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,12 @@ def test_refused_at_parsing(tmp_path, capsys, options):
         main(["generate", *options, "--out", str(tmp_path / "never")])
     assert stop.value.code == EXIT_BAD_INPUT
     assert not (tmp_path / "never").exists()
+
+
+def test_colours_on_a_terminal_only(saved, tmp_path, capsys, monkeypatch):
+    argv = ["generate", "--model", str(saved["moe"]), "--prompt", PROMPTS[0], "--max-new-tokens", "3"]
+    argv += ["--samples", "3", "--uncertain-quantile", "0", "--out", str(tmp_path / "run")]
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "\033[1;31m" in printed and "[[" not in printed  # every token with MI > 0 is marked
