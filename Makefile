@@ -31,6 +31,7 @@ BENCH_MALLOC := MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=429496729
 
 bench: $(STAMP)
 	$(BENCH_MALLOC) $(BIN)/python benchmarks/bench_routing.py
+	$(BENCH_MALLOC) $(BIN)/python benchmarks/bench_generation.py
 	$(BENCH_MALLOC) $(BIN)/python benchmarks/bench_local_reparameterization.py
 	$(BENCH_MALLOC) $(BIN)/python benchmarks/bench_svi.py
 	$(BENCH_MALLOC) $(BIN)/python benchmarks/bench_laplace.py

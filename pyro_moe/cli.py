@@ -15,7 +15,10 @@ Commands (``pyro-moe COMMAND --help`` lists the options of each):
   ``--text``, the held-out perplexity of a saved posterior and of the deterministic model;
 * ``diagnose``: ArviZ ``InferenceData`` (netCDF), ``az.summary`` and the collapse report of a saved posterior;
 * ``compare``: calibration and OoD of several guide families side by side;
-* ``bench``: latency, peak memory and FLOPs of the families' predictions.
+* ``bench``: latency, peak memory and FLOPs of the families' predictions;
+* ``generate``: text after prompts with per-token predictive entropy and mutual information, under a saved
+  posterior or the prior of ``--sites``: the uncertain tokens marked on the terminal, ``generations.jsonl``,
+  ``generations.html`` (tokens shaded by mutual information) and ``generations.png``.
 
 Without ``--model`` the embedded benchmark model is used, without ``--data`` its splits. A model is
 loaded with ``AutoModelForCausalLM.from_pretrained`` (a local folder, or an HF id, downloaded as
@@ -828,6 +831,131 @@ def run_bench(args: argparse.Namespace) -> None:
     print("written:", paths["report"])
 
 
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """``--prompt`` or the non-empty lines of ``--prompts``; refused when there is none."""
+    if args.prompt is not None:
+        prompts = [args.prompt]
+    else:
+        _check_path(str(args.prompts), "prompts")
+        if not args.prompts.is_file():
+            raise BadInput(f"--prompts {args.prompts}: not a file (one prompt per line).")
+        prompts = [line for line in args.prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts or not all(prompt.strip() for prompt in prompts):
+        raise BadInput("no prompt to generate from: give --prompt TEXT or a --prompts file with one prompt per line.")
+    return prompts
+
+
+def generated_texts(generation: Any, tokenizer: Any, prompts: Sequence[str], input_ids: Tensor) -> list[Any]:
+    """Every row of ``generation`` as a :class:`~pyro_moe.evaluation.token_report.GeneratedText`: each token's
+    text piece is what it adds to the decoded text of the prompt's last token and the tokens before it
+    (so the spaces and merges of word-level, BPE and SentencePiece tokenizers are kept)."""
+    from pyro_moe.evaluation.token_report import GeneratedText
+
+    texts = []
+    for row, prompt in enumerate(prompts):
+        length = int(generation.lengths[row])
+        ids = generation.tokens[row, :length].tolist()
+        context = input_ids[row, -1:].tolist()  # left padding: the prompt's last token
+        decoded = [tokenizer.decode(context + ids[:end]) for end in range(length + 1)]
+        pieces = [decoded[end][len(decoded[end - 1]) :] for end in range(1, length + 1)]
+
+        def values(tensor: Any, row: int = row, length: int = length) -> list[float]:
+            return [float(value) for value in tensor[row, :length]]
+
+        texts.append(
+            GeneratedText(
+                prompt=prompt,
+                pieces=pieces,
+                token_ids=ids,
+                probs=values(generation.token_probs),
+                predictive_entropy=values(generation.predictive_entropy),
+                expected_entropy=values(generation.expected_entropy),
+                mutual_information=values(generation.mutual_information),
+                stopped=bool(generation.stopped[row]),
+            )
+        )
+    return texts
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    """``generate``: text after every prompt with per-token entropy and mutual information
+    (:func:`pyro_moe.inference.generation.generate`) under ``--posterior`` or the prior of ``--sites``;
+    prints it with the uncertain tokens marked and writes ``generations.jsonl``, ``.html`` and ``.png``."""
+    from pyro_moe.evaluation.token_report import (
+        plot_token_uncertainty,
+        terminal_text,
+        uncertainty_threshold,
+        write_html,
+        write_jsonl,
+    )
+
+    prompts = read_prompts(args)
+    if args.posterior is not None and (args.sites is not None or args.prior is not None or args.layers != ["all"]):
+        raise BadInput("--posterior carries its own sites and layers: give --sites, --prior and --layers without it.")
+    if not args.do_sample and (args.temperature is not None or args.top_p is not None):
+        raise BadInput("--temperature and --top-p shape sampling: give them with --do-sample.")
+    if args.top_p is not None and args.top_p > 1:
+        raise BadInput(f"--top-p is a probability mass in (0, 1], got {args.top_p:g}.")
+    if not 0.0 <= args.uncertain_quantile <= 1.0:
+        raise BadInput(f"--uncertain-quantile must be in [0, 1], got {args.uncertain_quantile:g}.")
+    sites = None if args.posterior is not None else (parse_sites(args) or {"logits": 2.0})
+    layers = None if args.posterior is not None else resolve_layers(args, None)
+    if sites is not None:
+        from pyro_moe.models.bayesian_router import RouterSites
+
+        RouterSites.parse(sites)  # a bad site or prior scale before the model loads
+    if args.posterior is not None:
+        _check_path(str(args.posterior), "posterior")
+    model, tokenizer, _ = load_model(args)
+    if args.posterior is not None:
+        from pyro_moe.inference.fitting import FittedPosterior
+
+        posterior = FittedPosterior.load(args.posterior, model, allow_other_model=args.allow_other_model)
+        generate_with = posterior.generate
+    else:
+        from functools import partial
+
+        from pyro_moe.inference.generation import generate
+        from pyro_moe.models.router_patch import patch_routers
+
+        generate_with = partial(generate, patch_routers(model, sites, layers=layers))
+    options = {
+        "max_new_tokens": args.max_new_tokens,
+        "num_samples": args.samples,
+        "mode": args.mode,
+        "do_sample": args.do_sample,
+        "temperature": 1.0 if args.temperature is None else args.temperature,
+        "top_p": 1.0 if args.top_p is None else args.top_p,
+        "stop_strings": args.stop or (),
+        "tokenizer": tokenizer,
+    }
+    import pyro
+
+    pyro.set_rng_seed(args.seed)  # one seeded stream for the whole run: every batch gets its own draws
+    texts = []
+    for start in range(0, len(prompts), args.batch_size):
+        chunk = prompts[start : start + args.batch_size]
+        encoded = tokenizer(chunk, return_tensors="pt", padding=True)
+        generation = generate_with(encoded["input_ids"], encoded["attention_mask"], **options)
+        texts += generated_texts(generation, tokenizer, chunk, encoded["input_ids"])
+    threshold = uncertainty_threshold(texts, args.uncertain_quantile)
+    colour = sys.stdout.isatty()
+    for text in texts:
+        figures = text.summary()
+        print(f"{text.prompt}{terminal_text(text, threshold, colour)}")
+        print(
+            f"  mean MI {figures['mean_mutual_information']:.4g}, max MI {figures['max_mutual_information']:.4g}, "
+            f"mean entropy {figures['mean_predictive_entropy']:.4g}, log p {figures['log_prob_sum']:.4g} (nats)"
+        )
+    paths = [
+        write_jsonl(texts, args.out / "generations.jsonl"),
+        write_html(texts, args.out / "generations.html", threshold=threshold),
+        plot_token_uncertainty(texts, args.out / "generations.png"),
+    ]
+    print(f"marked: mutual information >= {threshold:.4g} nats (quantile {args.uncertain_quantile:g})")
+    print("written:", *paths)
+
+
 # ---------------------------------------------------------------------------------------------- parser
 
 
@@ -1028,6 +1156,49 @@ def build_parser() -> argparse.ArgumentParser:
     _allow_other_model(diagnose)
     _common(diagnose, "posterior draws of the export and the collapse report (default 100)")
     diagnose.set_defaults(run=run_diagnose)
+
+    generating = commands.add_parser(
+        "generate", help="generate text with per-token entropy and mutual information, uncertain tokens marked"
+    )
+    _model_options(generating)
+    prompts = generating.add_argument_group("prompts").add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", help="one prompt")
+    prompts.add_argument("--prompts", type=Path, help="a text file, one prompt per line")
+    options = generating.add_argument_group("generation")
+    options.add_argument(
+        "--max-new-tokens", type=_integer(1), default=32, help="tokens generated per prompt at most (default 32)"
+    )
+    options.add_argument(
+        "--mode",
+        choices=("model-average", "routing-average"),
+        default="model-average",
+        help="model-average (S networks, mutual information) or routing-average (one, MI 0); default model-average",
+    )
+    options.add_argument("--do-sample", action="store_true", help="sample the tokens (default: the most probable)")
+    options.add_argument("--temperature", type=_positive_number, help="--do-sample: temperature (default 1)")
+    options.add_argument("--top-p", type=_positive_number, help="--do-sample: nucleus mass in (0, 1] (default 1)")
+    options.add_argument("--stop", nargs="+", help="stop strings: a prompt's generation ends when its text holds one")
+    options.add_argument("--batch-size", type=_integer(1), default=8, help="prompts per batch (default 8)")
+    options.add_argument(
+        "--uncertain-quantile",
+        type=float,
+        default=0.9,
+        help="mark the tokens whose mutual information is at least this quantile of the run's (default 0.9)",
+    )
+    posterior = generating.add_argument_group("posterior")
+    posterior.add_argument(
+        "--posterior", type=Path, help="a posterior folder written by pyro-moe fit (default: the prior)"
+    )
+    posterior.add_argument(
+        "--sites", help="without --posterior: router sites at their prior, JSON or kinds (default '{\"logits\": 2.0}')"
+    )
+    posterior.add_argument("--prior", help="without --posterior: prior family of the sites (default normal)")
+    posterior.add_argument(
+        "--layers", nargs="+", default=["all"], help="without --posterior: Bayesian layers, all or indices"
+    )
+    _allow_other_model(generating)
+    _common(generating, "S, posterior samples per token (default 8)")
+    generating.set_defaults(run=run_generate, samples=8)
 
     bench = commands.add_parser("bench", help="latency, peak memory and FLOPs of the families' predictions")
     _model_options(bench)

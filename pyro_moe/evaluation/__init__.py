@@ -1,1 +1,2 @@
-"""Evaluation (a leaf: imports core only): metrics, temperature scaling, routing stability, plots."""
+"""Evaluation (a leaf: imports core only): metrics, temperature scaling, routing stability, plots,
+reports of generated text."""

@@ -1,2 +1,3 @@
 """Fitting and using posteriors: the SVI engine, ``fit`` and :class:`FittedPosterior`, the
-predictive, the perplexity of text, checkpoints and named family presets. Builds on core, models and guides."""
+predictive, generation with per-token uncertainty, the perplexity of text, checkpoints and named
+family presets. Builds on core, models and guides."""

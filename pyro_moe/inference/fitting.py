@@ -58,6 +58,7 @@ from pyro_moe.inference.checkpoint import (
     read_checkpoint_folder,
     save_checkpoint,
 )
+from pyro_moe.inference.generation import Generation, generate
 from pyro_moe.inference.model_fingerprint import model_differences, model_fingerprint
 from pyro_moe.inference.options import TrainingOptions
 from pyro_moe.inference.predictive import RoutedPrediction, predict, predictive_mode
@@ -326,6 +327,19 @@ class FittedPosterior:
             return prediction
         probs = calibrated_probs(prediction.probs, scaling)
         return dataclasses.replace(prediction, probs=probs, temperature=scaling.temperature)
+
+    def generate(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, *, max_new_tokens: int, **options: Any
+    ) -> Generation:
+        """:func:`pyro_moe.inference.generation.generate` with this posterior: up to ``max_new_tokens`` tokens
+        after each left-padded prompt, every one with its averaged probability, predictive and expected
+        entropy and mutual information (``model-average`` by default; ``num_samples``, ``mode``,
+        ``do_sample``, ``temperature``, ``top_p``, ``seed``, ``eos_token_id``, ``stop_strings``,
+        ``tokenizer``, ``top_k_per_sample``, ``max_samples_per_pass`` as there). The calibration
+        temperatures (:meth:`calibrate`) belong to the answer letters and are not applied."""
+        return generate(
+            self.patch, input_ids, attention_mask, max_new_tokens=max_new_tokens, guide=self.guide, **options
+        )
 
     def save(self, folder: str | Path) -> Path:
         """Write the guide's parameters, the optimiser state and the configuration (safetensors + JSON)

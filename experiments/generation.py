@@ -1,0 +1,354 @@
+"""Generation experiment: does the uncertainty of a generated answer tell in-distribution questions from OoD ones?
+
+After every question of the in-distribution split (``test``) and of the OoD splits (``near_ood``,
+``far_ood``) the model generates up to ``max_new_tokens`` tokens (greedy,
+:meth:`pyro_moe.FittedPosterior.generate`); every sequence is scored (higher means more OoD) by
+
+* ``mean mutual information`` and ``max mutual information`` over its generated tokens
+  (``model-average`` only: ``routing-average`` has one next-token distribution, MI 0);
+* ``mean predictive entropy`` over its generated tokens.
+
+The deterministic model has the last one, from HF's own ``model.generate`` (greedy, its raw logits).
+AUROC and AUPRC (OoD the positive class) as in :mod:`pyro_moe.experiments.ood`; one ROC figure per OoD
+split and method.
+
+Example::
+
+    results = generation_experiment(model, tokenizer, benchmark.splits, {"mfvr": fitted_mfvr})
+    results.auroc("mfvr", "model-average", "far_ood", "mean mutual information")
+    write_results(results, "runs/generation")
+
+    python -m pyro_moe.experiments.generation --out runs/generation      # on the embedded benchmark
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from pyro_moe.core.routing_context import PredictiveMode
+from pyro_moe.data import MCQAExample
+from pyro_moe.errors import ConfigurationError, PyroMoEError
+from pyro_moe.evaluation.metrics import ood_auprc, ood_auroc
+from pyro_moe.evaluation.plots import plot_roc_curves
+from pyro_moe.experiments.evaluation import (
+    DEFAULT_FAMILIES,
+    DETERMINISTIC,
+    FitSettings,
+    PredictionSettings,
+    add_common_arguments,
+    check_count,
+    check_splits,
+    default_answer_token_ids,
+    fit_named_families,
+    fit_settings,
+    markdown_table,
+    posterior_modes,
+    run_on_benchmark,
+    slug,
+    split_batches,
+    write_results,
+)
+from pyro_moe.inference.fitting import FittedPosterior
+from pyro_moe.inference.generation import Generation
+from pyro_moe.inference.presets import FamilySpec
+from pyro_moe.validation import check_integer
+
+__all__ = [
+    "SCORES",
+    "GenerationResults",
+    "GenerationSettings",
+    "deterministic_entropy",
+    "generation_experiment",
+    "main",
+    "run_generation",
+    "sequence_scores",
+]
+
+SCORES = ("mean mutual information", "max mutual information", "mean predictive entropy")
+"""The sequence scores, in table order."""
+
+COLUMNS = ("ood_split", "method", "mode", "score", "auroc", "auprc", "in_examples", "ood_examples")
+BASELINE_MODE = "any"
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationSettings(PredictionSettings):
+    """The splits and generation lengths of :func:`generation_experiment`, besides the prediction settings
+    it inherits (``num_samples``, ``modes``, ``batch_size``, ``seed``); checked when built.
+
+    Attributes:
+        in_split: the in-distribution split.
+        ood_splits: the OoD splits (at least one, not ``in_split``), a tuple once built.
+        examples: use the first this many questions of each split (``None``: all).
+        max_new_tokens: tokens generated after each question at most.
+    """
+
+    num_samples: int = 8
+    in_split: str = "test"
+    ood_splits: Sequence[str] = ("near_ood", "far_ood")
+    examples: int | None = None
+    max_new_tokens: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        ood_splits = (self.ood_splits,) if isinstance(self.ood_splits, str) else tuple(self.ood_splits)
+        if not ood_splits or self.in_split in ood_splits:
+            raise ConfigurationError(
+                f"give at least one OoD split other than the in-distribution split {self.in_split!r}, "
+                f"got {list(ood_splits)}."
+            )
+        object.__setattr__(self, "ood_splits", ood_splits)
+        check_count("examples", self.examples)
+        check_integer("max_new_tokens", self.max_new_tokens)
+
+
+def sequence_scores(generation: Generation) -> dict[str, Tensor]:
+    """The scores ``{name: (batch,)}`` of a generation (see :data:`SCORES`), on the CPU."""
+    scores = {"mean predictive entropy": generation.mean_predictive_entropy}
+    if generation.mode is PredictiveMode.MODEL_AVERAGE:
+        scores["mean mutual information"] = generation.mean_mutual_information
+        scores["max mutual information"] = generation.max_mutual_information
+    return {name: value.float().cpu() for name, value in scores.items()}
+
+
+@torch.no_grad()
+def deterministic_entropy(model: nn.Module, batches: Sequence[Mapping[str, Tensor]], max_new_tokens: int) -> Tensor:
+    """Mean predictive entropy ``(examples,)`` of the tokens HF's greedy ``model.generate`` generates after
+    every prompt of ``batches`` (its raw logits; the tokens up to and including a row's end-of-sequence id)."""
+    device = model.get_input_embeddings().weight.device
+    eos = model.generation_config.eos_token_id
+    eos = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), device=device)
+    entropies = []
+    for batch in tqdm(batches, desc="deterministic generations", leave=False):
+        input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        output = model.generate(
+            input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        logits = torch.stack(output.logits, 1).float()  # (batch, new, vocab)
+        entropy = torch.distributions.Categorical(logits=logits).entropy()
+        tokens = output.sequences[:, input_ids.shape[1] :]
+        ended = torch.isin(tokens, eos).long().cumsum(-1)
+        generated = (ended - torch.isin(tokens, eos).long()) == 0  # up to and including the first end
+        entropies.append(((entropy * generated).sum(-1) / generated.sum(-1).clamp_min(1)).cpu())
+    return torch.cat(entropies)
+
+
+@dataclass
+class GenerationResults:
+    """What :func:`generation_experiment` returns.
+
+    Attributes:
+        rows: one per OoD split, method, mode and score (``COLUMNS``).
+        scores: ``{split: {(method, mode): {score: (examples,)}}}`` (for the ROC curves; not written to JSON).
+        in_split: the in-distribution split.
+        num_samples: S per generation.
+        max_new_tokens: tokens generated per question at most.
+    """
+
+    rows: list[dict[str, Any]]
+    scores: dict[str, dict[tuple[str, str], dict[str, Tensor]]]
+    in_split: str
+    num_samples: int
+    max_new_tokens: int
+
+    @property
+    def ood_splits(self) -> list[str]:
+        """The OoD splits, in order."""
+        return [split for split in self.scores if split != self.in_split]
+
+    def auroc(self, method: str, mode: str, ood_split: str, score: str) -> float:
+        """The AUROC of one row (``mode`` ``"any"`` for the deterministic model)."""
+        for row in self.rows:
+            if (row["method"], row["mode"], row["ood_split"], row["score"]) == (method, mode, ood_split, score):
+                return row["auroc"]
+        raise KeyError((method, mode, ood_split, score))
+
+    def to_json(self) -> dict[str, Any]:
+        """Settings and rows."""
+        return {
+            "experiment": "generation",
+            "in_split": self.in_split,
+            "ood_splits": self.ood_splits,
+            "num_samples": self.num_samples,
+            "max_new_tokens": self.max_new_tokens,
+            "rows": self.rows,
+        }
+
+    def to_markdown(self) -> str:
+        """One table per OoD split; the best AUROC of each split is named under it."""
+        lines = [
+            "# OoD detection from generated answers",
+            "",
+            f"In-distribution split `{self.in_split}`; OoD is the positive class; greedy generation of up to "
+            f"{self.max_new_tokens} tokens after each question; S = {self.num_samples}. Scores over each generated "
+            "sequence: mean and max mutual information (model-average only), mean predictive entropy.",
+            "",
+        ]
+        for split in self.ood_splits:
+            rows = [row for row in self.rows if row["ood_split"] == split]
+            best = max(rows, key=lambda row: row["auroc"])
+            lines += [f"## {split}", "", markdown_table(rows, COLUMNS)]
+            lines += [f"Best AUROC: {best['auroc']:.3f} ({best['method']}, {best['mode']}, {best['score']}).", ""]
+            lines += [
+                f"![ROC {split} {method} {mode}]({self._roc_name(split, method, mode)})"
+                for method, mode in self.scores[split]
+            ]
+            lines.append("")
+        return "\n".join(lines)
+
+    @staticmethod
+    def _roc_name(split: str, method: str, mode: str) -> str:
+        suffix = "" if mode == BASELINE_MODE else f"_{slug(mode)}"
+        return f"generation_roc_{slug(split)}_{slug(method)}{suffix}.png"
+
+    def plot(self, folder: str | Path) -> list[Path]:
+        """``generation_roc_<split>_<method>[_<mode>].png``: the ROC curves of every score of one method."""
+        paths = []
+        for split in self.ood_splits:
+            for (method, mode), ood_scores in self.scores[split].items():
+                in_scores = self.scores[self.in_split][method, mode]
+                label = method if mode == BASELINE_MODE else f"{method}, {mode}"
+                paths.append(
+                    plot_roc_curves(
+                        {name: (in_scores[name], ood_scores[name]) for name in ood_scores},
+                        Path(folder) / self._roc_name(split, method, mode),
+                        title=f"OoD detection from generations, {self.in_split} vs {split}: {label}",
+                    )
+                )
+        return paths
+
+
+def generation_experiment(
+    model: nn.Module,
+    tokenizer: Any,
+    splits: Mapping[str, Sequence[MCQAExample]],
+    posteriors: Mapping[str, FittedPosterior],
+    settings: GenerationSettings = GenerationSettings(),
+) -> GenerationResults:
+    """AUROC and AUPRC of every sequence score, method and mode; see the module docstring.
+
+    Args:
+        model: the unpatched model the posteriors were fitted on (copies of it).
+        tokenizer: its tokenizer.
+        splits: ``{split name: questions}``.
+        posteriors: ``{name: fitted posterior}``.
+        settings: the splits, sizes, samples, modes and generation length.
+
+    Raises:
+        ConfigurationError: an unknown or empty split, a posterior without ``generate``; before any generation.
+    """
+    in_split, ood_splits = settings.in_split, settings.ood_splits
+    check_splits(splits, [in_split, *ood_splits])
+    for name, posterior in posteriors.items():
+        if name == DETERMINISTIC or not callable(getattr(posterior, "generate", None)):
+            raise ConfigurationError(f"posterior {name!r} must be a fitted posterior (with generate) not named so.")
+    scores: dict[str, dict[tuple[str, str], dict[str, Tensor]]] = {}
+    for split in [in_split, *ood_splits]:
+        batches = split_batches(splits[split], tokenizer, settings.batch_size, settings.examples)
+        entropy = deterministic_entropy(model, batches, settings.max_new_tokens)
+        scores[split] = {(DETERMINISTIC, BASELINE_MODE): {"mean predictive entropy": entropy}}
+        for name, posterior in posteriors.items():
+            for mode in posterior_modes(posterior, settings.modes):
+                pyro.set_rng_seed(settings.seed)
+                parts: dict[str, list[Tensor]] = {}
+                for batch in tqdm(batches, desc=f"generations, {name}, {mode}", leave=False):
+                    generation = posterior.generate(
+                        batch["input_ids"],
+                        batch["attention_mask"],
+                        max_new_tokens=settings.max_new_tokens,
+                        num_samples=settings.num_samples,
+                        mode=mode,
+                    )
+                    for score, value in sequence_scores(generation).items():
+                        parts.setdefault(score, []).append(value)
+                scores[split][name, mode] = {score: torch.cat(values) for score, values in parts.items()}
+    rows = []
+    for split in ood_splits:
+        for (method, mode), ood_scores in scores[split].items():
+            in_scores = scores[in_split][method, mode]
+            for score in SCORES:
+                if score in ood_scores:
+                    rows.append(
+                        {
+                            "ood_split": split,
+                            "method": method,
+                            "mode": mode,
+                            "score": score,
+                            "auroc": ood_auroc(in_scores[score], ood_scores[score]),
+                            "auprc": ood_auprc(in_scores[score], ood_scores[score]),
+                            "in_examples": len(in_scores[score]),
+                            "ood_examples": len(ood_scores[score]),
+                        }
+                    )
+    return GenerationResults(rows, scores, in_split, settings.num_samples, settings.max_new_tokens)
+
+
+def run_generation(
+    model: nn.Module,
+    tokenizer: Any,
+    splits: Mapping[str, Sequence[MCQAExample]],
+    families: Sequence[str | FamilySpec] = DEFAULT_FAMILIES,
+    *,
+    settings: GenerationSettings = GenerationSettings(),
+    fitting: FitSettings = FitSettings(),
+    answer_token_ids: Tensor | None = None,
+) -> GenerationResults:
+    """Fit ``families`` by name as ``fitting`` says (each on a copy of ``model``, on the MCQA answers), then
+    run :func:`generation_experiment` with ``settings``; the splits are checked before anything is fitted."""
+    check_splits(splits, [settings.in_split, *settings.ood_splits])
+    if answer_token_ids is None:
+        answer_token_ids = default_answer_token_ids(tokenizer, splits[settings.in_split])
+    posteriors = fit_named_families(model, tokenizer, splits, families, fitting, answer_token_ids=answer_token_ids)
+    return generation_experiment(model, tokenizer, splits, posteriors, settings)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: fit the families on the embedded benchmark and write the generation OoD report."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pyro_moe.experiments.generation",
+        description="OoD detection (AUROC, AUPRC, ROC curves) from generated answers: mean and max mutual "
+        "information and mean predictive entropy of the generated tokens, against the deterministic model's "
+        "entropy, test against near_ood and far_ood of the embedded benchmark.",
+    )
+    add_common_arguments(parser, families=DEFAULT_FAMILIES, steps=200)
+    parser.set_defaults(samples=8)
+    parser.add_argument("--examples", type=int, default=None, help="questions per split (default all)")
+    parser.add_argument("--max-new-tokens", type=int, default=8, help="tokens generated per question (default 8)")
+    parser.add_argument(
+        "--ood-splits", nargs="+", default=["near_ood", "far_ood"], help="OoD splits (default near_ood far_ood)"
+    )
+    args = parser.parse_args(argv)
+    try:  # the settings first: a bad number is refused before the benchmark is loaded
+        fitting = fit_settings(args)
+        settings = GenerationSettings(
+            num_samples=args.samples,
+            ood_splits=args.ood_splits,
+            examples=args.examples,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            seed=args.seed,
+        )
+        results = run_on_benchmark(run_generation, args.families, settings, fitting)
+    except PyroMoEError as error:  # bad input: a one-line reason, exit code 2
+        parser.error(str(error))
+    paths = write_results(results, args.out)
+    print(results.to_markdown())
+    print("written:", paths["metrics"], paths["report"], *paths["plots"])
+
+
+if __name__ == "__main__":
+    main()
