@@ -606,6 +606,19 @@ def run_checkpoint(args: argparse.Namespace) -> CheckpointOptions:
     return CheckpointOptions(folder, every=args.checkpoint_every, resume=args.resume, run=options)
 
 
+def _model_record(args: argparse.Namespace, posterior_folder: Path) -> dict[str, Any]:
+    """What ``fit.json`` says of the model: ``--model`` (or the embedded benchmark) and the fingerprint the
+    posterior's manifest binds it to (configuration hash, SHA-256 per Bayesian MoE block)."""
+    from pyro_moe.inference.checkpoint import MANIFEST
+
+    fingerprint = json.loads((posterior_folder / MANIFEST).read_text()).get("model") or {}
+    return {
+        "model": args.model or "embedded benchmark",
+        "model_config_sha256": fingerprint.get("config_sha256"),
+        "model_weights_sha256": fingerprint.get("weights"),
+    }
+
+
 def run_fit(args: argparse.Namespace) -> None:
     """``fit`` and ``laplace``: one guide family, saved as ``posterior/`` (safetensors + JSON); on MCQA
     questions, or with ``--text`` on plain text (the next-token likelihood); ``fit --recipe``:
@@ -636,7 +649,8 @@ def run_fit(args: argparse.Namespace) -> None:
     shutil.rmtree(checkpoint.folder, ignore_errors=True)  # the posterior holds the same state
     last = posterior.history[-1] if posterior.history else {}
     processes = 1 if posterior.data_parallel is None else posterior.data_parallel.world_size
-    summary = {"guide": guide, "layers": posterior.config["layers"], "model": args.model, "processes": processes}
+    summary = {"guide": guide, "layers": posterior.config["layers"], **_model_record(args, folder)}
+    summary["processes"] = processes
     summary["likelihood"] = posterior.config["likelihood"]
     summary["last_step"] = last
     write_text_atomically(args.out / "fit.json", json.dumps(summary, indent=2) + "\n")
@@ -680,7 +694,7 @@ def run_recipe(args: argparse.Namespace) -> None:
         return
     shutil.rmtree(checkpoint.folder, ignore_errors=True)  # the posterior holds the same state
     processes = 1 if posterior.data_parallel is None else posterior.data_parallel.world_size
-    summary = {"guide": result.recipe.guide, "layers": posterior.config["layers"], "model": args.model}
+    summary = {"guide": result.recipe.guide, "layers": posterior.config["layers"], **_model_record(args, folder)}
     summary |= {"processes": processes, "last_step": posterior.history[-1], **result.to_json()}
     write_text_atomically(args.out / "fit.json", json.dumps(summary, indent=2) + "\n")
     write_text_atomically(args.out / "recipe.md", result.to_markdown())

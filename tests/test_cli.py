@@ -262,6 +262,10 @@ def test_fit_on_text_writes_a_posterior_that_loads_and_evaluate_writes_its_perpl
     assert main(["fit", *fit, "--steps", "3", "--batch-size", "2", "--out", str(tmp_path / "fit")]) == 0
     summary = json.loads((tmp_path / "fit" / "fit.json").read_text())
     assert summary["likelihood"] == "next-token" and summary["last_step"]["step"] == 2
+    manifest = json.loads((tmp_path / "fit" / "posterior" / "manifest.json").read_text())
+    assert summary["model"] == str(saved["moe"])  # and the fingerprint the posterior is bound to
+    assert summary["model_config_sha256"] == manifest["model"]["config_sha256"]
+    assert summary["model_weights_sha256"] == manifest["model"]["weights"] != {}
     posterior = FittedPosterior.load(tmp_path / "fit" / "posterior", tiny_model("granitemoe"))
     assert posterior.config["likelihood"] == "next-token" and len(posterior.history) == 3
     assert posterior.guide.local_sites == [f"model.layers.{layer}.block_sparse_moe.router.logits" for layer in (0, 1)]
