@@ -12,6 +12,9 @@
 * the checks every experiment makes before any work (:func:`check_splits`,
   :func:`check_posteriors`), Markdown tables and the writing of ``metrics.json``, ``report.md``
   and the PNGs (:func:`write_results`);
+* the cells and verdict lines of the paired bootstrap comparisons against a named baseline
+  (:func:`interval_cells`, :func:`verdict_line`; the intervals come from
+  :mod:`pyro_moe.evaluation.bootstrap`);
 * the command-line options and inputs the four experiment CLIs share, defaulting to the
   embedded benchmark.
 
@@ -51,6 +54,7 @@ from pyro_moe.core.routing_context import PredictiveMode
 from pyro_moe.data import MCQAExample, mcqa_batches
 from pyro_moe.data import answer_token_ids as letter_token_ids
 from pyro_moe.errors import ConfigurationError
+from pyro_moe.evaluation.bootstrap import BootstrapSettings, PairedComparison
 from pyro_moe.evaluation.metrics import mutual_information, router_logit_variance
 from pyro_moe.evaluation.temperature_scaling import TemperatureScaling, fit_temperature
 from pyro_moe.inference.fitting import FittedPosterior
@@ -84,6 +88,8 @@ __all__ = [
     "fit_named_recipes",
     "fit_settings",
     "fit_temperature_scaling",
+    "interval_cells",
+    "interval_note",
     "markdown_table",
     "posterior_modes",
     "predict_batches",
@@ -91,6 +97,7 @@ __all__ = [
     "slug",
     "split_batches",
     "split_labels",
+    "verdict_line",
     "write_results",
 ]
 
@@ -467,6 +474,39 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) ->
     ]
     lines += ["| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def interval_cells(row: Mapping[str, Any], comparisons: Mapping[str, PairedComparison] | None) -> dict[str, Any]:
+    """``row`` with every compared metric's cell as ``'0.526 (-0.016 [-0.024, -0.009])'`` (its value,
+    its difference from the baseline and the interval of that difference); ``row`` itself when it
+    has no comparisons (the baseline's own row)."""
+    if not comparisons:
+        return dict(row)
+    return {**row, **{metric: comparison.format() for metric, comparison in comparisons.items()}}
+
+
+def interval_note(baseline: str, bootstrap: BootstrapSettings, examples: int) -> str:
+    """The sentence under a report's title that says how to read the intervals of ``examples`` questions."""
+    return (
+        f"Each metric of the other rows shows its difference from **{baseline}** on the same {examples} questions "
+        f"and the paired bootstrap {bootstrap.level:.0%} interval of that difference ({bootstrap.resamples} "
+        "resamples of the questions, percentile method); the verdicts come from the intervals: an interval that "
+        "holds 0 is a tie."
+    )
+
+
+def verdict_line(label: str, comparisons: Mapping[str, PairedComparison]) -> str:
+    """``'mfvr (model-average) against temperature scaling: beats on nll, ece; ties on accuracy.'``:
+    the verdicts of the intervals (never of the point estimates), one clause per verdict."""
+    if not comparisons:
+        raise ConfigurationError(f"no comparisons for {label!r}: nothing to give a verdict on.")
+    baseline = next(iter(comparisons.values())).baseline
+    clauses = []
+    for verdict in ("beats", "ties", "loses"):
+        metrics = [metric for metric, comparison in comparisons.items() if comparison.verdict == verdict]
+        if metrics:
+            clauses.append(f"{verdict} on {', '.join(metrics)}")
+    return f"{label} against {baseline}: {'; '.join(clauses)}."
 
 
 class Results(Protocol):
