@@ -218,7 +218,7 @@ class CalibrationResults:
             f"Split `{self.test_split}`; temperature scaling fitted on `{self.calibration_split}` "
             f"(T = {self.temperature:.3f}); S = {self.num_samples} samples; ECE and MCE with {self.n_bins} "
             "equal-width bins; NLL in nats; confidence is the mean top-label probability. "
-            f"{interval_note(self.baseline, self.bootstrap, self.labels.shape[0])}",
+            + interval_note(self.baseline, self.bootstrap, f"{self.labels.shape[0]} {self.test_split} questions"),
             "",
         ]
         for mode in self.diagrams:

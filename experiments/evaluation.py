@@ -485,10 +485,11 @@ def interval_cells(row: Mapping[str, Any], comparisons: Mapping[str, PairedCompa
     return {**row, **{metric: comparison.format() for metric, comparison in comparisons.items()}}
 
 
-def interval_note(baseline: str, bootstrap: BootstrapSettings, examples: int) -> str:
-    """The sentence under a report's title that says how to read the intervals of ``examples`` questions."""
+def interval_note(baseline: str, bootstrap: BootstrapSettings, questions: str) -> str:
+    """The sentence under a report's title that says how to read the intervals; ``questions`` says
+    which, e.g. ``"300 test questions"``."""
     return (
-        f"Each metric of the other rows shows its difference from **{baseline}** on the same {examples} questions "
+        f"Each metric of the other rows shows its difference from **{baseline}** on the same {questions} "
         f"and the paired bootstrap {bootstrap.level:.0%} interval of that difference ({bootstrap.resamples} "
         "resamples of the questions, percentile method); the verdicts come from the intervals: an interval that "
         "holds 0 is a tie."

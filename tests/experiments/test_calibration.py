@@ -105,7 +105,6 @@ def test_every_row_carries_the_paired_interval_of_its_difference_from_the_baseli
         for metric in ("accuracy", "nll", "ece", "brier"):
             assert found[metric].estimate == pytest.approx(row[metric], abs=1e-5)
             assert found[metric].baseline_estimate == pytest.approx(results.row(TEMPERATURE_SCALING)[metric], abs=1e-5)
-            assert ()
 
     itself = results.compare("mfvr", MODES[0], ("mfvr", MODES[0]))  # a method against itself: [0, 0], a tie
     assert all((c.low, c.difference, c.high, c.verdict) == (0.0, 0.0, 0.0, "ties") for c in itself.values())
