@@ -10,13 +10,16 @@ import pytest
 import torch
 
 from pyro_moe.errors import ConfigurationError
+from pyro_moe.evaluation.bootstrap import BootstrapSettings, PairedComparison, compare_auroc, compare_calibration
 from pyro_moe.evaluation.metrics import calibration_report
 from pyro_moe.experiments.evaluation import DETERMINISTIC, TEMPERATURE_SCALING, BenchmarkInputs, split_batches
 from pyro_moe.experiments.recipes import COLUMNS, NO_CALIBRATION, RecipeStudy, RecipeStudySettings, run_recipe_study
 from tests.experiments.tiny_evaluation import tiny_inputs
 
 RECIPE = "mfvr-iwae-layer"
-SETTINGS = RecipeStudySettings(recipes=(RECIPE,), fit_examples=16, steps=4, num_samples=4, batch_size=8)
+SETTINGS = RecipeStudySettings(
+    recipes=(RECIPE,), fit_examples=16, steps=4, num_samples=4, batch_size=8, bootstrap=BootstrapSettings(resamples=200)
+)
 
 
 def _study(splits_change=None) -> RecipeStudy:
@@ -91,18 +94,53 @@ def test_test_split_never_chooses_anything(study):
     assert poisoned._row(plain, "model-average")["nll"] != study._row(plain, "model-average")["nll"]
 
 
-def test_verdict_names_what_beats_temperature_scaling(study):
-    reference = {"method": TEMPERATURE_SCALING, "mode": "any", "accuracy": 0.8, "nll": 0.6, "ece": 0.06}
-    row = {"method": RECIPE, "mode": "model-average", "accuracy": 0.795, "nll": 0.59, "ece": 0.05}
-    table = [reference, row]
-    beaten = dataclasses.replace(study, table=table)
+def _interval(metric: str, low: float, high: float) -> PairedComparison:
+    higher = metric == "accuracy"
+    return PairedComparison(metric, TEMPERATURE_SCALING, 0.5, 0.5, (low + high) / 2, low, high, higher, 0.95, 100)
+
+
+def test_verdict_comes_from_the_intervals_never_the_point_estimates(study):
+    key = (RECIPE, "model-average")
+    beats = {"nll": _interval("nll", -0.02, -0.01), "ece": _interval("ece", -0.02, -0.001)}
+    found = {**beats, "accuracy": _interval("accuracy", -0.01, 0.002)}
+    beaten = dataclasses.replace(study, comparisons={key: found})
     assert beaten.verdict.startswith("Beats temperature scaling on NLL and ECE") and RECIPE in beaten.verdict
-    nll_only = dataclasses.replace(study, table=[reference, {**row, "ece": 0.07}])
-    assert "on NLL alone" in nll_only.verdict
-    worse_accuracy = dataclasses.replace(study, table=[reference, {**row, "accuracy": 0.78}])
-    assert not worse_accuracy.verdict.startswith("Beats")
-    none = dataclasses.replace(study, table=[reference, {**row, "nll": 0.7}])
-    assert none.verdict.startswith("No recipe beats temperature scaling (")
+    assert found["nll"].format() in beaten.verdict
+    ece_tie = dataclasses.replace(study, comparisons={key: {**found, "ece": _interval("ece", -0.02, 0.001)}})
+    assert "on NLL alone" in ece_tie.verdict
+    loses_accuracy = dataclasses.replace(
+        study, comparisons={key: {**found, "accuracy": _interval("accuracy", -0.02, -0.003)}}
+    )
+    assert not loses_accuracy.verdict.startswith("Beats")
+    # a point estimate below temperature scaling's with an interval holding 0 is a tie, not a win
+    tie = dataclasses.replace(study, comparisons={key: {**found, "nll": _interval("nll", -0.03, 0.001)}})
+    assert tie.comparisons[key]["nll"].difference < 0
+    assert tie.verdict.startswith("No recipe beats temperature scaling on NLL")
+
+
+def test_every_row_but_temperature_scaling_carries_its_intervals(study):
+    assert set(study.comparisons) == {(row["method"], row["mode"]) for row in study.table} - {
+        (TEMPERATURE_SCALING, "any")
+    }
+    key = (RECIPE, "model-average")
+    found = study.comparisons[key]
+    labels, probs = study.calibration.labels, study.calibration.probs
+    expected = compare_calibration(
+        probs[key], probs[TEMPERATURE_SCALING, "any"], labels, baseline=TEMPERATURE_SCALING, settings=SETTINGS.bootstrap
+    )
+    assert {metric: found[metric] for metric in expected} == expected
+    scores = study.ood.scores
+    reference = tuple(scores[split][TEMPERATURE_SCALING, "any"]["predictive entropy"] for split in ("test", "far_ood"))
+    mi = tuple(scores[split][key]["mutual information"] for split in ("test", "far_ood"))
+    auroc = compare_auroc(
+        mi, reference, baseline=f"{TEMPERATURE_SCALING}, predictive entropy", settings=SETTINGS.bootstrap
+    )
+    assert found["auroc far_ood, mutual information"] == auroc
+    assert auroc.estimate == pytest.approx(study._row(*key)["auroc far_ood, mutual information"])
+    report = study.to_markdown()
+    assert found["nll"].format() in report and auroc.format() in report
+    json = study.to_json()
+    assert len(json["comparisons"]) == sum(len(found) for found in study.comparisons.values())
 
 
 def test_write(study, tmp_path):
