@@ -51,7 +51,9 @@ from pyro_moe.experiments.evaluation import (
     FitSettings,
     Posterior,
     PredictionSettings,
+    add_benchmark_size_arguments,
     add_common_arguments,
+    benchmark_extension,
     check_count,
     check_posteriors,
     check_splits,
@@ -353,6 +355,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "Bayesian guide families under both predictive modes, on the embedded benchmark.",
     )
     add_common_arguments(parser, families=DEFAULT_FAMILIES, steps=200)
+    add_benchmark_size_arguments(parser)
     parser.add_argument("--test-examples", type=int, default=None, help="test questions to use (default all)")
     parser.add_argument("--bins", type=int, default=DEFAULT_BINS, help=f"ECE bins (default {DEFAULT_BINS})")
     args = parser.parse_args(argv)
@@ -365,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             n_bins=args.bins,
             seed=args.seed,
         )
-        results = run_on_benchmark(run_calibration, args.families, settings, fitting)
+        results = run_on_benchmark(run_calibration, args.families, settings, fitting, benchmark_extension(args))
     except PyroMoEError as error:  # bad input: a one-line reason, exit code 2
         parser.error(str(error))
     paths = write_results(results, args.out)

@@ -76,7 +76,9 @@ __all__ = [
     "PredictionSettings",
     "Predictions",
     "Results",
+    "add_benchmark_size_arguments",
     "add_common_arguments",
+    "benchmark_extension",
     "benchmark_inputs",
     "check_count",
     "check_modes",
@@ -580,6 +582,33 @@ def add_common_arguments(
     parser.add_argument("--seed", type=int, default=0, help="seed of the fits and the sampling (default 0)")
 
 
+def add_benchmark_size_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--test-size`` and ``--ood-size``: the embedded benchmark's evaluation splits enlarged with fresh
+    questions (:func:`benchmark_extension`); default: the splits as shipped (1000 questions each)."""
+    parser.add_argument(
+        "--test-size",
+        type=int,
+        default=None,
+        help="enlarge the benchmark's test split to this many questions (fresh ones appended after its 1000, "
+        "disjoint from train and calibration; 1000 + a multiple of 5); default: the 1000 as shipped",
+    )
+    parser.add_argument(
+        "--ood-size",
+        type=int,
+        default=None,
+        help="enlarge near_ood and far_ood to this many questions each (1000 + a multiple of 20); default 1000",
+    )
+
+
+def benchmark_extension(args: argparse.Namespace) -> dict[str, int]:
+    """The ``extend_to`` of :func:`pyro_moe.experiments.benchmark_data.generate_benchmark` that
+    :func:`add_benchmark_size_arguments`' options ask for (``{}``: the splits as shipped)."""
+    extend_to = {} if args.test_size is None else {"test": args.test_size}
+    if args.ood_size is not None:
+        extend_to |= {"near_ood": args.ood_size, "far_ood": args.ood_size}
+    return extend_to
+
+
 def fit_settings(args: argparse.Namespace) -> FitSettings:
     """The :class:`FitSettings` of the options :func:`add_common_arguments` adds (no ``--layers``: all)."""
     return FitSettings(
@@ -602,20 +631,27 @@ class BenchmarkInputs:
     splits: dict[str, list[MCQAExample]]
 
 
-def benchmark_inputs() -> BenchmarkInputs:
-    """Load the embedded benchmark offline (:func:`pyro_moe.experiments.benchmark_model.load_benchmark`)."""
+def benchmark_inputs(extend_to: Mapping[str, int] | None = None) -> BenchmarkInputs:
+    """Load the embedded benchmark offline (:func:`pyro_moe.experiments.benchmark_model.load_benchmark`),
+    its evaluation splits enlarged as ``extend_to`` says (e.g. ``{"test": 5000}``; fresh questions
+    appended, disjoint from train and calibration)."""
     from pyro_moe.experiments.benchmark_model import load_benchmark
 
-    loaded = load_benchmark()
+    loaded = load_benchmark(extend_to=extend_to)
     return BenchmarkInputs(loaded.model, loaded.tokenizer, loaded.answer_token_ids, loaded.benchmark.splits)
 
 
 def run_on_benchmark(
-    run: Callable[..., Results], families: Sequence[str], settings: Any, fitting: FitSettings
+    run: Callable[..., Results],
+    families: Sequence[str],
+    settings: Any,
+    fitting: FitSettings,
+    extend_to: Mapping[str, int] | None = None,
 ) -> Results:
     """An experiment's ``run`` (``run_calibration``, ``run_ood``, ...) of ``families`` on the embedded
-    benchmark, as its command line runs it (the settings are built first, so bad numbers never load it)."""
-    inputs = benchmark_inputs()
+    benchmark (its evaluation splits enlarged as ``extend_to`` says), as its command line runs it (the
+    settings are built first, so bad numbers never load it)."""
+    inputs = benchmark_inputs(extend_to)
     return run(
         inputs.model,
         inputs.tokenizer,

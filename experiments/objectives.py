@@ -452,6 +452,7 @@ def _prior_scales(posterior: FittedPosterior, fixed: float) -> list[float]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the study on the embedded benchmark and write its files."""
+    from pyro_moe.experiments.benchmark_data import DEFAULT_SIZES
     from pyro_moe.experiments.benchmark_model import load_benchmark
 
     defaults = ObjectiveStudySettings()
@@ -477,8 +478,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=defaults.selection_examples,
         help="selection part: the last calibration questions, where the baseline's scale is chosen",
     )
-    parser.add_argument("--test-examples", type=int, default=defaults.test_examples, help="test questions")
-    parser.add_argument("--ood-examples", type=int, default=defaults.ood_examples, help="questions per OoD split")
+    parser.add_argument(
+        "--test-examples",
+        type=int,
+        default=defaults.test_examples,
+        help="test questions; beyond the shipped 1000 the test split is enlarged with fresh questions, disjoint from "
+        "train and calibration (1000 + a multiple of 5)",
+    )
+    parser.add_argument(
+        "--ood-examples",
+        type=int,
+        default=defaults.ood_examples,
+        help="questions per OoD split; beyond 1000 both are enlarged with fresh questions (1000 + a multiple of 20)",
+    )
     parser.add_argument("--samples", type=int, default=defaults.num_samples, help="predictive draws")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the fits and draws")
     args = parser.parse_args(argv)
@@ -495,7 +507,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         num_samples=args.samples,
         seed=args.seed,
     )
-    study = run_objective_study(load_benchmark, settings, progress=True)
+    extend_to = {"test": settings.test_examples} if settings.test_examples > DEFAULT_SIZES["test"] else {}
+    if settings.ood_examples > DEFAULT_SIZES["far_ood"]:
+        extend_to |= {split: settings.ood_examples for split in OOD_SPLITS}
+    study = run_objective_study(lambda: load_benchmark(extend_to=extend_to), settings, progress=True)
     paths = study.write(args.out)
     print(study.to_markdown())
     print("written:", ", ".join(str(path) for path in paths.values()))

@@ -55,7 +55,9 @@ from pyro_moe.experiments.evaluation import (
     Posterior,
     Predictions,
     PredictionSettings,
+    add_benchmark_size_arguments,
     add_common_arguments,
+    benchmark_extension,
     check_count,
     check_posteriors,
     check_splits,
@@ -396,6 +398,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "test against near_ood and far_ood of the embedded benchmark.",
     )
     add_common_arguments(parser, families=DEFAULT_FAMILIES, steps=200)
+    add_benchmark_size_arguments(parser)
     parser.add_argument(
         "--examples", type=int, default=None, help="questions per in-distribution and OoD split (default all)"
     )
@@ -412,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             batch_size=args.batch_size,
             seed=args.seed,
         )
-        results = run_on_benchmark(run_ood, args.families, settings, fitting)
+        results = run_on_benchmark(run_ood, args.families, settings, fitting, benchmark_extension(args))
     except PyroMoEError as error:  # bad input: a one-line reason, exit code 2
         parser.error(str(error))
     paths = write_results(results, args.out)

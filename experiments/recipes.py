@@ -53,6 +53,8 @@ from pyro_moe.experiments.evaluation import (
     TEMPERATURE_SCALING,
     BenchmarkInputs,
     FitSettings,
+    add_benchmark_size_arguments,
+    benchmark_extension,
     benchmark_inputs,
     check_count,
     fit_named_recipes,
@@ -367,6 +369,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="SVI steps of every recipe (default: the recipe's)")
     parser.add_argument("--samples", type=int, default=defaults.num_samples, help="S per measured prediction")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the fits and draws")
+    add_benchmark_size_arguments(parser)
     args = parser.parse_args(argv)
     settings = RecipeStudySettings(
         recipes=args.recipes,
@@ -377,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         num_samples=args.samples,
         seed=args.seed,
     )
-    study = run_recipe_study(benchmark_inputs(), settings)
+    study = run_recipe_study(benchmark_inputs(benchmark_extension(args)), settings)
     written = study.write(args.out)
     print(markdown_table(study.table, COLUMNS))
     print(f"\n{study.verdict}\nwritten: {written['report']}")

@@ -198,6 +198,28 @@ def test_cli_refuses_a_bad_number_before_loading_or_fitting(monkeypatch, capsys,
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_cli_test_size_enlarges_the_benchmark_test_split_with_fresh_questions(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(presets, "fit", lambda *a, **k: pytest.fail("fit ran before the input was checked"))
+    with pytest.raises(SystemExit) as exit_info:
+        calibration.main(["--out", str(tmp_path), "--test-size", "1003"])
+    assert exit_info.value.code == 2 and "multiple of its 5 task families" in capsys.readouterr().err
+    given = {}
+
+    def measured(model, tokenizer, splits, families, **options):  # the experiment itself: tested above
+        given.update(splits)
+        raise ConfigurationError("stopped after receiving the splits")
+
+    monkeypatch.setattr(calibration, "run_calibration", measured)
+    with pytest.raises(SystemExit):
+        calibration.main(["--out", str(tmp_path), "--test-size", "1020", "--ood-size", "1040"])
+    shipped = evaluation.benchmark_inputs().splits
+    assert len(given["test"]) == 1020 and given["test"][:1000] == shipped["test"]
+    assert len(given["far_ood"]) == len(given["near_ood"]) == 1040
+    assert given["train"] == shipped["train"] and given["calibration"] == shipped["calibration"]
+    seen = {example.question for split in ("train", "calibration") for example in shipped[split]}
+    assert not seen & {example.question for example in given["test"]}
+
+
 def test_cli_writes_metrics_report_and_plots_on_the_benchmark(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         calibration.main(["--help"])
