@@ -301,6 +301,8 @@ def fit_named_recipes(
     answer_token_ids: Tensor,
     steps: int | None = None,
     in_place: bool = False,
+    scale: float | None = None,
+    scale_grid: Sequence[float] | None = None,
 ) -> dict[str, RecipeFit]:
     """Run every recipe (:func:`pyro_moe.inference.recipe_fit.run_recipe`) as ``fitting`` says, each on its own
     copy of ``model`` (``in_place``, one recipe: on ``model`` itself); returns ``{recipe name: RecipeFit}``.
@@ -310,6 +312,8 @@ def fit_named_recipes(
     ``splits[fitting.validation_split]``; no other split is read (a test split in ``splits`` is never
     touched). ``fitting.layers`` are the Bayesian layers, ``fitting.seed`` seeds the recipes' fits and
     draws; ``fitting.steps`` is for guide families: a recipe keeps its own steps unless ``steps`` is given.
+    ``scale`` (one starting scale) or ``scale_grid`` (the candidates) replace every recipe's own grid
+    (:func:`~pyro_moe.inference.recipe_fit.run_recipe`).
 
     Raises:
         ConfigurationError: an unknown recipe, two of the same name, ``fitting.sites`` (a recipe patches its
@@ -342,6 +346,8 @@ def fit_named_recipes(
             calibration,
             answer_token_ids=answer_token_ids,
             layers=fitting.layers,
+            scale=scale,
+            scale_grid=scale_grid,
             progress=fitting.progress,
             checkpoint=fitting.checkpoint,
         )

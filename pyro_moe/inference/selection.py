@@ -35,8 +35,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pyro_moe.errors import ConfigurationError
-from pyro_moe.evaluation.metrics import negative_log_likelihood
-from pyro_moe.inference.calibration import predictive_probabilities
+from pyro_moe.inference.calibration import predictive_nll
 from pyro_moe.inference.predictive import predict
 from pyro_moe.models.likelihoods import check_batches
 from pyro_moe.models.router_patch import patch_routers
@@ -179,10 +178,9 @@ def select_prior(
                     patch, input_ids, attention_mask, answer_token_ids=answer_token_ids, num_samples=num_samples
                 ).probs
 
-            probs, labels = predictive_probabilities(averaged, batches, seed)
+            scores[candidate] = predictive_nll(averaged, batches, seed)
         finally:
             patch.unpatch()
-        scores[candidate] = negative_log_likelihood(probs, labels)
     chosen = min(scores, key=scores.__getitem__)
     examples = sum(len(batch["labels"]) for batch in batches)
     return PriorSelection(chosen, scores, site_kind, num_samples, seed, examples)
