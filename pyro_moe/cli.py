@@ -36,8 +36,8 @@ summary. A process that died or stopped answering ends the others with exit code
     torchrun --nproc_per_node=4 -m pyro_moe fit --model path/to/moe --data train.jsonl --device cuda --out runs/fit
 
     pyro-moe fit --model path/to/moe --data train.jsonl --guide mfvr --layers susceptible --out runs/fit
-    pyro-moe fit --model path/to/moe --data train.jsonl --calibration-data calib.jsonl --recipe mfvr-iwae-layer --scale 0.75 \
-        --out runs/recipe
+    pyro-moe fit --model path/to/moe --data train.jsonl --calibration-data calib.jsonl --recipe mfvr-iwae-layer \
+        --scale 0.75 --out runs/recipe
     python -m pyro_moe evaluate --model path/to/moe --posterior runs/fit/posterior --data test.jsonl --out runs/eval
     pyro-moe fit --model path/to/moe --text train.txt --guide mfvr --sites logits --out runs/text-fit
     pyro-moe evaluate --model path/to/moe --text held_out.txt --posterior runs/text-fit/posterior --out runs/text-eval
