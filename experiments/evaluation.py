@@ -303,6 +303,7 @@ def fit_named_recipes(
     in_place: bool = False,
     scale: float | None = None,
     scale_grid: Sequence[float] | None = None,
+    selection: str | None = None,
 ) -> dict[str, RecipeFit]:
     """Run every recipe (:func:`pyro_moe.inference.recipe_fit.run_recipe`) as ``fitting`` says, each on its own
     copy of ``model`` (``in_place``, one recipe: on ``model`` itself); returns ``{recipe name: RecipeFit}``.
@@ -312,7 +313,8 @@ def fit_named_recipes(
     ``splits[fitting.validation_split]``; no other split is read (a test split in ``splits`` is never
     touched). ``fitting.layers`` are the Bayesian layers, ``fitting.seed`` seeds the recipes' fits and
     draws; ``fitting.steps`` is for guide families: a recipe keeps its own steps unless ``steps`` is given.
-    ``scale`` (one starting scale) or ``scale_grid`` (the candidates) replace every recipe's own grid
+    ``scale`` (one starting scale) or ``scale_grid`` (the candidates) replace every recipe's own grid,
+    ``selection`` (``"raw"``, ``"calibrated"``) its selection objective
     (:func:`~pyro_moe.inference.recipe_fit.run_recipe`).
 
     Raises:
@@ -348,6 +350,7 @@ def fit_named_recipes(
             layers=fitting.layers,
             scale=scale,
             scale_grid=scale_grid,
+            selection=selection,
             progress=fitting.progress,
             checkpoint=fitting.checkpoint,
         )

@@ -67,6 +67,7 @@ from pyro_moe.experiments.evaluation import (
 )
 from pyro_moe.experiments.ood import OoDResults, OoDSettings, ood_experiment
 from pyro_moe.inference.fitting import FittedPosterior
+from pyro_moe.inference.options import selection_objective
 from pyro_moe.inference.predictive import RoutedPrediction
 from pyro_moe.inference.recipe_fit import RecipeFit
 from pyro_moe.inference.recipes import named_recipe
@@ -110,6 +111,8 @@ class RecipeStudySettings:
         batch_size: questions per training batch.
         seed: seeds the fits, the selections, the calibrations and the measured draws.
         bootstrap: resamples, level and seed of the paired intervals against temperature scaling.
+        selection: every recipe's selection objective by name (``"raw"``, ``"calibrated"``); ``None``: each
+            recipe's own.
     """
 
     recipes: Sequence[str] = DEFAULT_RECIPES
@@ -122,6 +125,7 @@ class RecipeStudySettings:
     batch_size: int = 32
     seed: int = 0
     bootstrap: BootstrapSettings = field(default_factory=BootstrapSettings)
+    selection: str | None = None
 
     def __post_init__(self) -> None:
         recipes = (self.recipes,) if isinstance(self.recipes, str) else tuple(self.recipes)
@@ -140,6 +144,8 @@ class RecipeStudySettings:
         check_integer("seed", self.seed, minimum=0)
         if not isinstance(self.bootstrap, BootstrapSettings):
             raise ConfigurationError(f"bootstrap must be BootstrapSettings, got {type(self.bootstrap).__name__}.")
+        if self.selection is not None:
+            object.__setattr__(self, "selection", selection_objective(self.selection).value)
 
 
 class _WithoutCalibration:
@@ -323,6 +329,7 @@ def run_recipe_study(inputs: BenchmarkInputs, settings: RecipeStudySettings = Re
         fitting,
         answer_token_ids=inputs.answer_token_ids,
         steps=settings.steps,
+        selection=settings.selection,
     )
     posteriors: dict[str, Any] = {}
     for name, fit in fits.items():
@@ -369,6 +376,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="SVI steps of every recipe (default: the recipe's)")
     parser.add_argument("--samples", type=int, default=defaults.num_samples, help="S per measured prediction")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the fits and draws")
+    parser.add_argument(
+        "--selection", choices=("raw", "calibrated"), default=None, help="selection objective (default: the recipe's)"
+    )
     add_benchmark_size_arguments(parser)
     args = parser.parse_args(argv)
     settings = RecipeStudySettings(
@@ -379,6 +389,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         steps=args.steps,
         num_samples=args.samples,
         seed=args.seed,
+        selection=args.selection,
     )
     study = run_recipe_study(benchmark_inputs(benchmark_extension(args)), settings)
     written = study.write(args.out)

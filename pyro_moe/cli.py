@@ -610,7 +610,7 @@ def run_fit(args: argparse.Namespace) -> None:
     if getattr(args, "recipe", None) is not None:
         run_recipe(args)
         return
-    for option in ("calibration_data", "calibration_examples", "scale", "scale_grid"):
+    for option in ("calibration_data", "calibration_examples", "scale", "scale_grid", "selection"):
         if getattr(args, option, None) is not None:
             flag = "--" + option.replace("_", "-")
             raise BadInput(f"{flag} is for --recipe (its scale selection, checks and temperatures).")
@@ -675,6 +675,7 @@ def run_recipe(args: argparse.Namespace) -> None:
         in_place=True,
         scale=args.scale,
         scale_grid=args.scale_grid,
+        selection=args.selection,
     ).values()
     posterior = result.posterior
     folder = posterior.save(args.out / "posterior")  # data-parallel: rank 0 writes
@@ -937,6 +938,13 @@ def _posterior_options(parser: argparse.ArgumentParser, guide: bool = True, reci
             nargs="+",
             default=None,
             help="--recipe: the starting scales to choose from (default: the recipe's grid)",
+        )
+        group.add_argument(
+            "--selection",
+            choices=("raw", "calibrated"),
+            default=None,
+            help="--recipe: choose the starting scale by the unfitted prior's plain calibration NLL (raw) or by "
+            "its NLL after a cross-fitted temperature (calibrated); default: the recipe's (raw)",
         )
     steps_help = f"SVI steps (default {DEFAULT_STEPS}" + ("; with --recipe the recipe's own)" if recipe else ")")
     group.add_argument("--steps", type=_integer(0), default=None if recipe else DEFAULT_STEPS, help=steps_help)

@@ -458,10 +458,10 @@ def test_fit_recipe_runs_the_library_recipe_on_the_data_cut(saved, tmp_path, cap
     assert [row["scale"] for row in fixed["selection"]["scores"]] == [0.6] and fixed["selection"]["chosen"][
         "scale"
     ] == 0.6
-    grid = ["--scale-grid", "0.4", "0.8", "--out", str(tmp_path / "grid")]
+    grid = ["--scale-grid", "0.4", "0.8", "--selection", "calibrated", "--out", str(tmp_path / "grid")]
     assert main([*argv, *grid]) == 0
     chosen = json.loads((tmp_path / "grid" / "fit.json").read_text())["selection"]
-    assert [row["scale"] for row in chosen["scores"]] == [0.4, 0.8]
+    assert [row["scale"] for row in chosen["scores"]] == [0.4, 0.8] and chosen["objective"] == "calibrated"
 
 
 def test_an_unknown_recipe_is_refused_at_parsing_without_importing_torch():

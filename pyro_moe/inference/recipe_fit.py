@@ -3,7 +3,8 @@
 1. **select** the starting prior scale (and, given candidates, the Bayesian layers) by the
    calibration NLL of the unfitted prior (:func:`pyro_moe.inference.selection.select_prior`) over the
    recipe's ``scale_grid``, or the grid given to :func:`run_recipe` (``scale_grid=``; ``scale=`` fixes
-   one starting scale);
+   one starting scale), by the recipe's ``selection`` objective (``raw`` or ``calibrated``; ``selection=``
+   overrides it);
 2. **patch** the logit sites of the chosen layers with learned prior scales starting there;
 3. **fit** the guide with the recipe's training on the training batches, the guide starting at the
    prior (its ``init_scale`` at the chosen scale); every ``evaluate_every`` steps the calibration NLL
@@ -33,6 +34,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,7 +157,8 @@ class RecipeFit:
             "",
             f"{self.recipe.description}.",
             "",
-            f"Starting scale chosen by the NLL of the unfitted prior on {selection.examples} calibration questions "
+            f"Starting scale chosen by the {'cross-fitted calibrated ' if selection.objective == 'calibrated' else ''}"
+            f"NLL of the unfitted prior on {selection.examples} calibration questions "
             f"(S = {selection.num_samples}, seed {selection.seed}):",
             "",
             "| scale | layers | calibration NLL | chosen |",
@@ -233,6 +236,7 @@ def run_recipe(
     layer_candidates: Sequence[str | Sequence[int]] | None = None,
     scale: float | None = None,
     scale_grid: Sequence[float] | None = None,
+    selection: str | None = None,
     progress: bool = True,
     checkpoint: CheckpointOptions | None = None,
 ) -> RecipeFit:
@@ -254,6 +258,7 @@ def run_recipe(
         scale: start from this prior scale (a grid of one; the layer set is still chosen among
             ``layer_candidates``); ``None``: the grid.
         scale_grid: the candidate starting scales instead of the recipe's ``scale_grid``; not with ``scale``.
+        selection: the selection objective by name (``"raw"``, ``"calibrated"``) instead of the recipe's.
         progress: show progress bars.
         checkpoint: run checkpoints of the fit (step 3; the calibration NLL along it and the scales' trajectory
             included), and resuming one, as in :func:`pyro_moe.fit`; the selection runs again on resume (it is
@@ -268,6 +273,8 @@ def run_recipe(
         raise ConfigurationError(
             f"recipe must be a Recipe or a registered name ({', '.join(RECIPES)}), got {recipe!r}."
         )
+    if selection is not None:
+        recipe = dataclasses.replace(recipe, selection=selection)  # checked as the recipe's own
     families = parse_guide(recipe.guide)
     if GuideScope.LOGITS not in {family.scope for family in families.values()}:
         raise ConfigurationError(
@@ -289,7 +296,7 @@ def run_recipe(
     train = check_batches(train_batches, len(answer_token_ids))
     calibration = check_batches(calibration_batches, len(answer_token_ids))
     seed, steps = recipe.training.seed, recipe.training.steps
-    selection = select_prior(
+    chosen_by = select_prior(
         model,
         calibration,
         answer_token_ids=answer_token_ids,
@@ -299,8 +306,9 @@ def run_recipe(
         num_samples=recipe.selection_samples,
         seed=seed,
         progress=progress,
+        objective=recipe.selection,
     )
-    chosen = selection.chosen
+    chosen = chosen_by.chosen
     sites = {SITE_KIND: {"scale": chosen.scale, "mode": "learned", "scale_per": recipe.scale_per}}
     patch = patch_routers(model, sites, layers=chosen.layers)
     path = _RecipePath(
@@ -333,5 +341,5 @@ def run_recipe(
     except BaseException:
         patch.unpatch()  # the model is handed back as it was given
         raise
-    posterior.config["recipe"] = {"name": recipe.name, "selection": selection.to_json(), "best_step": path.best_step}
-    return RecipeFit(recipe, posterior, selection, {0: start} | path.trajectory, dict(path.values), path.best_step)
+    posterior.config["recipe"] = {"name": recipe.name, "selection": chosen_by.to_json(), "best_step": path.best_step}
+    return RecipeFit(recipe, posterior, chosen_by, {0: start} | path.trajectory, dict(path.values), path.best_step)

@@ -158,8 +158,17 @@ def test_write(study, tmp_path):
         ("fit_examples", 0, "fit_examples"),
         ("num_samples", 0, "num_samples"),
         ("steps", -1, "steps"),
+        ("selection", "ood", r"unknown selection objective 'ood'; accepted: \['raw', 'calibrated'\]"),
     ],
 )
 def test_bad_settings_refused_when_built(field, value, message):
     with pytest.raises(ConfigurationError, match=message):
         RecipeStudySettings(**{field: value})
+
+
+def test_the_study_runs_every_recipe_with_the_selection_objective_it_is_given():
+    model, tokenizer, splits, letters = tiny_inputs()
+    settings = dataclasses.replace(SETTINGS, selection="calibrated")
+    study = run_recipe_study(BenchmarkInputs(model, tokenizer, letters, splits), settings)
+    assert study.fits[RECIPE].selection.objective == "calibrated"
+    assert study.to_json()["settings"]["selection"] == "calibrated"

@@ -178,6 +178,28 @@ def test_the_starting_scale_and_grid_are_options_of_the_run(monkeypatch):
     )
     assert [candidate.scale for candidate in grid.selection.scores] == [0.4, 0.9]
 
+    # the selection objective by name, on the run or the recipe
+    model, reference = tiny_model("granitemoe"), tiny_model("granitemoe")
+    calibrated = run_recipe(
+        model, recipe, TRAIN, CALIBRATION, answer_token_ids=ANSWERS, scale_grid=(0.4, 0.9), selection="calibrated"
+    )
+    expected = select_prior(
+        reference,
+        CALIBRATION,
+        answer_token_ids=ANSWERS,
+        scales=(0.4, 0.9),
+        num_samples=recipe.selection_samples,
+        seed=recipe.training.seed,
+        objective="calibrated",
+    )
+    assert calibrated.selection == expected and calibrated.selection.objective == "calibrated"
+    assert calibrated.posterior.config["recipe"]["selection"]["objective"] == "calibrated"
+    assert dataclasses.replace(recipe, selection="calibrated").to_json()["selection"] == "calibrated"
+    with pytest.raises(
+        ConfigurationError, match=r"unknown selection objective 'nll'; accepted: \['raw', 'calibrated'\]"
+    ):
+        dataclasses.replace(recipe, selection="nll")
+
     import pyro_moe.inference.selection as selection
 
     monkeypatch.setattr(selection, "predict", lambda *a, **k: pytest.fail("predicted before the check"))
