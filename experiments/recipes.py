@@ -7,7 +7,12 @@ Rows, all measured on the same test questions and OoD splits:
 * every recipe (:mod:`pyro_moe.inference.recipes`, run by :func:`~pyro_moe.experiments.evaluation.fit_named_recipes`)
   twice: ``<recipe>`` with its calibration step (a temperature per predictive mode on the averaged
   predictive) and ``<recipe>, no calibration step`` (the same posterior, ``calibrated=False``), in
-  both predictive modes.
+  both predictive modes;
+* every recipe's ``<recipe>, starting prior``: the unfitted logit prior at the scale and layers its
+  selection chose, with a temperature per predictive mode fitted as the recipe fits its own (same
+  calibration questions, S and seed): does the fit add anything over where it started?
+  (:attr:`RecipeStudy.fit_against_prior`: the paired intervals of the fitted recipe minus its
+  starting prior, both with their temperatures).
 
 The recipes fit on the train split; their starting prior scale, the step they keep and their
 temperatures are chosen on the calibration split; the test split is read only to measure. Columns:
@@ -37,13 +42,14 @@ Example::
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.evaluation.bootstrap import BootstrapSettings, PairedComparison
@@ -62,15 +68,18 @@ from pyro_moe.experiments.evaluation import (
     interval_note,
     markdown_table,
     slug,
+    split_batches,
     verdict_line,
     write_results,
 )
 from pyro_moe.experiments.ood import OoDResults, OoDSettings, ood_experiment
+from pyro_moe.inference.calibration import calibrated_probs, fit_predictive_temperature
 from pyro_moe.inference.fitting import FittedPosterior
 from pyro_moe.inference.options import selection_objective
-from pyro_moe.inference.predictive import RoutedPrediction
+from pyro_moe.inference.predictive import RoutedPrediction, predict
 from pyro_moe.inference.recipe_fit import RecipeFit
-from pyro_moe.inference.recipes import named_recipe
+from pyro_moe.inference.recipes import SITE_KIND, named_recipe
+from pyro_moe.models.router_patch import patch_routers
 from pyro_moe.validation import check_integer
 
 __all__ = ["DEFAULT_RECIPES", "RecipeStudy", "RecipeStudySettings", "main", "run_recipe_study"]
@@ -80,6 +89,9 @@ DEFAULT_RECIPES = ("mfvr-iwae-layer", "mfvr-iwae-expert", "low-rank-logits-iwae-
 
 NO_CALIBRATION = ", no calibration step"
 """Suffix of a recipe's row without its temperatures."""
+
+STARTING_PRIOR = ", starting prior"
+"""Suffix of the row of a recipe's unfitted starting prior with its temperatures."""
 
 OOD_SPLITS = ("near_ood", "far_ood")
 OOD_SCORES = ("predictive entropy", "mutual information")
@@ -148,6 +160,46 @@ class RecipeStudySettings:
             object.__setattr__(self, "selection", selection_objective(self.selection).value)
 
 
+class _CalibratedStartingPrior:
+    """The unfitted logit prior a recipe started from (its chosen scale and layers, on a copy of the model)
+    with a temperature per predictive mode fitted on the recipe's calibration batches, with the recipe's
+    calibration S and seed, as :meth:`~pyro_moe.inference.fitting.FittedPosterior.calibrate` fits the
+    recipe's own."""
+
+    def __init__(self, model: nn.Module, fit: RecipeFit, calibration: list[dict[str, Tensor]], letters: Tensor) -> None:
+        chosen = fit.selection.chosen
+        self.patch = patch_routers(copy.deepcopy(model), {SITE_KIND: chosen.scale}, layers=chosen.layers)
+        self.letters = letters
+        recipe = fit.recipe
+        self.temperatures = {
+            mode.value: fit_predictive_temperature(
+                lambda ids, mask, mode=mode: self._average(ids, mask, mode.value, recipe.calibration_samples).probs,
+                calibration,
+                recipe.training.seed,
+            )
+            for mode in self.patch.predictive_modes
+        }
+
+    def _average(
+        self, input_ids: Tensor, attention_mask: Tensor | None, mode: str, num_samples: int, **options: Any
+    ) -> RoutedPrediction:
+        return predict(
+            self.patch,
+            input_ids,
+            attention_mask,
+            answer_token_ids=self.letters,
+            num_samples=num_samples,
+            mode=mode,
+            **options,
+        )
+
+    def predict(self, input_ids: Tensor, attention_mask: Tensor | None = None, **options: Any) -> RoutedPrediction:
+        mode, num_samples = options.pop("mode"), options.pop("num_samples")
+        prediction = self._average(input_ids, attention_mask, mode, num_samples, **options)
+        scaling = self.temperatures[mode]
+        return replace(prediction, probs=calibrated_probs(prediction.probs, scaling), temperature=scaling.temperature)
+
+
 class _WithoutCalibration:
     """A calibrated posterior's predictions without its temperatures (``calibrated=False``)."""
 
@@ -172,6 +224,8 @@ class RecipeStudy:
         ood: the OoD experiment (ROC curves).
         comparisons: ``{(method, mode): {column: PairedComparison}}`` of every row but temperature
             scaling's against it (the calibration metrics and the AUROC columns).
+        fit_against_prior: ``{(recipe, mode): {metric: PairedComparison}}``: each calibrated recipe row
+            against its calibrated starting prior on the same test questions (does the fit add anything?).
     """
 
     settings: RecipeStudySettings
@@ -180,6 +234,7 @@ class RecipeStudy:
     calibration: CalibrationResults
     ood: OoDResults
     comparisons: dict[tuple[str, str], dict[str, PairedComparison]]
+    fit_against_prior: dict[tuple[str, str], dict[str, PairedComparison]]
 
     def _row(self, method: str, mode: str) -> dict[str, Any]:
         return next(row for row in self.table if row["method"] == method and row["mode"] == mode)
@@ -222,6 +277,11 @@ class RecipeStudy:
                 for column, comparison in found.items()
             ],
             "verdict": self.verdict,
+            "fit_against_prior": [
+                {"recipe": recipe, "mode": mode, **comparison.to_json()}
+                for (recipe, mode), found in self.fit_against_prior.items()
+                for comparison in found.values()
+            ],
             "recipes": {name: fit.to_json() for name, fit in self.fits.items()},
         }
 
@@ -250,6 +310,14 @@ class RecipeStudy:
             *(
                 f"- {verdict_line(f'{method} ({mode})' if mode != 'any' else method, found)}"
                 for (method, mode), found in self.comparisons.items()
+            ),
+            "",
+            "**Does the fit add anything?** Each recipe (with its temperatures) against its own starting prior "
+            "(the unfitted prior at the scale it chose, with temperatures fitted the same way):",
+            "",
+            *(
+                f"- {verdict_line(f'{recipe} ({mode})', found)}"
+                for (recipe, mode), found in self.fit_against_prior.items()
             ),
             "",
         ]
@@ -331,10 +399,17 @@ def run_recipe_study(inputs: BenchmarkInputs, settings: RecipeStudySettings = Re
         steps=settings.steps,
         selection=settings.selection,
     )
+    calibration_batches = split_batches(
+        inputs.splits["calibration"], inputs.tokenizer, 100, settings.calibration_examples
+    )
     posteriors: dict[str, Any] = {}
     for name, fit in fits.items():
         posteriors[name] = fit.posterior
         posteriors[name + NO_CALIBRATION] = _WithoutCalibration(fit.posterior)
+    for name, fit in fits.items():
+        posteriors[name + STARTING_PRIOR] = _CalibratedStartingPrior(
+            inputs.model, fit, calibration_batches, inputs.answer_token_ids
+        )
     common = {
         "num_samples": settings.num_samples,
         "modes": MODES,
@@ -357,8 +432,20 @@ def run_recipe_study(inputs: BenchmarkInputs, settings: RecipeStudySettings = Re
         OoDSettings(ood_splits=OOD_SPLITS, examples=settings.test_examples, **common),
         answer_token_ids=inputs.answer_token_ids,
     )
+    fit_against_prior = {
+        (name, mode): calibration.compare(name, mode, against=(name + STARTING_PRIOR, mode))
+        for name in fits
+        for mode in MODES
+        if (name, mode) in calibration.probs
+    }
     return RecipeStudy(
-        settings, _merged_rows(calibration, ood), fits, calibration, ood, _merged_comparisons(calibration, ood)
+        settings,
+        _merged_rows(calibration, ood),
+        fits,
+        calibration,
+        ood,
+        _merged_comparisons(calibration, ood),
+        fit_against_prior,
     )
 
 

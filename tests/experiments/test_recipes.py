@@ -9,11 +9,20 @@ import pyro
 import pytest
 import torch
 
+from pyro_moe import patch_routers, predict
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.evaluation.bootstrap import BootstrapSettings, PairedComparison, compare_auroc, compare_calibration
 from pyro_moe.evaluation.metrics import calibration_report
+from pyro_moe.evaluation.temperature_scaling import fit_temperature
 from pyro_moe.experiments.evaluation import DETERMINISTIC, TEMPERATURE_SCALING, BenchmarkInputs, split_batches
-from pyro_moe.experiments.recipes import COLUMNS, NO_CALIBRATION, RecipeStudy, RecipeStudySettings, run_recipe_study
+from pyro_moe.experiments.recipes import (
+    COLUMNS,
+    NO_CALIBRATION,
+    STARTING_PRIOR,
+    RecipeStudy,
+    RecipeStudySettings,
+    run_recipe_study,
+)
 from tests.experiments.tiny_evaluation import tiny_inputs
 
 RECIPE = "mfvr-iwae-layer"
@@ -40,6 +49,7 @@ def test_rows_of_every_method_and_mode(study):
     assert {(DETERMINISTIC, "any"), (TEMPERATURE_SCALING, "any")} <= methods
     for mode in ("model-average", "routing-average"):
         assert (RECIPE, mode) in methods and (RECIPE + NO_CALIBRATION, mode) in methods
+        assert (RECIPE + STARTING_PRIOR, mode) in methods
     assert all(set(COLUMNS) <= set(row) for row in study.table)
     row = study._row(RECIPE, "model-average")
     assert all(
@@ -73,6 +83,56 @@ def test_calibration_step_is_the_posteriors_temperature(study):
         assert report["accuracy"] == pytest.approx(row["accuracy"])
         assert report["nll"] == pytest.approx(row["nll"])
         assert report["ece"] == pytest.approx(row["ece"])
+
+
+def test_the_starting_prior_row_is_the_unfitted_prior_at_the_chosen_scale_with_its_own_temperature(study):
+    """Recomputed here: the logit prior at the chosen scale and layers patched on a fresh model, a temperature per
+    mode fitted on the calibration questions' averaged probabilities (fit_temperature on their log), the test
+    questions' averaged probabilities under it; and the fit against it is the paired bootstrap of the kept values."""
+    fit = study.fits[RECIPE]
+    chosen = fit.selection.chosen
+    model, tokenizer, splits, letters = tiny_inputs()
+    handle = patch_routers(model, {"logits": chosen.scale}, layers=chosen.layers)
+    samples, seed = fit.recipe.calibration_samples, fit.recipe.training.seed
+
+    def averaged(split, mode, num_samples, draw_seed):
+        pyro.set_rng_seed(draw_seed)
+        with torch.no_grad():
+            return torch.cat(
+                [
+                    predict(
+                        handle,
+                        b["input_ids"],
+                        b["attention_mask"],
+                        answer_token_ids=letters,
+                        num_samples=num_samples,
+                        mode=mode,
+                    ).probs
+                    for b in split_batches(splits[split], tokenizer, 100)
+                ]
+            )
+
+    test_labels = torch.tensor([example.answer for example in splits["test"]])
+    calibration_labels = torch.tensor([example.answer for example in splits["calibration"]])
+    for mode in ("model-average", "routing-average"):
+        scaling = fit_temperature(averaged("calibration", mode, samples, seed).log(), calibration_labels)
+        test = (averaged("test", mode, SETTINGS.num_samples, SETTINGS.seed).log() / scaling.temperature).softmax(-1)
+        row = study._row(RECIPE + STARTING_PRIOR, mode)
+        assert row["nll"] == pytest.approx(calibration_report(test, test_labels)["nll"], rel=1e-4), mode
+        kept = study.calibration.probs
+        expected = compare_calibration(
+            kept[RECIPE, mode],
+            kept[RECIPE + STARTING_PRIOR, mode],
+            study.calibration.labels,
+            baseline=f"{RECIPE + STARTING_PRIOR} ({mode})",
+            settings=SETTINGS.bootstrap,
+        )
+        assert study.fit_against_prior[RECIPE, mode] == expected
+    handle.unpatch()
+    report = study.to_markdown()
+    assert "Does the fit add anything?" in report
+    assert study.fit_against_prior[RECIPE, "model-average"]["nll"].format() in report
+    assert len(study.to_json()["fit_against_prior"]) == 4 * len(study.fit_against_prior)
 
 
 def test_test_split_never_chooses_anything(study):
