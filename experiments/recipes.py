@@ -123,8 +123,9 @@ class RecipeStudySettings:
         batch_size: questions per training batch.
         seed: seeds the fits, the selections, the calibrations and the measured draws.
         bootstrap: resamples, level and seed of the paired intervals against temperature scaling.
-        selection: every recipe's selection objective by name (``"raw"``, ``"calibrated"``); ``None``: each
-            recipe's own.
+        selections: the selection objectives every recipe runs with, by name (``"raw"``, ``"calibrated"``),
+            distinct, a tuple once built; with several, each recipe runs once per objective, side by side, its
+            rows named ``<recipe> (<objective> selection)`` (one objective: ``<recipe>``).
     """
 
     recipes: Sequence[str] = DEFAULT_RECIPES
@@ -137,7 +138,7 @@ class RecipeStudySettings:
     batch_size: int = 32
     seed: int = 0
     bootstrap: BootstrapSettings = field(default_factory=BootstrapSettings)
-    selection: str | None = None
+    selections: Sequence[str] = ("raw",)
 
     def __post_init__(self) -> None:
         recipes = (self.recipes,) if isinstance(self.recipes, str) else tuple(self.recipes)
@@ -156,8 +157,13 @@ class RecipeStudySettings:
         check_integer("seed", self.seed, minimum=0)
         if not isinstance(self.bootstrap, BootstrapSettings):
             raise ConfigurationError(f"bootstrap must be BootstrapSettings, got {type(self.bootstrap).__name__}.")
-        if self.selection is not None:
-            object.__setattr__(self, "selection", selection_objective(self.selection).value)
+        selections = (self.selections,) if isinstance(self.selections, str) else tuple(self.selections)
+        names = tuple(selection_objective(name).value for name in selections)
+        if not names or len(set(names)) != len(names):
+            raise ConfigurationError(
+                f"selections must be distinct objectives (raw, calibrated), got {list(selections)}."
+            )
+        object.__setattr__(self, "selections", names)
 
 
 class _CalibratedStartingPrior:
@@ -389,16 +395,20 @@ def run_recipe_study(inputs: BenchmarkInputs, settings: RecipeStudySettings = Re
         validation_split="calibration",
         validation_examples=settings.calibration_examples,
     )
-    fits = fit_named_recipes(
-        inputs.model,
-        inputs.tokenizer,
-        inputs.splits,
-        settings.recipes,
-        fitting,
-        answer_token_ids=inputs.answer_token_ids,
-        steps=settings.steps,
-        selection=settings.selection,
-    )
+    fits: dict[str, RecipeFit] = {}
+    for selection in settings.selections:
+        suffix = "" if len(settings.selections) == 1 else f" ({selection} selection)"
+        found = fit_named_recipes(
+            inputs.model,
+            inputs.tokenizer,
+            inputs.splits,
+            settings.recipes,
+            fitting,
+            answer_token_ids=inputs.answer_token_ids,
+            steps=settings.steps,
+            selection=selection,
+        )
+        fits |= {name + suffix: fit for name, fit in found.items()}
     calibration_batches = split_batches(
         inputs.splits["calibration"], inputs.tokenizer, 100, settings.calibration_examples
     )
@@ -464,7 +474,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=defaults.num_samples, help="S per measured prediction")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the fits and draws")
     parser.add_argument(
-        "--selection", choices=("raw", "calibrated"), default=None, help="selection objective (default: the recipe's)"
+        "--selections",
+        nargs="+",
+        choices=("raw", "calibrated"),
+        default=list(defaults.selections),
+        help="selection objectives, each recipe run once per objective, side by side (default raw)",
     )
     add_benchmark_size_arguments(parser)
     args = parser.parse_args(argv)
@@ -476,7 +490,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         steps=args.steps,
         num_samples=args.samples,
         seed=args.seed,
-        selection=args.selection,
+        selections=args.selections,
     )
     study = run_recipe_study(benchmark_inputs(benchmark_extension(args)), settings)
     written = study.write(args.out)

@@ -218,7 +218,8 @@ def test_write(study, tmp_path):
         ("fit_examples", 0, "fit_examples"),
         ("num_samples", 0, "num_samples"),
         ("steps", -1, "steps"),
-        ("selection", "ood", r"unknown selection objective 'ood'; accepted: \['raw', 'calibrated'\]"),
+        ("selections", ("ood",), r"unknown selection objective 'ood'; accepted: \['raw', 'calibrated'\]"),
+        ("selections", ("raw", "raw"), "selections must be distinct"),
     ],
 )
 def test_bad_settings_refused_when_built(field, value, message):
@@ -226,9 +227,13 @@ def test_bad_settings_refused_when_built(field, value, message):
         RecipeStudySettings(**{field: value})
 
 
-def test_the_study_runs_every_recipe_with_the_selection_objective_it_is_given():
+def test_the_study_runs_every_recipe_once_per_selection_objective_side_by_side():
     model, tokenizer, splits, letters = tiny_inputs()
-    settings = dataclasses.replace(SETTINGS, selection="calibrated")
+    settings = dataclasses.replace(SETTINGS, selections=("raw", "calibrated"))
     study = run_recipe_study(BenchmarkInputs(model, tokenizer, letters, splits), settings)
-    assert study.fits[RECIPE].selection.objective == "calibrated"
-    assert study.to_json()["settings"]["selection"] == "calibrated"
+    raw, calibrated = f"{RECIPE} (raw selection)", f"{RECIPE} (calibrated selection)"
+    assert study.fits[raw].selection.objective == "raw" and study.fits[calibrated].selection.objective == "calibrated"
+    methods = {row["method"] for row in study.table}
+    assert {raw, calibrated, raw + STARTING_PRIOR, calibrated + STARTING_PRIOR} <= methods
+    assert (calibrated, "model-average") in study.fit_against_prior
+    assert list(study.to_json()["settings"]["selections"]) == ["raw", "calibrated"]
