@@ -18,6 +18,13 @@ Every question's text determines its answer; a question appears in at most one s
 correct answer's position is exactly balanced over the four letters in every split whose size is
 a multiple of four. Only ``random.Random(seed)`` draws; nothing depends on Python's hash seed.
 
+``extend_to`` enlarges the evaluation splits (``test``, ``near_ood``, ``far_ood``) to any size
+(the added part a multiple of the split's families) without changing anything else: the five
+splits are generated exactly as without it (the shipped model's train and calibration questions
+stay the same), then the same generator draws the added questions, fresh (in no split) and appended
+after the split's own, so the first questions of an enlarged split are the split as it was. The
+added part's answer positions are balanced on their own (exactly when its size is a multiple of four).
+
 Example::
 
     from pyro_moe.experiments.benchmark_data import generate_benchmark
@@ -27,18 +34,23 @@ Example::
     example.question  # 'which number is the largest : 15 21 16 0 ?'
     example.choices, example.answer  # ('15', '21', '16', '0'), 1
     benchmark.families["test"][0]  # 'largest'
+
+    larger = generate_benchmark(seed=0, extend_to={"test": 5000})  # 1000 test questions + 4000 fresh ones
+    larger.splits["test"][:1000] == benchmark.splits["test"]  # True; train and calibration unchanged
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from pyro_moe.data import MCQAExample
 from pyro_moe.errors import ConfigurationError
 
 __all__ = [
+    "DEFAULT_SIZES",
+    "EXTENDABLE_SPLITS",
     "FAR_OOD_FAMILIES",
     "IN_DISTRIBUTION_FAMILIES",
     "NEAR_OOD_FAMILIES",
@@ -57,6 +69,10 @@ SPLITS = ("train", "calibration", "test", "near_ood", "far_ood")
 """Split names, in-distribution first."""
 
 DEFAULT_SIZES = {"train": 8000, "calibration": 1000, "test": 1000, "near_ood": 1000, "far_ood": 1000}
+"""Split sizes when ``sizes`` does not say (the shipped model's)."""
+
+EXTENDABLE_SPLITS = ("test", "near_ood", "far_ood")
+"""The splits ``extend_to`` may enlarge (never ``train`` or ``calibration``)."""
 
 _MAX_MISSES = 100_000
 """Draws in a row that may repeat taken questions before a family counts as exhausted."""
@@ -304,17 +320,45 @@ def _per_family(size: int, families: tuple[TaskFamily, ...], split: str) -> int:
     return size // len(families)
 
 
-def generate_benchmark(seed: int, sizes: dict[str, int] | None = None) -> Benchmark:
+_EXTENDABLE_FAMILIES = {"test": IN_DISTRIBUTION_FAMILIES, "near_ood": NEAR_OOD_FAMILIES, "far_ood": FAR_OOD_FAMILIES}
+
+
+def _extensions(sizes: Mapping[str, int], extend_to: Mapping[str, int]) -> dict[str, int]:
+    """``{split: questions added per family}`` of ``extend_to``, checked against the generated ``sizes``."""
+    unknown = sorted(set(extend_to) - set(EXTENDABLE_SPLITS))
+    if unknown:
+        raise ConfigurationError(f"extend_to names {unknown}; accepted: {list(EXTENDABLE_SPLITS)}")
+    added = {}
+    for split, size in extend_to.items():
+        count = len(_EXTENDABLE_FAMILIES[split])
+        extra = size - sizes[split] if isinstance(size, int) and not isinstance(size, bool) else -1
+        if extra < 0 or extra % count:
+            raise ConfigurationError(
+                f"extend_to[{split!r}] = {size!r}; accepted: an integer at least the split's size {sizes[split]} "
+                f"that exceeds it by a multiple of its {count} task families"
+            )
+        added[split] = extra // count
+    return added
+
+
+def generate_benchmark(
+    seed: int, sizes: dict[str, int] | None = None, *, extend_to: Mapping[str, int] | None = None
+) -> Benchmark:
     """Generate the five splits from ``seed``.
 
     ``sizes`` maps split names to sizes (default 8000 train, 1000 in every other split); each size
     is a positive multiple of its number of task families (5 in-distribution, 5 near-OoD, 4 far-OoD),
     and a multiple of 4 balances the answer letters exactly. Every family contributes equally.
+
+    ``extend_to`` maps evaluation splits (:data:`EXTENDABLE_SPLITS`) to larger sizes: the splits are
+    generated as without it, then each named one gets fresh questions appended (in no other split,
+    every family equally) until it has that size; see the module docstring.
     """
     sizes = {**DEFAULT_SIZES, **(sizes or {})}
     unknown = sorted(set(sizes) - set(SPLITS))
     if unknown:
         raise ConfigurationError(f"unknown split names {unknown}; accepted: {list(SPLITS)}")
+    added = _extensions(sizes, extend_to or {})
     rng = random.Random(seed)
     taken: set[str] = set()
     in_distribution = ("train", "calibration", "test")
@@ -333,4 +377,14 @@ def generate_benchmark(seed: int, sizes: dict[str, int] | None = None) -> Benchm
     splits, family_names = {}, {}
     for split in SPLITS:
         splits[split], family_names[split] = _assemble(rng, draws[split])
+    for split in EXTENDABLE_SPLITS:  # after every split is drawn: they are as without extend_to
+        if added.get(split):
+            fresh = [
+                (family.name, draw)
+                for family in _EXTENDABLE_FAMILIES[split]
+                for draw in _draw_unique(family, rng, added[split], taken)
+            ]
+            examples, names = _assemble(rng, fresh)
+            splits[split] += examples
+            family_names[split] += names
     return Benchmark(seed=seed, splits=splits, families=family_names)

@@ -16,12 +16,12 @@ Example::
 
     from pyro_moe.experiments.benchmark_model import answer_probabilities, labels_of, load_benchmark
     from pyro_moe.evaluation.metrics import calibration_report
-from pyro_moe.core.readout import last_token_logits
 
     loaded = load_benchmark()
     test = loaded.benchmark.splits["test"]
     probs = answer_probabilities(loaded.model, loaded.tokenizer, test)  # (1000, 4)
     calibration_report(probs, labels_of(test))  # {"accuracy": ..., "ece": ..., ...}
+    larger = load_benchmark(extend_to={"test": 5000})  # 4000 fresh test questions after the 1000
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import argparse
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -292,15 +292,20 @@ def _readme(metrics: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_benchmark(path: str | Path = CHECKPOINT_DIR, device: str | torch.device = "cpu") -> LoadedBenchmark:
+def load_benchmark(
+    path: str | Path = CHECKPOINT_DIR, device: str | torch.device = "cpu", *, extend_to: Mapping[str, int] | None = None
+) -> LoadedBenchmark:
     """Load the benchmark model (eval mode, float32, on ``device``), its tokenizer and data, offline.
 
-    The splits are regenerated from the seed and sizes recorded in ``path/metrics.json``.
+    The splits are regenerated from the seed and sizes recorded in ``path/metrics.json``;
+    ``extend_to`` enlarges the evaluation splits with fresh questions, disjoint from the ones the
+    model was trained and calibrated on (:func:`~pyro_moe.experiments.benchmark_data.generate_benchmark`).
     """
     path = Path(path)
     if not (path / "metrics.json").is_file():
         raise ConfigurationError(f"{path} is not a benchmark checkpoint folder: it has no metrics.json")
     metrics = json.loads((path / "metrics.json").read_text())
+    benchmark = generate_benchmark(metrics["seed"], metrics["sizes"], extend_to=extend_to)  # bad sizes: no load
     model = GraniteMoeForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     model = model.to(device).eval()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
@@ -308,7 +313,7 @@ def load_benchmark(path: str | Path = CHECKPOINT_DIR, device: str | torch.device
         model=model,
         tokenizer=tokenizer,
         answer_token_ids=answer_token_ids(tokenizer).to(model.device),
-        benchmark=generate_benchmark(metrics["seed"], metrics["sizes"]),
+        benchmark=benchmark,
         metrics=metrics,
     )
 

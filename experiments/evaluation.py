@@ -12,6 +12,9 @@
 * the checks every experiment makes before any work (:func:`check_splits`,
   :func:`check_posteriors`), Markdown tables and the writing of ``metrics.json``, ``report.md``
   and the PNGs (:func:`write_results`);
+* the cells and verdict lines of the paired bootstrap comparisons against a named baseline
+  (:func:`interval_cells`, :func:`verdict_line`; the intervals come from
+  :mod:`pyro_moe.evaluation.bootstrap`);
 * the command-line options and inputs the four experiment CLIs share, defaulting to the
   embedded benchmark.
 
@@ -51,6 +54,7 @@ from pyro_moe.core.routing_context import PredictiveMode
 from pyro_moe.data import MCQAExample, mcqa_batches
 from pyro_moe.data import answer_token_ids as letter_token_ids
 from pyro_moe.errors import ConfigurationError
+from pyro_moe.evaluation.bootstrap import BootstrapSettings, PairedComparison
 from pyro_moe.evaluation.metrics import mutual_information, router_logit_variance
 from pyro_moe.evaluation.temperature_scaling import TemperatureScaling, fit_temperature
 from pyro_moe.inference.fitting import FittedPosterior
@@ -72,7 +76,9 @@ __all__ = [
     "PredictionSettings",
     "Predictions",
     "Results",
+    "add_benchmark_size_arguments",
     "add_common_arguments",
+    "benchmark_extension",
     "benchmark_inputs",
     "check_count",
     "check_modes",
@@ -84,6 +90,8 @@ __all__ = [
     "fit_named_recipes",
     "fit_settings",
     "fit_temperature_scaling",
+    "interval_cells",
+    "interval_note",
     "markdown_table",
     "posterior_modes",
     "predict_batches",
@@ -91,6 +99,7 @@ __all__ = [
     "slug",
     "split_batches",
     "split_labels",
+    "verdict_line",
     "write_results",
 ]
 
@@ -293,6 +302,9 @@ def fit_named_recipes(
     answer_token_ids: Tensor,
     steps: int | None = None,
     in_place: bool = False,
+    scale: float | None = None,
+    scale_grid: Sequence[float] | None = None,
+    selection: str | None = None,
 ) -> dict[str, RecipeFit]:
     """Run every recipe (:func:`pyro_moe.inference.recipe_fit.run_recipe`) as ``fitting`` says, each on its own
     copy of ``model`` (``in_place``, one recipe: on ``model`` itself); returns ``{recipe name: RecipeFit}``.
@@ -302,6 +314,9 @@ def fit_named_recipes(
     ``splits[fitting.validation_split]``; no other split is read (a test split in ``splits`` is never
     touched). ``fitting.layers`` are the Bayesian layers, ``fitting.seed`` seeds the recipes' fits and
     draws; ``fitting.steps`` is for guide families: a recipe keeps its own steps unless ``steps`` is given.
+    ``scale`` (one starting scale) or ``scale_grid`` (the candidates) replace every recipe's own grid,
+    ``selection`` (``"raw"``, ``"calibrated"``) its selection objective
+    (:func:`~pyro_moe.inference.recipe_fit.run_recipe`).
 
     Raises:
         ConfigurationError: an unknown recipe, two of the same name, ``fitting.sites`` (a recipe patches its
@@ -334,6 +349,9 @@ def fit_named_recipes(
             calibration,
             answer_token_ids=answer_token_ids,
             layers=fitting.layers,
+            scale=scale,
+            scale_grid=scale_grid,
+            selection=selection,
             progress=fitting.progress,
             checkpoint=fitting.checkpoint,
         )
@@ -470,6 +488,40 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) ->
     return "\n".join(lines) + "\n"
 
 
+def interval_cells(row: Mapping[str, Any], comparisons: Mapping[str, PairedComparison] | None) -> dict[str, Any]:
+    """``row`` with every compared metric's cell as ``'0.526 (-0.016 [-0.024, -0.009])'`` (its value,
+    its difference from the baseline and the interval of that difference); ``row`` itself when it
+    has no comparisons (the baseline's own row)."""
+    if not comparisons:
+        return dict(row)
+    return {**row, **{metric: comparison.format() for metric, comparison in comparisons.items()}}
+
+
+def interval_note(baseline: str, bootstrap: BootstrapSettings, questions: str) -> str:
+    """The sentence under a report's title that says how to read the intervals; ``questions`` says
+    which, e.g. ``"300 test questions"``."""
+    return (
+        f"Each metric of the other rows shows its difference from **{baseline}** on the same {questions} "
+        f"and the paired bootstrap {bootstrap.level:.0%} interval of that difference ({bootstrap.resamples} "
+        "resamples of the questions, percentile method); the verdicts come from the intervals: an interval that "
+        "holds 0 is a tie."
+    )
+
+
+def verdict_line(label: str, comparisons: Mapping[str, PairedComparison]) -> str:
+    """``'mfvr (model-average) against temperature scaling: beats on nll, ece; ties on accuracy.'``:
+    the verdicts of the intervals (never of the point estimates), one clause per verdict."""
+    if not comparisons:
+        raise ConfigurationError(f"no comparisons for {label!r}: nothing to give a verdict on.")
+    baseline = next(iter(comparisons.values())).baseline
+    clauses = []
+    for verdict in ("beats", "ties", "loses"):
+        metrics = [metric for metric, comparison in comparisons.items() if comparison.verdict == verdict]
+        if metrics:
+            clauses.append(f"{verdict} on {', '.join(metrics)}")
+    return f"{label} against {baseline}: {'; '.join(clauses)}."
+
+
 class Results(Protocol):
     """What every experiment returns."""
 
@@ -540,6 +592,33 @@ def add_common_arguments(
     parser.add_argument("--seed", type=int, default=0, help="seed of the fits and the sampling (default 0)")
 
 
+def add_benchmark_size_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--test-size`` and ``--ood-size``: the embedded benchmark's evaluation splits enlarged with fresh
+    questions (:func:`benchmark_extension`); default: the splits as shipped (1000 questions each)."""
+    parser.add_argument(
+        "--test-size",
+        type=int,
+        default=None,
+        help="enlarge the benchmark's test split to this many questions (fresh ones appended after its 1000, "
+        "disjoint from train and calibration; 1000 + a multiple of 5); default: the 1000 as shipped",
+    )
+    parser.add_argument(
+        "--ood-size",
+        type=int,
+        default=None,
+        help="enlarge near_ood and far_ood to this many questions each (1000 + a multiple of 20); default 1000",
+    )
+
+
+def benchmark_extension(args: argparse.Namespace) -> dict[str, int]:
+    """The ``extend_to`` of :func:`pyro_moe.experiments.benchmark_data.generate_benchmark` that
+    :func:`add_benchmark_size_arguments`' options ask for (``{}``: the splits as shipped)."""
+    extend_to = {} if args.test_size is None else {"test": args.test_size}
+    if args.ood_size is not None:
+        extend_to |= {"near_ood": args.ood_size, "far_ood": args.ood_size}
+    return extend_to
+
+
 def fit_settings(args: argparse.Namespace) -> FitSettings:
     """The :class:`FitSettings` of the options :func:`add_common_arguments` adds (no ``--layers``: all);
     the ``--families`` are checked with them (names, and 0 ``--steps`` for post-hoc families only)."""
@@ -566,20 +645,27 @@ class BenchmarkInputs:
     splits: dict[str, list[MCQAExample]]
 
 
-def benchmark_inputs() -> BenchmarkInputs:
-    """Load the embedded benchmark offline (:func:`pyro_moe.experiments.benchmark_model.load_benchmark`)."""
+def benchmark_inputs(extend_to: Mapping[str, int] | None = None) -> BenchmarkInputs:
+    """Load the embedded benchmark offline (:func:`pyro_moe.experiments.benchmark_model.load_benchmark`),
+    its evaluation splits enlarged as ``extend_to`` says (e.g. ``{"test": 5000}``; fresh questions
+    appended, disjoint from train and calibration)."""
     from pyro_moe.experiments.benchmark_model import load_benchmark
 
-    loaded = load_benchmark()
+    loaded = load_benchmark(extend_to=extend_to)
     return BenchmarkInputs(loaded.model, loaded.tokenizer, loaded.answer_token_ids, loaded.benchmark.splits)
 
 
 def run_on_benchmark(
-    run: Callable[..., Results], families: Sequence[str], settings: Any, fitting: FitSettings
+    run: Callable[..., Results],
+    families: Sequence[str],
+    settings: Any,
+    fitting: FitSettings,
+    extend_to: Mapping[str, int] | None = None,
 ) -> Results:
     """An experiment's ``run`` (``run_calibration``, ``run_ood``, ...) of ``families`` on the embedded
-    benchmark, as its command line runs it (the settings are built first, so bad numbers never load it)."""
-    inputs = benchmark_inputs()
+    benchmark (its evaluation splits enlarged as ``extend_to`` says), as its command line runs it (the
+    settings are built first, so bad numbers never load it)."""
+    inputs = benchmark_inputs(extend_to)
     return run(
         inputs.model,
         inputs.tokenizer,

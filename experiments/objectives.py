@@ -22,6 +22,12 @@ information against the ``near_ood`` and ``far_ood`` splits
 (:func:`pyro_moe.evaluation.metrics.ood_auroc`), and the fits are checked with
 :func:`pyro_moe.diagnostics.collapse.collapse_report`.
 
+Every row but the deterministic model's shows its difference from the deterministic model on the same
+questions with the paired bootstrap 95% interval of that difference
+(:mod:`pyro_moe.evaluation.bootstrap`): accuracy, NLL, ECE and Brier, and the mutual information's
+AUROC against the deterministic model's predictive-entropy AUROC (it has no mutual information);
+the report's verdict lines come from the intervals.
+
 Example::
 
     study = run_objective_study(load_benchmark, ObjectiveStudySettings(steps=150))
@@ -39,7 +45,7 @@ import dataclasses
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +58,10 @@ from pyro_moe.core.routing_context import PredictiveMode
 from pyro_moe.data import mcqa_batches
 from pyro_moe.diagnostics.collapse import CollapseReport, collapse_report
 from pyro_moe.errors import ConfigurationError
-from pyro_moe.evaluation.metrics import calibration_report, ood_auroc
+from pyro_moe.evaluation.bootstrap import BootstrapSettings, PairedComparison, compare_auroc, compare_calibration
+from pyro_moe.evaluation.metrics import calibration_report, ood_auroc, predictive_entropy
 from pyro_moe.experiments.benchmark_model import LoadedBenchmark, answer_probabilities
-from pyro_moe.experiments.evaluation import Predictions, predict_batches
+from pyro_moe.experiments.evaluation import DETERMINISTIC, Predictions, interval_note, predict_batches, verdict_line
 from pyro_moe.experiments.guide_comparison import plot_elbo_curves
 from pyro_moe.inference.fitting import FittedPosterior, fit
 from pyro_moe.inference.predictive import RoutedPrediction, predict
@@ -74,6 +81,9 @@ OOD_SPLITS = ("near_ood", "far_ood")
 """The OoD splits every row's mutual information is scored against (AUROC, the test split in-distribution)."""
 
 MODEL_AVERAGE = PredictiveMode.MODEL_AVERAGE.value
+
+COMPARED = ("accuracy", "nll", "ece", "brier")
+"""The test metrics compared with the deterministic model."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +109,7 @@ class ObjectiveStudySettings:
             and in the collapse report's ``az.summary``).
         collapse_batches: test batches the collapse report runs on.
         seed: seeds the fits and the predictive draws.
+        bootstrap: resamples, level and seed of the intervals against the deterministic model.
     """
 
     prior_scale: float = 0.3
@@ -115,6 +126,7 @@ class ObjectiveStudySettings:
     num_samples: int = 16
     collapse_batches: int = 4
     seed: int = 0
+    bootstrap: BootstrapSettings = field(default_factory=BootstrapSettings)
 
     def __post_init__(self) -> None:
         for name in (
@@ -157,6 +169,10 @@ class ObjectiveStudy:
         posteriors: the two fits, each on its own copy of the model (still patched).
         collapse: the collapse report of each fit on the first test batches.
         settings: the settings of the run.
+        comparisons: ``{predictor: {column: PairedComparison}}`` of every predictor but the
+            deterministic model against it (:data:`COMPARED` and the ``*_auroc_mi`` columns).
+        probs: ``{predictor: (examples, choices)}`` the test probabilities.
+        labels: ``(examples,)`` the test labels.
     """
 
     table: pd.DataFrame
@@ -164,6 +180,9 @@ class ObjectiveStudy:
     posteriors: dict[str, FittedPosterior]
     collapse: dict[str, CollapseReport]
     settings: ObjectiveStudySettings
+    comparisons: dict[str, dict[str, PairedComparison]]
+    probs: dict[str, Tensor]
+    labels: Tensor
 
     @property
     def selected_scale(self) -> float:
@@ -180,6 +199,11 @@ class ObjectiveStudy:
                 "selected_scale": self.selected_scale,
             },
             "predictors": json.loads(self.table.to_json(orient="index")),
+            "comparisons": [
+                {"predictor": name, "column": column, **comparison.to_json()}
+                for name, found in self.comparisons.items()
+                for column, comparison in found.items()
+            ],
             "collapse": {
                 case: json.loads(report.table.to_json(orient="records")) for case, report in self.collapse.items()
             },
@@ -203,7 +227,9 @@ class ObjectiveStudy:
             cells = []
             for column in columns:
                 value = row[column]
-                if value is None or (isinstance(value, float) and math.isnan(value)):
+                if column in self.comparisons.get(name, {}):
+                    cells.append(self.comparisons[name][column].format())
+                elif value is None or (isinstance(value, float) and math.isnan(value)):
                     cells.append("")
                 elif isinstance(value, float):
                     cells.append(f"{value:.3f}")
@@ -213,6 +239,9 @@ class ObjectiveStudy:
                     cells.append(str(value))
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         grid = ", ".join(f"{scale:g}: {nll:.3f}" for scale, nll in self.selection_nll.items())
+        questions = f"{self.labels.shape[0]} test questions (the AUROCs: against its predictive entropy's)"
+        lines += ["", interval_note(DETERMINISTIC, self.settings.bootstrap, questions), ""]
+        lines += [f"- {verdict_line(name, found)}" for name, found in self.comparisons.items()]
         lines += [
             "",
             f"Prior scale selected on the last {self.settings.selection_examples} calibration questions "
@@ -330,9 +359,11 @@ def run_objective_study(
     selection_nll = {candidate.scale: nll for candidate, nll in prior_selection.scores.items()}
     selected = prior_selection.chosen.scale
 
+    ood_examples = {split: splits[split][: settings.ood_examples] for split in OOD_SPLITS}
     predictions: dict[str, dict[str, Predictions]] = {
-        "deterministic": {
-            "test": Predictions(answer_probabilities(loaded.model, tokenizer, test_examples, settings.batch_size))
+        DETERMINISTIC: {
+            split: Predictions(answer_probabilities(loaded.model, tokenizer, examples, settings.batch_size))
+            for split, examples in {"test": test_examples, **ood_examples}.items()
         },
         "prior": _prior_predictions(loaded.model, settings.prior_scale, layers, letters, evaluation, settings),
         SELECTED_PRIOR: _prior_predictions(loaded.model, selected, layers, letters, evaluation, settings),
@@ -387,7 +418,29 @@ def run_objective_study(
             row["prior_scales"] = _prior_scales(posteriors[name], settings.prior_scale)
         rows[name] = row
     table = pd.DataFrame.from_dict(rows, orient="index")
-    return ObjectiveStudy(table, selection_nll, posteriors, reports, settings)
+    probs = {name: predicted["test"].probs for name, predicted in predictions.items()}
+    entropy = {split: predictive_entropy(p.probs) for split, p in predictions[DETERMINISTIC].items()}
+    comparisons = {}
+    for name, predicted in predictions.items():
+        if name == DETERMINISTIC:
+            continue
+        found = compare_calibration(
+            probs[name],
+            probs[DETERMINISTIC],
+            labels,
+            baseline=DETERMINISTIC,
+            metrics=COMPARED,
+            settings=settings.bootstrap,
+        )
+        for split in OOD_SPLITS:
+            found[f"{split}_auroc_mi"] = compare_auroc(
+                (predicted["test"].mutual_information, predicted[split].mutual_information),
+                (entropy["test"], entropy[split]),
+                baseline=f"{DETERMINISTIC}, predictive entropy",
+                settings=settings.bootstrap,
+            )
+        comparisons[name] = found
+    return ObjectiveStudy(table, selection_nll, posteriors, reports, settings, comparisons, probs, labels)
 
 
 def _prior_scales(posterior: FittedPosterior, fixed: float) -> list[float]:
@@ -399,6 +452,7 @@ def _prior_scales(posterior: FittedPosterior, fixed: float) -> list[float]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the study on the embedded benchmark and write its files."""
+    from pyro_moe.experiments.benchmark_data import DEFAULT_SIZES
     from pyro_moe.experiments.benchmark_model import load_benchmark
 
     defaults = ObjectiveStudySettings()
@@ -424,8 +478,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=defaults.selection_examples,
         help="selection part: the last calibration questions, where the baseline's scale is chosen",
     )
-    parser.add_argument("--test-examples", type=int, default=defaults.test_examples, help="test questions")
-    parser.add_argument("--ood-examples", type=int, default=defaults.ood_examples, help="questions per OoD split")
+    parser.add_argument(
+        "--test-examples",
+        type=int,
+        default=defaults.test_examples,
+        help="test questions; beyond the shipped 1000 the test split is enlarged with fresh questions, disjoint from "
+        "train and calibration (1000 + a multiple of 5)",
+    )
+    parser.add_argument(
+        "--ood-examples",
+        type=int,
+        default=defaults.ood_examples,
+        help="questions per OoD split; beyond 1000 both are enlarged with fresh questions (1000 + a multiple of 20)",
+    )
     parser.add_argument("--samples", type=int, default=defaults.num_samples, help="predictive draws")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the fits and draws")
     args = parser.parse_args(argv)
@@ -442,7 +507,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         num_samples=args.samples,
         seed=args.seed,
     )
-    study = run_objective_study(load_benchmark, settings, progress=True)
+    extend_to = {"test": settings.test_examples} if settings.test_examples > DEFAULT_SIZES["test"] else {}
+    if settings.ood_examples > DEFAULT_SIZES["far_ood"]:
+        extend_to |= {split: settings.ood_examples for split in OOD_SPLITS}
+    study = run_objective_study(lambda: load_benchmark(extend_to=extend_to), settings, progress=True)
     paths = study.write(args.out)
     print(study.to_markdown())
     print("written:", ", ".join(str(path) for path in paths.values()))

@@ -13,6 +13,8 @@ with weight sites only (a router agrees with itself) and below 1 where per-call 
 The susceptible layers are the deterministic model's least stable ones at the chosen ``gamma`` (default
 :data:`pyro_moe.evaluation.stability.DEFAULT_GAMMA`), by the library's one rule
 (:func:`pyro_moe.evaluation.stability.susceptible_layers`): the ``k`` lowest, or those below a ``threshold``.
+The susceptible layers are a modelling choice, so they are measured on the calibration split by default
+(``StabilitySettings.split``), never the test split.
 
 Example::
 
@@ -87,7 +89,8 @@ class StabilitySettings:
     """What :func:`stability_experiment` measures; checked when built.
 
     Attributes:
-        split: the split measured.
+        split: the split measured (default ``calibration``: the susceptible layers are a modelling
+            choice, which the test split must not make).
         examples: its first this many questions (``None``: all).
         gammas: the noise levels (numbers >= 0, a tuple of floats once built; must include ``gamma``).
         gamma: the noise level of the susceptible-layer selection and the violins.
@@ -98,7 +101,7 @@ class StabilitySettings:
         seed: seed of the noise and the sampling.
     """
 
-    split: str = "test"
+    split: str = "calibration"
     examples: int | None = 200
     gammas: Sequence[float] = (0.0, *GAMMAS)
     gamma: float = DEFAULT_GAMMA
@@ -333,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "model and Bayesian guide families, and the susceptible layers, on the embedded benchmark.",
     )
     add_common_arguments(parser, families=DEFAULT_FAMILIES, steps=200)
-    parser.add_argument("--split", default="test", help="split to measure (default test)")
+    parser.add_argument("--split", default="calibration", help="split to measure (default calibration)")
     parser.add_argument("--examples", type=int, default=200, help="questions of the split (default 200)")
     parser.add_argument(
         "--gamma", type=float, default=DEFAULT_GAMMA, help=f"noise level of the selection (default {DEFAULT_GAMMA})"

@@ -40,7 +40,7 @@ summary. A process that died or stopped answering ends the others with exit code
 
     pyro-moe fit --model path/to/moe --data train.jsonl --guide mfvr --layers susceptible --out runs/fit
     pyro-moe fit --model path/to/moe --data train.jsonl --calibration-data calib.jsonl --recipe mfvr-iwae-layer \
-        --out runs/recipe
+        --scale 0.75 --out runs/recipe
     python -m pyro_moe evaluate --model path/to/moe --posterior runs/fit/posterior --data test.jsonl --out runs/eval
     pyro-moe fit --model path/to/moe --text train.txt --guide mfvr --sites logits --out runs/text-fit
     pyro-moe evaluate --model path/to/moe --text held_out.txt --posterior runs/text-fit/posterior --out runs/text-eval
@@ -626,8 +626,10 @@ def run_fit(args: argparse.Namespace) -> None:
     if getattr(args, "recipe", None) is not None:
         run_recipe(args)
         return
-    if getattr(args, "calibration_data", None) is not None:
-        raise BadInput("--calibration-data is for --recipe (its scale selection and temperatures).")
+    for option in ("calibration_data", "calibration_examples", "scale", "scale_grid", "selection"):
+        if getattr(args, option, None) is not None:
+            flag = "--" + option.replace("_", "-")
+            raise BadInput(f"{flag} is for --recipe (its scale selection, checks and temperatures).")
     guide = args.guide or ("laplace" if args.command == "laplace" else "mean-field")
     from pyro_moe.guides.registry import GUIDE_FAMILIES
 
@@ -659,7 +661,8 @@ def run_fit(args: argparse.Namespace) -> None:
 
 def run_recipe(args: argparse.Namespace) -> None:
     """``fit --recipe``: the recipe on the loaded model itself (:func:`pyro_moe.inference.recipes.run_recipe`)
-    on ``--fit-examples`` train questions, choosing and calibrating on ``--examples`` calibration questions;
+    on ``--fit-examples`` train questions, choosing (over ``--scale-grid``, or from ``--scale``; default the
+    recipe's grid), checking and calibrating on ``--calibration-examples`` calibration questions (default all);
     writes ``posterior/`` (calibrated, with the recipe and the selection), ``fit.json``, ``recipe.md`` and
     ``scales.png`` (the learned scales' trajectory)."""
     from pyro_moe.experiments.evaluation import FitSettings, fit_named_recipes
@@ -675,7 +678,7 @@ def run_recipe(args: argparse.Namespace) -> None:
         layers=resolve_layers(args, inputs),
         batch_size=args.batch_size,
         seed=args.seed,
-        validation_examples=args.examples,
+        validation_examples=args.calibration_examples,
         checkpoint=checkpoint,
     )
     (result,) = fit_named_recipes(
@@ -687,6 +690,9 @@ def run_recipe(args: argparse.Namespace) -> None:
         answer_token_ids=inputs.answer_token_ids,
         steps=args.steps,
         in_place=True,
+        scale=args.scale,
+        scale_grid=args.scale_grid,
+        selection=args.selection,
     ).values()
     posterior = result.posterior
     folder = posterior.save(args.out / "posterior")  # data-parallel: rank 0 writes
@@ -1003,7 +1009,8 @@ def _data_options(parser: argparse.ArgumentParser, ood: bool = False, text: str 
         "--examples",
         type=_integer(1),
         default=200,
-        help="questions (documents) per evaluated split, and fit --recipe's calibration questions (default 200)",
+        help="questions (documents) per evaluated split, and of the stability ranking of --layers susceptible "
+        "(default 200)",
     )
     group.add_argument(
         "--batch-size", type=_integer(1), default=32, help="questions (documents) per batch (default 32)"
@@ -1055,6 +1062,31 @@ def _posterior_options(parser: argparse.ArgumentParser, guide: bool = True, reci
             "--calibration-data",
             help="--recipe: MCQA file of the calibration questions (default: the benchmark's calibration split, "
             "or the first quarter of --data, the rest fitted on)",
+        )
+        group.add_argument(
+            "--calibration-examples",
+            type=_integer(1),
+            default=None,
+            help="--recipe: calibration questions of the scale selection, the checks along the fit and the "
+            "temperatures (default: all there are, 1000 on the benchmark: enough to separate the grid)",
+        )
+        scales = group.add_mutually_exclusive_group()
+        scales.add_argument(
+            "--scale", type=_positive_number, default=None, help="--recipe: start from this prior scale (no grid)"
+        )
+        scales.add_argument(
+            "--scale-grid",
+            type=_positive_number,
+            nargs="+",
+            default=None,
+            help="--recipe: the starting scales to choose from (default: the recipe's grid)",
+        )
+        group.add_argument(
+            "--selection",
+            choices=("raw", "calibrated"),
+            default=None,
+            help="--recipe: choose the starting scale by the unfitted prior's plain calibration NLL (raw) or by "
+            "its NLL after a cross-fitted temperature (calibrated); default: the recipe's (raw)",
         )
     steps_help = f"SVI steps (default {DEFAULT_STEPS}" + ("; with --recipe the recipe's own)" if recipe else ")")
     group.add_argument("--steps", type=_integer(0), default=None if recipe else DEFAULT_STEPS, help=steps_help)

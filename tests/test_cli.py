@@ -452,9 +452,20 @@ def test_fit_recipe_runs_the_library_recipe_on_the_data_cut(saved, tmp_path, cap
 
     calibration = _write_jsonl(tmp_path / "calibration.jsonl", tiny_splits(seed=3)["calibration"])
     argv = ["fit", *model, "--recipe", "fcvr-iwae-layer", "--steps", "1", "--calibration-data", str(calibration)]
-    assert main([*argv, "--examples", "20", "--out", str(tmp_path / "separate")]) == 0
+    assert main([*argv, "--calibration-examples", "20", "--out", str(tmp_path / "separate")]) == 0
     separate = json.loads((tmp_path / "separate" / "fit.json").read_text())
     assert separate["selection"]["examples"] == 20  # the calibration file's first 20 questions
+    every = ["--examples", "8", "--scale", "0.6", "--out", str(tmp_path / "every")]
+    assert main([*argv, *every]) == 0  # --examples is not the calibration set: all of it by default
+    fixed = json.loads((tmp_path / "every" / "fit.json").read_text())
+    assert fixed["selection"]["examples"] == len(tiny_splits(seed=3)["calibration"]) > 8
+    assert [row["scale"] for row in fixed["selection"]["scores"]] == [0.6] and fixed["selection"]["chosen"][
+        "scale"
+    ] == 0.6
+    grid = ["--scale-grid", "0.4", "0.8", "--selection", "calibrated", "--out", str(tmp_path / "grid")]
+    assert main([*argv, *grid]) == 0
+    chosen = json.loads((tmp_path / "grid" / "fit.json").read_text())["selection"]
+    assert [row["scale"] for row in chosen["scores"]] == [0.4, 0.8] and chosen["objective"] == "calibrated"
 
 
 def test_an_unknown_recipe_is_refused_at_parsing_without_importing_torch():
@@ -471,6 +482,11 @@ def test_bad_recipe_options(saved, tmp_path, capsys):
     assert "--recipe patches its own logit sites" in error
     error = _bad_input(tmp_path, capsys, ["fit", *data, "--guide", "mfvr", "--calibration-data", str(saved["data"])])
     assert "--calibration-data is for --recipe" in error
+    error = _bad_input(tmp_path, capsys, ["fit", *data, "--guide", "mfvr", "--scale", "0.5"])
+    assert "--scale is for --recipe" in error
+    with pytest.raises(SystemExit) as exit_info:  # one starting scale or a grid, refused at parsing
+        main(["fit", *data, "--recipe", "mfvr-iwae-layer", "--scale", "0.5", "--scale-grid", "1", "--out", "never"])
+    assert exit_info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
     text = tmp_path / "documents.txt"
     text.write_text("the sky is blue\nwhat is one and two\n")
     error = _bad_input(

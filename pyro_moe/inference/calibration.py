@@ -30,10 +30,17 @@ import torch
 from torch import Tensor
 
 from pyro_moe.core.readout import at_least_float32
+from pyro_moe.evaluation.metrics import negative_log_likelihood
 from pyro_moe.evaluation.temperature_scaling import TemperatureScaling, fit_temperature
 from pyro_moe.random_streams import RandomState
 
-__all__ = ["calibrated_probs", "fit_predictive_temperature", "log_probabilities", "predictive_probabilities"]
+__all__ = [
+    "calibrated_probs",
+    "fit_predictive_temperature",
+    "log_probabilities",
+    "predictive_nll",
+    "predictive_probabilities",
+]
 
 ProbabilityPredictor = Callable[[Tensor, Tensor], Tensor]
 """``predictor(input_ids (B, L), attention_mask (B, L)) -> answer probabilities (B, choices)``."""
@@ -82,6 +89,31 @@ def fit_predictive_temperature(
     """
     probs, labels = predictive_probabilities(predictor, batches, seed)
     return fit_temperature(log_probabilities(probs), labels)
+
+
+def predictive_nll(
+    predictor: ProbabilityPredictor, batches: Sequence[Mapping[str, Tensor]], seed: int, *, calibrated: bool = False
+) -> float:
+    """The held-out NLL of ``predictor`` on ``batches``: the one path of the prior selection
+    (:func:`pyro_moe.inference.selection.select_prior`), the checks along a fit
+    (:class:`pyro_moe.inference.callbacks.EvaluationCallback`) and the calibration
+    (:func:`fit_predictive_temperature`), all through :func:`predictive_probabilities` (same draws for
+    the same seed; every random stream restored).
+
+    Args:
+        predictor: answer probabilities of a batch (see :data:`ProbabilityPredictor`).
+        batches: held-out batches with ``labels``.
+        seed: seeds the draws.
+        calibrated: score ``softmax(log p / T)`` with ``T`` fitted on these batches (the NLL a
+            calibrated predictive ends with; its infimum 0 when every label is ranked first, where
+            ``T -> 0``) instead of the plain average ``p``.
+    """
+    probs, labels = predictive_probabilities(predictor, batches, seed)
+    if not calibrated:
+        return negative_log_likelihood(probs, labels)
+    if bool((probs.argmax(-1) == labels).all()):
+        return 0.0
+    return fit_temperature(log_probabilities(probs), labels).calibration_nll
 
 
 def calibrated_probs(probs: Tensor, scaling: TemperatureScaling) -> Tensor:

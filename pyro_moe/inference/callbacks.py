@@ -28,13 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import pyro
 import torch
 from torch import Tensor
 
 from pyro_moe.errors import ConfigurationError
+from pyro_moe.inference.calibration import predictive_nll
 from pyro_moe.models.likelihoods import check_batches
-from pyro_moe.random_streams import RandomState
 from pyro_moe.validation import check_integer
 
 _Posterior = Any  # a pyro_moe.inference.fitting.FittedPosterior (that module imports this one)
@@ -87,34 +86,39 @@ def as_callback(callback: TrainingCallback | Callable[[_Posterior, int], float |
     return _FunctionCallback(callback)
 
 
-def held_out_nll(posterior: _Posterior, batches: Sequence[Mapping[str, Tensor]], num_samples: int, seed: int) -> float:
+def held_out_nll(
+    posterior: _Posterior,
+    batches: Sequence[Mapping[str, Tensor]],
+    num_samples: int,
+    seed: int,
+    *,
+    calibrated: bool = False,
+) -> float:
     """Mean ``-log p(label)`` over the examples of ``batches`` under the ``model-average`` predictive
-    with ``num_samples`` joint draws, Pyro's seed set to ``seed`` first (the draws of
-    ``posterior.predict`` batch after batch); the guide in evaluation mode, no gradients.
+    with ``num_samples`` joint draws (the plain average, never a kept temperature), through the path
+    the prior selection and the calibration share
+    (:func:`pyro_moe.inference.calibration.predictive_nll`): Pyro's seed set to ``seed`` first, every
+    random stream (torch, CUDA, Python, NumPy) restored afterwards; the guide in evaluation mode, no gradients.
 
     Args:
         posterior: the fitted posterior.
         batches: dicts of ``input_ids`` ``(B, L)``, ``attention_mask`` ``(B, L)``, ``labels`` ``(B,)``.
         num_samples: ``S`` joint draws per batch.
         seed: seeds the draws.
+        calibrated: the NLL after a temperature fitted on ``batches`` (what a recipe that calibrates ends with).
     """
     device = posterior.patch.model.get_input_embeddings().weight.device
+
+    def averaged(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        ids, mask = input_ids.to(device), attention_mask.to(device)
+        return posterior.predict(ids, mask, num_samples=num_samples, calibrated=False).probs
+
     was_training = posterior.guide.training
     posterior.guide.eval()
-    pyro.set_rng_seed(seed)
-    total, count = 0.0, 0
     try:
-        with torch.no_grad():
-            for batch in batches:
-                probs = posterior.predict(
-                    batch["input_ids"].to(device), batch["attention_mask"].to(device), num_samples=num_samples
-                ).probs
-                picked = probs.gather(-1, batch["labels"].to(device)[:, None]).squeeze(-1)
-                total += float(-picked.clamp_min(torch.finfo(probs.dtype).tiny).log().sum())
-                count += len(picked)
+        return predictive_nll(averaged, batches, seed, calibrated=calibrated)
     finally:
         posterior.guide.train(was_training)
-    return total / count
 
 
 @dataclass
@@ -122,8 +126,8 @@ class EvaluationCallback(TrainingCallback):
     """Held-out NLL of the ``model-average`` predictive every ``every`` steps; optionally the best.
 
     The options are checked when it is built, the batches against the posterior before any step.
-    Evaluation draws with its own seed and restores every random stream afterwards, so a fit with
-    the callback follows the same optimisation path as one without.
+    Evaluation draws with its own seed and restores every random stream afterwards (:func:`held_out_nll`),
+    so a fit with the callback follows the same optimisation path as one without.
 
     Attributes:
         batches: held-out batches (dicts of ``input_ids`` ``(B, L)``, ``attention_mask`` ``(B, L)``,
@@ -138,6 +142,8 @@ class EvaluationCallback(TrainingCallback):
             best evaluation: a checkpoint of the best step that :meth:`FittedPosterior.load` reads
             and resumes from; ``None``: none.
         seed: seeds the predictive draws (the same draws at every evaluation).
+        calibrated: rank by the held-out NLL after a temperature fitted on the held-out batches (what a
+            fit that is calibrated afterwards ends with) instead of the plain average's NLL.
         values: ``{step: held-out NLL}`` of the evaluations so far (filled while training).
         best_step, best_value: the best evaluation so far (``None``, ``inf`` before any).
     """
@@ -150,6 +156,7 @@ class EvaluationCallback(TrainingCallback):
     keep_best: bool = False
     folder: str | Path | None = None
     seed: int = 0
+    calibrated: bool = False
     values: dict[int, float] = field(default_factory=dict, init=False)
     best_step: int | None = field(default=None, init=False)
     best_value: float = field(default=math.inf, init=False)
@@ -164,8 +171,9 @@ class EvaluationCallback(TrainingCallback):
         check_integer("every", self.every)
         check_integer("num_samples", self.num_samples)
         check_integer("seed", self.seed, minimum=0)
-        if not isinstance(self.keep_best, bool):
-            raise ConfigurationError(f"keep_best must be True or False, got {self.keep_best!r}.")
+        for name in ("keep_best", "calibrated"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigurationError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         if self.folder is not None and not isinstance(self.folder, str | Path):
             raise ConfigurationError(f"folder must be a path or None, got {self.folder!r}.")
 
@@ -181,11 +189,7 @@ class EvaluationCallback(TrainingCallback):
     def __call__(self, posterior: _Posterior, step: int) -> float | None:
         if step % self.every:
             return None
-        streams = RandomState.current()
-        try:
-            value = held_out_nll(posterior, self.batches, self.num_samples, self.seed)
-        finally:
-            streams.restore()
+        value = held_out_nll(posterior, self.batches, self.num_samples, self.seed, calibrated=self.calibrated)
         self.values[step] = value
         if value < self.best_value:
             self.best_step, self.best_value = step, value

@@ -19,7 +19,7 @@ from typing import Any
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.validation import check_integer, check_number
 
-__all__ = ["OPTIMIZERS", "Objective", "TrainingOptions"]
+__all__ = ["OPTIMIZERS", "Objective", "SelectionObjective", "TrainingOptions", "selection_objective"]
 
 
 class Objective(StrEnum):
@@ -30,6 +30,26 @@ class Objective(StrEnum):
 
     IWAE = "iwae"
     """Renyi / importance-weighted bound (RenyiELBO, alpha in [0, 1), K particles)."""
+
+
+class SelectionObjective(StrEnum):
+    """What :func:`pyro_moe.inference.selection.select_prior` ranks the candidate priors by."""
+
+    RAW = "raw"
+    """The calibration NLL of the unfitted prior's plain predictive."""
+
+    CALIBRATED = "calibrated"
+    """The calibration NLL after a temperature, cross-fitted: fitted on one half of the calibration
+    questions and scored on the other, both ways, averaged."""
+
+
+def selection_objective(value: object) -> SelectionObjective:
+    """``value`` as a :class:`SelectionObjective`; anything else refused with the accepted names."""
+    try:
+        return SelectionObjective(value)
+    except ValueError:
+        accepted = [objective.value for objective in SelectionObjective]
+        raise ConfigurationError(f"unknown selection objective {value!r}; accepted: {accepted}.") from None
 
 
 OPTIMIZERS: dict[str, str] = {"adam": "Adam", "sgd": "SGD"}

@@ -1,12 +1,17 @@
 """Running a recipe (:mod:`pyro_moe.inference.recipes`) on a model, in four steps:
 
 1. **select** the starting prior scale (and, given candidates, the Bayesian layers) by the
-   calibration NLL of the unfitted prior (:func:`pyro_moe.inference.selection.select_prior`);
+   calibration NLL of the unfitted prior (:func:`pyro_moe.inference.selection.select_prior`) over the
+   recipe's ``scale_grid``, or the grid given to :func:`run_recipe` (``scale_grid=``; ``scale=`` fixes
+   one starting scale), by the recipe's ``selection`` objective (``raw`` or ``calibrated``; ``selection=``
+   overrides it);
 2. **patch** the logit sites of the chosen layers with learned prior scales starting there;
 3. **fit** the guide with the recipe's training on the training batches, the guide starting at the
    prior (its ``init_scale`` at the chosen scale); every ``evaluate_every`` steps the calibration NLL
    of the ``model-average`` predictive is measured and the parameters of the best measurement are kept
-   at the end (:class:`~pyro_moe.inference.callbacks.EvaluationCallback`); the learned scales are
+   at the end (:class:`~pyro_moe.inference.callbacks.EvaluationCallback`); a recipe that calibrates
+   ranks the steps by the objective it ends with, the NLL after a temperature fitted on the calibration
+   batches (``calibrated=True``), one that does not by the plain NLL; the learned scales are
    recorded along the way;
 4. **calibrate** every predictive mode on the calibration batches
    (:meth:`pyro_moe.inference.fitting.FittedPosterior.calibrate`).
@@ -18,7 +23,8 @@ Example::
 
     result = run_recipe(model, "mfvr-iwae-layer", train_batches, calibration_batches, answer_token_ids=letters)
     result.selection.chosen                   # PriorCandidate(scale=1.0, layers='all')
-    result.calibration_nll, result.best_step  # {25: 0.571, 50: 0.572, ...}, 25
+    result.calibration_nll, result.best_step  # {25: 0.571, 50: 0.572, ...}, 25 (calibrated NLL if it calibrates)
+    run_recipe(model, "mfvr-iwae-layer", train_batches, calibration_batches, answer_token_ids=letters, scale=0.75)
     result.posterior.prior_scales()           # the learned scales of the kept step, by site
     result.posterior.calibration              # {"model-average": TemperatureScaling(...), ...}
     result.posterior.predict(input_ids, attention_mask)                    # calibrated
@@ -28,6 +34,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,7 +105,8 @@ class RecipeFit:
         scale_trajectory: ``{step: {site: learned scale(s)}}`` from step 0 (the chosen scale) every
             ``max(1, steps // 50)`` steps and at the last: ``()`` per layer as a float, ``(experts,)`` per
             expert as a list.
-        calibration_nll: ``{step: calibration NLL of the model-average predictive}`` along the fit.
+        calibration_nll: ``{step: calibration NLL of the model-average predictive}`` along the fit: after a
+            temperature fitted on the calibration batches when the recipe calibrates, the plain average's otherwise.
         best_step: the step whose parameters the posterior holds (the lowest ``calibration_nll``).
     """
 
@@ -149,7 +157,8 @@ class RecipeFit:
             "",
             f"{self.recipe.description}.",
             "",
-            f"Starting scale chosen by the NLL of the unfitted prior on {selection.examples} calibration questions "
+            f"Starting scale chosen by the {'cross-fitted calibrated ' if selection.objective == 'calibrated' else ''}"
+            f"NLL of the unfitted prior on {selection.examples} calibration questions "
             f"(S = {selection.num_samples}, seed {selection.seed}):",
             "",
             "| scale | layers | calibration NLL | chosen |",
@@ -225,6 +234,9 @@ def run_recipe(
     answer_token_ids: Tensor | Sequence[int],
     layers: str | Sequence[int] = "all",
     layer_candidates: Sequence[str | Sequence[int]] | None = None,
+    scale: float | None = None,
+    scale_grid: Sequence[float] | None = None,
+    selection: str | None = None,
     progress: bool = True,
     checkpoint: CheckpointOptions | None = None,
 ) -> RecipeFit:
@@ -243,6 +255,10 @@ def run_recipe(
         layers: the Bayesian decoder layers, ``"all"`` or indices.
         layer_candidates: several layer sets to choose from with the scale (by the same calibration NLL);
             ``None``: ``layers`` alone.
+        scale: start from this prior scale (a grid of one; the layer set is still chosen among
+            ``layer_candidates``); ``None``: the grid.
+        scale_grid: the candidate starting scales instead of the recipe's ``scale_grid``; not with ``scale``.
+        selection: the selection objective by name (``"raw"``, ``"calibrated"``) instead of the recipe's.
         progress: show progress bars.
         checkpoint: run checkpoints of the fit (step 3; the calibration NLL along it and the scales' trajectory
             included), and resuming one, as in :func:`pyro_moe.fit`; the selection runs again on resume (it is
@@ -257,6 +273,8 @@ def run_recipe(
         raise ConfigurationError(
             f"recipe must be a Recipe or a registered name ({', '.join(RECIPES)}), got {recipe!r}."
         )
+    if selection is not None:
+        recipe = dataclasses.replace(recipe, selection=selection)  # checked as the recipe's own
     families = parse_guide(recipe.guide)
     if GuideScope.LOGITS not in {family.scope for family in families.values()}:
         raise ConfigurationError(
@@ -267,22 +285,30 @@ def run_recipe(
         if family.check_options is not None:
             family.check_options(recipe.guide_options, recipe.training.steps)
     PriorScale(1.0, mode="learned", per=recipe.scale_per)
+    if scale is not None and scale_grid is not None:
+        raise ConfigurationError(
+            f"give scale (one starting scale) or scale_grid (candidates), not both; got {scale!r} and {scale_grid!r}."
+        )
+    grid = recipe.scale_grid if scale_grid is None else scale_grid
+    if scale is not None:
+        grid = (check_number("scale", scale),)
     answer_token_ids = torch.as_tensor(answer_token_ids).long()
     train = check_batches(train_batches, len(answer_token_ids))
     calibration = check_batches(calibration_batches, len(answer_token_ids))
     seed, steps = recipe.training.seed, recipe.training.steps
-    selection = select_prior(
+    chosen_by = select_prior(
         model,
         calibration,
         answer_token_ids=answer_token_ids,
-        scales=recipe.scale_grid,
+        scales=grid,
         layer_sets=[layers] if layer_candidates is None else layer_candidates,
         site_kind=SITE_KIND,
         num_samples=recipe.selection_samples,
         seed=seed,
         progress=progress,
+        objective=recipe.selection,
     )
-    chosen = selection.chosen
+    chosen = chosen_by.chosen
     sites = {SITE_KIND: {"scale": chosen.scale, "mode": "learned", "scale_per": recipe.scale_per}}
     patch = patch_routers(model, sites, layers=chosen.layers)
     path = _RecipePath(
@@ -291,6 +317,7 @@ def run_recipe(
         num_samples=recipe.selection_samples,
         keep_best=True,
         seed=seed,
+        calibrated=recipe.calibrate,
         record_every=max(1, steps // 50),
     )
     guide_options = {recipe.guide: {**recipe.guide_options, "init_scale": chosen.scale}}
@@ -314,5 +341,5 @@ def run_recipe(
     except BaseException:
         patch.unpatch()  # the model is handed back as it was given
         raise
-    posterior.config["recipe"] = {"name": recipe.name, "selection": selection.to_json(), "best_step": path.best_step}
-    return RecipeFit(recipe, posterior, selection, {0: start} | path.trajectory, dict(path.values), path.best_step)
+    posterior.config["recipe"] = {"name": recipe.name, "selection": chosen_by.to_json(), "best_step": path.best_step}
+    return RecipeFit(recipe, posterior, chosen_by, {0: start} | path.trajectory, dict(path.values), path.best_step)

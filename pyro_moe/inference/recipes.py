@@ -21,6 +21,7 @@ Example::
 
     named_recipe("mfvr-iwae-layer")                        # Recipe(name=..., guide="mfvr", ...)
     named_recipe("fcvr-iwae-expert").with_training(steps=50, seed=1)
+    dataclasses.replace(named_recipe("mfvr-iwae-layer"), selection="calibrated")   # scale for the calibrated predictive
     RECIPES                                                # {name: Recipe}
 """
 
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pyro_moe.errors import ConfigurationError
-from pyro_moe.inference.options import TrainingOptions
+from pyro_moe.inference.options import TrainingOptions, selection_objective
 from pyro_moe.validation import check_integer, check_number
 
 __all__ = ["DEFAULT_SCALE_GRID", "RECIPES", "RECIPE_TRAINING", "SITE_KIND", "Recipe", "named_recipe"]
@@ -69,6 +70,9 @@ class Recipe:
             (:class:`~pyro_moe.inference.callbacks.EvaluationCallback` with ``keep_best``).
         calibration_samples: ``S`` draws per prediction when the temperatures are fitted.
         calibrate: fit a temperature for every predictive mode of the posterior after the fit.
+        selection: what the starting scale is chosen by (:func:`pyro_moe.inference.selection.select_prior`'s
+            ``objective``): ``"raw"``, the unfitted prior's plain calibration NLL, or ``"calibrated"``, its
+            NLL after a cross-fitted temperature (the predictive a calibrating recipe ends with).
     """
 
     name: str
@@ -82,6 +86,7 @@ class Recipe:
     evaluate_every: int = 25
     calibration_samples: int = 16
     calibrate: bool = True
+    selection: str = "raw"
 
     def __post_init__(self) -> None:
         for name in ("name", "guide", "description"):
@@ -111,6 +116,7 @@ class Recipe:
         check_integer("calibration_samples", self.calibration_samples)
         if not isinstance(self.calibrate, bool):
             raise ConfigurationError(f"calibrate must be True or False, got {self.calibrate!r}.")
+        object.__setattr__(self, "selection", selection_objective(self.selection).value)
 
     def with_training(self, **overrides: Any) -> Recipe:
         """A copy whose training has ``overrides`` (fields of

@@ -257,3 +257,41 @@ def test_bad_input_raises_clear_errors(tmp_path):
         generate_benchmark(0, {"train": 20_000})  # 4400 additions of operands 0..59 asked for, 3600 exist
     with pytest.raises(ConfigurationError, match=r"no metrics\.json"):
         load_benchmark(tmp_path)
+
+
+def test_an_enlarged_test_split_shares_no_question_with_the_shipped_models_train_or_calibration():
+    """The shipped model's seed and sizes (its metrics.json): 4000 fresh test questions after the 1000, train and
+    calibration exactly the ones it was trained and calibrated on, every added answer right, families equal."""
+    recorded = json.loads((CHECKPOINT_DIR / "metrics.json").read_text())
+    shipped = generate_benchmark(recorded["seed"], recorded["sizes"])
+    larger = generate_benchmark(recorded["seed"], recorded["sizes"], extend_to={"test": 5000, "far_ood": 2000})
+    assert larger == generate_benchmark(recorded["seed"], recorded["sizes"], extend_to={"test": 5000, "far_ood": 2000})
+    for split in ("train", "calibration", "near_ood"):
+        assert larger.splits[split] == shipped.splits[split] and larger.families[split] == shipped.families[split]
+    test = larger.splits["test"]
+    assert len(test) == 5000 and test[:1000] == shipped.splits["test"]  # the first 1000 are the split as it was
+    seen = {example.question for split in ("train", "calibration") for example in shipped.splits[split]}
+    assert not {example.question for example in test} & seen
+    every_question = [example.question for split in SPLITS for example in larger.splits[split]]
+    assert len(set(every_question)) == len(every_question)
+    added = list(zip(test[1000:], larger.families["test"][1000:], strict=True))
+    assert Counter(family for _, family in added) == dict.fromkeys(set(shipped.families["train"]), 800)
+    assert Counter(example.answer for example, _ in added) == dict.fromkeys(range(4), 1000)
+    for example, family in added:
+        assert example.choices[example.answer] == _reference_answer(family, example.question, example.choices)
+    assert len(larger.splits["far_ood"]) == 2000 and larger.splits["far_ood"][:1000] == shipped.splits["far_ood"]
+
+
+@pytest.mark.parametrize(
+    ("extend_to", "message"),
+    [
+        ({"train": 9000}, r"extend_to names \['train'\]; accepted: \['test', 'near_ood', 'far_ood'\]"),
+        ({"test": 1003}, "exceeds it by a multiple of its 5 task families"),
+        ({"test": 500}, "at least the split's size 1000"),
+        ({"far_ood": 1002}, "multiple of its 4 task families"),
+        ({"test": 5000.0}, "an integer"),
+    ],
+)
+def test_bad_extensions_are_refused_before_loading(extend_to, message):
+    with pytest.raises(ConfigurationError, match=message):
+        load_benchmark(extend_to=extend_to)

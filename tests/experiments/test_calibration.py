@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pyro_moe import ConfigurationError
+from pyro_moe.evaluation.bootstrap import BootstrapSettings, compare_calibration
 from pyro_moe.evaluation.metrics import calibration_report
 from pyro_moe.evaluation.temperature_scaling import fit_temperature
 from pyro_moe.experiments import calibration, evaluation
@@ -22,6 +23,7 @@ from pyro_moe.experiments.evaluation import (
     TEMPERATURE_SCALING,
     FitSettings,
     split_batches,
+    verdict_line,
     write_results,
 )
 from pyro_moe.inference import presets
@@ -75,6 +77,55 @@ def test_every_row_equals_the_metrics_of_predictions_recomputed_directly(tmp_pat
     assert len(paths["plots"]) == len(MODES)
     for path in paths["plots"]:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_every_row_carries_the_paired_interval_of_its_difference_from_the_baseline(tmp_path):
+    model, tokenizer, splits, letters = tiny_inputs()
+    posteriors = tiny_posteriors(model, tokenizer, splits, letters)
+    bootstrap = BootstrapSettings(resamples=300, seed=2)
+    settings = CalibrationSettings(num_samples=3, batch_size=10, seed=5, bootstrap=bootstrap)
+    results = calibration_experiment(model, tokenizer, splits, posteriors, settings)
+    labels = _labels(splits["test"])
+    assert torch.equal(results.labels, labels)
+    hf = direct_answer_probs(model, tokenizer, splits["test"], letters)  # the per-question values kept are the HF ones
+    assert torch.allclose(results.probs[DETERMINISTIC, "any"], hf, atol=1e-5)
+
+    baseline = (TEMPERATURE_SCALING, "any")
+    assert set(results.comparisons) == {(row["method"], row["mode"]) for row in results.rows} - {baseline}
+    for (method, mode), found in results.comparisons.items():
+        expected = compare_calibration(
+            results.probs[method, mode],
+            results.probs[baseline],
+            labels,
+            baseline=TEMPERATURE_SCALING,
+            settings=bootstrap,
+        )
+        assert found == expected, (method, mode)
+        row = results.row(method, mode)
+        for metric in ("accuracy", "nll", "ece", "brier"):
+            assert found[metric].estimate == pytest.approx(row[metric], abs=1e-5)
+            assert found[metric].baseline_estimate == pytest.approx(results.row(TEMPERATURE_SCALING)[metric], abs=1e-5)
+
+    itself = results.compare("mfvr", MODES[0], ("mfvr", MODES[0]))  # a method against itself: [0, 0], a tie
+    assert all((c.low, c.difference, c.high, c.verdict) == (0.0, 0.0, 0.0, "ties") for c in itself.values())
+    with pytest.raises(ConfigurationError, match="no row"):
+        results.compare("mfvr", MODES[0], ("nothing", "any"))
+
+    paths = write_results(results, tmp_path)
+    report = paths["report"].read_text()
+    nll = results.comparisons["mfvr", MODES[0]]["nll"]
+    assert nll.format() in report and "paired bootstrap 95% interval" in report
+    assert verdict_line(f"mfvr ({MODES[0]})", results.comparisons["mfvr", MODES[0]]) in report
+    written = json.loads(paths["metrics"].read_text())
+    assert written["baseline"] == TEMPERATURE_SCALING and written["bootstrap"]["resamples"] == 300
+    assert len(written["comparisons"]) == 4 * len(results.comparisons)
+
+    deterministic = CalibrationSettings(num_samples=3, batch_size=10, baseline=DETERMINISTIC, bootstrap=bootstrap)
+    against_hf = calibration_experiment(model, tokenizer, splits, {}, deterministic)
+    assert set(against_hf.comparisons) == {baseline}
+    assert against_hf.comparisons[baseline]["nll"].baseline == DETERMINISTIC
+    with pytest.raises(ConfigurationError, match="unknown baseline 'mfvr'"):
+        CalibrationSettings(baseline="mfvr")
 
 
 def test_baseline_families_by_name_get_their_setups_and_expert_sites_model_average_only():
@@ -145,6 +196,28 @@ def test_cli_refuses_a_bad_number_before_loading_or_fitting(monkeypatch, capsys,
     with pytest.raises(SystemExit) as exit_info:
         calibration.main(["--out", str(tmp_path), *option])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_test_size_enlarges_the_benchmark_test_split_with_fresh_questions(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(presets, "fit", lambda *a, **k: pytest.fail("fit ran before the input was checked"))
+    with pytest.raises(SystemExit) as exit_info:
+        calibration.main(["--out", str(tmp_path), "--test-size", "1003"])
+    assert exit_info.value.code == 2 and "multiple of its 5 task families" in capsys.readouterr().err
+    given = {}
+
+    def measured(model, tokenizer, splits, families, **options):  # the experiment itself: tested above
+        given.update(splits)
+        raise ConfigurationError("stopped after receiving the splits")
+
+    monkeypatch.setattr(calibration, "run_calibration", measured)
+    with pytest.raises(SystemExit):
+        calibration.main(["--out", str(tmp_path), "--test-size", "1020", "--ood-size", "1040"])
+    shipped = evaluation.benchmark_inputs().splits
+    assert len(given["test"]) == 1020 and given["test"][:1000] == shipped["test"]
+    assert len(given["far_ood"]) == len(given["near_ood"]) == 1040
+    assert given["train"] == shipped["train"] and given["calibration"] == shipped["calibration"]
+    seen = {example.question for split in ("train", "calibration") for example in shipped[split]}
+    assert not seen & {example.question for example in given["test"]}
 
 
 def test_cli_writes_metrics_report_and_plots_on_the_benchmark(tmp_path, capsys):

@@ -35,6 +35,23 @@ def test_quick_demo_writes_the_report(tmp_path, capsys):
     assert rows["deterministic"]["accuracy"] == pytest.approx(accuracy)
     assert rows["deterministic"]["nll"] == pytest.approx(nll, rel=1e-4)
 
+    # every headline figure but temperature scaling's carries its interval against temperature scaling,
+    # the calibration experiment's own on the same questions
+    intervals = {(c["method"], c["column"]): c for c in headline["comparisons"]}
+    assert {method for method, _ in intervals} == set(rows) - {"temperature scaling"}
+    calibration = json.loads((out / "calibration" / "metrics.json").read_text())
+    own = {(c["method"], c["metric"]): c for c in calibration["comparisons"] if c["mode"] in ("any", "model-average")}
+    for (method, column), interval in intervals.items():
+        assert interval["baseline"].startswith("temperature scaling")
+        assert interval["verdict"] in ("beats", "ties", "loses") and interval["low"] <= interval["high"]
+        if column in ("accuracy", "nll", "ece"):
+            expected = {k: v for k, v in own[method, column].items() if k not in ("method", "mode")}
+            assert {k: v for k, v in interval.items() if k not in ("method", "column")} == expected
+            assert interval["estimate"] == pytest.approx(rows[method][column])
+            assert interval["baseline_estimate"] == pytest.approx(rows["temperature scaling"][column])
+    nll_interval = intervals["deterministic", "nll"]
+    shown = f"{nll:.3f} ({nll_interval['difference']:+.3f} [{nll_interval['low']:+.3f}, {nll_interval['high']:+.3f}])"
+
     stability = json.loads((out / "stability" / "metrics.json").read_text())
     assert len(stability["susceptible_layers"]) == QUICK.susceptible
     idata = az.from_netcdf(out / "posterior_mean-field.nc")
@@ -42,6 +59,7 @@ def test_quick_demo_writes_the_report(tmp_path, capsys):
     assert "expert-laplace" in json.loads((out / "calibration" / "metrics.json").read_text())["rows"][-1]["method"]
 
     report = (out / "report.md").read_text()
+    assert shown in report.split("## Headline")[1].split("## ")[0] and "the intervals are wide" in report
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert len(images) >= 4 and all((out / image).is_file() for image in images)
     assert "collapse_mfvr-iwae-layer.png" in images and "recipe_mfvr-iwae-layer_scales.png" in images

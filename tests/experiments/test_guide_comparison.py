@@ -8,10 +8,12 @@ import math
 import arviz as az
 import numpy as np
 import pytest
+import torch
 from scipy import stats
 
 from pyro_moe import ConfigurationError
 from pyro_moe.diagnostics.arviz_export import compare, loo
+from pyro_moe.evaluation.bootstrap import compare_calibration
 from pyro_moe.experiments.guide_comparison import GuideCase, compare_guides
 from tests.helpers import ANSWERS, mcqa_batches
 from tests.tiny_models import tiny_model
@@ -115,6 +117,28 @@ def test_compare_guides_on_a_tiny_moe_writes_table_ranking_and_figures(tmp_path)
     assert np.isfinite(table[["accuracy", "nll", "ece", "elpd_loo"]].to_numpy()).all()
     assert np.isfinite(table["final_elbo"].iloc[:2]).all() and np.isnan(table.loc["temp-sampling", "final_elbo"])
     assert set(comparison.ranking.index) == set(table.index)
+
+    # each case's held-out metrics beside the deterministic model's with the paired interval
+    test = mcqa_batches(count=1, size=6, seed=7)
+    with torch.no_grad():
+        hf = tiny_model("granitemoe")(test[0]["input_ids"], attention_mask=test[0]["attention_mask"]).logits
+    hf_probs = hf[:, -1][:, torch.as_tensor(ANSWERS)].float().softmax(-1)
+    torch.testing.assert_close(comparison.probs["deterministic"], hf_probs, atol=1e-5, rtol=1e-5)
+    for name, found in comparison.comparisons.items():
+        expected = compare_calibration(
+            comparison.probs[name],
+            hf_probs,
+            comparison.labels,
+            baseline="deterministic",
+            metrics=["accuracy", "nll", "ece"],
+        )
+        assert set(found) == set(expected)
+        for metric in expected:
+            assert found[metric].estimate == pytest.approx(table.loc[name, metric], abs=1e-6)
+            assert found[metric].baseline_estimate == pytest.approx(expected[metric].baseline_estimate, abs=1e-5)
+            assert found[metric].low == pytest.approx(expected[metric].low, abs=1e-5)
+            assert found[metric].high == pytest.approx(expected[metric].high, abs=1e-5)
+            assert table.loc[name, f"{metric} vs deterministic"] == found[metric].format()
     paths = comparison.write(tmp_path, forest_variables=["temperature"])
     for name in ("forest", "elbo"):
         assert paths[name].read_bytes()[:4] == b"\x89PNG"

@@ -16,6 +16,7 @@ import torch
 
 from pyro_moe import ConfigurationError, patch_routers, predict
 from pyro_moe.data import mcqa_batches
+from pyro_moe.evaluation.bootstrap import compare_calibration
 from pyro_moe.evaluation.metrics import calibration_report, mutual_information, negative_log_likelihood, ood_auroc
 from pyro_moe.experiments.benchmark_model import answer_probabilities, load_benchmark
 from pyro_moe.experiments.objectives import SELECTED_PRIOR, ObjectiveStudySettings, main, run_objective_study
@@ -154,6 +155,40 @@ def test_the_deterministic_row_is_the_hf_model_scored_by_the_metrics_module(stud
     expected = calibration_report(probs, labels)
     for metric, value in expected.items():
         assert study.table.loc["deterministic", metric] == pytest.approx(value, abs=1e-6)
+
+
+def test_every_predictor_carries_its_paired_intervals_against_the_deterministic_model(study):
+    loaded = load_benchmark()
+    splits = loaded.benchmark.splits
+    examples = splits["test"][: SETTINGS.test_examples]
+    hf = answer_probabilities(loaded.model, loaded.tokenizer, examples)
+    torch.testing.assert_close(study.probs["deterministic"], hf, atol=1e-6, rtol=1e-5)
+    assert set(study.comparisons) == {"prior", SELECTED_PRIOR, "elbo", "iwae"}
+    for name, found in study.comparisons.items():
+        expected = compare_calibration(
+            study.probs[name], hf, study.labels, baseline="deterministic", settings=SETTINGS.bootstrap
+        )
+        for metric, comparison in expected.items():
+            assert found[metric].estimate == pytest.approx(study.table.loc[name, metric], abs=1e-6)
+            assert (found[metric].low, found[metric].high) == pytest.approx((comparison.low, comparison.high), abs=1e-6)
+        assert found["far_ood_auroc_mi"].estimate == pytest.approx(study.table.loc[name, "far_ood_auroc_mi"])
+    entropy = {
+        split: -torch.special.xlogy(p, p).sum(-1)
+        for split, p in (
+            ("test", hf),
+            (
+                "far_ood",
+                answer_probabilities(loaded.model, loaded.tokenizer, splits["far_ood"][: SETTINGS.ood_examples]),
+            ),
+        )
+    }
+    assert study.comparisons["iwae"]["far_ood_auroc_mi"].baseline_estimate == pytest.approx(
+        ood_auroc(entropy["test"], entropy["far_ood"]), abs=1e-6
+    )
+    report = study.to_markdown()
+    assert study.comparisons["iwae"]["nll"].format() in report and "iwae against deterministic:" in report
+    # the iwae fit beats the deterministic model on NLL by a margin its interval resolves
+    assert study.comparisons["iwae"]["nll"].verdict == "beats"
 
 
 def test_write_gives_json_markdown_and_plots(study, tmp_path):

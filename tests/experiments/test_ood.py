@@ -12,6 +12,7 @@ import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from pyro_moe import ConfigurationError
+from pyro_moe.evaluation.bootstrap import BootstrapSettings, compare_auroc
 from pyro_moe.experiments import evaluation, ood
 from pyro_moe.experiments.evaluation import DETERMINISTIC, MODES, TEMPERATURE_SCALING, split_batches, write_results
 from pyro_moe.experiments.ood import SCORES, OoDSettings, ood_experiment, run_ood
@@ -84,6 +85,49 @@ def test_rows_equal_sklearn_on_scores_recomputed_directly(tmp_path):
     assert len(paths["plots"]) == 2 * (2 + len(posteriors) * len(MODES))
     for path in paths["plots"]:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_every_auroc_carries_the_paired_interval_against_the_baseline_score(tmp_path):
+    model, tokenizer, splits, letters = tiny_inputs()
+    posteriors = tiny_posteriors(model, tokenizer, splits, letters)
+    bootstrap = BootstrapSettings(resamples=300, seed=4)
+    settings = OoDSettings(num_samples=4, batch_size=8, seed=3, bootstrap=bootstrap)
+    results = ood_experiment(model, tokenizer, splits, posteriors, settings)
+    assert results.baseline == (TEMPERATURE_SCALING, "predictive entropy")
+    baseline_rows = {("near_ood", TEMPERATURE_SCALING, "any", "predictive entropy")}
+    baseline_rows.add(("far_ood", TEMPERATURE_SCALING, "any", "predictive entropy"))
+    keys = {(r["ood_split"], r["method"], r["mode"], r["score"]) for r in results.rows}
+    assert set(results.comparisons) == keys - baseline_rows
+    for (split, method, mode, score), found in results.comparisons.items():
+        own = results.scores["test"][method, mode][score], results.scores[split][method, mode][score]
+        reference = tuple(
+            results.scores[part][TEMPERATURE_SCALING, "any"]["predictive entropy"] for part in ("test", split)
+        )
+        expected = compare_auroc(
+            own, reference, baseline=f"{TEMPERATURE_SCALING}, predictive entropy", settings=bootstrap
+        )
+        assert found == expected
+        assert found.estimate == pytest.approx(
+            _row(results, ood_split=split, method=method, mode=mode, score=score)["auroc"]
+        )
+        assert found.estimate == pytest.approx(_sklearn(*own)[0], abs=1e-9)
+    hf = {split: direct_answer_probs(model, tokenizer, splits[split], letters) for split in ("test", "far_ood")}
+    entropy = _sklearn(_entropy(hf["test"]), _entropy(hf["far_ood"]))[0]
+    deterministic = results.comparisons["far_ood", DETERMINISTIC, "any", "predictive entropy"]
+    assert deterministic.estimate == pytest.approx(entropy, abs=1e-6)
+    assert deterministic.difference == pytest.approx(
+        entropy - results.auroc(TEMPERATURE_SCALING, "any", "far_ood", "predictive entropy")
+    )
+
+    paths = write_results(results, tmp_path)
+    report = paths["report"].read_text()
+    mi = results.comparisons["far_ood", "mfvr", "model-average", "mutual information"]
+    assert mi.format() in report and "paired bootstrap 95% interval" in report
+    written = json.loads(paths["metrics"].read_text())
+    assert len(written["comparisons"]) == len(results.comparisons)
+    assert written["baseline"] == {"method": TEMPERATURE_SCALING, "score": "predictive entropy"}
+    with pytest.raises(ConfigurationError, match="unknown baseline score 'mutual information'"):
+        OoDSettings(baseline_score="mutual information")
 
 
 def test_bad_input_is_refused_before_anything_is_fitted(monkeypatch):

@@ -9,14 +9,26 @@ import pyro
 import pytest
 import torch
 
+from pyro_moe import patch_routers, predict
 from pyro_moe.errors import ConfigurationError
+from pyro_moe.evaluation.bootstrap import BootstrapSettings, PairedComparison, compare_auroc, compare_calibration
 from pyro_moe.evaluation.metrics import calibration_report
+from pyro_moe.evaluation.temperature_scaling import fit_temperature
 from pyro_moe.experiments.evaluation import DETERMINISTIC, TEMPERATURE_SCALING, BenchmarkInputs, split_batches
-from pyro_moe.experiments.recipes import COLUMNS, NO_CALIBRATION, RecipeStudy, RecipeStudySettings, run_recipe_study
+from pyro_moe.experiments.recipes import (
+    COLUMNS,
+    NO_CALIBRATION,
+    STARTING_PRIOR,
+    RecipeStudy,
+    RecipeStudySettings,
+    run_recipe_study,
+)
 from tests.experiments.tiny_evaluation import tiny_inputs
 
 RECIPE = "mfvr-iwae-layer"
-SETTINGS = RecipeStudySettings(recipes=(RECIPE,), fit_examples=16, steps=4, num_samples=4, batch_size=8)
+SETTINGS = RecipeStudySettings(
+    recipes=(RECIPE,), fit_examples=16, steps=4, num_samples=4, batch_size=8, bootstrap=BootstrapSettings(resamples=200)
+)
 
 
 def _study(splits_change=None) -> RecipeStudy:
@@ -37,6 +49,7 @@ def test_rows_of_every_method_and_mode(study):
     assert {(DETERMINISTIC, "any"), (TEMPERATURE_SCALING, "any")} <= methods
     for mode in ("model-average", "routing-average"):
         assert (RECIPE, mode) in methods and (RECIPE + NO_CALIBRATION, mode) in methods
+        assert (RECIPE + STARTING_PRIOR, mode) in methods
     assert all(set(COLUMNS) <= set(row) for row in study.table)
     row = study._row(RECIPE, "model-average")
     assert all(
@@ -72,6 +85,56 @@ def test_calibration_step_is_the_posteriors_temperature(study):
         assert report["ece"] == pytest.approx(row["ece"])
 
 
+def test_the_starting_prior_row_is_the_unfitted_prior_at_the_chosen_scale_with_its_own_temperature(study):
+    """Recomputed here: the logit prior at the chosen scale and layers patched on a fresh model, a temperature per
+    mode fitted on the calibration questions' averaged probabilities (fit_temperature on their log), the test
+    questions' averaged probabilities under it; and the fit against it is the paired bootstrap of the kept values."""
+    fit = study.fits[RECIPE]
+    chosen = fit.selection.chosen
+    model, tokenizer, splits, letters = tiny_inputs()
+    handle = patch_routers(model, {"logits": chosen.scale}, layers=chosen.layers)
+    samples, seed = fit.recipe.calibration_samples, fit.recipe.training.seed
+
+    def averaged(split, mode, num_samples, draw_seed):
+        pyro.set_rng_seed(draw_seed)
+        with torch.no_grad():
+            return torch.cat(
+                [
+                    predict(
+                        handle,
+                        b["input_ids"],
+                        b["attention_mask"],
+                        answer_token_ids=letters,
+                        num_samples=num_samples,
+                        mode=mode,
+                    ).probs
+                    for b in split_batches(splits[split], tokenizer, 100)
+                ]
+            )
+
+    test_labels = torch.tensor([example.answer for example in splits["test"]])
+    calibration_labels = torch.tensor([example.answer for example in splits["calibration"]])
+    for mode in ("model-average", "routing-average"):
+        scaling = fit_temperature(averaged("calibration", mode, samples, seed).log(), calibration_labels)
+        test = (averaged("test", mode, SETTINGS.num_samples, SETTINGS.seed).log() / scaling.temperature).softmax(-1)
+        row = study._row(RECIPE + STARTING_PRIOR, mode)
+        assert row["nll"] == pytest.approx(calibration_report(test, test_labels)["nll"], rel=1e-4), mode
+        kept = study.calibration.probs
+        expected = compare_calibration(
+            kept[RECIPE, mode],
+            kept[RECIPE + STARTING_PRIOR, mode],
+            study.calibration.labels,
+            baseline=f"{RECIPE + STARTING_PRIOR} ({mode})",
+            settings=SETTINGS.bootstrap,
+        )
+        assert study.fit_against_prior[RECIPE, mode] == expected
+    handle.unpatch()
+    report = study.to_markdown()
+    assert "Does the fit add anything?" in report
+    assert study.fit_against_prior[RECIPE, "model-average"]["nll"].format() in report
+    assert len(study.to_json()["fit_against_prior"]) == 4 * len(study.fit_against_prior)
+
+
 def test_test_split_never_chooses_anything(study):
     """Test labels moved to another choice change the measured rows but not the
     recipe's chosen scale, kept step, learned scales or temperatures."""
@@ -91,18 +154,53 @@ def test_test_split_never_chooses_anything(study):
     assert poisoned._row(plain, "model-average")["nll"] != study._row(plain, "model-average")["nll"]
 
 
-def test_verdict_names_what_beats_temperature_scaling(study):
-    reference = {"method": TEMPERATURE_SCALING, "mode": "any", "accuracy": 0.8, "nll": 0.6, "ece": 0.06}
-    row = {"method": RECIPE, "mode": "model-average", "accuracy": 0.795, "nll": 0.59, "ece": 0.05}
-    table = [reference, row]
-    beaten = dataclasses.replace(study, table=table)
+def _interval(metric: str, low: float, high: float) -> PairedComparison:
+    higher = metric == "accuracy"
+    return PairedComparison(metric, TEMPERATURE_SCALING, 0.5, 0.5, (low + high) / 2, low, high, higher, 0.95, 100)
+
+
+def test_verdict_comes_from_the_intervals_never_the_point_estimates(study):
+    key = (RECIPE, "model-average")
+    beats = {"nll": _interval("nll", -0.02, -0.01), "ece": _interval("ece", -0.02, -0.001)}
+    found = {**beats, "accuracy": _interval("accuracy", -0.01, 0.002)}
+    beaten = dataclasses.replace(study, comparisons={key: found})
     assert beaten.verdict.startswith("Beats temperature scaling on NLL and ECE") and RECIPE in beaten.verdict
-    nll_only = dataclasses.replace(study, table=[reference, {**row, "ece": 0.07}])
-    assert "on NLL alone" in nll_only.verdict
-    worse_accuracy = dataclasses.replace(study, table=[reference, {**row, "accuracy": 0.78}])
-    assert not worse_accuracy.verdict.startswith("Beats")
-    none = dataclasses.replace(study, table=[reference, {**row, "nll": 0.7}])
-    assert none.verdict.startswith("No recipe beats temperature scaling (")
+    assert found["nll"].format() in beaten.verdict
+    ece_tie = dataclasses.replace(study, comparisons={key: {**found, "ece": _interval("ece", -0.02, 0.001)}})
+    assert "on NLL alone" in ece_tie.verdict
+    loses_accuracy = dataclasses.replace(
+        study, comparisons={key: {**found, "accuracy": _interval("accuracy", -0.02, -0.003)}}
+    )
+    assert not loses_accuracy.verdict.startswith("Beats")
+    # a point estimate below temperature scaling's with an interval holding 0 is a tie, not a win
+    tie = dataclasses.replace(study, comparisons={key: {**found, "nll": _interval("nll", -0.03, 0.001)}})
+    assert tie.comparisons[key]["nll"].difference < 0
+    assert tie.verdict.startswith("No recipe beats temperature scaling on NLL")
+
+
+def test_every_row_but_temperature_scaling_carries_its_intervals(study):
+    assert set(study.comparisons) == {(row["method"], row["mode"]) for row in study.table} - {
+        (TEMPERATURE_SCALING, "any")
+    }
+    key = (RECIPE, "model-average")
+    found = study.comparisons[key]
+    labels, probs = study.calibration.labels, study.calibration.probs
+    expected = compare_calibration(
+        probs[key], probs[TEMPERATURE_SCALING, "any"], labels, baseline=TEMPERATURE_SCALING, settings=SETTINGS.bootstrap
+    )
+    assert {metric: found[metric] for metric in expected} == expected
+    scores = study.ood.scores
+    reference = tuple(scores[split][TEMPERATURE_SCALING, "any"]["predictive entropy"] for split in ("test", "far_ood"))
+    mi = tuple(scores[split][key]["mutual information"] for split in ("test", "far_ood"))
+    auroc = compare_auroc(
+        mi, reference, baseline=f"{TEMPERATURE_SCALING}, predictive entropy", settings=SETTINGS.bootstrap
+    )
+    assert found["auroc far_ood, mutual information"] == auroc
+    assert auroc.estimate == pytest.approx(study._row(*key)["auroc far_ood, mutual information"])
+    report = study.to_markdown()
+    assert found["nll"].format() in report and auroc.format() in report
+    json = study.to_json()
+    assert len(json["comparisons"]) == sum(len(found) for found in study.comparisons.values())
 
 
 def test_write(study, tmp_path):
@@ -120,8 +218,22 @@ def test_write(study, tmp_path):
         ("fit_examples", 0, "fit_examples"),
         ("num_samples", 0, "num_samples"),
         ("steps", -1, "steps"),
+        ("selections", ("ood",), r"unknown selection objective 'ood'; accepted: \['raw', 'calibrated'\]"),
+        ("selections", ("raw", "raw"), "selections must be distinct"),
     ],
 )
 def test_bad_settings_refused_when_built(field, value, message):
     with pytest.raises(ConfigurationError, match=message):
         RecipeStudySettings(**{field: value})
+
+
+def test_the_study_runs_every_recipe_once_per_selection_objective_side_by_side():
+    model, tokenizer, splits, letters = tiny_inputs()
+    settings = dataclasses.replace(SETTINGS, selections=("raw", "calibrated"))
+    study = run_recipe_study(BenchmarkInputs(model, tokenizer, letters, splits), settings)
+    raw, calibrated = f"{RECIPE} (raw selection)", f"{RECIPE} (calibrated selection)"
+    assert study.fits[raw].selection.objective == "raw" and study.fits[calibrated].selection.objective == "calibrated"
+    methods = {row["method"] for row in study.table}
+    assert {raw, calibrated, raw + STARTING_PRIOR, calibrated + STARTING_PRIOR} <= methods
+    assert (calibrated, "model-average") in study.fit_against_prior
+    assert list(study.to_json()["settings"]["selections"]) == ["raw", "calibrated"]

@@ -24,7 +24,9 @@ def test_deterministic_entry_susceptible_layers_and_posteriors(tmp_path):
     posteriors = tiny_posteriors(model, tokenizer, splits, letters)
     settings = StabilitySettings(gammas=GAMMAS, gamma=0.5, k=1, num_samples=4, batch_size=8, seed=2)
     results = stability_experiment(model, tokenizer, splits, posteriors, settings)
-    direct = routing_stability(model, split_batches(splits["test"], tokenizer, 8), GAMMAS, seed=2)  # unpatched
+    # the calibration split by default: the susceptible layers are a modelling choice, never the test split's
+    direct = routing_stability(model, split_batches(splits["calibration"], tokenizer, 8), GAMMAS, seed=2)  # unpatched
+    assert results.split == "calibration"
     assert torch.equal(results.stability[DETERMINISTIC].values, direct.values)
     assert results.susceptible == susceptible_layers(direct, k=1, gamma=0.5)
     means = dict(zip(direct.layers, direct.mean[:, 2].tolist(), strict=True))
@@ -61,7 +63,7 @@ def test_threshold_selection_expert_posteriors_skipped_and_bad_input(monkeypatch
     assert "Not measured" in skipping.to_markdown()
     settings = StabilitySettings(gammas=GAMMAS, gamma=0.5, threshold=1.0, examples=8)
     results = stability_experiment(model, tokenizer, splits, {}, settings)
-    direct = routing_stability(model, split_batches(splits["test"][:8], tokenizer, 50), GAMMAS)
+    direct = routing_stability(model, split_batches(splits["calibration"][:8], tokenizer, 50), GAMMAS)
     assert results.susceptible == susceptible_layers(direct, threshold=1.0, gamma=0.5) and results.threshold == 1.0
 
     monkeypatch.setattr(presets, "fit", lambda *a, **k: pytest.fail("fit ran before the input was checked"))
@@ -73,8 +75,8 @@ def test_threshold_selection_expert_posteriors_skipped_and_bad_input(monkeypatch
         StabilitySettings(threshold=0.9, k=1)
     with pytest.raises(ConfigurationError, match=r"SWAG rank 5 needs at least 5 snapshots"):
         run_stability(model, tokenizer, splits, ["mfvr", "swag"], fitting=FitSettings(steps=4))
-    with pytest.raises(ConfigurationError, match="split 'test' is empty"):
-        stability_experiment(model, tokenizer, {**splits, "test": []}, {})
+    with pytest.raises(ConfigurationError, match="split 'calibration' is empty"):
+        stability_experiment(model, tokenizer, {**splits, "calibration": []}, {})
     with pytest.raises(ConfigurationError, match=r"gamma 0.3 must be one of the measured gammas"):
         StabilitySettings(gammas=GAMMAS, gamma=0.3)
     with pytest.raises(ConfigurationError, match="must be a FittedPosterior"):

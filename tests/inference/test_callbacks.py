@@ -51,6 +51,44 @@ def test_evaluation_runs_at_every_nth_step_with_the_nll_of_the_predictive():
     plain.patch.unpatch()
 
 
+def test_calibrated_evaluation_scores_the_nll_after_a_temperature_and_restores_every_random_stream():
+    """The calibrated value against a brute-force temperature grid in numpy on the predictive's own
+    probabilities; Python's, NumPy's and torch's streams continue as if nothing had been drawn."""
+    import random
+
+    import numpy as np
+
+    held_out = []  # labels the model ranks first two times in three: a finite temperature
+    for batch in HELD_OUT:
+        with torch.no_grad():
+            logits = tiny_model("granitemoe")(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        first = logits[:, -1][:, torch.as_tensor(ANSWERS)].argmax(-1)
+        shifted = torch.where(torch.arange(len(first)) % 3 == 2, (first + 1) % len(ANSWERS), first)
+        held_out.append({**batch, "labels": shifted})
+    evaluation = EvaluationCallback(held_out, every=3, num_samples=3, seed=2, calibrated=True)
+    posterior = _fit(3, evaluation)
+    pyro.set_rng_seed(2)
+    with torch.no_grad():
+        probs = torch.cat(
+            [posterior.predict(b["input_ids"], b["attention_mask"], num_samples=3).probs for b in held_out]
+        )
+    labels = torch.cat([b["labels"] for b in held_out]).numpy()
+    log_p = np.log(probs.double().numpy())
+    grid = np.exp(np.linspace(np.log(0.01), np.log(100), 8001))
+    scaled = log_p[None] / grid[:, None, None]
+    scaled -= np.logaddexp.reduce(scaled, axis=-1, keepdims=True)
+    best = (-scaled[:, np.arange(len(labels)), labels]).mean(-1).min()
+    assert evaluation.values[3] == pytest.approx(best, abs=1e-4) and best < np.log(len(ANSWERS)) - 0.05
+    assert evaluation.values[3] <= negative_log_likelihood(probs, torch.from_numpy(labels)) + 1e-6
+
+    random.seed(11), np.random.seed(11), torch.manual_seed(11)
+    expected = random.random(), np.random.rand(), torch.rand(1).item()
+    random.seed(11), np.random.seed(11), torch.manual_seed(11)
+    evaluation(posterior, 3)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+    posterior.patch.unpatch()
+
+
 def test_keep_best_restores_the_parameters_of_the_best_step_and_writes_its_checkpoint(tmp_path):
     evaluation = EvaluationCallback(HELD_OUT, every=2, num_samples=3, keep_best=True, folder=tmp_path / "best")
     posterior = _fit(12, evaluation)

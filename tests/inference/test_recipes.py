@@ -119,12 +119,16 @@ def test_a_recipe_is_the_selection_then_a_learned_scale_fit_from_there_then_cali
     chosen = expected.chosen
 
     # 2.-3. the fit is pyro_moe.fit of learned scales starting at the chosen scale, the guide at the prior,
-    # the calibration NLL checked every 2 steps and the best step kept
+    # the calibration NLL checked every 2 steps and the best step kept: a recipe that calibrates ranks the
+    # steps by the calibrated NLL it ends with
     posterior = result.posterior
     assert posterior.patch.model is model and posterior.config["guide"] == recipe.guide
     assert posterior.config["layers"] == ([0, 1] if chosen.layers == "all" else list(chosen.layers))
     sites = {"logits": {"scale": chosen.scale, "mode": "learned", "scale_per": recipe.scale_per}}
-    checks = EvaluationCallback(CALIBRATION, every=2, num_samples=2, keep_best=True, seed=recipe.training.seed)
+    checks = EvaluationCallback(
+        CALIBRATION, every=2, num_samples=2, keep_best=True, seed=recipe.training.seed, calibrated=recipe.calibrate
+    )
+    assert recipe.calibrate
     by_hand = fit(
         patch_routers(reference, sites, layers=chosen.layers),
         TRAIN,
@@ -161,6 +165,51 @@ def test_a_recipe_is_the_selection_then_a_learned_scale_fit_from_there_then_cali
     json.dumps(result.to_json())  # JSON-ready
     assert result.scale_drift() > 0
     posterior.patch.unpatch()
+    assert not any(isinstance(module, BayesianRouter) for module in model.modules())
+
+
+def test_the_starting_scale_and_grid_are_options_of_the_run(monkeypatch):
+    recipe = quick("mfvr-iwae-layer")
+    fixed = run_recipe(tiny_model("granitemoe"), recipe, TRAIN, CALIBRATION, answer_token_ids=ANSWERS, scale=0.7)
+    assert [candidate.scale for candidate in fixed.selection.scores] == [0.7] and fixed.selection.chosen.scale == 0.7
+    assert {scale for scale in fixed.scale_trajectory[0].values()} == {0.7}  # the fit starts there
+    grid = run_recipe(
+        tiny_model("granitemoe"), recipe, TRAIN, CALIBRATION, answer_token_ids=ANSWERS, scale_grid=(0.4, 0.9)
+    )
+    assert [candidate.scale for candidate in grid.selection.scores] == [0.4, 0.9]
+
+    # the selection objective by name, on the run or the recipe
+    model, reference = tiny_model("granitemoe"), tiny_model("granitemoe")
+    calibrated = run_recipe(
+        model, recipe, TRAIN, CALIBRATION, answer_token_ids=ANSWERS, scale_grid=(0.4, 0.9), selection="calibrated"
+    )
+    expected = select_prior(
+        reference,
+        CALIBRATION,
+        answer_token_ids=ANSWERS,
+        scales=(0.4, 0.9),
+        num_samples=recipe.selection_samples,
+        seed=recipe.training.seed,
+        objective="calibrated",
+    )
+    assert calibrated.selection == expected and calibrated.selection.objective == "calibrated"
+    assert calibrated.posterior.config["recipe"]["selection"]["objective"] == "calibrated"
+    assert dataclasses.replace(recipe, selection="calibrated").to_json()["selection"] == "calibrated"
+    with pytest.raises(
+        ConfigurationError, match=r"unknown selection objective 'nll'; accepted: \['raw', 'calibrated'\]"
+    ):
+        dataclasses.replace(recipe, selection="nll")
+
+    import pyro_moe.inference.selection as selection
+
+    monkeypatch.setattr(selection, "predict", lambda *a, **k: pytest.fail("predicted before the check"))
+    model = tiny_model("granitemoe")
+    with pytest.raises(ConfigurationError, match=r"give scale .* or scale_grid .*, not both"):
+        run_recipe(model, recipe, TRAIN, CALIBRATION, answer_token_ids=ANSWERS, scale=0.7, scale_grid=(0.4,))
+    with pytest.raises(ConfigurationError, match="scale must be a positive number, got -1"):
+        run_recipe(model, recipe, TRAIN, CALIBRATION, answer_token_ids=ANSWERS, scale=-1.0)
+    with pytest.raises(ConfigurationError, match=r"scales\[1\] must be a positive number"):
+        run_recipe(model, recipe, TRAIN, CALIBRATION, answer_token_ids=ANSWERS, scale_grid=(0.4, 0.0))
     assert not any(isinstance(module, BayesianRouter) for module in model.modules())
 
 

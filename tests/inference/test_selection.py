@@ -101,3 +101,65 @@ def test_bad_candidates_are_refused_before_any_prediction(monkeypatch):
     handle.unpatch()
     assert predictions == []
     assert not any(isinstance(module, BayesianRouter) for module in model.modules())
+
+
+def _brute_force_calibrated_nll(fit_probs, fit_labels, scored_probs, scored_labels) -> float:
+    """NLL on the scored half under the temperature of least NLL on the fitted half, on a fine grid in numpy."""
+    import numpy as np
+
+    grid = np.exp(np.linspace(np.log(0.01), np.log(100), 8001))
+
+    def nll(probs, labels, temperatures):
+        z = np.log(probs.double().numpy())[None] / temperatures[:, None, None]
+        z -= np.logaddexp.reduce(z, axis=-1, keepdims=True)
+        return (-z[:, np.arange(len(labels)), labels.numpy()]).mean(-1)
+
+    best = grid[nll(fit_probs, fit_labels, grid).argmin()]
+    return float(nll(scored_probs, scored_labels, np.array([best]))[0])
+
+
+def test_the_calibrated_objective_scores_a_cross_fitted_temperature_and_picks_the_lowest():
+    model = tiny_model("granitemoe")
+    relabelled = []  # labels the model ranks first two times in three: finite temperatures on both halves
+    for batch in CALIBRATION:
+        with torch.no_grad():
+            logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, -1][:, ANSWERS]
+        first = logits.argmax(-1)
+        labels = torch.where(torch.arange(len(first)) % 3 == 2, (first + 1) % len(ANSWERS), first)
+        relabelled.append({**batch, "labels": labels})
+    scales = [0.1, 1.0, 4.0]
+    result = select_prior(
+        model, relabelled, answer_token_ids=ANSWERS, scales=scales, num_samples=3, seed=2, objective="calibrated"
+    )
+    assert result.objective == "calibrated" and result.to_json()["objective"] == "calibrated"
+    for scale in scales:
+        handle = patch_routers(model, {"logits": scale}, layers="all")
+        pyro.set_rng_seed(2)
+        with torch.no_grad():
+            probs = torch.cat(
+                [
+                    predict(handle, b["input_ids"], b["attention_mask"], answer_token_ids=ANSWERS, num_samples=3).probs
+                    for b in relabelled
+                ]
+            )
+        handle.unpatch()
+        labels = torch.cat([b["labels"] for b in relabelled])
+        half = len(labels) // 2
+        first = _brute_force_calibrated_nll(probs[:half], labels[:half], probs[half:], labels[half:])
+        second = _brute_force_calibrated_nll(probs[half:], labels[half:], probs[:half], labels[:half])
+        expected = (first * (len(labels) - half) + second * half) / len(labels)
+        assert result.scores[PriorCandidate(scale, "all")] == pytest.approx(expected, abs=1e-3), scale
+    assert result.chosen == min(result.scores, key=result.scores.get)
+    raw = select_prior(model, relabelled, answer_token_ids=ANSWERS, scales=scales, num_samples=3, seed=2)
+    assert raw.objective == "raw" and raw.scores != result.scores
+
+
+def test_a_bad_selection_objective_is_refused_before_any_prediction(monkeypatch):
+    monkeypatch.setattr(selection_module, "predict", lambda *a, **k: pytest.fail("predicted before the check"))
+    with pytest.raises(
+        ConfigurationError, match=r"unknown selection objective 'ood'; accepted: \['raw', 'calibrated'\]"
+    ):
+        select_prior(tiny_model("granitemoe"), CALIBRATION, answer_token_ids=ANSWERS, scales=[1.0], objective="ood")
+    one = [{key: value[:1] for key, value in CALIBRATION[0].items()}]
+    with pytest.raises(ConfigurationError, match="at least 2 calibration questions, got 1"):
+        select_prior(tiny_model("granitemoe"), one, answer_token_ids=ANSWERS, scales=[1.0], objective="calibrated")
