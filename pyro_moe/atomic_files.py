@@ -40,6 +40,7 @@ __all__ = [
     "fsync_file",
     "fsync_folder",
     "process_alive",
+    "remove_folder",
     "replace_folder",
     "write_atomically",
     "write_text_atomically",
@@ -114,6 +115,14 @@ def committed_folder(folder: str | os.PathLike) -> Path | None:
         return folder
     aside = aside_folder(folder)
     return aside if aside.is_dir() else None
+
+
+def remove_folder(folder: str | os.PathLike) -> None:
+    """Remove ``folder`` with its aside copy and every temporary sibling its replacements left, so that no
+    reader (:func:`committed_folder`) takes a left-over for it (the caller holds the run folder's lock)."""
+    folder = Path(folder)
+    for path in (folder, aside_folder(folder), *folder.parent.glob(f".{folder.name}.{INCOMING}-*")):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def process_alive(pid: object) -> bool:

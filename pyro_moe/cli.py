@@ -54,7 +54,6 @@ import json
 import logging
 import os
 import shlex
-import shutil
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -62,7 +61,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pyro_moe.atomic_files import write_atomically, write_text_atomically
+from pyro_moe.atomic_files import remove_folder, write_atomically, write_text_atomically
 from pyro_moe.errors import DataError, DistributedError, PyroMoEError
 from pyro_moe.validation import check_integer, check_number
 
@@ -583,7 +582,7 @@ def run_checkpoint(args: argparse.Namespace) -> CheckpointOptions:
     from pyro_moe.inference.resume import CheckpointOptions, read_checkpoint
 
     folder, options = args.out / CHECKPOINT_NAME, _run_options(args)
-    saved = read_checkpoint(folder) if args.resume or folder.exists() else None
+    saved = read_checkpoint(folder)  # also the copy a save killed between its renames set aside
     if saved is not None and not args.resume:
         config = saved[1]
         raise BadInput(
@@ -648,7 +647,7 @@ def run_fit(args: argparse.Namespace) -> None:
     folder = posterior.save(args.out / "posterior")  # data-parallel: rank 0 writes
     if posterior.data_parallel is not None and not posterior.data_parallel.is_main:
         return
-    shutil.rmtree(checkpoint.folder, ignore_errors=True)  # the posterior holds the same state
+    remove_folder(checkpoint.folder)  # the posterior holds the same state
     last = posterior.history[-1] if posterior.history else {}
     processes = 1 if posterior.data_parallel is None else posterior.data_parallel.world_size
     summary = {"guide": guide, "layers": posterior.config["layers"], **_model_record(args, folder)}
@@ -698,7 +697,7 @@ def run_recipe(args: argparse.Namespace) -> None:
     folder = posterior.save(args.out / "posterior")  # data-parallel: rank 0 writes
     if posterior.data_parallel is not None and not posterior.data_parallel.is_main:
         return
-    shutil.rmtree(checkpoint.folder, ignore_errors=True)  # the posterior holds the same state
+    remove_folder(checkpoint.folder)  # the posterior holds the same state
     processes = 1 if posterior.data_parallel is None else posterior.data_parallel.world_size
     summary = {"guide": result.recipe.guide, "layers": posterior.config["layers"], **_model_record(args, folder)}
     summary |= {"processes": processes, "last_step": posterior.history[-1], **result.to_json()}

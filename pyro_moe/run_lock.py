@@ -99,7 +99,8 @@ def lock_run_folder(folder: str | os.PathLike, command: str) -> RunLock:
             holder file says; a holder that has just taken the lock may not have written it yet).
     """
     folder = Path(folder)
-    lock = FileLock(folder / LOCK_NAME)
+    # an OS lock only (no soft-lock file a killed holder would leave held), releasable from any thread
+    lock = FileLock(folder / LOCK_NAME, thread_local=False, fallback_to_soft=False)
     try:
         lock.acquire(timeout=0)
     except Timeout:

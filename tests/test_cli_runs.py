@@ -236,3 +236,19 @@ def test_ctrl_c_before_the_steps_exits_130_with_one_line_and_no_traceback(saved,
         == EXIT_INTERRUPTED
     )
     assert capsys.readouterr().err.strip().splitlines()[-1] == "pyro-moe stability: interrupted."
+
+
+def test_a_checkpoint_set_aside_by_a_killed_save_is_not_overwritten_without_resume(saved, tmp_path, capsys):
+    """A save killed between its two renames leaves only ``.checkpoint.previous``: still an unfinished fit."""
+    from pyro_moe import fit, patch_routers
+    from tests.helpers import ANSWERS, mcqa_batches
+
+    out = tmp_path / "run"
+    patch = patch_routers(tiny_model("granitemoe"), {"logits": 1.0}, layers=[1])
+    options = resume.CheckpointOptions(out / CHECKPOINT_NAME, every=1)
+    fit(patch, mcqa_batches(2, 4), "mfvr", answer_token_ids=ANSWERS, steps=2, progress=False, checkpoint=options)
+    aside = out / f".{CHECKPOINT_NAME}.previous"
+    (out / CHECKPOINT_NAME).rename(aside)
+    error = _bad(_fit_argv(saved, out), capsys)
+    assert f"{out / CHECKPOINT_NAME} holds the checkpoint of an unfinished fit (step 2 of 2)" in error
+    assert (aside / "manifest.json").exists()  # the refused run removed nothing

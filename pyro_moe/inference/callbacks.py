@@ -66,6 +66,12 @@ class TrainingCallback:
     def restore_checkpoint_state(self, tensors: Mapping[str, Tensor], values: Mapping[str, Any]) -> None:
         """Take back :meth:`checkpoint_state` (before the resumed fit's first step)."""
 
+    def resume_identity(self) -> dict[str, Any] | None:
+        """What a resumed fit's callback must share with the one its checkpoint was written with (compared
+        by :func:`~pyro_moe.inference.resume.check_resumable`); ``None`` (the default): a callback with no
+        :meth:`checkpoint_state`, which any other stateless callback (or none) may continue."""
+        return None
+
 
 @dataclass
 class _FunctionCallback(TrainingCallback):
@@ -218,6 +224,13 @@ class EvaluationCallback(TrainingCallback):
             "best_value": None if self.best_step is None else self.best_value,
         }
         return {f"best/{name}": tensor for name, tensor in self._best_state.items()}, values
+
+    def resume_identity(self) -> dict[str, Any]:
+        """The class whose state it keeps (the nearest that defines :meth:`checkpoint_state`) and the options
+        that decide that state (a changed one would make the resumed state wrong)."""
+        keeper = next(cls for cls in type(self).__mro__ if "checkpoint_state" in vars(cls))
+        options = {"every": self.every, "num_samples": self.num_samples, "keep_best": self.keep_best}
+        return {"type": keeper.__qualname__, **options, "seed": self.seed, "calibrated": self.calibrated}
 
     def restore_checkpoint_state(self, tensors: Mapping[str, Tensor], values: Mapping[str, Any]) -> None:
         self.values = {int(step): float(value) for step, value in values["values"].items()}

@@ -599,7 +599,7 @@ def fit(
     if checkpoint is not None and checkpoint.resume:
         saved = read_checkpoint(checkpoint.folder, patch)
         if saved is not None:
-            check_resumable(checkpoint.folder, saved[1], config, checkpoint, batches_digest(batches))
+            check_resumable(checkpoint.folder, saved[1], config, checkpoint, batches_digest(batches), callback)
     pyro.set_rng_seed(options.seed)
     original_device = patch.model.get_input_embeddings().weight.device
     try:

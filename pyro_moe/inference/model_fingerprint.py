@@ -11,9 +11,12 @@ same architecture with other weights (another checkpoint, a fine-tune) runs, but
   SHA-256 of its parameters and buffers: names, dtypes, shapes and values; a tensor of more than
   :data:`FULL_HASH_ELEMENTS` elements contributes :data:`SAMPLED_ELEMENTS` elements at a fixed stride.
 
-It reads the tensors where they are (CPU, GPU, any dtype; the bytes of equal values are equal
-everywhere) and moves at most a few MiB per block to the CPU, so it costs milliseconds even for
-large experts. :func:`model_differences` names what differs: configuration entries, or blocks.
+It reads the tensors where they are (CPU or GPU: the bytes of equal values are equal on every
+device) and moves at most a few MiB per block to the CPU, so it costs milliseconds even for large
+experts. The weights' dtype is part of their hash: the same checkpoint loaded in another dtype
+(``--dtype bfloat16`` for a posterior fitted in float32) is another model, whose rounded weights the
+posterior was not fitted against; transfer it deliberately (``allow_other_model``). Offloaded weights
+(``meta`` tensors under a ``device_map`` with disk offload) cannot be read and are not supported. :func:`model_differences` names what differs: configuration entries, or blocks.
 
 Example::
 

@@ -197,10 +197,16 @@ def _first_difference(saved: Mapping[str, Any], current: Mapping[str, Any], skip
 
 
 def check_resumable(
-    folder: str | Path, saved: Mapping[str, Any], config: Mapping[str, Any], options: CheckpointOptions, digest: str
+    folder: str | Path,
+    saved: Mapping[str, Any],
+    config: Mapping[str, Any],
+    options: CheckpointOptions,
+    digest: str,
+    callback: TrainingCallback | None,
 ) -> None:
     """Refuse (:class:`ResumeError`, naming the first option that differs) a checkpoint configuration
-    ``saved`` that a fit of ``config`` with ``options`` on batches of ``digest`` does not continue."""
+    ``saved`` that a fit of ``config`` with ``options`` on batches of ``digest`` and with ``callback``
+    does not continue (another callback, or the same with other options, would restore a wrong state)."""
     record = saved["checkpoint"]
     advice = f"resume with the checkpoint's options, or start over (delete {folder})."
     key = _first_difference(record.get("run", {}), options.run)
@@ -215,6 +221,13 @@ def check_resumable(
         raise ResumeError(
             f"the checkpoint in {folder} was fitted with {key}={saved.get(key)!r}, this fit has "
             f"{current.get(key)!r}: {advice}"
+        )
+    before = record.get("callback_identity")
+    now = None if callback is None else json.loads(json.dumps(callback.resume_identity()))
+    if before != now:
+        raise ResumeError(
+            f"the checkpoint in {folder} was written with the callback {before or 'none'}, this fit has "
+            f"{now or 'none'}: {advice}"
         )
     if record.get("data") != digest:
         raise ResumeError(
@@ -258,7 +271,12 @@ class Checkpointer:
         callback_tensors, callback_values = ({}, {}) if self.callback is None else self.callback.checkpoint_state()
         tensors.update({f"callback/{name}": tensor for name, tensor in callback_tensors.items()})
         tensors.update(_host_random_tensors())
-        config["checkpoint"] = {"run": dict(self.options.run), "data": self.digest, "callback": callback_values}
+        config["checkpoint"] = {
+            "run": dict(self.options.run),
+            "data": self.digest,
+            "callback": callback_values,
+            "callback_identity": None if self.callback is None else self.callback.resume_identity(),
+        }
         save_checkpoint(self.options.folder, tensors, config, model=model_fingerprint(self.posterior.patch))
 
     def after_step(self, step: int) -> None:

@@ -212,6 +212,19 @@ def test_a_resume_with_other_options_batches_or_from_a_posterior_is_refused_nami
         CheckpointOptions(tmp_path, every=-1)
 
 
+def test_a_resume_with_another_stateful_callback_or_its_options_changed_is_refused(tmp_path):
+    held_out = mcqa_batches(1, 8, seed=9)
+    with pytest.raises(RuntimeError, match="crash"):
+        _fit("mean-field", tmp_path / "plain", callback=_Crash(4))  # no state: any stateless callback continues
+    with pytest.raises(
+        ResumeError, match=r"written with the callback none, this fit has \{'type': 'EvaluationCallback'"
+    ):
+        _fit("mean-field", tmp_path / "plain", resume=True, callback=EvaluationCallback(held_out, every=2))
+    _fit("mean-field", tmp_path / "best", steps=4, callback=EvaluationCallback(held_out, every=2, keep_best=True))
+    with pytest.raises(ResumeError, match=r"'keep_best': True.*'keep_best': False"):
+        _fit("mean-field", tmp_path / "best", resume=True, steps=4, callback=EvaluationCallback(held_out, every=2))
+
+
 def test_a_resume_on_another_model_is_refused_naming_the_block_whose_weights_differ(tmp_path):
     with pytest.raises(RuntimeError, match="crash"):
         _fit("mean-field", tmp_path / "run", callback=_Crash(4))
