@@ -187,3 +187,17 @@ def test_bad_model_args_end_before_any_task_is_loaded(tmp_path, monkeypatch, mod
     args = model_args.format(model=model_folder, posterior=other_folder)
     with pytest.raises(PyroMoEError, match=message):
         lm_eval.simple_evaluate(model="pyro-moe", model_args=args, tasks=["tiny_mc"])
+
+
+def test_generate_until_at_prior_mean_equals_hflm_greedy():
+    family = "olmoe"  # its greedy continuations stay inside the tiny tokenizer's vocabulary more often
+    adapter = PyroMoELM(model=patch_routers(tiny_model(family), {"logits": 1.0}), tokenizer=tiny_tokenizer())
+    requests = [
+        Instance("generate_until", doc={}, arguments=(context, {"until": ["true"], "max_gen_toks": 6}), idx=0)
+        for context in ("Question : what colour is the sky ? Answer :", "the sky is", "1 2 3")
+    ]
+    with at_prior_mean():
+        ours = adapter.generate_until(requests)
+    reference = HFLM(pretrained=tiny_model(family), tokenizer=tiny_tokenizer(), batch_size=1, device="cpu")
+    assert ours == reference.generate_until(requests)
+    assert all(ours) and not any("true" in text for text in ours)  # cut before the stop string
