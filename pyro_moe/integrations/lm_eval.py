@@ -73,6 +73,7 @@ MODEL_ARGS = ("pretrained", "posterior", "mode", "num_samples", "dtype", "device
 
 _DTYPES = ("float32", "float64", "bfloat16", "float16")
 Request = tuple[tuple[str, str], list[int], list[int]]
+Score = tuple[float, bool, Tensor]
 
 
 def _count(name: str, value: Any) -> int:
@@ -189,6 +190,9 @@ class PyroMoELM(TemplateLM):
                 raise ConfigurationError(f"this patch predicts in {modes} only, not {self.mode.value}.")
         self.model = model if self.patch is None else self.patch.model
         self.tokenizer = tokenizer
+        self.draw_log_likelihoods: dict[tuple[str, str], Tensor] = {}
+        """Per ``(context, continuation)`` scored by :meth:`loglikelihood`: its log-probability under every
+        draw ``(S,)`` in model-average (``(1,)`` in routing-average or for a plain model)."""
         if tokenizer.eos_token_id is None and tokenizer.bos_token_id is None:
             raise ConfigurationError(
                 "the tokenizer declares neither an EOS nor a BOS token; the harness prefixes empty contexts with one."
@@ -237,15 +241,17 @@ class PyroMoELM(TemplateLM):
 
     def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False, **kwargs: Any) -> list:
         """``(log-probability, is_greedy)`` of every request's continuation tokens after its context tokens,
-        the requests of one context scored together under the same draws."""
+        the requests of one context scored together under the same draws; every request's per-draw
+        log-probabilities go into :attr:`draw_log_likelihoods`."""
         groups: dict[tuple[int, ...], list[int]] = {}
         for index, (_, context, _) in enumerate(requests):
             groups.setdefault(tuple(context), []).append(index)
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         for context, members in groups.items():
             scores = self.continuation_scores(list(context), [requests[i][2] for i in members])
-            for index, score in zip(members, scores, strict=True):
-                results[index] = score
+            for index, (total, greedy, per_draw) in zip(members, scores, strict=True):
+                results[index] = (total, greedy)
+                self.draw_log_likelihoods[requests[index][0]] = per_draw
         return results
 
     def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
@@ -303,12 +309,13 @@ class PyroMoELM(TemplateLM):
         return (self.seed * 1_000_003 + zlib.crc32(np.asarray(context, dtype=np.int64).tobytes())) % (2**32)
 
     @torch.no_grad()
-    def continuation_scores(self, context: list[int], continuations: list[list[int]]) -> list[tuple[float, bool]]:
-        """``(log-probability, is_greedy)`` of every continuation after ``context``, all under the same
-        draws (seeded from the context, global draws held across passes of ``batch_size`` rows).
+    def continuation_scores(self, context: list[int], continuations: list[list[int]]) -> list[Score]:
+        """``(log-probability, is_greedy, per-draw log-probabilities (draws,))`` of every continuation after
+        ``context``, all under the same draws (seeded from the context, global draws held across passes of
+        ``batch_size`` rows).
 
         The input is truncated on the left to the model's ``max_length`` (as ``HFLM``)."""
-        scores: list[tuple[float, bool]] = []
+        scores: list[Score] = []
         held = HeldGlobalDraws()
         with _seeded(self._context_seed(context)):
             for start in range(0, len(continuations), self._batch_size):
@@ -318,7 +325,7 @@ class PyroMoELM(TemplateLM):
 
     def _score_rows(
         self, sequences: list[list[int]], continuations: list[list[int]], held: HeldGlobalDraws
-    ) -> list[tuple[float, bool]]:
+    ) -> list[Score]:
         """One pass over left-padded ``sequences`` (their last token dropped as the input)."""
         inputs = [sequence[:-1] for sequence in sequences]
         length = max(len(row) for row in inputs)
@@ -343,7 +350,7 @@ class PyroMoELM(TemplateLM):
             sums = per_draw.squeeze(-1).sum(-1)  # (draws,)
             total = torch.logsumexp(sums, 0) - math.log(len(sums))  # log mean_s exp(sum_t log p_s); one draw: itself
             greedy = bool((mean_log_probs[row, keep - len(continuation) :].argmax(-1) == targets).all())
-            scores.append((float(total), greedy))
+            scores.append((float(total), greedy, sums.double().cpu()))
         return scores
 
     def _log_probs(self, input_ids: Tensor, attention_mask: Tensor, keep: int, held: HeldGlobalDraws) -> Tensor:
