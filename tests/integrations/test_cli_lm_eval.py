@@ -1,0 +1,86 @@
+"""``pyro-moe lm-eval`` on a local task with a tiny checkpoint and a posterior saved for it: the harness's
+results and samples, and NLL, Brier and accuracy of the normalised choice distributions recomputed by hand
+from the logged log-likelihoods; bad input refused before any work."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from pyro_moe import fit, patch_routers
+from pyro_moe.cli import EXIT_BAD_INPUT, LOG_NAME, main
+from pyro_moe.run_lock import LOCK_NAME
+from tests.helpers import ANSWERS, mcqa_batches
+from tests.tiny_models import tiny_model, tiny_tokenizer
+
+pytest.importorskip("lm_eval")
+from tests.integrations.test_lm_eval import FAMILY, write_task
+
+OOD = [{"question": "1 2 3 4 5 6 7 8 9 ,", "choices": ["0", "1", "2"], "label": 2}] * 3
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> dict[str, Path]:
+    """A tiny model with the tiny tokenizer, a posterior fitted on it, an in-distribution and an OoD task."""
+    root = tmp_path_factory.mktemp("lm_eval")
+    tiny_model(FAMILY).save_pretrained(root / "moe")
+    tiny_tokenizer().save_pretrained(root / "moe")
+    model = AutoModelForCausalLM.from_pretrained(root / "moe").eval()
+    handle = patch_routers(model, {"weight": 0.5})
+    fit(handle, mcqa_batches(2, 4), "mean-field", answer_token_ids=ANSWERS, steps=2, progress=False).save(
+        root / "posterior"
+    )
+    tasks = write_task(root)
+    (root / "ood.jsonl").write_text("".join(json.dumps(row) + "\n" for row in OOD))
+    text = (root / "tiny_mc.yaml").read_text().replace("tiny_mc", "tiny_ood").replace("mc.jsonl", "ood.jsonl")
+    (root / "tiny_ood.yaml").write_text(text)
+    return {"moe": root / "moe", "posterior": root / "posterior", "tasks": tasks}
+
+
+def test_lm_eval_writes_the_harness_results_and_the_calibration_of_its_samples(saved, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["lm-eval", "--model", str(saved["moe"]), "--posterior", str(saved["posterior"]), "--tasks", "tiny_mc"]
+    argv += ["--ood-tasks", "tiny_ood", "--include-path", str(saved["tasks"]), "--samples", "3", "--out", str(out)]
+    assert main(argv) == 0
+    assert "| tiny_mc |" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    metrics = json.loads((out / "pyro_moe_metrics.json").read_text())
+    assert "| tiny_ood |" in (out / "pyro_moe_metrics.md").read_text()
+    samples = [json.loads(line) for line in (out / "samples_tiny_mc.jsonl").read_text().splitlines()]
+    assert len(samples) == 4
+    nll, brier, correct = 0.0, 0.0, 0
+    for sample in samples:  # the normalised choice distribution, by hand
+        values = [response[0][0] for response in sample["resps"]]
+        top = max(values)
+        probs = [math.exp(v - top) / sum(math.exp(w - top) for w in values) for v in values]
+        nll -= math.log(probs[sample["target"]])
+        brier += sum((p - (i == sample["target"])) ** 2 for i, p in enumerate(probs))
+        correct += probs.index(max(probs)) == sample["target"]
+    figures = metrics["tasks"]["tiny_mc"]
+    assert figures["nll"] == pytest.approx(nll / 4, abs=1e-5)
+    assert figures["brier"] == pytest.approx(brier / 4, abs=1e-5)
+    assert figures["accuracy"] == correct / 4 == results["results"]["tiny_mc"]["acc,none"]
+    assert figures["mean_mutual_information"] > 0  # three draws of the posterior disagree
+    assert set(metrics["ood_auroc"]) == {"mutual_information", "predictive_entropy"}
+    assert all(0.0 <= value <= 1.0 for value in metrics["ood_auroc"].values())
+
+
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [
+        (["--tasks", "no_such_task"], "unknown harness tasks"),
+        (["--tasks", "tiny_mc", "--ood-tasks", "tiny_mc"], "both in --tasks and --ood-tasks"),
+        (["--tasks", " , "], "comma-separated"),
+    ],
+)
+def test_bad_input_is_one_line_before_any_work(saved, tmp_path, capsys, options, reason):
+    out = tmp_path / "bad"
+    argv = ["lm-eval", "--model", str(saved["moe"]), "--include-path", str(saved["tasks"]), *options]
+    assert main([*argv, "--out", str(out)]) == EXIT_BAD_INPUT
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("pyro-moe lm-eval: error: ") and reason in error
+    assert sorted(path.name for path in out.iterdir()) == sorted([LOCK_NAME, LOG_NAME])
