@@ -15,6 +15,7 @@ from pyro_moe import fit, patch_routers
 from pyro_moe.cli import EXIT_BAD_INPUT, LOG_NAME, main
 from pyro_moe.run_lock import LOCK_NAME
 from tests.helpers import ANSWERS, mcqa_batches
+from tests.test_cli import run_in_fresh_process
 from tests.tiny_models import tiny_model, tiny_tokenizer
 
 pytest.importorskip("lm_eval")
@@ -84,3 +85,17 @@ def test_bad_input_is_one_line_before_any_work(saved, tmp_path, capsys, options,
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("pyro-moe lm-eval: error: ") and reason in error
     assert sorted(path.name for path in out.iterdir()) == sorted([LOCK_NAME, LOG_NAME])
+
+
+def test_help_answers_without_importing_torch():
+    stdout, _ = run_in_fresh_process(["lm-eval", "--help"])
+    assert stdout[-2:] == ["exit 0", "[]"]
+    assert "--tasks" in "\n".join(stdout) and "--ood-tasks" in "\n".join(stdout)
+
+
+def test_out_must_be_a_folder(tmp_path, capsys):
+    results = tmp_path / "results.txt"
+    results.write_text("kept")
+    assert main(["lm-eval", "--tasks", "tiny_mc", "--out", str(results)]) == EXIT_BAD_INPUT
+    assert capsys.readouterr().err.startswith(f"pyro-moe lm-eval: error: --out {results} is a file")
+    assert results.read_text() == "kept"
