@@ -193,24 +193,31 @@ class PyroMoELM(TemplateLM):
         self.draw_log_likelihoods: dict[tuple[str, str], Tensor] = {}
         """Per ``(context, continuation)`` scored by :meth:`loglikelihood`: its log-probability under every
         draw ``(S,)`` in model-average (``(1,)`` in routing-average or for a plain model)."""
-        if tokenizer.eos_token_id is None and tokenizer.bos_token_id is None:
-            raise ConfigurationError(
-                "the tokenizer declares neither an EOS nor a BOS token; the harness prefixes empty contexts with one."
-            )
 
     # -- what the harness asks of a model --------------------------------------------------------------
 
     @property
-    def eot_token_id(self) -> int:
-        """The end-of-text id (EOS, else BOS)."""
+    def eot_token_id(self) -> int | None:
+        """The end-of-text id (EOS, else BOS; ``None`` for a tokenizer with neither)."""
         eos = self.tokenizer.eos_token_id
         return eos if eos is not None else self.tokenizer.bos_token_id
 
     @property
     def prefix_token_id(self) -> int:
-        """The token put before an empty context: BOS, else EOS (as ``HFLM``)."""
+        """The token put before an empty context and a rolling text: BOS, else EOS (as ``HFLM``).
+
+        Raises:
+            ConfigurationError: the tokenizer declares neither (multiple-choice tasks, whose contexts are not
+                empty, need neither).
+        """
         bos = self.tokenizer.bos_token_id
-        return bos if bos is not None else self.tokenizer.eos_token_id
+        prefix = bos if bos is not None else self.tokenizer.eos_token_id
+        if prefix is None:
+            raise ConfigurationError(
+                "the tokenizer declares neither a BOS nor an EOS token, which the harness puts before an empty "
+                "context and a rolling text (loglikelihood_rolling); tasks with non-empty contexts need neither."
+            )
+        return prefix
 
     @property
     def max_length(self) -> int:
@@ -235,7 +242,8 @@ class PyroMoELM(TemplateLM):
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
         """Token ids of ``string`` with the tokenizer's special tokens unless told otherwise (as ``HFLM``)."""
         options = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
-        if add_special_tokens is None and has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id)):
+        prefix = self.eot_token_id if self.tokenizer.bos_token_id is None else self.tokenizer.bos_token_id
+        if add_special_tokens is None and prefix is not None and has_bos_prefix(string, self.tokenizer.decode(prefix)):
             options["add_special_tokens"] = False
         return self.tokenizer.encode(string, **options)
 

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from pyro_moe import fit, patch_routers
@@ -19,6 +20,13 @@ from tests.test_cli import run_in_fresh_process
 from tests.tiny_models import tiny_model, tiny_tokenizer
 
 pytest.importorskip("lm_eval")
+from lm_eval.api.instance import Instance
+
+from pyro_moe.data import DEFAULT_TEMPLATE
+from pyro_moe.errors import PyroMoEError
+from pyro_moe.evaluation.metrics import calibration_report
+from pyro_moe.experiments.benchmark_model import answer_probabilities, load_benchmark
+from pyro_moe.integrations.lm_eval import PyroMoELM
 from tests.integrations.test_lm_eval import FAMILY, write_task
 
 OOD = [{"question": "1 2 3 4 5 6 7 8 9 ,", "choices": ["0", "1", "2"], "label": 2}] * 3
@@ -99,3 +107,29 @@ def test_out_must_be_a_folder(tmp_path, capsys):
     assert main(["lm-eval", "--tasks", "tiny_mc", "--out", str(results)]) == EXIT_BAD_INPUT
     assert capsys.readouterr().err.startswith(f"pyro-moe lm-eval: error: --out {results} is a file")
     assert results.read_text() == "kept"
+
+
+def test_the_embedded_benchmark_through_the_harness_gives_its_own_figures(tmp_path, capsys):
+    """A local task of the benchmark's test questions: the plain model's accuracy, NLL, ECE and Brier through the
+    harness are those of pyro-moe's own answer-letter readout (the normalised choice distribution of the four
+    letters is the softmax of the letters' logits)."""
+    loaded = load_benchmark()
+    test = list(loaded.benchmark.splits["test"])[:24]
+    rows = [{"prompt": DEFAULT_TEMPLATE.render(example), "label": example.answer} for example in test]
+    (tmp_path / "bench.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "bench_mc.yaml").write_text(
+        f"task: bench_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / 'bench.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{prompt}}'\n"
+        "doc_to_choice: ['A', 'B', 'C', 'D']\ndoc_to_target: '{{label}}'\nmetric_list:\n  - metric: acc\n"
+    )
+    out = tmp_path / "run"
+    assert main(["lm-eval", "--tasks", "bench_mc", "--include-path", str(tmp_path), "--out", str(out)]) == 0
+    figures = json.loads((out / "pyro_moe_metrics.json").read_text())["tasks"]["bench_mc"]
+    expected = calibration_report(
+        answer_probabilities(loaded.model, loaded.tokenizer, test), torch.tensor([e.answer for e in test])
+    )
+    for name in ("accuracy", "nll", "ece", "brier"):
+        assert figures[name] == pytest.approx(expected[name], abs=1e-5)
+    lm = PyroMoELM(model=loaded.model, tokenizer=loaded.tokenizer)  # no BOS or EOS: an empty context is refused
+    with pytest.raises(PyroMoEError, match="neither a BOS nor an EOS"):
+        lm.loglikelihood([Instance("loglikelihood", doc={}, arguments=("", "A"), idx=0)])
