@@ -58,8 +58,8 @@ def test_mutual_information_and_ood_auroc_by_hand():
         ]
         mi = np.mean([f[0] for f in figures[task]])
         assert report["tasks"][task]["mean_mutual_information"] == pytest.approx(mi, abs=1e-5)
-        entropy = np.mean([f[1] for f in figures[task]])
-        assert report["tasks"][task]["mean_predictive_entropy"] == pytest.approx(entropy, abs=1e-5)
+        mean_entropy = np.mean([f[1] for f in figures[task]])
+        assert report["tasks"][task]["mean_predictive_entropy"] == pytest.approx(mean_entropy, abs=1e-5)
     labels = [0] * 5 + [1] * 4
     for index, kind in enumerate(("mutual_information", "predictive_entropy")):
         scores = [f[index] for f in figures["in"] + figures["ood"]]
