@@ -10,7 +10,8 @@ needs the optional dependency group ``pyro-moe[lm-eval]``). The harness then sco
   one context (the choices of one question) are scored under the same draws: the Pyro seed is set from
   ``seed`` and the context's tokens, and the global draws (router weights, temperatures, a Laplace's
   draws) are held across the passes of that context (:class:`~pyro_moe.inference.generation.HeldGlobalDraws`),
-  so a question's score does not depend on which other questions are evaluated, nor on the batch size.
+  so a question's score does not depend on which other questions are evaluated (per-token draws are drawn
+  for every row and position of a pass, so they change with ``batch_size``).
   ``is_greedy``: every continuation token is the most probable token of the averaged next-token
   distribution ``mean_s p_s``.
 * ``loglikelihood_rolling``: the harness's rolling windows for HF models (at most ``max_length`` tokens,
