@@ -16,7 +16,7 @@ $(BIN)/python:
 # The CPU build of torch goes in first, so that nothing later pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,lm-eval]'
 	touch $(STAMP)
 
 demo: $(STAMP)

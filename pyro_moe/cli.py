@@ -16,6 +16,9 @@ Commands (``pyro-moe COMMAND --help`` lists the options of each):
 * ``diagnose``: ArviZ ``InferenceData`` (netCDF), ``az.summary`` and the collapse report of a saved posterior;
 * ``compare``: calibration and OoD of several guide families side by side;
 * ``bench``: latency, peak memory and FLOPs of the families' predictions;
+* ``lm-eval``: lm-evaluation-harness tasks (``--tasks``, local ones with ``--include-path``) under a saved
+  posterior, with the harness's results and pyro-moe's NLL, ECE, Brier, mutual information (and OoD AUROC
+  with ``--ood-tasks``) of the multiple-choice tasks (needs ``pyro-moe[lm-eval]``);
 * ``generate``: text after prompts with per-token predictive entropy and mutual information, under a saved
   posterior or the prior of ``--sites``: the uncertain tokens marked on the terminal, ``generations.jsonl``,
   ``generations.html`` (tokens shaded by mutual information) and ``generations.png``.
@@ -975,6 +978,72 @@ def run_generate(args: argparse.Namespace) -> None:
     print("written:", *paths)
 
 
+def _task_names(text: str | None, option: str) -> list[str]:
+    names = [name.strip() for name in (text or "").split(",") if name.strip()]
+    if text is not None and not names:
+        raise BadInput(f"{option} needs comma-separated task names, got {text!r}.")
+    return names
+
+
+def run_lm_eval(args: argparse.Namespace) -> None:
+    """``lm-eval``: the harness's tasks (:func:`lm_eval.simple_evaluate`) with the ``pyro-moe`` model
+    (:mod:`pyro_moe.integrations.lm_eval`) under ``--posterior`` (default the plain model); writes the harness's
+    ``results.json`` and its logged samples, and pyro-moe's calibration of the multiple-choice tasks
+    (:mod:`pyro_moe.integrations.lm_eval_metrics`) as ``pyro_moe_metrics.json`` and ``pyro_moe_metrics.md``."""
+    tasks, ood_tasks = _task_names(args.tasks, "--tasks"), _task_names(args.ood_tasks, "--ood-tasks")
+    if set(tasks) & set(ood_tasks):
+        raise BadInput(f"tasks both in --tasks and --ood-tasks: {sorted(set(tasks) & set(ood_tasks))}.")
+    if args.include_path is not None:
+        _check_path(str(args.include_path), "include-path")
+    if args.posterior is not None:
+        _check_path(str(args.posterior), "posterior")
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+        from lm_eval.utils import handle_non_serializable
+
+        from pyro_moe.integrations.lm_eval import PyroMoELM
+        from pyro_moe.integrations.lm_eval_metrics import choice_report, choice_sets, markdown_table
+    except ImportError:
+        raise BadInput("lm-eval needs lm-evaluation-harness: pip install 'pyro-moe[lm-eval]'.") from None
+    manager = TaskManager(include_path=None if args.include_path is None else str(args.include_path))
+    unknown = [name for name in tasks + ood_tasks if name not in manager.all_tasks]
+    if unknown:
+        raise BadInput(f"unknown harness tasks {unknown}; `lm_eval ls tasks` lists them (local ones: --include-path).")
+    model, tokenizer, _ = load_model(args)
+    if args.posterior is not None:
+        from pyro_moe.inference.fitting import FittedPosterior
+
+        model = FittedPosterior.load(args.posterior, model, allow_other_model=args.allow_other_model)
+    lm = PyroMoELM(
+        model=model,
+        tokenizer=tokenizer,
+        mode=args.mode,
+        num_samples=args.samples,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    results = lm_eval.simple_evaluate(
+        model=lm, tasks=tasks + ood_tasks, task_manager=manager, limit=args.limit, log_samples=True
+    )
+    samples = results.pop("samples")
+    paths = [
+        write_text_atomically(
+            args.out / "results.json", json.dumps(results, indent=2, default=handle_non_serializable) + "\n"
+        )
+    ]
+    for task, logged in samples.items():
+        lines = "".join(json.dumps(sample, default=handle_non_serializable) + "\n" for sample in logged)
+        paths.append(write_text_atomically(args.out / f"samples_{task}.jsonl", lines))
+    report = choice_report(choice_sets({**results, "samples": samples}, lm.draw_log_likelihoods), tasks, ood_tasks)
+    report["settings"] = {"mode": args.mode, "num_samples": args.samples, "seed": args.seed, "limit": args.limit}
+    table = markdown_table(report)
+    paths.append(write_text_atomically(args.out / "pyro_moe_metrics.json", json.dumps(report, indent=2) + "\n"))
+    paths.append(write_text_atomically(args.out / "pyro_moe_metrics.md", table))
+    print(table, end="")
+    print("written:", *paths)
+
+
 # ---------------------------------------------------------------------------------------------- parser
 
 
@@ -1244,6 +1313,30 @@ def build_parser() -> argparse.ArgumentParser:
     _allow_other_model(generating)
     _common(generating, "S, posterior samples per token (default 8)")
     generating.set_defaults(run=run_generate, samples=8)
+
+    harness = commands.add_parser(
+        "lm-eval", help="lm-evaluation-harness tasks with a posterior, and their calibration from the logged samples"
+    )
+    _model_options(harness)
+    tasks = harness.add_argument_group("tasks")
+    tasks.add_argument("--tasks", required=True, help="harness task names, comma-separated, e.g. arc_easy,sciq")
+    tasks.add_argument("--ood-tasks", help="tasks whose questions are out of distribution (OoD AUROC), comma-separated")
+    tasks.add_argument("--include-path", type=Path, help="a folder of local task YAML files")
+    tasks.add_argument("--limit", type=_integer(1), help="at most this many questions per task")
+    scoring = harness.add_argument_group("posterior")
+    scoring.add_argument("--posterior", type=Path, help="a posterior folder written by pyro-moe fit (default: none)")
+    scoring.add_argument(
+        "--mode",
+        choices=("model-average", "routing-average"),
+        default="model-average",
+        help="predictive mode (default model-average)",
+    )
+    scoring.add_argument(
+        "--batch-size", type=_integer(1), default=4, help="choices of one question per pass (default 4)"
+    )
+    _allow_other_model(harness)
+    _common(harness, "S, posterior samples per question (default 8)")
+    harness.set_defaults(run=run_lm_eval, samples=8)
 
     bench = commands.add_parser("bench", help="latency, peak memory and FLOPs of the families' predictions")
     _model_options(bench)

@@ -27,6 +27,8 @@ ALLOWED: dict[str, set[str]] = {
     "diagnostics": {"base", "core", "models", "guides", "inference", "diagnostics"},
     "evaluation": {"base", "core", "evaluation"},
     "data": {"base", "data"},
+    # bridges to other tools (lm-evaluation-harness): leaves over inference
+    "integrations": {"base", "core", "models", "guides", "evaluation", "inference", "integrations"},
     "experiments": {
         "base",
         "core",
