@@ -16,7 +16,8 @@ device) and moves at most a few MiB per block to the CPU, so it costs millisecon
 experts. The weights' dtype is part of their hash: the same checkpoint loaded in another dtype
 (``--dtype bfloat16`` for a posterior fitted in float32) is another model, whose rounded weights the
 posterior was not fitted against; transfer it deliberately (``allow_other_model``). Offloaded weights
-(``meta`` tensors under a ``device_map`` with disk offload) cannot be read and are not supported. :func:`model_differences` names what differs: configuration entries, or blocks.
+(``meta`` tensors under a ``device_map`` with disk offload) cannot be read and are not supported.
+:func:`model_differences` names what differs: configuration entries, or blocks.
 
 Example::
 
