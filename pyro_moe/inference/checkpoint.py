@@ -182,7 +182,11 @@ def _verify(folder: Path, manifest: Mapping[str, Any]) -> dict[str, tuple[int, i
     file is not held in memory twice) and that no other file is there; returns each file's identity,
     so that the caller can tell whether one was replaced while it read them."""
     listed = manifest["files"]
-    extra = sorted(path.name for path in folder.iterdir() if path.name not in listed and path.name != MANIFEST)
+    extra = sorted(
+        path.name
+        for path in folder.iterdir()
+        if path.name not in listed and path.name != MANIFEST and not path.name.startswith(".")  # .DS_Store, ...
+    )
     if extra:
         raise CheckpointError(
             f"checkpoint folder {folder} holds {', '.join(extra[:5])}, which its manifest does not list (a file "
@@ -227,19 +231,59 @@ def _parse(folder: Path, config_text: str) -> tuple[dict[str, Tensor], dict[str,
     return tensors, config
 
 
+class _ReplacedWhileRead(Exception):
+    """The folder was swapped for a newer save while it was read (internal: the read starts again)."""
+
+
+def _folder_identity(folder: Path) -> tuple[int, int] | None:
+    """Device and inode of ``folder`` (a save renames a new folder in: another inode); ``None``: gone."""
+    try:
+        status = folder.stat()
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
+
+
 def read_checkpoint_folder(folder: str | os.PathLike) -> SavedCheckpoint:
     """Read and verify a checkpoint written by :func:`save_checkpoint` (see the module docstring);
-    errors name the file and the reason. Nothing is parsed before its bytes match the manifest."""
-    requested = Path(folder)
+    errors name the file and the reason. Nothing is parsed before its bytes match the manifest.
+
+    A save to the same folder while it is read (another process) swaps the whole folder: the read then
+    starts again on the new one (three times at most) rather than taking the mix for a damaged checkpoint."""
+    for _ in range(3):
+        try:
+            return _read_once(Path(folder))
+        except _ReplacedWhileRead:
+            continue
+    raise CheckpointError(
+        f"checkpoint folder {folder} was replaced by another save three times while it was read; load it again "
+        "once the saving process has finished."
+    )
+
+
+def _read_once(requested: Path) -> SavedCheckpoint:
+    """One attempt of :func:`read_checkpoint_folder`; raises :class:`_ReplacedWhileRead` when the folder it
+    reads is swapped meanwhile (a refusal is only raised for a folder that stayed in place)."""
     found = committed_folder(requested)
     if found is None or not found.is_dir():
         what = "does not exist" if found is None else "is a file, not a checkpoint folder"
         raise CheckpointError(f"checkpoint folder {requested} {what}.")
+    started = _folder_identity(found)
+    try:
+        return _read_found(requested, found)
+    except CheckpointError:
+        if _folder_identity(found) != started or committed_folder(requested) != found:
+            raise _ReplacedWhileRead from None
+        raise
+
+
+def _read_found(requested: Path, found: Path) -> SavedCheckpoint:
+    """Read ``found``, the committed folder of ``requested``: verify its bytes against the manifest, then parse."""
     if found != requested:
         warnings.warn(
             f"checkpoint folder {requested} is missing: a save was killed between its two renames; reading the "
             f"previous checkpoint it had set aside, {found} (complete). Saving again to {requested} cleans up.",
-            stacklevel=2,
+            stacklevel=4,  # the caller of read_checkpoint_folder
         )
     if not (found / MANIFEST).exists():
         for name in (TENSORS, CONFIG):
@@ -248,7 +292,7 @@ def read_checkpoint_folder(folder: str | os.PathLike) -> SavedCheckpoint:
         warnings.warn(
             f"checkpoint folder {found} has no {MANIFEST} (written before pyro-moe verified checkpoints): its bytes "
             "and the model it was fitted on are not checked; load it and save it again to add one.",
-            stacklevel=2,
+            stacklevel=4,  # the caller of read_checkpoint_folder
         )
         try:
             config_text = (found / CONFIG).read_text(encoding="utf-8")

@@ -206,18 +206,38 @@ def test_a_folder_without_a_manifest_loads_with_a_warning_and_a_bad_manifest_is_
     assert load_checkpoint(folder)[1] == {"run": "hand-edited"}
 
 
-def test_a_save_landing_while_a_checkpoint_is_read_is_refused_not_mixed(tmp_path, monkeypatch):
-    """The bytes are hashed, then parsed: a save that swaps the folder in between is noticed."""
+@pytest.mark.parametrize("hook", ["load_file", "_file_digest"])
+def test_a_save_landing_while_a_checkpoint_is_read_gives_the_new_whole_checkpoint(tmp_path, monkeypatch, hook):
+    """A save that swaps the folder while it is read (between hashing and parsing, or between the
+    manifest and a file's hash) makes the read start again on the new folder: never a mix, never a
+    valid checkpoint refused as damaged."""
     folder = save_checkpoint(tmp_path / "fit", OLD, {"run": "old"})
-    real_load_file = checkpoint.load_file
+    real = getattr(checkpoint, hook)
 
-    def load_after_a_save(path):
-        monkeypatch.setattr(checkpoint, "load_file", real_load_file)
-        save_checkpoint(folder, NEW, {"run": "new"})  # lands between the hashing and the parsing
-        return real_load_file(path)
+    def after_a_save(path):
+        monkeypatch.setattr(checkpoint, hook, real)
+        save_checkpoint(folder, NEW, {"run": "new"})  # lands in the middle of the read
+        return real(path)
 
-    monkeypatch.setattr(checkpoint, "load_file", load_after_a_save)
-    with pytest.raises(CheckpointError, match=r"was replaced while it was read \(a save at the same time\?\)"):
-        read_checkpoint_folder(folder)
+    monkeypatch.setattr(checkpoint, hook, after_a_save)
     saved = read_checkpoint_folder(folder)
     assert _same(saved.tensors, NEW) and saved.config == {"run": "new"}
+
+
+def test_a_checkpoint_replaced_at_every_read_is_refused_after_three_attempts(tmp_path, monkeypatch):
+    folder = save_checkpoint(tmp_path / "fit", OLD, {"run": "old"})
+    real = checkpoint.load_file
+
+    def always_after_a_save(path):
+        save_checkpoint(folder, NEW, {"run": "new"})
+        return real(path)
+
+    monkeypatch.setattr(checkpoint, "load_file", always_after_a_save)
+    with pytest.raises(CheckpointError, match="was replaced by another save three times while it was read"):
+        read_checkpoint_folder(folder)
+
+
+def test_stray_dot_files_do_not_make_a_checkpoint_unreadable(tmp_path):
+    folder = save_checkpoint(tmp_path / "fit", OLD, {"run": "old"})
+    (folder / ".DS_Store").write_bytes(b"\0")
+    assert read_checkpoint_folder(folder).config == {"run": "old"}
