@@ -2,16 +2,23 @@
 
 Checkpoints save it so that a resumed fit continues the same random stream; data-parallel steps
 switch between the stream all ranks share and a rank's own (:mod:`pyro_moe.distributed`).
+:func:`seeded` draws from a seed of its own and leaves the caller's streams (torch, CUDA, Python,
+NumPy) as they were: held-out evaluations, generation, harness requests.
 """
 
 from __future__ import annotations
 
+import contextlib
+import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
+import pyro
 import torch
 from torch import Tensor
 
-__all__ = ["RandomState"]
+__all__ = ["RandomState", "preserved_random_streams", "seeded"]
 
 
 @dataclass(frozen=True)
@@ -48,3 +55,23 @@ class RandomState:
         if "rng/torch" not in tensors:
             return None
         return cls(tensors["rng/torch"], tensors.get("rng/cuda"))
+
+
+@contextlib.contextmanager
+def preserved_random_streams() -> Iterator[None]:
+    """Restore torch's (and CUDA's), Python's and NumPy's generators afterwards, however the block ends."""
+    torch_state, python_state, numpy_state = RandomState.current(), random.getstate(), np.random.get_state()
+    try:
+        yield
+    finally:
+        torch_state.restore()
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Pyro's seed (torch, Python, NumPy) set to ``seed`` for the block, the caller's streams restored after it."""
+    with preserved_random_streams():
+        pyro.set_rng_seed(seed)
+        yield

@@ -13,18 +13,16 @@ Example::
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import pyro
 from torch import Tensor
 
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.guides.laplace.kronecker_guide import KroneckerLaplaceGuide
 from pyro_moe.models.likelihoods import check_batches
-from pyro_moe.random_streams import RandomState
+from pyro_moe.random_streams import preserved_random_streams
 from pyro_moe.validation import check_integer, check_number
 
 __all__ = ["select_prior_precision"]
@@ -71,27 +69,22 @@ def select_prior_precision(
     seed = check_integer("seed", seed, minimum=0)
     batches = check_batches(batches, len(posterior.likelihood.answer_token_ids))
     previous = {name: tau.clone() for name, tau in guide.prior_precisions().items()}
-    states = RandomState.current(), random.getstate(), np.random.get_state()
     scores: dict[float, float] = {}
-    try:
-        for tau in candidates:
-            guide.set_prior_precision(dict.fromkeys(guide.site_names, tau))
-            pyro.set_rng_seed(seed)
-            total, count = 0.0, 0
-            for batch in batches:
-                probs = posterior.predict(batch["input_ids"], batch["attention_mask"], num_samples=num_samples).probs
-                labels = batch["labels"].to(probs.device)
-                total -= float(probs.gather(-1, labels[:, None]).clamp_min(1e-12).log().sum())
-                count += len(labels)
-            scores[tau] = total / count
-        best = min(scores, key=scores.__getitem__)
-        guide.set_prior_precision(dict.fromkeys(guide.site_names, best))
-    except BaseException:
-        guide.set_prior_precision(previous)
-        raise
-    finally:
-        torch_state, python_state, numpy_state = states
-        torch_state.restore()
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
+    with preserved_random_streams():
+        try:
+            for tau in candidates:
+                guide.set_prior_precision(dict.fromkeys(guide.site_names, tau))
+                pyro.set_rng_seed(seed)
+                total, count = 0.0, 0
+                for batch in batches:
+                    predicted = posterior.predict(batch["input_ids"], batch["attention_mask"], num_samples=num_samples)
+                    labels = batch["labels"].to(predicted.probs.device)
+                    total -= float(predicted.probs.gather(-1, labels[:, None]).clamp_min(1e-12).log().sum())
+                    count += len(labels)
+                scores[tau] = total / count
+            best = min(scores, key=scores.__getitem__)
+            guide.set_prior_precision(dict.fromkeys(guide.site_names, best))
+        except BaseException:
+            guide.set_prior_precision(previous)
+            raise
     return best, scores

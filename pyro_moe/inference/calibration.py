@@ -21,18 +21,15 @@ Example::
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Mapping, Sequence
 
-import numpy as np
-import pyro
 import torch
 from torch import Tensor
 
 from pyro_moe.core.readout import at_least_float32
 from pyro_moe.evaluation.metrics import negative_log_likelihood
 from pyro_moe.evaluation.temperature_scaling import TemperatureScaling, fit_temperature
-from pyro_moe.random_streams import RandomState
+from pyro_moe.random_streams import seeded
 
 __all__ = [
     "calibrated_probs",
@@ -56,19 +53,11 @@ def predictive_probabilities(
     batches sees the same draws; the generators of torch (and CUDA), Python and NumPy are restored
     afterwards, so the caller's random streams go on as if nothing had been drawn. No gradients.
     """
-    states = RandomState.current(), random.getstate(), np.random.get_state()
     probs, labels = [], []
-    try:
-        pyro.set_rng_seed(seed)
-        with torch.no_grad():
-            for batch in batches:
-                probs.append(at_least_float32(predictor(batch["input_ids"], batch["attention_mask"])).cpu())
-                labels.append(batch["labels"].long().cpu())
-    finally:
-        torch_state, python_state, numpy_state = states
-        torch_state.restore()
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
+    with seeded(seed), torch.no_grad():
+        for batch in batches:
+            probs.append(at_least_float32(predictor(batch["input_ids"], batch["attention_mask"])).cpu())
+            labels.append(batch["labels"].long().cpu())
     return torch.cat(probs), torch.cat(labels)
 
 

@@ -39,12 +39,10 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import numpy as np
 import pyro
 import torch
 from pyro.poutine.messenger import Messenger
@@ -57,7 +55,7 @@ from pyro_moe.errors import ConfigurationError
 from pyro_moe.guides.router_guide import is_local_site
 from pyro_moe.inference.predictive import PosteriorGuide, predictive_mode
 from pyro_moe.models.router_patch import RouterPatch
-from pyro_moe.random_streams import RandomState
+from pyro_moe.random_streams import seeded
 from pyro_moe.validation import check_integer, check_number
 
 __all__ = ["Generation", "HeldGlobalDraws", "TextDecoder", "generate"]
@@ -274,23 +272,6 @@ def _choose(probs: Tensor, do_sample: bool, temperature: float, top_p: float) ->
     return torch.multinomial(weights, 1).squeeze(-1)
 
 
-@contextlib.contextmanager
-def _seeded(seed: int | None) -> Iterator[None]:
-    """Pyro's seed set to ``seed`` and the caller's streams (torch, Python, NumPy) restored afterwards."""
-    if seed is None:
-        yield
-        return
-    states = RandomState.current(), random.getstate(), np.random.get_state()
-    try:
-        pyro.set_rng_seed(seed)
-        yield
-    finally:
-        torch_state, python_state, numpy_state = states
-        torch_state.restore()
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
-
-
 @torch.no_grad()
 def generate(
     patch: RouterPatch,
@@ -387,7 +368,7 @@ def generate(
     stopped = torch.zeros(batch, dtype=torch.bool, device=device)
     positions = token_positions(attention_mask)
     step_ids = input_ids
-    with _seeded(seed):
+    with contextlib.nullcontext() if seed is None else seeded(seed):
         for _ in range(max_new_tokens):
             log_probs = []
             for chunk in passes:

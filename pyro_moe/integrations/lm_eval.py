@@ -37,9 +37,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-import random
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -54,7 +53,7 @@ from pyro_moe.inference.fitting import FittedPosterior
 from pyro_moe.inference.generation import HeldGlobalDraws, generate
 from pyro_moe.inference.predictive import predictive_mode
 from pyro_moe.models.router_patch import RouterPatch
-from pyro_moe.random_streams import RandomState
+from pyro_moe.random_streams import seeded
 from pyro_moe.validation import check_integer
 
 try:
@@ -82,20 +81,6 @@ def _count(name: str, value: Any) -> int:
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
     return check_integer(name, value)
-
-
-@contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Pyro's seed set to ``seed``; the caller's random streams (torch, Python, NumPy) restored afterwards."""
-    states = RandomState.current(), random.getstate(), np.random.get_state()
-    try:
-        pyro.set_rng_seed(seed)
-        yield
-    finally:
-        torch_state, python_state, numpy_state = states
-        torch_state.restore()
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
 
 
 def _load(pretrained: str, posterior: str | None, dtype: str, device: str | None) -> tuple[Any, Any]:
@@ -326,7 +311,7 @@ class PyroMoELM(TemplateLM):
         The input is truncated on the left to the model's ``max_length`` (as ``HFLM``)."""
         scores: list[Score] = []
         held = HeldGlobalDraws()
-        with _seeded(self._context_seed(context)):
+        with seeded(self._context_seed(context)):
             for start in range(0, len(continuations), self._batch_size):
                 chunk = continuations[start : start + self._batch_size]
                 scores += self._score_rows([(context + c)[-(self.max_length + 1) :] for c in chunk], chunk, held)
