@@ -26,8 +26,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pyro
 import torch
@@ -38,7 +37,6 @@ from pyro_moe.core.routing_context import PredictiveMode
 from pyro_moe.data import MCQAExample
 from pyro_moe.errors import ConfigurationError, PyroMoEError
 from pyro_moe.evaluation.metrics import ood_auprc, ood_auroc
-from pyro_moe.evaluation.plots import plot_roc_curves
 from pyro_moe.experiments.evaluation import (
     DEFAULT_FAMILIES,
     DETERMINISTIC,
@@ -53,10 +51,10 @@ from pyro_moe.experiments.evaluation import (
     markdown_table,
     posterior_modes,
     run_on_benchmark,
-    slug,
     split_batches,
     write_results,
 )
+from pyro_moe.experiments.ood import RocResults
 from pyro_moe.inference.fitting import FittedPosterior
 from pyro_moe.inference.generation import Generation
 from pyro_moe.inference.presets import FamilySpec
@@ -148,7 +146,7 @@ def deterministic_entropy(model: nn.Module, batches: Sequence[Mapping[str, Tenso
 
 
 @dataclass
-class GenerationResults:
+class GenerationResults(RocResults):
     """What :func:`generation_experiment` returns.
 
     Attributes:
@@ -159,23 +157,11 @@ class GenerationResults:
         max_new_tokens: tokens generated per question at most.
     """
 
-    rows: list[dict[str, Any]]
-    scores: dict[str, dict[tuple[str, str], dict[str, Tensor]]]
-    in_split: str
     num_samples: int
     max_new_tokens: int
 
-    @property
-    def ood_splits(self) -> list[str]:
-        """The OoD splits, in order."""
-        return [split for split in self.scores if split != self.in_split]
-
-    def auroc(self, method: str, mode: str, ood_split: str, score: str) -> float:
-        """The AUROC of one row (``mode`` ``"any"`` for the deterministic model)."""
-        for row in self.rows:
-            if (row["method"], row["mode"], row["ood_split"], row["score"]) == (method, mode, ood_split, score):
-                return row["auroc"]
-        raise KeyError((method, mode, ood_split, score))
+    roc_prefix: ClassVar[str] = "generation_roc"
+    roc_title: ClassVar[str] = "OoD detection from generations"
 
     def to_json(self) -> dict[str, Any]:
         """Settings and rows."""
@@ -209,27 +195,6 @@ class GenerationResults:
             ]
             lines.append("")
         return "\n".join(lines)
-
-    @staticmethod
-    def _roc_name(split: str, method: str, mode: str) -> str:
-        suffix = "" if mode == BASELINE_MODE else f"_{slug(mode)}"
-        return f"generation_roc_{slug(split)}_{slug(method)}{suffix}.png"
-
-    def plot(self, folder: str | Path) -> list[Path]:
-        """``generation_roc_<split>_<method>[_<mode>].png``: the ROC curves of every score of one method."""
-        paths = []
-        for split in self.ood_splits:
-            for (method, mode), ood_scores in self.scores[split].items():
-                in_scores = self.scores[self.in_split][method, mode]
-                label = method if mode == BASELINE_MODE else f"{method}, {mode}"
-                paths.append(
-                    plot_roc_curves(
-                        {name: (in_scores[name], ood_scores[name]) for name in ood_scores},
-                        Path(folder) / self._roc_name(split, method, mode),
-                        title=f"OoD detection from generations, {self.in_split} vs {split}: {label}",
-                    )
-                )
-        return paths
 
 
 def generation_experiment(

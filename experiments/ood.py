@@ -38,7 +38,7 @@ import argparse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -79,7 +79,16 @@ from pyro_moe.experiments.evaluation import (
 )
 from pyro_moe.inference.presets import FamilySpec
 
-__all__ = ["SCORES", "OoDResults", "OoDSettings", "main", "ood_experiment", "run_ood", "uncertainty_scores"]
+__all__ = [
+    "SCORES",
+    "OoDResults",
+    "OoDSettings",
+    "RocResults",
+    "main",
+    "ood_experiment",
+    "run_ood",
+    "uncertainty_scores",
+]
 
 SCORES = ("max probability", "predictive entropy", "mutual information", "router-logit variance")
 """The uncertainty scores, in table order."""
@@ -149,7 +158,62 @@ class OoDSettings(PredictionSettings):
 
 
 @dataclass
-class OoDResults:
+class RocResults:
+    """Rows of AUROC figures and the scores behind their ROC curves; shared by the OoD experiments
+    (:class:`OoDResults`, :class:`~pyro_moe.experiments.generation.GenerationResults`).
+
+    Attributes:
+        rows: one per OoD split, method, mode and score (``COLUMNS``).
+        scores: ``{split: {(method, mode): {score: (examples,)}}}`` of the in-distribution split and
+            every OoD split (for the ROC curves; not written to JSON).
+        in_split: the in-distribution split.
+    """
+
+    rows: list[dict[str, Any]]
+    scores: dict[str, dict[tuple[str, str], dict[str, Tensor]]]
+    in_split: str
+
+    roc_prefix: ClassVar[str] = "roc"
+    """How the ROC plots' file names begin."""
+    roc_title: ClassVar[str] = "OoD detection"
+    """How the ROC plots' titles begin."""
+
+    @property
+    def ood_splits(self) -> list[str]:
+        """The OoD splits, in order."""
+        return [split for split in self.scores if split != self.in_split]
+
+    def auroc(self, method: str, mode: str, ood_split: str, score: str) -> float:
+        """The AUROC of one row (``mode`` ``"any"`` for the baselines, which draw nothing)."""
+        for row in self.rows:
+            if (row["method"], row["mode"], row["ood_split"], row["score"]) == (method, mode, ood_split, score):
+                return row["auroc"]
+        raise KeyError((method, mode, ood_split, score))
+
+    @classmethod
+    def _roc_name(cls, split: str, method: str, mode: str) -> str:
+        suffix = "" if mode == BASELINE_MODE else f"_{slug(mode)}"
+        return f"{cls.roc_prefix}_{slug(split)}_{slug(method)}{suffix}.png"
+
+    def plot(self, folder: str | Path) -> list[Path]:
+        """``<roc_prefix>_<split>_<method>[_<mode>].png``: the ROC curves of every score of one method."""
+        paths = []
+        for split in self.ood_splits:
+            for (method, mode), ood_scores in self.scores[split].items():
+                in_scores = self.scores[self.in_split][method, mode]
+                label = method if mode == BASELINE_MODE else f"{method}, {mode}"
+                paths.append(
+                    plot_roc_curves(
+                        {name: (in_scores[name], ood_scores[name]) for name in ood_scores},
+                        Path(folder) / self._roc_name(split, method, mode),
+                        title=f"{self.roc_title}, {self.in_split} vs {split}: {label}",
+                    )
+                )
+        return paths
+
+
+@dataclass
+class OoDResults(RocResults):
     """What :func:`ood_experiment` returns.
 
     Attributes:
@@ -165,26 +229,11 @@ class OoDResults:
         bootstrap: the settings of the intervals.
     """
 
-    rows: list[dict[str, Any]]
-    scores: dict[str, dict[tuple[str, str], dict[str, Tensor]]]
-    in_split: str
     temperature: float
     num_samples: int
     baseline: tuple[str, str]
     comparisons: dict[tuple[str, str, str, str], PairedComparison]
     bootstrap: BootstrapSettings
-
-    @property
-    def ood_splits(self) -> list[str]:
-        """The OoD splits, in order."""
-        return [split for split in self.scores if split != self.in_split]
-
-    def auroc(self, method: str, mode: str, ood_split: str, score: str) -> float:
-        """The AUROC of one row (``mode`` ``"any"`` for the deterministic model and temperature scaling)."""
-        for row in self.rows:
-            if (row["method"], row["mode"], row["ood_split"], row["score"]) == (method, mode, ood_split, score):
-                return row["auroc"]
-        raise KeyError((method, mode, ood_split, score))
 
     def to_json(self) -> dict[str, Any]:
         """Settings and rows."""
@@ -255,27 +304,6 @@ class OoDResults:
     @staticmethod
     def _label(method: str, mode: str, score: str) -> str:
         return f"{method}, {score}" if mode == BASELINE_MODE else f"{method} ({mode}), {score}"
-
-    @staticmethod
-    def _roc_name(split: str, method: str, mode: str) -> str:
-        suffix = "" if mode == BASELINE_MODE else f"_{slug(mode)}"
-        return f"roc_{slug(split)}_{slug(method)}{suffix}.png"
-
-    def plot(self, folder: str | Path) -> list[Path]:
-        """``roc_<split>_<method>[_<mode>].png``: the ROC curves of every score of one method."""
-        paths = []
-        for split in self.ood_splits:
-            for (method, mode), ood_scores in self.scores[split].items():
-                in_scores = self.scores[self.in_split][method, mode]
-                label = method if mode == BASELINE_MODE else f"{method}, {mode}"
-                paths.append(
-                    plot_roc_curves(
-                        {name: (in_scores[name], ood_scores[name]) for name in ood_scores},
-                        Path(folder) / self._roc_name(split, method, mode),
-                        title=f"OoD detection, {self.in_split} vs {split}: {label}",
-                    )
-                )
-        return paths
 
 
 def ood_experiment(
