@@ -4,7 +4,12 @@ The model is the thesis' architecture, a Granite-MoE with hidden size 96, 3 deco
 8 experts of which each token uses 2, trained on the ``train`` split of
 :mod:`pyro_moe.experiments.benchmark_data` to answer its four-choice questions. Its readout is the
 MCQA one: next-token logits at the last prompt position (:func:`pyro_moe.core.readout.last_token_logits`)
-restricted to the answer letters; prompts follow :data:`pyro_moe.data.DEFAULT_TEMPLATE`. The
+restricted to the answer letters; prompts follow :data:`pyro_moe.data.DEFAULT_TEMPLATE`. Its
+tokenizer's last id is ``<|endoftext|>``, the BOS and EOS token (as GPT-2's): the answer-letter training
+never sees it, and a second stage (:func:`train_end_of_text`) trains its embedding row alone, every other
+weight frozen, so that the model ends its answer with it (``Answer: B<|endoftext|>``) and never puts it
+before the answer; harnesses that prefix requests with a BOS/EOS id, ``generate`` and its stop
+conditions work on the model, and every answer-letter figure is that of the first stage. The
 trained model ships in ``experiments/checkpoints/benchmark/`` (safetensors, config, tokenizer,
 ``metrics.json`` with its figures and the command that rebuilt it); loading it needs no network.
 
@@ -51,16 +56,20 @@ from pyro_moe.experiments.benchmark_data import SPLITS, VOCABULARY, Benchmark, g
 
 __all__ = [
     "CHECKPOINT_DIR",
+    "END_OF_TEXT",
+    "EndOfTextSettings",
     "LoadedBenchmark",
     "TrainingSettings",
     "answer_probabilities",
     "benchmark_config",
     "build_tokenizer",
     "encode",
+    "end_of_text_figures",
     "labels_of",
     "load_benchmark",
     "main",
     "train_benchmark_model",
+    "train_end_of_text",
 ]
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints" / "benchmark"
@@ -73,17 +82,27 @@ SLICE_SIZE = 100
 """The first ``SLICE_SIZE`` test questions, whose figures ``metrics.json`` records for a quick recomputation."""
 
 _PAD, _UNK = "<pad>", "<unk>"
+END_OF_TEXT = "<|endoftext|>"
+"""The BOS and EOS token: the tokenizer's last id."""
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """Word-level tokenizer over :data:`VOCABULARY` (numbers are words), punctuation split off, left padding.
 
-    Token ids: ``<pad>`` 0, ``<unk>`` 1, then the vocabulary in sorted order.
+    Token ids: ``<pad>`` 0, ``<unk>`` 1, then the vocabulary in sorted order, then :data:`END_OF_TEXT`
+    (the BOS and EOS token; no special token is added when encoding).
     """
-    vocab = {token: i for i, token in enumerate([_PAD, _UNK, *VOCABULARY])}
+    vocab = {token: i for i, token in enumerate([_PAD, _UNK, *VOCABULARY, END_OF_TEXT])}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=_UNK))
     backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=_PAD, unk_token=_UNK, padding_side="left")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=_PAD,
+        unk_token=_UNK,
+        bos_token=END_OF_TEXT,
+        eos_token=END_OF_TEXT,
+        padding_side="left",
+    )
 
 
 def labels_of(examples: Sequence[MCQAExample]) -> Tensor:
@@ -97,8 +116,11 @@ def encode(tokenizer: PreTrainedTokenizerFast, examples: Sequence[MCQAExample]) 
     return tokenizer([DEFAULT_TEMPLATE.render(example) for example in examples], padding=True, return_tensors="pt")
 
 
-def benchmark_config(vocab_size: int, pad_token_id: int) -> GraniteMoeConfig:
+def benchmark_config(vocab_size: int, pad_token_id: int, end_of_text_id: int) -> GraniteMoeConfig:
     """Granite-MoE: hidden 96, 3 layers, 4 heads, 8 experts of intermediate size 96, top-2, eager attention.
+
+    ``end_of_text_id`` is the BOS and EOS id; the first training stage builds the model with
+    ``vocab_size`` one short of it (the answer-letter vocabulary), the second grows it by that token.
 
     Attention scores are scaled by ``head_dim ** -0.5`` (Granite's ``attention_multiplier`` defaults
     to 1); eager attention, because SDPA has no double backward on CPU and Laplace needs one.
@@ -116,8 +138,8 @@ def benchmark_config(vocab_size: int, pad_token_id: int) -> GraniteMoeConfig:
         num_experts_per_tok=2,
         max_position_embeddings=128,
         pad_token_id=pad_token_id,
-        bos_token_id=None,
-        eos_token_id=None,
+        bos_token_id=end_of_text_id,
+        eos_token_id=end_of_text_id,
         tie_word_embeddings=True,
         attn_implementation="eager",
     )
@@ -150,6 +172,16 @@ class TrainingSettings:
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = 0.01
     warmup_steps: int = 50
+
+
+@dataclass(frozen=True)
+class EndOfTextSettings:
+    """Adam on the end-of-text row alone, full batch over the train questions' precomputed hidden states;
+    ``before_answer_weight`` weighs the term that keeps the token from coming before the answer."""
+
+    steps: int = 2000
+    learning_rate: float = 0.1
+    before_answer_weight: float = 4.0
 
 
 @dataclass
@@ -195,20 +227,97 @@ def _evaluate(model: GraniteMoeForCausalLM, tokenizer: PreTrainedTokenizerFast, 
     return figures
 
 
+@torch.no_grad()
+def _answer_hidden_states(
+    model: GraniteMoeForCausalLM, tokenizer: PreTrainedTokenizerFast, examples: Sequence[MCQAExample]
+) -> tuple[Tensor, Tensor]:
+    """Final hidden states ``(questions, 2, hidden)`` at the last prompt position and at the correct answer
+    letter appended to it, and the model's logits ``(questions, 2, vocab)`` there."""
+    answer_ids = answer_token_ids(tokenizer)
+    hidden, logits = [], []
+    for batch in mcqa_batches(examples, tokenizer, 250):
+        letters = answer_ids[batch["labels"]]
+        input_ids = torch.cat([batch["input_ids"], letters[:, None]], dim=1)
+        mask = torch.cat([batch["attention_mask"], torch.ones_like(letters)[:, None]], dim=1)
+        states = model.model(input_ids=input_ids, attention_mask=mask).last_hidden_state[:, -2:]
+        hidden.append(states)
+        logits.append(model.lm_head(states) / model.config.logits_scaling)
+    return torch.cat(hidden), torch.cat(logits)
+
+
+def _end_of_text_log_probs(row: Tensor, hidden: Tensor, other_log_normaliser: Tensor, scaling: float) -> Tensor:
+    """``(questions, 2)`` log-probabilities of the end-of-text token (embedding ``row`` ``(hidden,)``) at the
+    positions of ``hidden`` ``(questions, 2, hidden)``, beside the other tokens (the logsumexp of their logits,
+    ``other_log_normaliser`` ``(questions, 2)``)."""
+    logit = hidden @ row / scaling
+    return logit - torch.logaddexp(other_log_normaliser, logit)
+
+
+def train_end_of_text(
+    model: GraniteMoeForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    examples: Sequence[MCQAExample],
+    settings: EndOfTextSettings | None = None,
+) -> dict[str, float]:
+    """Grow ``model``'s vocabulary by :data:`END_OF_TEXT` (the tokenizer's last id) and train its embedding row
+    alone, every other weight frozen: maximise ``log p(end | prompt, correct letter) + log(1 - p(end | prompt))``
+    over ``examples``, so that the model ends its answer with the token and never puts it before the answer.
+
+    The other rows, and so every answer-letter figure, are unchanged. Returns the final mean loss and the
+    fractions of ``examples`` where the token is the most probable next token after the answer and at the
+    prompt's end.
+    """
+    settings = settings or EndOfTextSettings()
+    hidden, logits = _answer_hidden_states(model, tokenizer, examples)
+    other_log_normaliser, scaling = logits.logsumexp(-1), model.config.logits_scaling
+    row = torch.zeros(hidden.shape[-1], requires_grad=True)
+    optimizer = torch.optim.Adam([row], lr=settings.learning_rate)
+    for _ in tqdm(range(settings.steps), desc="training the end-of-text token", unit="step"):
+        log_probs = _end_of_text_log_probs(row, hidden, other_log_normaliser, scaling)
+        not_before = torch.log1p(-log_probs[:, 0].exp().clamp(max=1 - 1e-6))
+        loss = -(log_probs[:, 1] + settings.before_answer_weight * not_before).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    end_id = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
+    model.resize_token_embeddings(end_id + 1, mean_resizing=False)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[end_id] = row.detach()
+    model.generation_config.bos_token_id = model.generation_config.eos_token_id = end_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return {"loss": loss.item(), **end_of_text_figures(model, tokenizer, examples)}
+
+
+def end_of_text_figures(
+    model: GraniteMoeForCausalLM, tokenizer: PreTrainedTokenizerFast, examples: Sequence[MCQAExample]
+) -> dict[str, float]:
+    """Fractions of ``examples`` where :data:`END_OF_TEXT` is the most probable next token right after the
+    correct answer letter (``after_answer``) and at the prompt's end (``before_answer``)."""
+    hidden, logits = _answer_hidden_states(model, tokenizer, examples)
+    is_end = logits.argmax(-1) == tokenizer.convert_tokens_to_ids(END_OF_TEXT)
+    return {"after_answer": float(is_end[:, 1].float().mean()), "before_answer": float(is_end[:, 0].float().mean())}
+
+
 def train_benchmark_model(
-    seed: int, out: str | Path, settings: TrainingSettings | None = None, sizes: dict[str, int] | None = None
+    seed: int,
+    out: str | Path,
+    settings: TrainingSettings | None = None,
+    sizes: dict[str, int] | None = None,
+    end_of_text_settings: EndOfTextSettings | None = None,
 ) -> dict[str, Any]:
     """Train the benchmark model from ``seed`` and save it with its tokenizer and ``metrics.json`` in ``out``.
 
     Generates the data from ``seed`` (``sizes`` as in :func:`generate_benchmark`), initialises the
-    model and draws the batches from the same seed; returns the recorded metrics.
+    model and draws the batches from the same seed, trains the answer letters, then the end-of-text
+    token (:func:`train_end_of_text`); returns the recorded metrics.
     """
     settings = settings or TrainingSettings()
     out = Path(out)
     torch.manual_seed(seed)
     benchmark = generate_benchmark(seed, sizes)
     tokenizer = build_tokenizer()
-    model = GraniteMoeForCausalLM(benchmark_config(len(tokenizer), tokenizer.pad_token_id)).train()
+    end_id = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
+    model = GraniteMoeForCausalLM(benchmark_config(end_id, tokenizer.pad_token_id, end_id)).train()
     train = encode(tokenizer, benchmark.splits["train"])
     labels = labels_of(benchmark.splits["train"])
     answer_ids = answer_token_ids(tokenizer)
@@ -233,8 +342,9 @@ def train_benchmark_model(
         optimizer.step()
         scheduler.step()
         progress.set_postfix(loss=f"{loss.item():.3f}")
-    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - started_cpu
     model.eval()
+    end_of_text = train_end_of_text(model, tokenizer, benchmark.splits["train"], end_of_text_settings)
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - started_cpu
     metrics = {
         "command": f"python -m pyro_moe.experiments.benchmark_model train --seed {seed} --out {out}",
         "seed": seed,
@@ -246,6 +356,12 @@ def train_benchmark_model(
             "threads": torch.get_num_threads(),
         },
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "end_of_text": {
+            "token_id": end_id,
+            **vars(end_of_text_settings or EndOfTextSettings()),
+            "train": end_of_text,
+            "test": end_of_text_figures(model, tokenizer, benchmark.splits["test"]),
+        },
         "ece_bins": ECE_BINS,
         "slice_size": SLICE_SIZE,
         **_evaluate(model, tokenizer, benchmark),
@@ -278,7 +394,11 @@ def _readme(metrics: dict[str, Any]) -> str:
         f"Seed {metrics['seed']}; {training['steps']} AdamW steps of batch {training['batch_size']} in "
         f"{training['seconds']} s ({training['cpu_seconds']} s of CPU time) on {training['threads']} CPU threads "
         f"(torch {metrics['versions']['torch']}, transformers {metrics['versions']['transformers']}); the weights",
-        "are bitwise the same on every run with the same thread count.",
+        "are bitwise the same on every run with the same thread count. Then the end-of-text token",
+        f"`{END_OF_TEXT}` (id {metrics['end_of_text']['token_id']}, the BOS and EOS token) had its embedding row trained "
+        "alone, every other weight frozen: it is the most probable next token right after the correct answer on "
+        f"{metrics['end_of_text']['test']['after_answer']:.1%} of the test questions and before the answer on "
+        f"{metrics['end_of_text']['test']['before_answer']:.1%}.",
         "Figures of the deterministic model (ECE with 15 equal-width bins); `metrics.json` has them per task family.",
         "",
         "| split | questions | accuracy | mean confidence | NLL | ECE |",

@@ -20,10 +20,13 @@ from pyro_moe.evaluation.metrics import calibration_report
 from pyro_moe.experiments.benchmark_data import SPLITS, Benchmark, generate_benchmark
 from pyro_moe.experiments.benchmark_model import (
     CHECKPOINT_DIR,
+    END_OF_TEXT,
+    EndOfTextSettings,
     TrainingSettings,
     answer_probabilities,
     build_tokenizer,
     encode,
+    end_of_text_figures,
     labels_of,
     load_benchmark,
     train_benchmark_model,
@@ -235,17 +238,75 @@ def test_committed_checkpoint_is_small_and_documented():
     assert command in (CHECKPOINT_DIR / "README.md").read_text()
 
 
+def test_the_end_of_text_token_is_the_last_id_and_bos_and_eos_everywhere(loaded):
+    tokenizer, end_id = loaded.tokenizer, len(loaded.tokenizer) - 1
+    assert tokenizer.convert_ids_to_tokens(end_id) == END_OF_TEXT
+    assert tokenizer.eos_token_id == tokenizer.bos_token_id == end_id
+    assert tokenizer(END_OF_TEXT)["input_ids"] == [end_id]
+    assert tokenizer("Answer: A")["input_ids"] == tokenizer("Answer: A", add_special_tokens=True)["input_ids"]
+    assert end_id not in tokenizer("Answer: A")["input_ids"]  # encoding adds no special token
+    config, generation = loaded.model.config, loaded.model.generation_config
+    assert config.vocab_size == end_id + 1 == loaded.model.get_output_embeddings().weight.shape[0]
+    assert config.eos_token_id == config.bos_token_id == generation.eos_token_id == generation.bos_token_id == end_id
+    assert generation.pad_token_id == tokenizer.pad_token_id == 0
+    assert loaded.model.get_output_embeddings().weight is loaded.model.get_input_embeddings().weight
+
+
+def test_the_checkpoint_recomputes_its_end_of_text_figures_and_ends_its_answers(loaded):
+    """The recorded figures, recomputed; HF's own greedy generate answers and then stops at the end-of-text
+    token on the questions where the recorded figures say it should."""
+    recorded = loaded.metrics["end_of_text"]
+    test = loaded.benchmark.splits["test"]
+    assert end_of_text_figures(loaded.model, loaded.tokenizer, test) == recorded["test"]
+    assert recorded["test"]["after_answer"] > 0.95 and recorded["test"]["before_answer"] < 0.02
+    batch = encode(loaded.tokenizer, test[:16])
+    with torch.no_grad():
+        generated = loaded.model.generate(**batch, max_new_tokens=4, do_sample=False)[:, batch["input_ids"].shape[1] :]
+    end_id = loaded.tokenizer.eos_token_id
+    answered = torch.isin(generated[:, 0], loaded.answer_token_ids)
+    assert answered.float().mean() > 0.8
+    ended = answered & (generated[:, 1] == end_id)
+    assert ended.float().mean() > 0.8
+    assert (generated[ended, 2:] == loaded.tokenizer.pad_token_id).all()  # finished: padded after the end
+
+
 def test_training_is_deterministic_and_writes_a_loadable_checkpoint(tmp_path):
     settings = TrainingSettings(steps=3, batch_size=8, warmup_steps=2)
-    first = train_benchmark_model(1, tmp_path / "first", settings, SMALL)
-    second = train_benchmark_model(1, tmp_path / "second", settings, SMALL)
+    end_of_text = EndOfTextSettings(steps=5)
+    first = train_benchmark_model(1, tmp_path / "first", settings, SMALL, end_of_text)
+    second = train_benchmark_model(1, tmp_path / "second", settings, SMALL, end_of_text)
     weights = load_file(tmp_path / "first" / "model.safetensors")
     again = load_file(tmp_path / "second" / "model.safetensors")
     assert weights.keys() == again.keys()
     assert all(torch.equal(weights[name], again[name]) for name in weights)
     assert first["splits"] == second["splits"] and first["sizes"] == SMALL
+    assert first["end_of_text"] == second["end_of_text"] and first["end_of_text"]["steps"] == 5
     reloaded = load_benchmark(tmp_path / "first")
     assert reloaded.benchmark == generate_benchmark(1, SMALL)
+    assert reloaded.model.config.eos_token_id == reloaded.tokenizer.eos_token_id == len(reloaded.tokenizer) - 1
+
+
+def test_the_end_of_text_stage_changes_its_row_alone(tmp_path, monkeypatch):
+    """Every weight but the new row is the answer-letter stage's, bit for bit: the end-of-text stage is
+    skipped by replacing it with a plain vocabulary growth, and the two checkpoints compared."""
+    import pyro_moe.experiments.benchmark_model as benchmark_model
+
+    settings = TrainingSettings(steps=3, batch_size=8, warmup_steps=2)
+    train_benchmark_model(1, tmp_path / "trained", settings, SMALL, EndOfTextSettings(steps=20))
+
+    def grow_only(model, tokenizer, examples, settings=None):
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        return {"loss": 0.0, "after_answer": 0.0, "before_answer": 0.0}
+
+    monkeypatch.setattr(benchmark_model, "train_end_of_text", grow_only)
+    train_benchmark_model(1, tmp_path / "grown", settings, SMALL)
+    trained = load_file(tmp_path / "trained" / "model.safetensors")
+    grown = load_file(tmp_path / "grown" / "model.safetensors")
+    for name, weight in trained.items():
+        if name == "model.embed_tokens.weight":
+            assert torch.equal(weight[:-1], grown[name][:-1]) and not torch.equal(weight[-1], grown[name][-1])
+        else:
+            assert torch.equal(weight, grown[name]), name
 
 
 def test_bad_input_raises_clear_errors(tmp_path):
