@@ -293,7 +293,7 @@ def end_of_text_figures(
 ) -> dict[str, float]:
     """Fractions of ``examples`` where :data:`END_OF_TEXT` is the most probable next token right after the
     correct answer letter (``after_answer``) and at the prompt's end (``before_answer``)."""
-    hidden, logits = _answer_hidden_states(model, tokenizer, examples)
+    _, logits = _answer_hidden_states(model, tokenizer, examples)
     is_end = logits.argmax(-1) == tokenizer.convert_tokens_to_ids(END_OF_TEXT)
     return {"after_answer": float(is_end[:, 1].float().mean()), "before_answer": float(is_end[:, 0].float().mean())}
 
@@ -395,9 +395,9 @@ def _readme(metrics: dict[str, Any]) -> str:
         f"{training['seconds']} s ({training['cpu_seconds']} s of CPU time) on {training['threads']} CPU threads "
         f"(torch {metrics['versions']['torch']}, transformers {metrics['versions']['transformers']}); the weights",
         "are bitwise the same on every run with the same thread count. Then the end-of-text token",
-        f"`{END_OF_TEXT}` (id {metrics['end_of_text']['token_id']}, the BOS and EOS token) had its embedding row trained "
-        "alone, every other weight frozen: it is the most probable next token right after the correct answer on "
-        f"{metrics['end_of_text']['test']['after_answer']:.1%} of the test questions and before the answer on "
+        f"`{END_OF_TEXT}` (id {metrics['end_of_text']['token_id']}, the BOS and EOS token) had its embedding row "
+        "trained alone, every other weight frozen: it is the most probable next token right after the correct answer "
+        f"on {metrics['end_of_text']['test']['after_answer']:.1%} of the test questions and before the answer on "
         f"{metrics['end_of_text']['test']['before_answer']:.1%}.",
         "Figures of the deterministic model (ECE with 15 equal-width bins); `metrics.json` has them per task family.",
         "",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from pyro_moe import fit, patch_routers
 from pyro_moe.cli import EXIT_BAD_INPUT, LOG_NAME, main
@@ -130,6 +130,7 @@ def test_the_embedded_benchmark_through_the_harness_gives_its_own_figures(tmp_pa
     )
     for name in ("accuracy", "nll", "ece", "brier"):
         assert figures[name] == pytest.approx(expected[name], abs=1e-5)
-    lm = PyroMoELM(model=loaded.model, tokenizer=loaded.tokenizer)  # no BOS or EOS: an empty context is refused
+    no_end = PreTrainedTokenizerFast(tokenizer_object=loaded.tokenizer.backend_tokenizer, pad_token="<pad>")
+    lm = PyroMoELM(model=loaded.model, tokenizer=no_end)  # no BOS or EOS: an empty context is refused
     with pytest.raises(PyroMoEError, match="neither a BOS nor an EOS"):
         lm.loglikelihood([Instance("loglikelihood", doc={}, arguments=("", "A"), idx=0)])
