@@ -290,7 +290,9 @@ def calibration_experiment(
     diagrams = {mode: dict(baseline_diagrams) for mode in settings.modes}
     for name, posterior in posteriors.items():
         for mode in posterior_modes(posterior, settings.modes):
-            probs = predict_batches(posterior, test_batches, mode, num_samples, seed=settings.seed).probs
+            probs = predict_batches(
+                posterior, test_batches, mode, num_samples, seed=settings.seed, draws=settings.draws
+            ).probs
             rows.append({"method": name, "mode": mode, **calibration_report(probs, labels, n_bins)})
             diagrams[mode][name] = reliability_diagram_data(probs, labels, n_bins)
             every_probs[name, mode] = probs

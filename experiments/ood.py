@@ -347,7 +347,9 @@ def ood_experiment(
         }
         for name, posterior in posteriors.items():
             for mode in posterior_modes(posterior, settings.modes):
-                predictions = predict_batches(posterior, batches, mode, num_samples, scores=True, seed=settings.seed)
+                predictions = predict_batches(
+                    posterior, batches, mode, num_samples, scores=True, seed=settings.seed, draws=settings.draws
+                )
                 scores[split][name, mode] = uncertainty_scores(predictions)
 
     rows = []
