@@ -92,5 +92,5 @@ def question_seed(seed: int, token_ids: Sequence[int] | Tensor) -> int:
     """
     if isinstance(token_ids, Tensor):
         token_ids = token_ids.detach().cpu().reshape(-1).tolist()
-    tokens = np.asarray(list(token_ids), dtype=np.int64)
+    tokens = np.asarray(list(token_ids), dtype="<i8")  # little-endian int64: the same seed on every machine
     return (int(seed) * 1_000_003 + zlib.crc32(tokens.tobytes())) % (2**32)
