@@ -8,7 +8,8 @@
   predictions with their uncertainty scores (:func:`predict_batches`) on MCQA batches, drawn from one
   stream over the batches or per question (:data:`DRAWS`);
 * the settings of the fits by name (:class:`FitSettings`) and of the posteriors' predictions
-  (:class:`PredictionSettings`, the base of the experiments' own settings), every number checked
+  (:class:`PredictionSettings`, the base of the experiments' own settings; :class:`MCQAPredictionSettings`
+  adds how the answers' draws are taken), every number checked
   when the settings are built, so a bad value is refused before any fit starts;
 * the checks every experiment makes before any work (:func:`check_splits`,
   :func:`check_posteriors`), Markdown tables and the writing of ``metrics.json``, ``report.md``
@@ -78,6 +79,7 @@ __all__ = [
     "TEMPERATURE_SCALING",
     "BenchmarkInputs",
     "FitSettings",
+    "MCQAPredictionSettings",
     "Posterior",
     "PredictionSettings",
     "Predictions",
@@ -257,22 +259,39 @@ class PredictionSettings:
         modes: the predictive modes of the posteriors (see :data:`MODES`), a tuple once built.
         batch_size: questions per prediction batch.
         seed: seed of the sampling.
-        draws: :data:`PER_BATCH` (default: one stream over the batches) or :data:`PER_QUESTION` (every
-            question alone under its own seed: the lm-eval adapter's draws) for MCQA predictions; perplexity
-            draws per batch.
     """
 
     num_samples: int = 16
     modes: Sequence[str] = MODES
     batch_size: int = 100
     seed: int = 0
-    draws: str = PER_BATCH
 
     def __post_init__(self) -> None:
         check_integer("num_samples", self.num_samples)
         object.__setattr__(self, "modes", check_modes(self.modes))
         check_integer("batch_size", self.batch_size)
         check_integer("seed", self.seed, minimum=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MCQAPredictionSettings(PredictionSettings):
+    """:class:`PredictionSettings` of the experiments that predict the posteriors' answers with
+    :func:`predict_batches` (calibration, OoD), and how they draw their samples.
+
+    Example::
+
+        CalibrationSettings(num_samples=8, seed=3, draws=PER_QUESTION)   # the draws of pyro-moe lm-eval
+
+    Attributes:
+        draws: :data:`PER_BATCH` (default: one stream seeded once over the batches) or :data:`PER_QUESTION`
+            (every question alone under :func:`~pyro_moe.random_streams.question_seed` of ``seed`` and its
+            prompt: the draws of the lm-evaluation-harness model on the same questions and seed).
+    """
+
+    draws: str = PER_BATCH
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.draws not in DRAWS:
             raise ConfigurationError(f"unknown draws {self.draws!r}; accepted: {', '.join(DRAWS)}.")
 

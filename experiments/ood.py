@@ -52,9 +52,9 @@ from pyro_moe.experiments.evaluation import (
     DETERMINISTIC,
     TEMPERATURE_SCALING,
     FitSettings,
+    MCQAPredictionSettings,
     Posterior,
     Predictions,
-    PredictionSettings,
     add_benchmark_size_arguments,
     add_common_arguments,
     benchmark_extension,
@@ -111,9 +111,9 @@ def uncertainty_scores(predictions: Predictions) -> dict[str, Tensor]:
 
 
 @dataclass(frozen=True, kw_only=True)
-class OoDSettings(PredictionSettings):
+class OoDSettings(MCQAPredictionSettings):
     """Which splits :func:`ood_experiment` tells apart, besides the prediction settings it inherits
-    (``num_samples``, ``modes``, ``batch_size``, ``seed``); checked when built.
+    (``num_samples``, ``modes``, ``batch_size``, ``seed``, ``draws``); checked when built.
 
     Attributes:
         in_split: the in-distribution split.

@@ -23,10 +23,8 @@ from typing import Any
 import pyro
 from torch import Tensor, nn
 
-from pyro_moe.errors import ConfigurationError
 from pyro_moe.experiments.evaluation import (
     DETERMINISTIC,
-    PER_BATCH,
     PredictionSettings,
     check_posteriors,
     markdown_table,
@@ -104,18 +102,13 @@ def perplexity_experiment(
         model: the (unpatched, or patched at its prior mean) model the posteriors were fitted on.
         batches: text batches (``input_ids``, ``attention_mask``), e.g. from :func:`pyro_moe.data.text_batches`.
         posteriors: ``{name: fitted posterior}`` (fitted on text or on MCQA questions).
-        settings: samples, modes and seed (``batch_size`` is the batches'; the draws are per batch);
-            default :class:`PredictionSettings`.
+        settings: samples, modes and seed (``batch_size`` is the batches'); default :class:`PredictionSettings`.
 
     Raises:
-        ConfigurationError: batches that are not text batches, a posterior without ``predict``, per-question
-            draws (``settings.draws``: MCQA predictions only); before any prediction.
+        ConfigurationError: batches that are not text batches, a posterior without ``predict``; before
+            any prediction.
     """
     settings = PredictionSettings() if settings is None else settings
-    if settings.draws != PER_BATCH:
-        raise ConfigurationError(
-            f"perplexity draws per batch; draws {settings.draws!r} is for MCQA predictions (calibration, OoD)."
-        )
     batches = check_text_batches(batches)
     posteriors = check_posteriors(posteriors)
     rows = [{"method": DETERMINISTIC, "mode": BASELINE_MODE, **_row(perplexity(model, batches))}]

@@ -23,17 +23,15 @@ from pyro_moe.experiments.evaluation import (
     MODES,
     TEMPERATURE_SCALING,
     FitSettings,
-    PredictionSettings,
     split_batches,
     verdict_line,
     write_results,
 )
-from pyro_moe.experiments.perplexity import perplexity_experiment
+from pyro_moe.experiments.ood import OoDSettings
 from pyro_moe.inference import presets
 from pyro_moe.inference.presets import family_specs, fit_families
 from pyro_moe.random_streams import question_seed, seeded
 from tests.experiments.tiny_evaluation import direct_answer_probs, tiny_inputs, tiny_posteriors
-from tests.tiny_models import tiny_model
 
 
 def _labels(examples):
@@ -183,11 +181,10 @@ def test_per_question_draws_predict_every_question_alone_under_its_own_seed():
             torch.testing.assert_close(again.probs[name, mode], results.probs[name, mode].flip(0), atol=1e-6, rtol=0)
 
 
-def test_unknown_draws_are_refused_and_perplexity_draws_per_batch():
-    with pytest.raises(ConfigurationError, match="unknown draws 'per-row'; accepted: per-batch, per-question"):
-        CalibrationSettings(draws="per-row")
-    with pytest.raises(ConfigurationError, match="perplexity draws per batch"):
-        perplexity_experiment(tiny_model("granitemoe"), [], {}, PredictionSettings(draws="per-question"))
+def test_unknown_draws_are_refused_when_the_settings_are_built():
+    for settings in (CalibrationSettings, OoDSettings):
+        with pytest.raises(ConfigurationError, match="unknown draws 'per-row'; accepted: per-batch, per-question"):
+            settings(draws="per-row")
 
 
 def test_bad_input_is_refused_before_anything_is_fitted(monkeypatch):
