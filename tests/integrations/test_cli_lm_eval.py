@@ -118,7 +118,7 @@ def test_out_must_be_a_folder(tmp_path, capsys):
     assert results.read_text() == "kept"
 
 
-def test_the_embedded_benchmark_through_the_harness_gives_its_own_figures(tmp_path, capsys):
+def test_the_embedded_benchmark_through_the_harness_gives_its_own_figures(tmp_path, capsys, local_tasks_only):
     """A local task of the benchmark's test questions: the plain model's accuracy, NLL, ECE and Brier through the
     harness are those of pyro-moe's own answer-letter readout (the normalised choice distribution of the four
     letters is the softmax of the letters' logits)."""
