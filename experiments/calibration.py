@@ -49,8 +49,8 @@ from pyro_moe.experiments.evaluation import (
     DETERMINISTIC,
     TEMPERATURE_SCALING,
     FitSettings,
+    MCQAPredictionSettings,
     Posterior,
-    PredictionSettings,
     add_benchmark_size_arguments,
     add_common_arguments,
     benchmark_extension,
@@ -87,9 +87,9 @@ BASELINE_MODE = "any"
 
 
 @dataclass(frozen=True, kw_only=True)
-class CalibrationSettings(PredictionSettings):
+class CalibrationSettings(MCQAPredictionSettings):
     """What :func:`calibration_experiment` measures, besides the prediction settings it inherits
-    (``num_samples``, ``modes``, ``batch_size``, ``seed``); checked when built.
+    (``num_samples``, ``modes``, ``batch_size``, ``seed``, ``draws``); checked when built.
 
     Attributes:
         test_split: where the figures are measured.
@@ -290,7 +290,9 @@ def calibration_experiment(
     diagrams = {mode: dict(baseline_diagrams) for mode in settings.modes}
     for name, posterior in posteriors.items():
         for mode in posterior_modes(posterior, settings.modes):
-            probs = predict_batches(posterior, test_batches, mode, num_samples, seed=settings.seed).probs
+            probs = predict_batches(
+                posterior, test_batches, mode, num_samples, seed=settings.seed, draws=settings.draws
+            ).probs
             rows.append({"method": name, "mode": mode, **calibration_report(probs, labels, n_bins)})
             diagrams[mode][name] = reliability_diagram_data(probs, labels, n_bins)
             every_probs[name, mode] = probs

@@ -5,9 +5,11 @@
   (:func:`fit_named_recipes`, :mod:`pyro_moe.inference.recipe_fit`) on the fit split with the
   validation split for their selection, checks and calibration;
 * the deterministic model's answer logits (:func:`deterministic_logits`) and a posterior's
-  predictions with their uncertainty scores (:func:`predict_batches`) on MCQA batches;
+  predictions with their uncertainty scores (:func:`predict_batches`) on MCQA batches, drawn from one
+  stream over the batches or per question (:data:`DRAWS`);
 * the settings of the fits by name (:class:`FitSettings`) and of the posteriors' predictions
-  (:class:`PredictionSettings`, the base of the experiments' own settings), every number checked
+  (:class:`PredictionSettings`, the base of the experiments' own settings; :class:`MCQAPredictionSettings`
+  adds how the answers' draws are taken), every number checked
   when the settings are built, so a bad value is refused before any fit starts;
 * the checks every experiment makes before any work (:func:`check_splits`,
   :func:`check_posteriors`), Markdown tables and the writing of ``metrics.json``, ``report.md``
@@ -33,6 +35,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -63,15 +66,20 @@ from pyro_moe.inference.presets import FamilySpec, family_specs, fit_families
 from pyro_moe.inference.recipe_fit import RecipeFit, run_recipe
 from pyro_moe.inference.recipes import Recipe, named_recipe
 from pyro_moe.inference.resume import CheckpointOptions
+from pyro_moe.random_streams import question_seed, seeded
 from pyro_moe.validation import check_integer
 
 __all__ = [
     "DEFAULT_FAMILIES",
     "DETERMINISTIC",
+    "DRAWS",
     "MODES",
+    "PER_BATCH",
+    "PER_QUESTION",
     "TEMPERATURE_SCALING",
     "BenchmarkInputs",
     "FitSettings",
+    "MCQAPredictionSettings",
     "Posterior",
     "PredictionSettings",
     "Predictions",
@@ -111,6 +119,19 @@ TEMPERATURE_SCALING = "temperature scaling"
 
 MODES = (PredictiveMode.MODEL_AVERAGE.value, PredictiveMode.ROUTING_AVERAGE.value)
 """The predictive modes, ``model-average`` (Bayesian model averaging) and ``routing-average`` (the thesis' rule)."""
+
+PER_BATCH = "per-batch"
+"""Draws of :func:`predict_batches`: one stream, seeded once, over the batches (a question's draws depend on
+its batch and on the questions before it)."""
+
+PER_QUESTION = "per-question"
+"""Draws of :func:`predict_batches`: every question predicted alone (batch 1, no padding) under
+:func:`~pyro_moe.random_streams.question_seed` of the seed and its prompt tokens: the draws of the
+lm-evaluation-harness model (:mod:`pyro_moe.integrations.lm_eval`) on the same prompt and seed, independent
+of the batch size and of the other questions (one pass per question: slower)."""
+
+DRAWS = (PER_BATCH, PER_QUESTION)
+"""How a posterior's predictions draw their samples (:data:`PER_BATCH`, :data:`PER_QUESTION`)."""
 
 DEFAULT_FAMILIES = ("mean-field", "mfvr")
 """Families the experiment CLIs fit by default: router weights (mean-field) and per-token logits (MFVR)."""
@@ -250,6 +271,29 @@ class PredictionSettings:
         object.__setattr__(self, "modes", check_modes(self.modes))
         check_integer("batch_size", self.batch_size)
         check_integer("seed", self.seed, minimum=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MCQAPredictionSettings(PredictionSettings):
+    """:class:`PredictionSettings` of the experiments that predict the posteriors' answers with
+    :func:`predict_batches` (calibration, OoD), and how they draw their samples.
+
+    Example::
+
+        CalibrationSettings(num_samples=8, seed=3, draws=PER_QUESTION)   # the draws of pyro-moe lm-eval
+
+    Attributes:
+        draws: :data:`PER_BATCH` (default: one stream seeded once over the batches) or :data:`PER_QUESTION`
+            (every question alone under :func:`~pyro_moe.random_streams.question_seed` of ``seed`` and its
+            prompt: the draws of the lm-evaluation-harness model on the same questions and seed).
+    """
+
+    draws: str = PER_BATCH
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.draws not in DRAWS:
+            raise ConfigurationError(f"unknown draws {self.draws!r}; accepted: {', '.join(DRAWS)}.")
 
 
 def fit_named_families(
@@ -437,23 +481,40 @@ def predict_batches(
     *,
     scores: bool = False,
     seed: int = 0,
+    draws: str = PER_BATCH,
 ) -> Predictions:
-    """``posterior.predict`` over ``batches`` in predictive ``mode``, results on the CPU.
+    """``posterior.predict`` over ``batches`` in predictive ``mode``, results on the CPU, in the questions' order.
+
+    ``draws``: :data:`PER_BATCH` seeds Pyro (torch, Python, NumPy) once with ``seed`` and predicts batch by
+    batch; :data:`PER_QUESTION` predicts every question alone, its prompt without padding ``(1, length)``,
+    under ``seeded(question_seed(seed, prompt tokens))`` (the caller's streams left as they were).
 
     With ``scores``, also the mutual information (``model-average``) and the router-logit
     variance per example, computed batch by batch so the sampled logits are never all kept.
     """
-    pyro.set_rng_seed(seed)
+    if draws not in DRAWS:
+        raise ConfigurationError(f"unknown draws {draws!r}; accepted: {', '.join(DRAWS)}.")
+    if draws == PER_BATCH:
+        pyro.set_rng_seed(seed)
+        passes = list(batches)
+    else:
+        passes = [
+            {"input_ids": ids[mask.bool()][None], "attention_mask": mask[mask.bool()][None]}
+            for batch in batches
+            for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)
+        ]
     probs, information, variance = [], [], []
-    for batch in tqdm(batches, desc=f"predictions, {mode}", leave=False):
-        prediction = posterior.predict(
-            batch["input_ids"],
-            batch["attention_mask"],
-            num_samples=num_samples,
-            mode=mode,
-            return_samples=scores,
-            return_router_logits=scores,
-        )
+    for batch in tqdm(passes, desc=f"predictions, {mode}", leave=False):
+        per_question = draws == PER_QUESTION
+        with seeded(question_seed(seed, batch["input_ids"][0])) if per_question else contextlib.nullcontext():
+            prediction = posterior.predict(
+                batch["input_ids"],
+                batch["attention_mask"],
+                num_samples=num_samples,
+                mode=mode,
+                return_samples=scores,
+                return_router_logits=scores,
+            )
         probs.append(prediction.probs.float().cpu())
         if scores:
             if mode == PredictiveMode.MODEL_AVERAGE.value:

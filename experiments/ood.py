@@ -52,9 +52,9 @@ from pyro_moe.experiments.evaluation import (
     DETERMINISTIC,
     TEMPERATURE_SCALING,
     FitSettings,
+    MCQAPredictionSettings,
     Posterior,
     Predictions,
-    PredictionSettings,
     add_benchmark_size_arguments,
     add_common_arguments,
     benchmark_extension,
@@ -111,9 +111,9 @@ def uncertainty_scores(predictions: Predictions) -> dict[str, Tensor]:
 
 
 @dataclass(frozen=True, kw_only=True)
-class OoDSettings(PredictionSettings):
+class OoDSettings(MCQAPredictionSettings):
     """Which splits :func:`ood_experiment` tells apart, besides the prediction settings it inherits
-    (``num_samples``, ``modes``, ``batch_size``, ``seed``); checked when built.
+    (``num_samples``, ``modes``, ``batch_size``, ``seed``, ``draws``); checked when built.
 
     Attributes:
         in_split: the in-distribution split.
@@ -347,7 +347,9 @@ def ood_experiment(
         }
         for name, posterior in posteriors.items():
             for mode in posterior_modes(posterior, settings.modes):
-                predictions = predict_batches(posterior, batches, mode, num_samples, scores=True, seed=settings.seed)
+                predictions = predict_batches(
+                    posterior, batches, mode, num_samples, scores=True, seed=settings.seed, draws=settings.draws
+                )
                 scores[split][name, mode] = uncertainty_scores(predictions)
 
     rows = []

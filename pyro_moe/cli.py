@@ -743,6 +743,8 @@ def evaluate_text(args: argparse.Namespace) -> None:
         )
     if args.posterior is None:
         raise BadInput("evaluate --text needs --posterior (a folder written by pyro-moe fit).")
+    if args.draws != "per-batch":
+        raise BadInput("--draws per-question is for MCQA questions; evaluate --text draws per batch.")
     _check_path(str(args.posterior), "posterior")
     settings = PredictionSettings(num_samples=args.samples, seed=args.seed)
     inputs = load_text_inputs(args)
@@ -774,7 +776,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
     inputs = load_inputs(args, ["calibration", "test"])
     ood_splits = [name for name in inputs.splits if "ood" in name]
     posteriors = _posteriors(args, inputs, guides)
-    common = {"num_samples": args.samples, "batch_size": args.batch_size, "seed": args.seed}
+    common = {"num_samples": args.samples, "batch_size": args.batch_size, "seed": args.seed, "draws": args.draws}
     calibration = calibration_experiment(
         inputs.model,
         inputs.tokenizer,
@@ -1260,6 +1262,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "evaluate":
             command.add_argument("--posterior", type=Path, help="a posterior folder written by pyro-moe fit")
             _allow_other_model(command)
+        command.add_argument(
+            "--draws",
+            choices=("per-batch", "per-question"),
+            default="per-batch",
+            help="per-batch (default): one seeded stream of posterior draws over the batches; per-question: "
+            "every question predicted alone (batch 1) with a seed from --seed and its prompt tokens, which "
+            "reproduces the draws of `pyro-moe lm-eval` (the harness model) on the same questions and --seed",
+        )
         _common(command, "S, posterior samples per prediction (default 16)")
         command.set_defaults(run=run_evaluate, samples=16)
 

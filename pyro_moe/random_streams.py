@@ -3,14 +3,17 @@
 Checkpoints save it so that a resumed fit continues the same random stream; data-parallel steps
 switch between the stream all ranks share and a rank's own (:mod:`pyro_moe.distributed`).
 :func:`seeded` draws from a seed of its own and leaves the caller's streams (torch, CUDA, Python,
-NumPy) as they were: held-out evaluations, generation, harness requests.
+NumPy) as they were: held-out evaluations, generation, harness requests. :func:`question_seed` is
+the seed of one question's draws, from a run's seed and the question's tokens: the lm-eval adapter's
+and ``pyro-moe evaluate --draws per-question``'s, so both draw the same samples for the same prompt.
 """
 
 from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator
+import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +21,7 @@ import pyro
 import torch
 from torch import Tensor
 
-__all__ = ["RandomState", "preserved_random_streams", "seeded"]
+__all__ = ["RandomState", "preserved_random_streams", "question_seed", "seeded"]
 
 
 @dataclass(frozen=True)
@@ -75,3 +78,19 @@ def seeded(seed: int) -> Iterator[None]:
     with preserved_random_streams():
         pyro.set_rng_seed(seed)
         yield
+
+
+def question_seed(seed: int, token_ids: Sequence[int] | Tensor) -> int:
+    """The seed of one question's draws: ``seed`` and the question's prompt tokens ``(length,)`` (no padding),
+    a number in ``[0, 2**32)``. It depends on nothing else (not on the other questions, their order or the
+    batch), so a question draws the same samples wherever it is scored.
+
+    Example::
+
+        with seeded(question_seed(0, [12, 7, 42])):
+            prediction = posterior.predict(torch.tensor([[12, 7, 42]]))
+    """
+    if isinstance(token_ids, Tensor):
+        token_ids = token_ids.detach().cpu().reshape(-1).tolist()
+    tokens = np.asarray(list(token_ids), dtype="<i8")  # little-endian int64: the same seed on every machine
+    return (int(seed) * 1_000_003 + zlib.crc32(tokens.tobytes())) % (2**32)

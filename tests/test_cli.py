@@ -624,3 +624,11 @@ def test_a_post_hoc_laplace_from_the_laplace_command_is_diagnosed(saved, tmp_pat
     variable = "down_proj" if guide == "expert-laplace" else "weight"
     assert idata.posterior[variable].dims[-1] == ("intermediate" if guide == "expert-laplace" else "hidden")
     assert (tmp_path / "diagnose" / "collapse.csv").read_text().startswith("chain,site")
+
+
+def test_per_question_draws_are_refused_for_text_before_any_work(tmp_path, capsys):
+    text = tmp_path / "held_out.txt"
+    text.write_text(TEXT)
+    argv = ["evaluate", "--text", str(text), "--posterior", str(tmp_path), "--draws", "per-question"]
+    error = _bad_input(tmp_path, capsys, argv)
+    assert error.endswith("--draws per-question is for MCQA questions; evaluate --text draws per batch.")

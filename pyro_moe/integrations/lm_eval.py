@@ -7,11 +7,16 @@ needs the optional dependency group ``pyro-moe[lm-eval]``). The harness then sco
 * ``loglikelihood``: the posterior predictive log-probability of every continuation. ``model-average``:
   ``log mean_s exp(sum_t log p_s(x_t | x_<t))`` over ``S`` joint samples; ``routing-average``: the sum of
   the log-probabilities of the one pass whose routers average their ``S`` draws. All continuations of
-  one context (the choices of one question) are scored under the same draws: the Pyro seed is set from
-  ``seed`` and the context's tokens, and the global draws (router weights, temperatures, a Laplace's
-  draws) are held across the passes of that context (:class:`~pyro_moe.inference.generation.HeldGlobalDraws`),
-  so a question's score does not depend on which other questions are evaluated (per-token draws are drawn
-  for every row and position of a pass, so they change with ``batch_size``).
+  one context (the choices of one question) are scored under the same draws, seeded with
+  :func:`~pyro_moe.random_streams.question_seed` of ``seed`` and the context's tokens, so a question's score
+  does not depend on which other questions are evaluated. When every continuation of a context is one token
+  (multiple-choice tasks with answer letters), they are all read from ONE pass over the context alone (batch 1,
+  no padding): the log-probability of each candidate token at the context's last position, as ``HFLM`` does;
+  those are exactly the draws of ``pyro-moe evaluate --draws per-question`` on the same prompt and seed.
+  Longer continuations are scored in passes of ``batch_size`` rows (the context and the continuation), the
+  global draws (router weights, temperatures, a Laplace's draws) held across the passes of that context
+  (:class:`~pyro_moe.inference.generation.HeldGlobalDraws`; per-token draws are drawn for every row and
+  position of a pass, so they change with ``batch_size``).
   ``is_greedy``: every continuation token is the most probable token of the averaged next-token
   distribution ``mean_s p_s``.
 * ``loglikelihood_rolling``: the harness's rolling windows for HF models (at most ``max_length`` tokens,
@@ -37,11 +42,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-import zlib
-from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import pyro
 import torch
 from torch import Tensor, nn
@@ -53,7 +55,7 @@ from pyro_moe.inference.fitting import FittedPosterior
 from pyro_moe.inference.generation import HeldGlobalDraws, generate
 from pyro_moe.inference.predictive import predictive_mode
 from pyro_moe.models.router_patch import RouterPatch
-from pyro_moe.random_streams import seeded
+from pyro_moe.random_streams import question_seed, seeded
 from pyro_moe.validation import check_integer
 
 try:
@@ -113,8 +115,9 @@ class PyroMoELM(TemplateLM):
         num_samples: S, at least 1.
         dtype: the weights' dtype when loading ``pretrained`` (``float32``, ``float64``, ``bfloat16``, ``float16``).
         device: where to put the loaded model (default: where ``from_pretrained`` puts it).
-        batch_size: the most continuations of one context scored in one pass.
-        seed: the seed the per-context seeds derive from.
+        batch_size: the most continuations of one context scored in one pass (continuations longer than one
+            token; one-token continuations of a context share one pass over the context).
+        seed: the seed the per-context seeds derive from (:func:`~pyro_moe.random_streams.question_seed`).
         max_batch_size: passed by the harness; unused.
         model: in memory instead of ``pretrained``: a :class:`~pyro_moe.FittedPosterior`, an active
             :class:`~pyro_moe.RouterPatch` (its priors) or a plain model.
@@ -285,7 +288,7 @@ class PyroMoELM(TemplateLM):
                     num_samples=self.num_samples,
                     mode=self.mode,
                     guide=self.guide,
-                    seed=self._context_seed(ids),
+                    seed=question_seed(self.seed, ids),
                     stop_strings=until,
                     tokenizer=self.tokenizer if until else None,
                 )
@@ -298,24 +301,36 @@ class PyroMoELM(TemplateLM):
 
     # -- scoring -----------------------------------------------------------------------------------------
 
-    def _context_seed(self, context: Sequence[int]) -> int:
-        """The Pyro seed of one context: ``seed`` and the context's tokens (independent of the other requests)."""
-        return (self.seed * 1_000_003 + zlib.crc32(np.asarray(context, dtype=np.int64).tobytes())) % (2**32)
-
     @torch.no_grad()
     def continuation_scores(self, context: list[int], continuations: list[list[int]]) -> list[Score]:
         """``(log-probability, is_greedy, per-draw log-probabilities (draws,))`` of every continuation after
-        ``context``, all under the same draws (seeded from the context, global draws held across passes of
-        ``batch_size`` rows).
+        ``context``, all under the same draws, seeded with :func:`~pyro_moe.random_streams.question_seed` of
+        ``seed`` and ``context``: one-token continuations from one pass over the context alone
+        (:meth:`_score_next_tokens`), longer ones in passes of ``batch_size`` rows with the global draws held
+        across them.
 
         The input is truncated on the left to the model's ``max_length`` (as ``HFLM``)."""
-        scores: list[Score] = []
-        held = HeldGlobalDraws()
-        with seeded(self._context_seed(context)):
+        with seeded(question_seed(self.seed, context)):
+            if all(len(continuation) == 1 for continuation in continuations):
+                return self._score_next_tokens(context[-self.max_length :], [c[0] for c in continuations])
+            scores: list[Score] = []
+            held = HeldGlobalDraws()
             for start in range(0, len(continuations), self._batch_size):
                 chunk = continuations[start : start + self._batch_size]
                 scores += self._score_rows([(context + c)[-(self.max_length + 1) :] for c in chunk], chunk, held)
         return scores
+
+    def _score_next_tokens(self, context: list[int], tokens: list[int]) -> list[Score]:
+        """One pass over ``context`` alone ``(1, length)``: every candidate next token's score read from the
+        next-token distributions ``(draws, vocab)`` at its last position."""
+        input_ids = torch.tensor([context], device=self.device)
+        log_probs = self._log_probs(input_ids, torch.ones_like(input_ids), 1)[:, 0, -1]  # (draws, vocab)
+        draws = log_probs.shape[0]
+        mean_log_probs = torch.logsumexp(log_probs, 0) - math.log(draws)  # log mean_s p_s; one draw: itself
+        best = int(mean_log_probs.argmax())
+        per_draw = log_probs[:, torch.tensor(tokens, device=self.device)].double().cpu()  # (draws, tokens)
+        totals = torch.logsumexp(per_draw, 0) - math.log(draws)
+        return [(float(totals[i]), token == best, per_draw[:, i].clone()) for i, token in enumerate(tokens)]
 
     def _score_rows(
         self, sequences: list[list[int]], continuations: list[list[int]], held: HeldGlobalDraws
@@ -347,8 +362,12 @@ class PyroMoELM(TemplateLM):
             scores.append((float(total), greedy, sums.double().cpu()))
         return scores
 
-    def _log_probs(self, input_ids: Tensor, attention_mask: Tensor, keep: int, held: HeldGlobalDraws) -> Tensor:
-        """``(draws, rows, keep, vocab)`` next-token log-probabilities at the last ``keep`` positions."""
+    def _log_probs(
+        self, input_ids: Tensor, attention_mask: Tensor, keep: int, held: HeldGlobalDraws | None = None
+    ) -> Tensor:
+        """``(draws, rows, keep, vocab)`` next-token log-probabilities at the last ``keep`` positions of one pass
+        (the ``S`` joint samples folded into the batch, sample-major, as :func:`pyro_moe.predict`); ``held``:
+        global draws held from an earlier pass of the same context."""
         options: dict[str, Any] = {"position_ids": token_positions(attention_mask), "use_cache": False}
         if "logits_to_keep" in inspect.signature(self.model.forward).parameters:
             options["logits_to_keep"] = keep
@@ -359,7 +378,7 @@ class PyroMoELM(TemplateLM):
             with (
                 routing_context(mode=self.mode, local_reparameterization=self.mode is PredictiveMode.ROUTING_AVERAGE),
                 pyro.plate("samples", self.num_samples, dim=PARTICLE_DIM),
-                held,
+                held if held is not None else contextlib.nullcontext(),
                 self.guide.posterior(input_ids, attention_mask) if self.guide is not None else contextlib.nullcontext(),
             ):
                 logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **options).logits

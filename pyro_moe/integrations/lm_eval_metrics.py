@@ -1,12 +1,15 @@
 """Calibration and uncertainty of multiple-choice harness tasks, from the harness's logged samples.
 
 For every question of a ``multiple_choice`` task the harness logs each choice's log-likelihood
-(:class:`~pyro_moe.integrations.lm_eval.PyroMoELM`'s posterior predictive ``log p(choice | question)``).
-The **normalised choice distribution** is their softmax over the question's choices; its NLL, ECE and
-Brier score against the gold choice are computed with :mod:`pyro_moe.evaluation.metrics`. The model's
-per-draw log-likelihoods (:attr:`PyroMoELM.draw_log_likelihoods`) give every draw's choice distribution,
-so the **mutual information** between the answer and the draws, ``H[mean_s p_s] - mean_s H[p_s]`` (0 in
-routing-average or for a plain model). Questions of different sizes are padded with choices of
+(:class:`~pyro_moe.integrations.lm_eval.PyroMoELM`'s posterior predictive ``log p(choice | question)``),
+and the model keeps every choice's log-likelihood under every draw ``s``
+(:attr:`PyroMoELM.draw_log_likelihoods`). Every draw's **choice distribution** ``p_s`` is the softmax of
+its log-likelihoods over the question's choices; the **normalised choice distribution** is their mean
+``mean_s p_s``, the model-average predictive of ``pyro-moe evaluate`` (the mean over draws of each draw's
+normalised answer distribution; in routing-average or for a plain model there is one draw, and it is the
+softmax of the logged log-likelihoods). Its NLL, ECE and Brier score against the gold choice are computed
+with :mod:`pyro_moe.evaluation.metrics`, and the **mutual information** between the answer and the draws is
+``H[mean_s p_s] - mean_s H[p_s]`` (0 with one draw). Questions of different sizes are padded with choices of
 probability 0, which changes none of the figures.
 
 Example::
@@ -37,7 +40,8 @@ class ChoiceSet:
     """The questions of one multiple-choice task.
 
     Attributes:
-        probs: ``(questions, choices)`` normalised choice distributions (0 for a question's missing choices).
+        probs: ``(questions, choices)`` normalised choice distributions, ``sample_probs.mean(0)`` (0 for a
+            question's missing choices).
         sample_probs: ``(draws, questions, choices)`` every draw's normalised choice distribution.
         labels: ``(questions,)`` the gold choice.
         harness_accuracy: the harness's own ``acc`` of the task, if it reported one.
@@ -82,11 +86,10 @@ def choice_sets(results: Mapping[str, Any], draws: Mapping[tuple[str, str], Tens
         log_likelihoods = torch.full((draws_count, len(questions), choices), -math.inf, dtype=torch.float64)
         for row, (values, _) in enumerate(questions):
             log_likelihoods[:, row, : values.shape[1]] = values.expand(draws_count, -1)
-        sample_probs = log_likelihoods.softmax(-1)
-        average = torch.logsumexp(log_likelihoods, 0) - math.log(draws_count)  # the logged log mean_s p_s
+        sample_probs = log_likelihoods.softmax(-1)  # every draw's choice distribution p_s
         accuracy = results["results"].get(task, {}).get("acc,none")
         sets[task] = ChoiceSet(
-            probs=average.softmax(-1),
+            probs=sample_probs.mean(0),  # mean_s p_s, as the MI and pyro-moe evaluate's model-average
             sample_probs=sample_probs,
             labels=torch.tensor([label for _, label in questions]),
             harness_accuracy=None if accuracy is None else float(accuracy),

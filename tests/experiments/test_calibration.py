@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pyro_moe import ConfigurationError
+from pyro_moe.data import DEFAULT_TEMPLATE
 from pyro_moe.evaluation.bootstrap import BootstrapSettings, compare_calibration
 from pyro_moe.evaluation.metrics import calibration_report
 from pyro_moe.evaluation.temperature_scaling import fit_temperature
@@ -26,8 +27,10 @@ from pyro_moe.experiments.evaluation import (
     verdict_line,
     write_results,
 )
+from pyro_moe.experiments.ood import OoDSettings
 from pyro_moe.inference import presets
 from pyro_moe.inference.presets import family_specs, fit_families
+from pyro_moe.random_streams import question_seed, seeded
 from tests.experiments.tiny_evaluation import direct_answer_probs, tiny_inputs, tiny_posteriors
 
 
@@ -154,6 +157,34 @@ def test_baseline_families_by_name_get_their_setups_and_expert_sites_model_avera
     modes = {(row["method"], row["mode"]) for row in results.rows}
     assert {("temp-sampling", MODES[0]), ("temp-sampling", MODES[1]), ("expert-laplace", "model-average")} <= modes
     assert ("expert-laplace", "routing-average") not in modes  # each joint sample runs its own experts
+
+
+def test_per_question_draws_predict_every_question_alone_under_its_own_seed():
+    """``draws="per-question"``: every question's probabilities are those of ``predict`` on its prompt alone under
+    ``seeded(question_seed(seed, prompt))``, whatever the batch size and the order of the questions."""
+    model, tokenizer, splits, letters = tiny_inputs()
+    posteriors = tiny_posteriors(model, tokenizer, splits, letters)
+    settings = CalibrationSettings(num_samples=3, batch_size=10, seed=5, draws="per-question")
+    results = calibration_experiment(model, tokenizer, splits, posteriors, settings)
+    reversed_splits = dict(splits, test=splits["test"][::-1])  # other batches, other neighbours, other padding
+    again = calibration_experiment(
+        model, tokenizer, reversed_splits, posteriors, dataclasses.replace(settings, batch_size=7)
+    )
+    for name, posterior in posteriors.items():
+        for mode in MODES:
+            direct = []
+            for example in splits["test"]:
+                input_ids = tokenizer(DEFAULT_TEMPLATE.render(example), return_tensors="pt")["input_ids"]
+                with seeded(question_seed(5, input_ids)):
+                    direct.append(posterior.predict(input_ids, num_samples=3, mode=mode).probs)
+            torch.testing.assert_close(results.probs[name, mode], torch.cat(direct), atol=1e-6, rtol=0)
+            torch.testing.assert_close(again.probs[name, mode], results.probs[name, mode].flip(0), atol=1e-6, rtol=0)
+
+
+def test_unknown_draws_are_refused_when_the_settings_are_built():
+    for settings in (CalibrationSettings, OoDSettings):
+        with pytest.raises(ConfigurationError, match="unknown draws 'per-row'; accepted: per-batch, per-question"):
+            settings(draws="per-row")
 
 
 def test_bad_input_is_refused_before_anything_is_fitted(monkeypatch):

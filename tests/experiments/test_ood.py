@@ -4,6 +4,7 @@ the posteriors' own samples), which scores each method has, files, CLI, bad inpu
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pyro
@@ -12,11 +13,13 @@ import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from pyro_moe import ConfigurationError
+from pyro_moe.data import DEFAULT_TEMPLATE
 from pyro_moe.evaluation.bootstrap import BootstrapSettings, compare_auroc
 from pyro_moe.experiments import evaluation, ood
 from pyro_moe.experiments.evaluation import DETERMINISTIC, MODES, TEMPERATURE_SCALING, split_batches, write_results
 from pyro_moe.experiments.ood import SCORES, OoDSettings, ood_experiment, run_ood
 from pyro_moe.inference import presets
+from pyro_moe.random_streams import question_seed, seeded
 from tests.experiments.tiny_evaluation import direct_answer_probs, tiny_inputs, tiny_posteriors
 
 
@@ -85,6 +88,28 @@ def test_rows_equal_sklearn_on_scores_recomputed_directly(tmp_path):
     assert len(paths["plots"]) == 2 * (2 + len(posteriors) * len(MODES))
     for path in paths["plots"]:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_per_question_scores_are_those_of_every_question_predicted_alone():
+    """``draws="per-question"``: the mutual information and router-logit variance of every question, by hand
+    from ``predict`` on its prompt alone (no padding) under ``seeded(question_seed(seed, prompt))``."""
+    model, tokenizer, splits, letters = tiny_inputs()
+    (posterior,) = tiny_posteriors(model, tokenizer, splits, letters, families=("mfvr",)).values()
+    settings = OoDSettings(num_samples=4, batch_size=8, seed=3, examples=8, modes=["model-average"])
+    results = ood_experiment(model, tokenizer, splits, {"mfvr": posterior}, replace(settings, draws="per-question"))
+    for split in ("test", "near_ood"):
+        information, variance = [], []
+        for example in splits[split][:8]:
+            ids = tokenizer(DEFAULT_TEMPLATE.render(example), return_tensors="pt")["input_ids"]
+            with seeded(question_seed(3, ids)):
+                prediction = posterior.predict(ids, num_samples=4, return_samples=True, return_router_logits=True)
+            samples = prediction.sample_probs
+            information.append((_entropy(samples.mean(0)) - _entropy(samples).mean(0)).clamp_min(0))
+            per_layer = [logits.var(0).mean(-1).mean(-1) for logits in prediction.router_logits.values()]
+            variance.append(torch.stack(per_layer).mean(0))
+        measured = results.scores[split]["mfvr", "model-average"]
+        torch.testing.assert_close(measured["mutual information"], torch.cat(information))
+        torch.testing.assert_close(measured["router-logit variance"], torch.cat(variance))
 
 
 def test_every_auroc_carries_the_paired_interval_against_the_baseline_score(tmp_path):

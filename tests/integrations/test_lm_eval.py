@@ -1,6 +1,7 @@
 """The lm-evaluation-harness model ``pyro-moe``: at the prior mean it scores as the harness's own ``HFLM``
 on the unpatched model; model-average log-likelihoods are an explicit average over seeded draws; the
-choices of one question share their draws; bad ``model_args`` end before any task is loaded."""
+choices of one question share their draws, and one-token choices are read from one pass whose draws are those
+of ``predict`` on the prompt under the question's seed; bad ``model_args`` end before any task is loaded."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from pyro_moe import at_prior_mean, fit, patch_routers
 from pyro_moe.core.routing_context import PARTICLE_DIM, routing_context
 from pyro_moe.errors import PyroMoEError
 from pyro_moe.guides.router_guide import is_local_site
+from pyro_moe.inference.predictive import predict
+from pyro_moe.random_streams import question_seed, seeded
 from tests.helpers import ANSWERS, mcqa_batches
 from tests.tiny_models import tiny_model, tiny_tokenizer
 
@@ -155,13 +158,47 @@ def test_the_choices_of_one_question_share_their_draws():
     adapter = PyroMoELM(model=global_patch(), tokenizer=tiny_tokenizer(), num_samples=2, batch_size=1)
     recorder = GlobalDraws()
     with recorder:
-        adapter.loglikelihood(requests_of(QUESTIONS[:2]))  # 4 + 2 choices, one pass each
-    assert len(recorder.passes) == 6
-    first, second = recorder.passes[:4], recorder.passes[4:]
-    for group in (first, second):
-        for draws in group[1:]:
-            assert all(torch.equal(draws[name], group[0][name]) for name in group[0])
-    assert not all(torch.equal(first[0][name], second[0][name]) for name in first[0])  # another question
+        adapter.loglikelihood(requests_of(QUESTIONS[:2]))
+    # question 1 ("the sky" is two tokens): one pass per choice (batch_size 1); question 2 ("yes", "no" are one
+    # token each): one pass over its context for both choices
+    assert len(recorder.passes) == 5
+    first, second = recorder.passes[:4], recorder.passes[4]
+    for draws in first[1:]:
+        assert all(torch.equal(draws[name], first[0][name]) for name in first[0])
+    assert not all(torch.equal(first[0][name], second[name]) for name in first[0])  # another question
+
+
+def sample_sites(trace: pyro.poutine.Trace) -> list[tuple[str, torch.Tensor]]:
+    """Every sample site of a trace, in order, with its value."""
+    return [(name, site["value"]) for name, site in trace.nodes.items() if site["type"] == "sample"]
+
+
+@pytest.mark.parametrize("mode", ["model-average", "routing-average"])
+def test_one_token_choices_are_read_from_one_pass_with_the_draws_of_predict_on_the_prompt(mode):
+    """The choices ``yes`` / ``no`` of one context: one pass over the context alone whose every draw (global and
+    per-token, recorded by a trace) is the draw of :func:`pyro_moe.predict` on the prompt (batch 1) under the
+    question's seed, and whose per-draw log-likelihoods are that prediction's per-draw probabilities."""
+    handle = patch_routers(tiny_model(FAMILY), {"weight": 0.5, "logits": 1.0})
+    posterior = fit(handle, mcqa_batches(1), "mean-field+mfvr", answer_token_ids=ANSWERS, steps=2, progress=False)
+    tokenizer = tiny_tokenizer()
+    adapter = PyroMoELM(model=posterior, tokenizer=tokenizer, mode=mode, num_samples=3, seed=7)
+    context, choices, _ = QUESTIONS[1]
+    with pyro.poutine.trace() as ours:  # a second pass would repeat the site names: the trace would refuse it
+        adapter.loglikelihood(requests_of([QUESTIONS[1]]))
+    ids = tokenizer.encode(context)
+    with seeded(question_seed(7, ids)), pyro.poutine.trace() as theirs:
+        prediction = predict(
+            posterior.patch, torch.tensor([ids]), num_samples=3, mode=mode, guide=posterior.guide, return_samples=True
+        )
+    ours_sites, theirs_sites = sample_sites(ours.trace), sample_sites(theirs.trace)
+    assert [name for name, _ in ours_sites] == [name for name, _ in theirs_sites]
+    assert any(value.dim() > 2 for _, value in ours_sites)  # per-token draws are among them
+    for (name, value), (_, expected) in zip(ours_sites, theirs_sites, strict=True):
+        assert torch.equal(value, expected), name
+    for choice in choices:
+        (token,) = tokenizer.encode(context + " " + choice)[len(ids) :]
+        expected = prediction.sample_probs[:, 0, token].double().log()
+        torch.testing.assert_close(adapter.draw_log_likelihoods[context, " " + choice], expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(

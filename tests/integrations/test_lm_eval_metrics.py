@@ -1,5 +1,6 @@
-"""Calibration of logged multiple-choice samples: the mutual information and the OoD AUROC against
-computations by hand (NumPy) and scikit-learn, questions of different sizes padded without effect."""
+"""Calibration of logged multiple-choice samples: the normalised choice distribution (the mean over draws of
+every draw's choice distribution), its NLL, Brier and accuracy, the mutual information and the OoD AUROC
+against computations by hand (NumPy) and scikit-learn, questions of different sizes padded without effect."""
 
 from __future__ import annotations
 
@@ -33,13 +34,13 @@ def entropy(probs: np.ndarray) -> np.ndarray:
     return -(probs * np.log(probs)).sum(-1)
 
 
-def by_hand(per_draw: np.ndarray) -> tuple[float, float]:
-    """Mutual information and predictive entropy of one question's ``(draws, choices)`` log-likelihoods."""
+def by_hand(per_draw: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """Mutual information, predictive entropy and normalised choice distribution ``mean_s p_s`` of one
+    question's ``(draws, choices)`` log-likelihoods."""
     probs = np.exp(per_draw - per_draw.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    averaged = np.exp(per_draw).mean(0)
-    averaged /= averaged.sum()
-    return entropy(probs.mean(0)) - entropy(probs).mean(), entropy(averaged)
+    probs /= probs.sum(-1, keepdims=True)  # every draw's choice distribution p_s
+    averaged = probs.mean(0)
+    return entropy(averaged) - entropy(probs).mean(), entropy(averaged), averaged
 
 
 def test_mutual_information_and_ood_auroc_by_hand():
@@ -60,6 +61,13 @@ def test_mutual_information_and_ood_auroc_by_hand():
         assert report["tasks"][task]["mean_mutual_information"] == pytest.approx(mi, abs=1e-5)
         mean_entropy = np.mean([f[1] for f in figures[task]])
         assert report["tasks"][task]["mean_predictive_entropy"] == pytest.approx(mean_entropy, abs=1e-5)
+        answers = [(f[2], sample["target"]) for f, sample in zip(figures[task], samples, strict=True)]
+        nll = np.mean([-np.log(probs[target]) for probs, target in answers])
+        brier = np.mean([((probs - np.eye(len(probs))[target]) ** 2).sum() for probs, target in answers])
+        accuracy = np.mean([probs.argmax() == target for probs, target in answers])
+        assert report["tasks"][task]["nll"] == pytest.approx(nll, abs=1e-5)
+        assert report["tasks"][task]["brier"] == pytest.approx(brier, abs=1e-5)
+        assert report["tasks"][task]["accuracy"] == pytest.approx(accuracy, abs=1e-6)
     labels = [0] * 5 + [1] * 4
     for index, kind in enumerate(("mutual_information", "predictive_entropy")):
         scores = [f[index] for f in figures["in"] + figures["ood"]]
