@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pyro_moe.cli.inputs import load_inputs
 from pyro_moe.cli.options import add_common, add_data_options, add_model_options, add_posterior_options
 from pyro_moe.cli.posterior import check_guides, parse_sites, resolve_layers
-from pyro_moe.cli.settings import DataOptions, ModelOptions, PosteriorOptions, RunOptions, command_entry
+from pyro_moe.cli.settings import DataOptions, FittingOptions, ModelOptions, RunOptions, command_entry
 
 __all__ = ["BenchOptions", "add_parser", "run_bench"]
 
@@ -22,7 +22,7 @@ class BenchOptions:
     run: RunOptions
     model: ModelOptions
     data: DataOptions
-    fitting: PosteriorOptions
+    fitting: FittingOptions
     guides: tuple[str, ...] | None = None
 
 

@@ -20,7 +20,7 @@ from pyro_moe.cli.options import (
     add_posterior_options,
 )
 from pyro_moe.cli.posterior import check_guides, fit_guides, parse_sites, resolve_layers
-from pyro_moe.cli.settings import DataOptions, ModelOptions, PosteriorOptions, RunOptions, command_entry
+from pyro_moe.cli.settings import DataOptions, FittingOptions, ModelOptions, RunOptions, command_entry
 
 __all__ = ["EvaluateOptions", "add_parser", "evaluate_text", "run_evaluate"]
 
@@ -33,7 +33,7 @@ class EvaluateOptions:
     run: RunOptions
     model: ModelOptions
     data: DataOptions
-    fitting: PosteriorOptions
+    fitting: FittingOptions
     guides: tuple[str, ...] | None = None
     posterior: Path | None = None
     allow_other_model: bool = False

@@ -23,7 +23,7 @@ from pyro_moe.cli.options import (
     positive_number,
 )
 from pyro_moe.cli.posterior import check_guides, fit_guides, fixed_layers, guide_steps, parse_sites, resolve_layers
-from pyro_moe.cli.settings import DataOptions, ModelOptions, PosteriorOptions, RunOptions, from_namespace
+from pyro_moe.cli.settings import DataOptions, FittingOptions, ModelOptions, RunOptions, from_namespace
 
 if TYPE_CHECKING:
     from pyro_moe.inference.fitting import FittedPosterior
@@ -57,15 +57,15 @@ RESUMABLE_OPTIONS = ("checkpoint_every", "device", "device_map", "timeout")
 
 @dataclass(frozen=True)
 class FitOptions:
-    """``fit`` and ``laplace``: the model, training data and posterior options; ``--guide`` or ``--recipe`` with
-    its ``--calibration-examples``, ``--scale`` or ``--scale-grid`` and ``--selection``; the checkpoints
-    (``--checkpoint-every``, ``--resume``); ``recorded``: the options that decide what is fitted, as the
-    checkpoint keeps them (:func:`recorded_options`)."""
+    """``fit`` and ``laplace``: the model, the training data and how the guide is fitted; ``--guide`` or
+    ``--recipe`` with its ``--calibration-examples``, ``--scale`` or ``--scale-grid`` and ``--selection``; the
+    checkpoints (``--checkpoint-every``, ``--resume``); ``recorded``: the options that decide what is fitted, as
+    the checkpoint keeps them (:func:`recorded_options`)."""
 
     run: RunOptions
     model: ModelOptions
     data: DataOptions
-    fitting: PosteriorOptions
+    fitting: FittingOptions
     guide: str | None = None
     recipe: str | None = None
     calibration_examples: int | None = None
@@ -260,7 +260,16 @@ def run_fit(options: FitOptions) -> None:
     else:
         inputs = load_inputs(options.model, options.data, ["train"])
         layers = resolve_layers(options.fitting, inputs, options.data, options.run.seed)
-        fitted = fit_guides(inputs, [guide], layers, options.fitting, options.data, options.run.seed, True, checkpoint)
+        fitted = fit_guides(
+            inputs,
+            [guide],
+            layers,
+            options.fitting,
+            options.data,
+            options.run.seed,
+            in_place=True,
+            checkpoint=checkpoint,
+        )
         posterior = fitted[guide]
     saved = _save(posterior, guide, options, checkpoint)
     if saved is None:

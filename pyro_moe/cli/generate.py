@@ -15,7 +15,7 @@ from pyro_moe.cli.errors import BadInput
 from pyro_moe.cli.inputs import check_path, load_model
 from pyro_moe.cli.options import add_allow_other_model, add_common, add_model_options, integer, positive_number
 from pyro_moe.cli.posterior import fixed_layers, parse_sites
-from pyro_moe.cli.settings import ModelOptions, PosteriorOptions, RunOptions, command_entry
+from pyro_moe.cli.settings import FittingOptions, ModelOptions, RunOptions, command_entry
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -30,7 +30,7 @@ class GenerateOptions:
 
     run: RunOptions
     model: ModelOptions
-    fitting: PosteriorOptions
+    fitting: FittingOptions
     prompt: str | None = None
     prompts: Path | None = None
     max_new_tokens: int = 32

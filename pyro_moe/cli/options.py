@@ -107,7 +107,7 @@ def add_data_options(parser: argparse.ArgumentParser, ood: bool = False, text: s
 
 
 def add_posterior_options(parser: argparse.ArgumentParser, guide: bool = True, recipe: bool = False) -> None:
-    """The posterior group (:class:`~pyro_moe.cli.settings.PosteriorOptions`), with ``--guide`` (``guide``)
+    """The posterior group (:class:`~pyro_moe.cli.settings.FittingOptions`), with ``--guide`` (``guide``)
     and the recipe's options (``recipe``: ``fit``)."""
     group = parser.add_argument_group("posterior")
     group.add_argument(

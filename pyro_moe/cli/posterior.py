@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from pyro_moe.cli.errors import BadInput
 from pyro_moe.cli.options import DEFAULT_STEPS
-from pyro_moe.cli.settings import DataOptions, PosteriorOptions
+from pyro_moe.cli.settings import DataOptions, FittingOptions
 
 if TYPE_CHECKING:
     from pyro_moe.cli.inputs import Inputs
@@ -31,7 +31,7 @@ __all__ = [
 logger = logging.getLogger("pyro_moe.cli")
 
 
-def parse_sites(options: PosteriorOptions) -> dict[str, Any] | None:
+def parse_sites(options: FittingOptions) -> dict[str, Any] | None:
     """``--sites`` (JSON, or comma-separated kinds) with ``--prior`` as the family of every sampled site."""
     sites: dict[str, Any] | None = None
     if options.sites is not None:
@@ -61,7 +61,7 @@ def parse_sites(options: PosteriorOptions) -> dict[str, Any] | None:
     return sites
 
 
-def guide_steps(options: PosteriorOptions) -> int:
+def guide_steps(options: FittingOptions) -> int:
     """The SVI steps of a guide fitted by name: ``--steps``, or :data:`DEFAULT_STEPS` (``fit``'s ``--steps``
     defaults to none, so that ``--recipe`` keeps its recipe's own)."""
     return DEFAULT_STEPS if options.steps is None else options.steps
@@ -88,7 +88,7 @@ def deterministic_stability(inputs: Inputs, data: DataOptions, k: int, seed: int
     return stability_experiment(inputs.model, inputs.tokenizer, inputs.splits, {}, settings)
 
 
-def fixed_layers(options: PosteriorOptions) -> str | list[int]:
+def fixed_layers(options: FittingOptions) -> str | list[int]:
     """``--layers`` where there are no MCQA questions to rank the layers on (``fit --text``, ``generate``):
     ``all`` or distinct indices; ``susceptible`` is refused."""
     if options.layers == ("all",):
@@ -110,7 +110,7 @@ def fixed_layers(options: PosteriorOptions) -> str | list[int]:
     return layers
 
 
-def resolve_layers(options: PosteriorOptions, inputs: Inputs, data: DataOptions, seed: int) -> str | list[int]:
+def resolve_layers(options: FittingOptions, inputs: Inputs, data: DataOptions, seed: int) -> str | list[int]:
     """``--layers``: ``all``, indices, or ``susceptible`` (the layers :func:`deterministic_stability` picks on
     the MCQA ``inputs``)."""
     if options.layers == ("susceptible",):
@@ -124,7 +124,7 @@ def fit_guides(
     inputs: Inputs,
     guides: Sequence[str],
     layers: Any,
-    options: PosteriorOptions,
+    options: FittingOptions,
     data: DataOptions,
     seed: int,
     in_place: bool = False,

@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
 
-__all__ = ["DataOptions", "ModelOptions", "PosteriorOptions", "RunOptions", "command_entry", "from_namespace"]
+__all__ = ["DataOptions", "FittingOptions", "ModelOptions", "RunOptions", "command_entry", "from_namespace"]
 
 Settings = TypeVar("Settings")
 
@@ -57,9 +57,10 @@ class DataOptions:
 
 
 @dataclass(frozen=True)
-class PosteriorOptions:
-    """The posterior group: ``--layers`` (``all``, ``susceptible`` or indices) with ``--susceptible-k``,
-    ``--sites`` and ``--prior`` as typed, ``--steps`` (``None``: a recipe's own) and ``--fit-examples``."""
+class FittingOptions:
+    """How guides are fitted (the posterior group): ``--layers`` (``all``, ``susceptible`` or indices) with
+    ``--susceptible-k``, ``--sites`` and ``--prior`` as typed, ``--steps`` (``None``: a recipe's own) and
+    ``--fit-examples``."""
 
     layers: tuple[str, ...] = ("all",)
     susceptible_k: int = 1
