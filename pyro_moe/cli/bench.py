@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pyro_moe.cli.inputs import load_inputs
 from pyro_moe.cli.options import add_common, add_data_options, add_model_options, add_posterior_options
 from pyro_moe.cli.posterior import check_guides, parse_sites, resolve_layers
-from pyro_moe.cli.settings import DataOptions, FittingOptions, ModelOptions, RunOptions, command_entry
+from pyro_moe.cli.settings import CommandEntry, DataOptions, FittingOptions, ModelOptions, RunOptions
 
 __all__ = ["BenchOptions", "add_parser", "run_bench"]
 
@@ -34,7 +34,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     add_posterior_options(bench, guide=False)
     bench.add_argument("--guides", nargs="+", help="guide families (default mean-field mfvr)")
     add_common(bench, "S, posterior samples per prediction (default 16)")
-    bench.set_defaults(run=command_entry(BenchOptions, run_bench), steps=10, fit_examples=64)
+    bench.set_defaults(run=CommandEntry(BenchOptions, run_bench), steps=10, fit_examples=64)
 
 
 def run_bench(options: BenchOptions) -> None:

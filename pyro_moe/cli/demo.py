@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pyro_moe.cli.options import integer
-from pyro_moe.cli.settings import RunOptions, command_entry
+from pyro_moe.cli.settings import CommandEntry, RunOptions
 
 __all__ = ["DemoOptions", "add_parser", "run_demo"]
 
@@ -31,7 +31,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     demo.add_argument("--samples", type=integer(1), default=None, help="S per prediction (default 8)")
     demo.add_argument("--seed", type=integer(0), default=0, help="seed (default 0)")
-    demo.set_defaults(run=command_entry(DemoOptions, run_demo))
+    demo.set_defaults(run=CommandEntry(DemoOptions, run_demo))
 
 
 def run_demo(options: DemoOptions) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from pyro_moe.atomic_files import write_atomically, write_text_atomically
 from pyro_moe.cli.inputs import check_path, load_inputs
 from pyro_moe.cli.options import add_allow_other_model, add_common, add_data_options, add_model_options
-from pyro_moe.cli.settings import DataOptions, ModelOptions, RunOptions, command_entry
+from pyro_moe.cli.settings import CommandEntry, DataOptions, ModelOptions, RunOptions
 
 __all__ = ["DiagnoseOptions", "add_parser", "run_diagnose"]
 
@@ -35,7 +35,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     diagnose.add_argument("--posterior", type=Path, required=True, help="a posterior folder written by pyro-moe fit")
     add_allow_other_model(diagnose)
     add_common(diagnose, "posterior draws of the export and the collapse report (default 100)")
-    diagnose.set_defaults(run=command_entry(DiagnoseOptions, run_diagnose))
+    diagnose.set_defaults(run=CommandEntry(DiagnoseOptions, run_diagnose))
 
 
 def run_diagnose(options: DiagnoseOptions) -> None:

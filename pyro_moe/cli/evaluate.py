@@ -20,7 +20,7 @@ from pyro_moe.cli.options import (
     add_posterior_options,
 )
 from pyro_moe.cli.posterior import check_guides, fit_guides, parse_sites, resolve_layers
-from pyro_moe.cli.settings import DataOptions, FittingOptions, ModelOptions, RunOptions, command_entry
+from pyro_moe.cli.settings import CommandEntry, DataOptions, FittingOptions, ModelOptions, RunOptions
 
 __all__ = ["EvaluateOptions", "add_parser", "evaluate_text", "run_evaluate"]
 
@@ -57,7 +57,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
             command.add_argument("--posterior", type=Path, help="a posterior folder written by pyro-moe fit")
             add_allow_other_model(command)
         add_common(command, "S, posterior samples per prediction (default 16)")
-        command.set_defaults(run=command_entry(EvaluateOptions, run_evaluate), samples=16)
+        command.set_defaults(run=CommandEntry(EvaluateOptions, run_evaluate), samples=16)
 
 
 def _posteriors(options: EvaluateOptions, inputs: Inputs, guides: list[str]) -> dict[str, Any]:

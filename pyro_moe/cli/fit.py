@@ -23,7 +23,7 @@ from pyro_moe.cli.options import (
     positive_number,
 )
 from pyro_moe.cli.posterior import check_guides, fit_guides, fixed_layers, guide_steps, parse_sites, resolve_layers
-from pyro_moe.cli.settings import DataOptions, FittingOptions, ModelOptions, RunOptions, from_namespace
+from pyro_moe.cli.settings import CommandEntry, DataOptions, FittingOptions, ModelOptions, RunOptions
 
 if TYPE_CHECKING:
     from pyro_moe.inference.fitting import FittedPosterior
@@ -35,9 +35,11 @@ __all__ = [
     "CHECKPOINT_STEPS",
     "MIN_ROWS",
     "RESUMABLE_OPTIONS",
+    "FitEntry",
     "FitOptions",
     "add_parser",
     "model_record",
+    "recorded_options",
     "run_checkpoint",
     "run_fit",
     "run_recipe",
@@ -116,7 +118,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
             help=f"the fewest usable training questions (documents) accepted (default {MIN_ROWS})",
         )
         add_common(command)
-        command.set_defaults(run=fit_entry)
+        command.set_defaults(run=FitEntry(FitOptions, run_fit))
 
 
 def recorded_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -127,9 +129,13 @@ def recorded_options(args: argparse.Namespace) -> dict[str, Any]:
     return {key: str(value) if isinstance(value, Path) else value for key, value in sorted(options.items())}
 
 
-def fit_entry(args: argparse.Namespace) -> None:
-    """``fit`` and ``laplace``'s entry: the parsed command line as :class:`FitOptions`, then :func:`run_fit`."""
-    run_fit(replace(from_namespace(FitOptions, args), recorded=recorded_options(args)))
+class FitEntry(CommandEntry[FitOptions]):
+    """``fit`` and ``laplace``'s entry: the parsed command line as :class:`FitOptions` with the options it
+    records (:func:`recorded_options`), then :func:`run_fit`."""
+
+    def settings_of(self, args: argparse.Namespace) -> FitOptions:
+        """The fit's settings, with ``recorded`` from the whole command line."""
+        return replace(super().settings_of(args), recorded=recorded_options(args))
 
 
 def _option_text(key: str, value: Any) -> str:

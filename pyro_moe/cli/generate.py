@@ -15,7 +15,7 @@ from pyro_moe.cli.errors import BadInput
 from pyro_moe.cli.inputs import check_path, load_model
 from pyro_moe.cli.options import add_allow_other_model, add_common, add_model_options, integer, positive_number
 from pyro_moe.cli.posterior import fixed_layers, parse_sites
-from pyro_moe.cli.settings import FittingOptions, ModelOptions, RunOptions, command_entry
+from pyro_moe.cli.settings import CommandEntry, FittingOptions, ModelOptions, RunOptions
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -88,7 +88,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     add_allow_other_model(generating)
     add_common(generating, "S, posterior samples per token (default 8)")
-    generating.set_defaults(run=command_entry(GenerateOptions, run_generate), samples=8)
+    generating.set_defaults(run=CommandEntry(GenerateOptions, run_generate), samples=8)
 
 
 def read_prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:

@@ -13,7 +13,7 @@ from pyro_moe.atomic_files import write_text_atomically
 from pyro_moe.cli.errors import BadInput
 from pyro_moe.cli.inputs import check_path, load_model
 from pyro_moe.cli.options import add_allow_other_model, add_common, add_model_options, integer
-from pyro_moe.cli.settings import ModelOptions, RunOptions, command_entry
+from pyro_moe.cli.settings import CommandEntry, ModelOptions, RunOptions
 
 __all__ = ["LmEvalOptions", "add_parser", "run_lm_eval"]
 
@@ -59,7 +59,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     add_allow_other_model(harness)
     add_common(harness, "S, posterior samples per question (default 8)")
-    harness.set_defaults(run=command_entry(LmEvalOptions, run_lm_eval), samples=8)
+    harness.set_defaults(run=CommandEntry(LmEvalOptions, run_lm_eval), samples=8)
 
 
 def _task_names(text: str | None, option: str) -> list[str]:

@@ -7,9 +7,9 @@ import argparse
 from collections.abc import Callable
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Any, TypeVar, get_type_hints
+from typing import Any, Generic, TypeVar, get_type_hints
 
-__all__ = ["DataOptions", "FittingOptions", "ModelOptions", "RunOptions", "command_entry", "from_namespace"]
+__all__ = ["CommandEntry", "DataOptions", "FittingOptions", "ModelOptions", "RunOptions", "from_namespace"]
 
 Settings = TypeVar("Settings")
 
@@ -86,10 +86,17 @@ def from_namespace(kind: type[Settings], args: argparse.Namespace) -> Settings:
     return kind(**values)
 
 
-def command_entry(kind: type[Settings], runner: Callable[[Settings], None]) -> Callable[[argparse.Namespace], None]:
-    """A command's entry (its parser's default ``run``): the parsed command line as ``kind``, given to ``runner``."""
+@dataclass(frozen=True)
+class CommandEntry(Generic[Settings]):
+    """A command's entry (its parser's default ``run``): the parsed command line as its ``settings`` dataclass
+    (:meth:`settings_of`, once), given to its ``runner``."""
 
-    def run(args: argparse.Namespace) -> None:
-        runner(from_namespace(kind, args))
+    settings: type[Settings]
+    runner: Callable[[Settings], None]
 
-    return run
+    def settings_of(self, args: argparse.Namespace) -> Settings:
+        """The command's settings from the parsed command line (:func:`from_namespace`)."""
+        return from_namespace(self.settings, args)
+
+    def __call__(self, args: argparse.Namespace) -> None:
+        self.runner(self.settings_of(args))

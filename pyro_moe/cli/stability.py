@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pyro_moe.cli.inputs import load_inputs
 from pyro_moe.cli.options import add_common, add_data_options, add_model_options, integer
 from pyro_moe.cli.posterior import deterministic_stability
-from pyro_moe.cli.settings import DataOptions, ModelOptions, RunOptions, command_entry
+from pyro_moe.cli.settings import CommandEntry, DataOptions, ModelOptions, RunOptions
 
 __all__ = ["StabilityOptions", "add_parser", "run_stability"]
 
@@ -32,7 +32,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--susceptible-k", type=integer(1), default=1, help="least stable layers reported (default 1)"
     )
     add_common(stability)
-    stability.set_defaults(run=command_entry(StabilityOptions, run_stability))
+    stability.set_defaults(run=CommandEntry(StabilityOptions, run_stability))
 
 
 def run_stability(options: StabilityOptions) -> None:
