@@ -144,8 +144,8 @@ def test_fit_patches_the_loaded_model_itself(saved, tmp_path, monkeypatch, comma
     """``fit`` and ``laplace`` patch the model they loaded (no deep copy of the MoE) and fit what
     ``fit_named_families`` fits on a copy (sites, layers, batches, prior precision chosen on the grid)."""
     loaded, patched = [], []
-    load_model, fit = cli.load_model, presets.fit
-    monkeypatch.setattr(cli, "load_model", lambda args: loaded.append(load_model(args)) or loaded[-1])
+    load_model, fit = cli.inputs.load_model, presets.fit
+    monkeypatch.setattr(cli.inputs, "load_model", lambda args: loaded.append(load_model(args)) or loaded[-1])
     monkeypatch.setattr(presets, "fit", lambda patch, *a, **k: patched.append(patch.model) or fit(patch, *a, **k))
     deepcopy = copy.deepcopy
 

@@ -223,7 +223,7 @@ def test_ctrl_c_before_the_steps_exits_130_with_one_line_and_no_traceback(saved,
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "load_model", interrupted)
+    monkeypatch.setattr(cli.inputs, "load_model", interrupted)
     assert main(_fit_argv(saved, tmp_path / "run")) == EXIT_INTERRUPTED
     err = capsys.readouterr().err
     assert "Traceback" not in err
