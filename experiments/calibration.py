@@ -32,7 +32,7 @@ Example::
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,15 +68,13 @@ from pyro_moe.experiments.evaluation import (
     split_labels,
     verdict_line,
 )
-from pyro_moe.experiments.runner import ExperimentCommand, run_experiment_command
+from pyro_moe.experiments.runner import experiment_command
 from pyro_moe.inference.presets import FamilySpec
 from pyro_moe.validation import check_integer
 
 __all__ = [
-    "CALIBRATION_COMMAND",
     "CalibrationResults",
     "CalibrationSettings",
-    "add_calibration_options",
     "calibration_experiment",
     "main",
     "run_calibration",
@@ -350,27 +348,18 @@ def run_calibration(
     return calibration_experiment(model, tokenizer, splits, posteriors, settings, answer_token_ids=answer_token_ids)
 
 
-def add_calibration_options(parser: argparse.ArgumentParser) -> None:
-    """The calibration command's own options: ``--test-examples``, ``--bins``."""
-    parser.add_argument("--test-examples", type=int, default=None, help="test questions to use (default all)")
-    parser.add_argument("--bins", type=int, default=DEFAULT_BINS, help=f"ECE bins (default {DEFAULT_BINS})")
-
-
-CALIBRATION_COMMAND = ExperimentCommand(
-    prog="python -m pyro_moe.experiments.calibration",
-    description="Calibration (ACC, NLL, ECE, MCE, Brier) of the deterministic model, temperature scaling and "
-    "Bayesian guide families under both predictive modes, on the embedded benchmark.",
-    settings=CalibrationSettings,
-    add_options=add_calibration_options,
+@experiment_command(
+    "python -m pyro_moe.experiments.calibration",
+    CalibrationSettings,
     option_names={"num_samples": "samples", "n_bins": "bins"},
     benchmark_sizes=True,
 )
-"""The command line of :func:`main` (run by :func:`~pyro_moe.experiments.runner.run_experiment_command`)."""
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: fit the families on the embedded benchmark and write the calibration report."""
-    run_experiment_command(CALIBRATION_COMMAND, run_calibration, argv)
+def main(parser: argparse.ArgumentParser) -> Callable[..., CalibrationResults]:
+    """Calibration (ACC, NLL, ECE, MCE, Brier) of the deterministic model, temperature scaling and Bayesian guide
+    families under both predictive modes, on the embedded benchmark."""
+    parser.add_argument("--test-examples", type=int, default=None, help="test questions to use (default all)")
+    parser.add_argument("--bins", type=int, default=DEFAULT_BINS, help=f"ECE bins (default {DEFAULT_BINS})")
+    return run_calibration
 
 
 if __name__ == "__main__":

@@ -61,16 +61,14 @@ from pyro_moe.experiments.evaluation import (
     posterior_modes,
     split_batches,
 )
-from pyro_moe.experiments.runner import ExperimentCommand, run_experiment_command
+from pyro_moe.experiments.runner import experiment_command
 from pyro_moe.inference.presets import FamilySpec
 from pyro_moe.validation import check_integer
 
 __all__ = [
     "COST_FIT",
-    "EFFICIENCY_COMMAND",
     "EfficiencyResults",
     "EfficiencySettings",
-    "add_efficiency_options",
     "count_flops",
     "efficiency_experiment",
     "main",
@@ -332,27 +330,18 @@ def run_efficiency(
     return efficiency_experiment(model, tokenizer, splits, posteriors, settings, answer_token_ids=answer_token_ids)
 
 
-def add_efficiency_options(parser: argparse.ArgumentParser) -> None:
-    """The efficiency command's own options: ``--split``, ``--repeats``."""
-    parser.add_argument("--split", default="test", help="split the measured batch comes from (default test)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per method (default 5)")
-
-
-EFFICIENCY_COMMAND = ExperimentCommand(
-    prog="python -m pyro_moe.experiments.efficiency",
-    description="Latency, peak memory and FLOPs per token of Bayesian guide families' predictions (both predictive "
-    "modes) against the deterministic model, on the embedded benchmark.",
-    settings=EfficiencySettings,
-    add_options=add_efficiency_options,
+@experiment_command(
+    "python -m pyro_moe.experiments.efficiency",
+    EfficiencySettings,
     steps=COST_FIT.steps,
     fit_examples=COST_FIT.examples,
 )
-"""The command line of :func:`main` (run by :func:`~pyro_moe.experiments.runner.run_experiment_command`)."""
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: measure the prediction cost of the families on the embedded benchmark."""
-    run_experiment_command(EFFICIENCY_COMMAND, run_efficiency, argv)
+def main(parser: argparse.ArgumentParser) -> Callable[..., EfficiencyResults]:
+    """Latency, peak memory and FLOPs per token of Bayesian guide families' predictions (both predictive modes)
+    against the deterministic model, on the embedded benchmark."""
+    parser.add_argument("--split", default="test", help="split the measured batch comes from (default test)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per method (default 5)")
+    return run_efficiency
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ Example::
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -51,18 +51,16 @@ from pyro_moe.experiments.evaluation import (
     split_batches,
 )
 from pyro_moe.experiments.ood import RocResults
-from pyro_moe.experiments.runner import ExperimentCommand, run_experiment_command
+from pyro_moe.experiments.runner import experiment_command
 from pyro_moe.inference.fitting import FittedPosterior
 from pyro_moe.inference.generation import Generation
 from pyro_moe.inference.presets import FamilySpec
 from pyro_moe.validation import check_integer
 
 __all__ = [
-    "GENERATION_COMMAND",
     "SCORES",
     "GenerationResults",
     "GenerationSettings",
-    "add_generation_options",
     "deterministic_entropy",
     "generation_experiment",
     "main",
@@ -280,30 +278,18 @@ def run_generation(
     return generation_experiment(model, tokenizer, splits, posteriors, settings)
 
 
-def add_generation_options(parser: argparse.ArgumentParser) -> None:
-    """The generation command's own options (and its default of 8 ``--samples``)."""
+@experiment_command("python -m pyro_moe.experiments.generation", GenerationSettings)
+def main(parser: argparse.ArgumentParser) -> Callable[..., GenerationResults]:
+    """OoD detection (AUROC, AUPRC, ROC curves) from generated answers: mean and max mutual information and mean
+    predictive entropy of the generated tokens, against the deterministic model's entropy, test against near_ood
+    and far_ood of the embedded benchmark."""
     parser.set_defaults(samples=8)
     parser.add_argument("--examples", type=int, default=None, help="questions per split (default all)")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="tokens generated per question (default 8)")
     parser.add_argument(
         "--ood-splits", nargs="+", default=["near_ood", "far_ood"], help="OoD splits (default near_ood far_ood)"
     )
-
-
-GENERATION_COMMAND = ExperimentCommand(
-    prog="python -m pyro_moe.experiments.generation",
-    description="OoD detection (AUROC, AUPRC, ROC curves) from generated answers: mean and max mutual "
-    "information and mean predictive entropy of the generated tokens, against the deterministic model's "
-    "entropy, test against near_ood and far_ood of the embedded benchmark.",
-    settings=GenerationSettings,
-    add_options=add_generation_options,
-)
-"""The command line of :func:`main` (run by :func:`~pyro_moe.experiments.runner.run_experiment_command`)."""
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: fit the families on the embedded benchmark and write the generation OoD report."""
-    run_experiment_command(GENERATION_COMMAND, run_generation, argv)
+    return run_generation
 
 
 if __name__ == "__main__":

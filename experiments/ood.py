@@ -35,7 +35,7 @@ Example::
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -71,16 +71,14 @@ from pyro_moe.experiments.evaluation import (
     split_batches,
     verdict_line,
 )
-from pyro_moe.experiments.runner import ExperimentCommand, run_experiment_command
+from pyro_moe.experiments.runner import experiment_command
 from pyro_moe.inference.presets import FamilySpec
 
 __all__ = [
-    "OOD_COMMAND",
     "SCORES",
     "OoDResults",
     "OoDSettings",
     "RocResults",
-    "add_ood_options",
     "main",
     "ood_experiment",
     "run_ood",
@@ -414,31 +412,18 @@ def run_ood(
     return ood_experiment(model, tokenizer, splits, posteriors, settings, answer_token_ids=answer_token_ids)
 
 
-def add_ood_options(parser: argparse.ArgumentParser) -> None:
-    """The OoD command's own options: ``--examples``, ``--ood-splits``."""
+@experiment_command("python -m pyro_moe.experiments.ood", OoDSettings, benchmark_sizes=True)
+def main(parser: argparse.ArgumentParser) -> Callable[..., OoDResults]:
+    """OoD detection (AUROC, AUPRC, ROC curves) of max-probability, entropy, mutual information and router-logit
+    variance for the deterministic model, temperature scaling and Bayesian guide families, test against near_ood
+    and far_ood of the embedded benchmark."""
     parser.add_argument(
         "--examples", type=int, default=None, help="questions per in-distribution and OoD split (default all)"
     )
     parser.add_argument(
         "--ood-splits", nargs="+", default=["near_ood", "far_ood"], help="OoD splits (default near_ood far_ood)"
     )
-
-
-OOD_COMMAND = ExperimentCommand(
-    prog="python -m pyro_moe.experiments.ood",
-    description="OoD detection (AUROC, AUPRC, ROC curves) of max-probability, entropy, mutual information and "
-    "router-logit variance for the deterministic model, temperature scaling and Bayesian guide families, "
-    "test against near_ood and far_ood of the embedded benchmark.",
-    settings=OoDSettings,
-    add_options=add_ood_options,
-    benchmark_sizes=True,
-)
-"""The command line of :func:`main` (run by :func:`~pyro_moe.experiments.runner.run_experiment_command`)."""
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: fit the families on the embedded benchmark and write the OoD report."""
-    run_experiment_command(OOD_COMMAND, run_ood, argv)
+    return run_ood
 
 
 if __name__ == "__main__":

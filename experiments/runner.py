@@ -1,35 +1,36 @@
 """One runner for the experiments' command lines.
 
-An experiment declares its command line once (:class:`ExperimentCommand`: its description, its settings
-dataclass, its own options and how they are named in the settings) and passes its run function;
-:func:`run_experiment_command` does what every experiment's ``main`` did: parse the options (the shared
-ones of :func:`~pyro_moe.experiments.command_options.add_common_arguments` first), build the fit and the
-experiment's settings, so a bad number is refused (exit code 2, one line) before the benchmark is loaded,
-run the experiment on the embedded benchmark, write ``metrics.json``, ``report.md`` and the PNGs and print
-the report. The studies with their own command lines (objectives, recipes) build their settings with
-:func:`parse_settings`.
+An experiment declares its command line once, with :func:`experiment_command`: its program name, its settings
+dataclass and how its options are named in the settings, and, in the decorated function, its own options and its
+run function (the function's docstring is the ``--help`` description). The decorator makes the experiment's
+``main(argv=None)``, which does what every experiment's ``main`` did: parse the options (the shared ones of
+:func:`~pyro_moe.experiments.command_options.add_common_arguments` first), build the fit and the experiment's
+settings, so a bad number is refused (exit code 2, one line) before the benchmark is loaded, run the experiment
+on the embedded benchmark, write ``metrics.json``, ``report.md`` and the PNGs and print the report. The studies
+with command lines of their own (objectives, recipes) build their settings with :func:`parse_settings`.
 
 Example::
 
-    CALIBRATION_COMMAND = ExperimentCommand(
-        prog="python -m pyro_moe.experiments.calibration",
-        description="Calibration of ...",
-        settings=CalibrationSettings,
-        add_options=add_calibration_options,     # --test-examples, --bins
-        option_names={"num_samples": "samples", "n_bins": "bins"},
-        benchmark_sizes=True,                    # --test-size, --ood-size
+    @experiment_command(
+        "python -m pyro_moe.experiments.calibration",
+        CalibrationSettings,
+        option_names={"num_samples": "samples", "n_bins": "bins"},   # settings field: option
+        benchmark_sizes=True,                                          # --test-size, --ood-size
     )
+    def main(parser: argparse.ArgumentParser) -> Callable[..., CalibrationResults]:
+        # its docstring: the --help description
+        parser.add_argument("--bins", type=int, default=DEFAULT_BINS, help="ECE bins")
+        return run_calibration
 
-    def main(argv=None):
-        run_experiment_command(CALIBRATION_COMMAND, run_calibration, argv)
+    main(["--out", "runs/calibration", "--bins", "0"])   # exit 2: n_bins must be a positive integer
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from pyro_moe.errors import PyroMoEError
@@ -43,7 +44,7 @@ from pyro_moe.experiments.command_options import (
 )
 from pyro_moe.experiments.reports import Results, write_results
 
-__all__ = ["SAMPLES_OPTION", "ExperimentCommand", "parse_settings", "run_experiment_command", "settings_from_options"]
+__all__ = ["SAMPLES_OPTION", "CommandDeclaration", "experiment_command", "parse_settings", "settings_from_options"]
 
 SAMPLES_OPTION = {"num_samples": "samples"}
 """The settings field the ``--samples`` option fills (the other fields share their option's name)."""
@@ -80,15 +81,30 @@ def parse_settings(
         parser.error(str(error))
 
 
-@dataclass(frozen=True, kw_only=True)
-class ExperimentCommand:
-    """An experiment's command line: the guide families it fits on the embedded benchmark, and its settings.
+CommandDeclaration = Callable[[argparse.ArgumentParser], Callable[..., Results]]
+"""An experiment's command: adds its own options to the parser and returns its run function (``run_calibration``,
+...; looked up when the command runs); its docstring is the ``--help`` description."""
 
-    Attributes:
-        description: the ``--help`` description.
-        settings: the experiment's settings dataclass (e.g. ``CalibrationSettings``), built from the options.
-        add_options: adds the experiment's own options to the parser (after the shared ones).
-        prog: the program name in ``--help`` and errors (``None``: argparse's).
+
+def experiment_command(
+    prog: str,
+    settings: Callable[..., Any],
+    *,
+    option_names: Mapping[str, str] = SAMPLES_OPTION,
+    steps: int = 200,
+    fit_examples: int = 512,
+    benchmark_sizes: bool = False,
+) -> Callable[[CommandDeclaration], Callable[[Sequence[str] | None], None]]:
+    """Turn an experiment's command declaration into its ``main(argv=None)``, which parses ``argv`` (the shared
+    options of :func:`~pyro_moe.experiments.command_options.add_common_arguments`, ``--test-size`` and
+    ``--ood-size`` with ``benchmark_sizes``, then the experiment's own), builds the fit and the experiment's
+    ``settings`` (:func:`settings_from_options` with ``option_names``), so a bad number is refused (exit code 2)
+    before the benchmark is loaded, runs the experiment on the embedded benchmark, writes ``metrics.json``,
+    ``report.md`` and the PNGs into ``--out`` and prints the report.
+
+    Args:
+        prog: the program name in ``--help`` and errors, e.g. ``"python -m pyro_moe.experiments.ood"``.
+        settings: the experiment's settings dataclass (e.g. ``OoDSettings``).
         option_names: ``{settings field: option}`` where the two names differ.
         steps: the default ``--steps`` (SVI steps per family).
         fit_examples: the default ``--fit-examples``.
@@ -96,40 +112,27 @@ class ExperimentCommand:
             splits enlarged with fresh questions).
     """
 
-    description: str
-    settings: Callable[..., Any]
-    add_options: Callable[[argparse.ArgumentParser], None]
-    prog: str | None = None
-    option_names: Mapping[str, str] = field(default_factory=lambda: dict(SAMPLES_OPTION))
-    steps: int = 200
-    fit_examples: int = 512
-    benchmark_sizes: bool = False
+    def command(declaration: CommandDeclaration) -> Callable[[Sequence[str] | None], None]:
+        def main(argv: Sequence[str] | None = None) -> None:
+            parser = argparse.ArgumentParser(prog=prog, description=inspect.getdoc(declaration))
+            add_common_arguments(parser, families=DEFAULT_FAMILIES, steps=steps, fit_examples=fit_examples)
+            if benchmark_sizes:
+                add_benchmark_size_arguments(parser)
+            run = declaration(parser)
+            args = parser.parse_args(argv)
+            try:  # the settings first: a bad number is refused before the benchmark is loaded
+                fitting = fit_settings(args)
+                built = settings_from_options(settings, args, option_names)
+                extend_to = benchmark_extension(args) if benchmark_sizes else None
+                results = evaluation.run_on_benchmark(run, args.families, built, fitting, extend_to)
+            except PyroMoEError as error:  # bad input: a one-line reason, exit code 2
+                parser.error(str(error))
+            paths = write_results(results, args.out)
+            print(results.to_markdown())
+            print("written:", paths["metrics"], paths["report"], *paths["plots"])
 
-    def parser(self) -> argparse.ArgumentParser:
-        """The parser: the shared options, the benchmark sizes if taken, then the experiment's own."""
-        parser = argparse.ArgumentParser(prog=self.prog, description=self.description)
-        add_common_arguments(parser, families=DEFAULT_FAMILIES, steps=self.steps, fit_examples=self.fit_examples)
-        if self.benchmark_sizes:
-            add_benchmark_size_arguments(parser)
-        self.add_options(parser)
-        return parser
+        for name in ("__module__", "__name__", "__qualname__", "__doc__"):  # its own signature: main(argv)
+            setattr(main, name, getattr(declaration, name))
+        return main
 
-
-def run_experiment_command(
-    command: ExperimentCommand, run: Callable[..., Results], argv: Sequence[str] | None = None
-) -> None:
-    """Parse ``argv`` as ``command`` says, build the fit and the experiment's settings (a bad number is
-    refused, exit code 2, before the benchmark is loaded), ``run`` the experiment (``run_calibration``,
-    ``run_ood``, ...) on the embedded benchmark, write its files into ``--out`` and print its report."""
-    parser = command.parser()
-    args = parser.parse_args(argv)
-    try:  # the settings first: a bad number is refused before the benchmark is loaded
-        fitting = fit_settings(args)
-        settings = settings_from_options(command.settings, args, command.option_names)
-        extend_to = benchmark_extension(args) if command.benchmark_sizes else None
-        results = evaluation.run_on_benchmark(run, args.families, settings, fitting, extend_to)
-    except PyroMoEError as error:  # bad input: a one-line reason, exit code 2
-        parser.error(str(error))
-    paths = write_results(results, args.out)
-    print(results.to_markdown())
-    print("written:", paths["metrics"], paths["report"], *paths["plots"])
+    return command

@@ -28,7 +28,7 @@ Example::
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,15 +65,13 @@ from pyro_moe.experiments.evaluation import (
     slug,
     split_batches,
 )
-from pyro_moe.experiments.runner import ExperimentCommand, run_experiment_command
+from pyro_moe.experiments.runner import experiment_command
 from pyro_moe.inference.presets import FamilySpec
 from pyro_moe.validation import check_integer, check_number
 
 __all__ = [
-    "STABILITY_COMMAND",
     "StabilityResults",
     "StabilitySettings",
-    "add_stability_options",
     "main",
     "posterior_stability",
     "run_stability",
@@ -327,9 +325,10 @@ def run_stability(
     return stability_experiment(model, tokenizer, splits, posteriors, settings)
 
 
-def add_stability_options(parser: argparse.ArgumentParser) -> None:
-    """The stability command's own options: the split, its questions, the noise level and the selection of the
-    susceptible layers (``--threshold`` or ``--k``)."""
+@experiment_command("python -m pyro_moe.experiments.stability", StabilitySettings)
+def main(parser: argparse.ArgumentParser) -> Callable[..., StabilityResults]:
+    """Per-layer Jaccard stability of the Top-K experts under router-input noise for the deterministic model and
+    Bayesian guide families, and the susceptible layers, on the embedded benchmark."""
     parser.add_argument("--split", default="calibration", help="split to measure (default calibration)")
     parser.add_argument("--examples", type=int, default=200, help="questions of the split (default 200)")
     parser.add_argument(
@@ -338,21 +337,7 @@ def add_stability_options(parser: argparse.ArgumentParser) -> None:
     selection = parser.add_mutually_exclusive_group()
     selection.add_argument("--threshold", type=float, default=None, help="susceptible: mean Jaccard below this")
     selection.add_argument("--k", type=int, default=None, help="susceptible: the k least stable layers (default 1)")
-
-
-STABILITY_COMMAND = ExperimentCommand(
-    prog="python -m pyro_moe.experiments.stability",
-    description="Per-layer Jaccard stability of the Top-K experts under router-input noise for the deterministic "
-    "model and Bayesian guide families, and the susceptible layers, on the embedded benchmark.",
-    settings=StabilitySettings,
-    add_options=add_stability_options,
-)
-"""The command line of :func:`main` (run by :func:`~pyro_moe.experiments.runner.run_experiment_command`)."""
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: measure routing stability on the embedded benchmark and write the report."""
-    run_experiment_command(STABILITY_COMMAND, run_stability, argv)
+    return run_stability
 
 
 if __name__ == "__main__":
