@@ -31,6 +31,7 @@ import argparse
 import dataclasses
 import inspect
 from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 from pyro_moe.errors import PyroMoEError
@@ -46,7 +47,7 @@ from pyro_moe.experiments.reports import Results, write_results
 
 __all__ = ["SAMPLES_OPTION", "CommandDeclaration", "experiment_command", "parse_settings", "settings_from_options"]
 
-SAMPLES_OPTION = {"num_samples": "samples"}
+SAMPLES_OPTION = MappingProxyType({"num_samples": "samples"})
 """The settings field the ``--samples`` option fills (the other fields share their option's name)."""
 
 SettingsT = TypeVar("SettingsT")
