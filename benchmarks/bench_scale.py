@@ -79,7 +79,7 @@ from pyro_moe import at_prior_mean, fit, patch_routers, predict
 from pyro_moe.core.curvature_targets import expert_targets
 from pyro_moe.experiments.efficiency import measure_peak_memory
 from pyro_moe.guides.laplace.kronecker_curvature import CurvatureRun, kronecker_curvature
-from pyro_moe.inference.fitting import _frozen, _training
+from pyro_moe.inference.fitted_posterior import _frozen, _training
 from pyro_moe.models.router_patch import RouterPatch
 
 ANSWER_IDS = torch.tensor([10, 11, 12, 13])

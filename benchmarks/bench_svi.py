@@ -48,7 +48,7 @@ from transformers import GraniteMoeConfig, GraniteMoeForCausalLM
 from pyro_moe import patch_routers
 from pyro_moe.guides.amortized import AmortizedLogitGuide
 from pyro_moe.guides.router_guide import RouterGuide
-from pyro_moe.inference.fitting import _frozen
+from pyro_moe.inference.fitted_posterior import _frozen
 from pyro_moe.inference.options import TrainingOptions
 from pyro_moe.inference.svi import SVIEngine
 from pyro_moe.models.likelihoods import MCQALikelihood

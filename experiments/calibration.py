@@ -32,7 +32,7 @@ Example::
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from pyro_moe.data import MCQAExample
-from pyro_moe.errors import ConfigurationError, PyroMoEError
+from pyro_moe.errors import ConfigurationError
 from pyro_moe.evaluation.bootstrap import BootstrapSettings, PairedComparison, compare_calibration
 from pyro_moe.evaluation.metrics import DEFAULT_BINS, ReliabilityDiagram, calibration_report, reliability_diagram_data
 from pyro_moe.evaluation.plots import plot_reliability_diagram
@@ -51,33 +51,34 @@ from pyro_moe.experiments.evaluation import (
     FitSettings,
     MCQAPredictionSettings,
     Posterior,
-    add_benchmark_size_arguments,
-    add_common_arguments,
-    benchmark_extension,
     check_count,
     check_posteriors,
     check_splits,
     default_answer_token_ids,
     deterministic_logits,
     fit_named_families,
-    fit_settings,
     fit_temperature_scaling,
     interval_cells,
     interval_note,
     markdown_table,
     posterior_modes,
     predict_batches,
-    run_on_benchmark,
     slug,
     split_batches,
     split_labels,
     verdict_line,
-    write_results,
 )
+from pyro_moe.experiments.runner import experiment_command
 from pyro_moe.inference.presets import FamilySpec
 from pyro_moe.validation import check_integer
 
-__all__ = ["CalibrationResults", "CalibrationSettings", "calibration_experiment", "main", "run_calibration"]
+__all__ = [
+    "CalibrationResults",
+    "CalibrationSettings",
+    "calibration_experiment",
+    "main",
+    "run_calibration",
+]
 
 COLUMNS = ("method", "mode", "accuracy", "nll", "ece", "mce", "brier", "confidence", "count")
 COMPARED = ("accuracy", "nll", "ece", "brier")
@@ -349,33 +350,18 @@ def run_calibration(
     return calibration_experiment(model, tokenizer, splits, posteriors, settings, answer_token_ids=answer_token_ids)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: fit the families on the embedded benchmark and write the calibration report."""
-    parser = argparse.ArgumentParser(
-        prog="python -m pyro_moe.experiments.calibration",
-        description="Calibration (ACC, NLL, ECE, MCE, Brier) of the deterministic model, temperature scaling and "
-        "Bayesian guide families under both predictive modes, on the embedded benchmark.",
-    )
-    add_common_arguments(parser, families=DEFAULT_FAMILIES, steps=200)
-    add_benchmark_size_arguments(parser)
+@experiment_command(
+    "python -m pyro_moe.experiments.calibration",
+    CalibrationSettings,
+    option_names={"num_samples": "samples", "n_bins": "bins"},
+    benchmark_sizes=True,
+)
+def main(parser: argparse.ArgumentParser) -> Callable[..., CalibrationResults]:
+    """Calibration (ACC, NLL, ECE, MCE, Brier) of the deterministic model, temperature scaling and Bayesian guide
+    families under both predictive modes, on the embedded benchmark."""
     parser.add_argument("--test-examples", type=int, default=None, help="test questions to use (default all)")
     parser.add_argument("--bins", type=int, default=DEFAULT_BINS, help=f"ECE bins (default {DEFAULT_BINS})")
-    args = parser.parse_args(argv)
-    try:  # the settings first: a bad number is refused before the benchmark is loaded
-        fitting = fit_settings(args)
-        settings = CalibrationSettings(
-            num_samples=args.samples,
-            test_examples=args.test_examples,
-            batch_size=args.batch_size,
-            n_bins=args.bins,
-            seed=args.seed,
-        )
-        results = run_on_benchmark(run_calibration, args.families, settings, fitting, benchmark_extension(args))
-    except PyroMoEError as error:  # bad input: a one-line reason, exit code 2
-        parser.error(str(error))
-    paths = write_results(results, args.out)
-    print(results.to_markdown())
-    print("written:", paths["metrics"], paths["report"], *paths["plots"])
+    return run_calibration
 
 
 if __name__ == "__main__":

@@ -45,7 +45,6 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from pyro_moe.data import MCQAExample
-from pyro_moe.errors import PyroMoEError
 from pyro_moe.evaluation.plots import plot_efficiency_bars
 from pyro_moe.experiments.evaluation import (
     DEFAULT_FAMILIES,
@@ -53,19 +52,16 @@ from pyro_moe.experiments.evaluation import (
     FitSettings,
     Posterior,
     PredictionSettings,
-    add_common_arguments,
     check_posteriors,
     check_splits,
     default_answer_token_ids,
     deterministic_logits,
     fit_named_families,
-    fit_settings,
     markdown_table,
     posterior_modes,
-    run_on_benchmark,
     split_batches,
-    write_results,
 )
+from pyro_moe.experiments.runner import experiment_command
 from pyro_moe.inference.presets import FamilySpec
 from pyro_moe.validation import check_integer
 
@@ -334,32 +330,18 @@ def run_efficiency(
     return efficiency_experiment(model, tokenizer, splits, posteriors, settings, answer_token_ids=answer_token_ids)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: measure the prediction cost of the families on the embedded benchmark."""
-    parser = argparse.ArgumentParser(
-        prog="python -m pyro_moe.experiments.efficiency",
-        description="Latency, peak memory and FLOPs per token of Bayesian guide families' predictions (both predictive "
-        "modes) against the deterministic model, on the embedded benchmark.",
-    )
-    add_common_arguments(parser, families=DEFAULT_FAMILIES, steps=COST_FIT.steps, fit_examples=COST_FIT.examples)
+@experiment_command(
+    "python -m pyro_moe.experiments.efficiency",
+    EfficiencySettings,
+    steps=COST_FIT.steps,
+    fit_examples=COST_FIT.examples,
+)
+def main(parser: argparse.ArgumentParser) -> Callable[..., EfficiencyResults]:
+    """Latency, peak memory and FLOPs per token of Bayesian guide families' predictions (both predictive modes)
+    against the deterministic model, on the embedded benchmark."""
     parser.add_argument("--split", default="test", help="split the measured batch comes from (default test)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per method (default 5)")
-    args = parser.parse_args(argv)
-    try:  # the settings first: a bad number is refused before the benchmark is loaded
-        fitting = fit_settings(args)
-        settings = EfficiencySettings(
-            num_samples=args.samples,
-            split=args.split,
-            batch_size=args.batch_size,
-            repeats=args.repeats,
-            seed=args.seed,
-        )
-        results = run_on_benchmark(run_efficiency, args.families, settings, fitting)
-    except PyroMoEError as error:  # bad input: a one-line reason, exit code 2
-        parser.error(str(error))
-    paths = write_results(results, args.out)
-    print(results.to_markdown())
-    print("written:", paths["metrics"], paths["report"], *paths["plots"])
+    return run_efficiency
 
 
 if __name__ == "__main__":

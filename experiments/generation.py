@@ -24,7 +24,7 @@ Example::
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -35,26 +35,23 @@ from tqdm.auto import tqdm
 
 from pyro_moe.core.routing_context import PredictiveMode
 from pyro_moe.data import MCQAExample
-from pyro_moe.errors import ConfigurationError, PyroMoEError
+from pyro_moe.errors import ConfigurationError
 from pyro_moe.evaluation.metrics import ood_auprc, ood_auroc
 from pyro_moe.experiments.evaluation import (
     DEFAULT_FAMILIES,
     DETERMINISTIC,
     FitSettings,
     PredictionSettings,
-    add_common_arguments,
     check_count,
     check_splits,
     default_answer_token_ids,
     fit_named_families,
-    fit_settings,
     markdown_table,
     posterior_modes,
-    run_on_benchmark,
     split_batches,
-    write_results,
 )
 from pyro_moe.experiments.ood import RocResults
+from pyro_moe.experiments.runner import experiment_command
 from pyro_moe.inference.fitting import FittedPosterior
 from pyro_moe.inference.generation import Generation
 from pyro_moe.inference.presets import FamilySpec
@@ -281,38 +278,18 @@ def run_generation(
     return generation_experiment(model, tokenizer, splits, posteriors, settings)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: fit the families on the embedded benchmark and write the generation OoD report."""
-    parser = argparse.ArgumentParser(
-        prog="python -m pyro_moe.experiments.generation",
-        description="OoD detection (AUROC, AUPRC, ROC curves) from generated answers: mean and max mutual "
-        "information and mean predictive entropy of the generated tokens, against the deterministic model's "
-        "entropy, test against near_ood and far_ood of the embedded benchmark.",
-    )
-    add_common_arguments(parser, families=DEFAULT_FAMILIES, steps=200)
+@experiment_command("python -m pyro_moe.experiments.generation", GenerationSettings)
+def main(parser: argparse.ArgumentParser) -> Callable[..., GenerationResults]:
+    """OoD detection (AUROC, AUPRC, ROC curves) from generated answers: mean and max mutual information and mean
+    predictive entropy of the generated tokens, against the deterministic model's entropy, test against near_ood
+    and far_ood of the embedded benchmark."""
     parser.set_defaults(samples=8)
     parser.add_argument("--examples", type=int, default=None, help="questions per split (default all)")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="tokens generated per question (default 8)")
     parser.add_argument(
         "--ood-splits", nargs="+", default=["near_ood", "far_ood"], help="OoD splits (default near_ood far_ood)"
     )
-    args = parser.parse_args(argv)
-    try:  # the settings first: a bad number is refused before the benchmark is loaded
-        fitting = fit_settings(args)
-        settings = GenerationSettings(
-            num_samples=args.samples,
-            ood_splits=args.ood_splits,
-            examples=args.examples,
-            max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size,
-            seed=args.seed,
-        )
-        results = run_on_benchmark(run_generation, args.families, settings, fitting)
-    except PyroMoEError as error:  # bad input: a one-line reason, exit code 2
-        parser.error(str(error))
-    paths = write_results(results, args.out)
-    print(results.to_markdown())
-    print("written:", paths["metrics"], paths["report"], *paths["plots"])
+    return run_generation
 
 
 if __name__ == "__main__":

@@ -41,11 +41,7 @@ Example::
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,21 +49,21 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from pyro_moe.atomic_files import write_text_atomically
 from pyro_moe.core.routing_context import PredictiveMode
 from pyro_moe.data import mcqa_batches
-from pyro_moe.diagnostics.collapse import CollapseReport, collapse_report
+from pyro_moe.diagnostics.collapse import collapse_report
 from pyro_moe.errors import ConfigurationError
-from pyro_moe.evaluation.bootstrap import BootstrapSettings, PairedComparison, compare_auroc, compare_calibration
+from pyro_moe.evaluation.bootstrap import compare_auroc, compare_calibration
 from pyro_moe.evaluation.metrics import calibration_report, ood_auroc, predictive_entropy
 from pyro_moe.experiments.benchmark_model import LoadedBenchmark, answer_probabilities
-from pyro_moe.experiments.evaluation import DETERMINISTIC, Predictions, interval_note, predict_batches, verdict_line
-from pyro_moe.experiments.guide_comparison import plot_elbo_curves
+from pyro_moe.experiments.evaluation import DETERMINISTIC, Predictions, predict_batches
+from pyro_moe.experiments.objective_results import ObjectiveStudy
+from pyro_moe.experiments.objective_settings import ObjectiveStudySettings
+from pyro_moe.experiments.runner import parse_settings
 from pyro_moe.inference.fitting import FittedPosterior, fit
 from pyro_moe.inference.predictive import RoutedPrediction, predict
 from pyro_moe.inference.selection import select_prior
 from pyro_moe.models.router_patch import RouterPatch, patch_routers
-from pyro_moe.validation import check_integer, check_number
 
 __all__ = ["ObjectiveStudy", "ObjectiveStudySettings", "main", "run_objective_study"]
 
@@ -84,186 +80,6 @@ MODEL_AVERAGE = PredictiveMode.MODEL_AVERAGE.value
 
 COMPARED = ("accuracy", "nll", "ece", "brier")
 """The test metrics compared with the deterministic model."""
-
-
-@dataclass(frozen=True)
-class ObjectiveStudySettings:
-    """What the study fits and evaluates.
-
-    Attributes:
-        prior_scale: the logit prior's (initial) standard deviation, also the guide's initial scale.
-        selection_scales: the grid of fixed prior scales the selected-prior baseline is chosen from
-            (at least one, each positive), a tuple once built.
-        layers: the Bayesian layers (as :func:`pyro_moe.patch_routers` takes them).
-        train_examples: the fit part: the first this many calibration questions, the only ones the
-            posteriors are fitted on.
-        selection_examples: the selection part: the last this many calibration questions, where the
-            baseline's scale is chosen by NLL; it must not overlap the fit part.
-        test_examples: questions of the test split every row is evaluated on.
-        ood_examples: questions of each OoD split (``near_ood``, ``far_ood``) the AUROC uses.
-        batch_size: minibatch size of the fits and of evaluation.
-        steps: SVI steps per fit.
-        lr: Adam step size.
-        num_particles: K of the importance-weighted bound.
-        num_samples: S joint draws of the ``model-average`` predictive (in the scale selection too,
-            and in the collapse report's ``az.summary``).
-        collapse_batches: test batches the collapse report runs on.
-        seed: seeds the fits and the predictive draws.
-        bootstrap: resamples, level and seed of the intervals against the deterministic model.
-    """
-
-    prior_scale: float = 0.3
-    selection_scales: Sequence[float] = (0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
-    layers: str | tuple[int, ...] = "all"
-    train_examples: int = 800
-    selection_examples: int = 200
-    test_examples: int = 1000
-    ood_examples: int = 1000
-    batch_size: int = 50
-    steps: int = 300
-    lr: float = 0.05
-    num_particles: int = 4
-    num_samples: int = 16
-    collapse_batches: int = 4
-    seed: int = 0
-    bootstrap: BootstrapSettings = field(default_factory=BootstrapSettings)
-
-    def __post_init__(self) -> None:
-        for name in (
-            "train_examples",
-            "selection_examples",
-            "test_examples",
-            "ood_examples",
-            "batch_size",
-            "steps",
-            "num_particles",
-            "num_samples",
-            "collapse_batches",
-        ):
-            check_integer(name, getattr(self, name))
-        for name in ("prior_scale", "lr"):
-            check_number(name, getattr(self, name))
-        scales = self.selection_scales
-        if isinstance(scales, str) or not isinstance(scales, Sequence) or not scales:
-            raise ConfigurationError(
-                f"selection_scales must be a non-empty sequence of positive numbers, got {scales!r}."
-            )
-        for index, scale in enumerate(scales):
-            check_number(f"selection_scales[{index}]", scale)
-        object.__setattr__(self, "selection_scales", tuple(float(scale) for scale in scales))
-
-
-@dataclass
-class ObjectiveStudy:
-    """What :func:`run_objective_study` returns.
-
-    Attributes:
-        table: one row per predictor (``deterministic``, ``prior``, ``prior (selected scale)``,
-            ``elbo``, ``iwae``): ``accuracy, nll, ece, mce, brier, confidence`` on the test
-            questions, ``near_ood_auroc_mi`` and ``far_ood_auroc_mi`` (AUROC of the mutual
-            information, test against each OoD split; missing (NaN) for the deterministic model,
-            whose mutual information is 0), the ``prior_scales`` (per layer), and for the fits the
-            smallest ``kl_per_dimension`` over the sites and the collapse flags
-            ``prior_collapse`` and ``deterministic`` (any site).
-        selection_nll: ``{grid scale: NLL of the unfitted prior at that scale on the selection part}``.
-        posteriors: the two fits, each on its own copy of the model (still patched).
-        collapse: the collapse report of each fit on the first test batches.
-        settings: the settings of the run.
-        comparisons: ``{predictor: {column: PairedComparison}}`` of every predictor but the
-            deterministic model against it (:data:`COMPARED` and the ``*_auroc_mi`` columns).
-        probs: ``{predictor: (examples, choices)}`` the test probabilities.
-        labels: ``(examples,)`` the test labels.
-    """
-
-    table: pd.DataFrame
-    selection_nll: dict[float, float]
-    posteriors: dict[str, FittedPosterior]
-    collapse: dict[str, CollapseReport]
-    settings: ObjectiveStudySettings
-    comparisons: dict[str, dict[str, PairedComparison]]
-    probs: dict[str, Tensor]
-    labels: Tensor
-
-    @property
-    def selected_scale(self) -> float:
-        """The grid scale with the lowest selection-part NLL (the first of the grid on a tie)."""
-        return min(self.selection_nll, key=self.selection_nll.__getitem__)
-
-    def to_json(self) -> dict[str, Any]:
-        """The table, the settings and the collapse tables as plain JSON values."""
-        return {
-            "settings": dataclasses.asdict(self.settings),
-            "selection": {
-                "scales": list(self.selection_nll),
-                "nll": list(self.selection_nll.values()),
-                "selected_scale": self.selected_scale,
-            },
-            "predictors": json.loads(self.table.to_json(orient="index")),
-            "comparisons": [
-                {"predictor": name, "column": column, **comparison.to_json()}
-                for name, found in self.comparisons.items()
-                for column, comparison in found.items()
-            ],
-            "collapse": {
-                case: json.loads(report.table.to_json(orient="records")) for case, report in self.collapse.items()
-            },
-        }
-
-    def to_markdown(self) -> str:
-        """The predictors' table as Markdown (figures to three decimals) and the scale selection under it."""
-        columns = [
-            "accuracy",
-            "nll",
-            "ece",
-            "brier",
-            "near_ood_auroc_mi",
-            "far_ood_auroc_mi",
-            "kl_per_dimension",
-            "prior_collapse",
-            "prior_scales",
-        ]
-        lines = ["| predictor | " + " | ".join(columns) + " |", "| --- |" + " ---: |" * len(columns)]
-        for name, row in self.table.iterrows():
-            cells = []
-            for column in columns:
-                value = row[column]
-                if column in self.comparisons.get(name, {}):
-                    cells.append(self.comparisons[name][column].format())
-                elif value is None or (isinstance(value, float) and math.isnan(value)):
-                    cells.append("")
-                elif isinstance(value, float):
-                    cells.append(f"{value:.3f}")
-                elif isinstance(value, list):
-                    cells.append(", ".join(f"{v:.2f}" for v in value))
-                else:
-                    cells.append(str(value))
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        grid = ", ".join(f"{scale:g}: {nll:.3f}" for scale, nll in self.selection_nll.items())
-        questions = f"{self.labels.shape[0]} test questions (the AUROCs: against its predictive entropy's)"
-        lines += ["", interval_note(DETERMINISTIC, self.settings.bootstrap, questions), ""]
-        lines += [f"- {verdict_line(name, found)}" for name, found in self.comparisons.items()]
-        lines += [
-            "",
-            f"Prior scale selected on the last {self.settings.selection_examples} calibration questions "
-            f"(not fitted on): {self.selected_scale:g}; selection NLL per scale: {grid}.",
-        ]
-        return "\n".join(lines) + "\n"
-
-    def write(self, folder: str | Path) -> dict[str, Path]:
-        """Write ``metrics.json``, ``report.md``, ``elbo.png`` (both fits' loss curves) and
-        ``collapse_<case>.png`` into ``folder``; returns the paths."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        paths = {"metrics": folder / "metrics.json", "report": folder / "report.md"}
-        write_text_atomically(paths["metrics"], json.dumps(self.to_json(), indent=2) + "\n")
-        title = "# Plain ELBO against the importance-weighted bound with learned prior scales\n\n"
-        write_text_atomically(paths["report"], title + self.to_markdown())
-        paths["elbo"] = plot_elbo_curves(
-            {case: posterior.history for case, posterior in self.posteriors.items()}, folder / "elbo.png"
-        )
-        for case, report in self.collapse.items():
-            paths[f"collapse_{case}"] = report.plot(folder / f"collapse_{case}.png")
-        return paths
 
 
 class _UnfittedPrior:
@@ -493,19 +309,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--samples", type=int, default=defaults.num_samples, help="predictive draws")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the fits and draws")
-    args = parser.parse_args(argv)
-    settings = ObjectiveStudySettings(
-        prior_scale=args.prior_scale,
-        selection_scales=args.selection_scales,
-        train_examples=args.train_examples,
-        selection_examples=args.selection_examples,
-        test_examples=args.test_examples,
-        ood_examples=args.ood_examples,
-        steps=args.steps,
-        lr=args.lr,
-        num_particles=args.particles,
-        num_samples=args.samples,
-        seed=args.seed,
+    args, settings = parse_settings(
+        parser, ObjectiveStudySettings, argv, {"num_samples": "samples", "num_particles": "particles"}
     )
     extend_to = {"test": settings.test_examples} if settings.test_examples > DEFAULT_SIZES["test"] else {}
     if settings.ood_examples > DEFAULT_SIZES["far_ood"]:

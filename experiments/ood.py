@@ -35,7 +35,7 @@ Example::
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -43,7 +43,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from pyro_moe.data import MCQAExample
-from pyro_moe.errors import ConfigurationError, PyroMoEError
+from pyro_moe.errors import ConfigurationError
 from pyro_moe.evaluation.bootstrap import BootstrapSettings, PairedComparison, compare_auroc
 from pyro_moe.evaluation.metrics import ood_auprc, ood_auroc, predictive_entropy
 from pyro_moe.evaluation.plots import plot_roc_curves
@@ -55,28 +55,23 @@ from pyro_moe.experiments.evaluation import (
     MCQAPredictionSettings,
     Posterior,
     Predictions,
-    add_benchmark_size_arguments,
-    add_common_arguments,
-    benchmark_extension,
     check_count,
     check_posteriors,
     check_splits,
     default_answer_token_ids,
     deterministic_logits,
     fit_named_families,
-    fit_settings,
     fit_temperature_scaling,
     interval_cells,
     interval_note,
     markdown_table,
     posterior_modes,
     predict_batches,
-    run_on_benchmark,
     slug,
     split_batches,
     verdict_line,
-    write_results,
 )
+from pyro_moe.experiments.runner import experiment_command
 from pyro_moe.inference.presets import FamilySpec
 
 __all__ = [
@@ -419,38 +414,18 @@ def run_ood(
     return ood_experiment(model, tokenizer, splits, posteriors, settings, answer_token_ids=answer_token_ids)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: fit the families on the embedded benchmark and write the OoD report."""
-    parser = argparse.ArgumentParser(
-        prog="python -m pyro_moe.experiments.ood",
-        description="OoD detection (AUROC, AUPRC, ROC curves) of max-probability, entropy, mutual information and "
-        "router-logit variance for the deterministic model, temperature scaling and Bayesian guide families, "
-        "test against near_ood and far_ood of the embedded benchmark.",
-    )
-    add_common_arguments(parser, families=DEFAULT_FAMILIES, steps=200)
-    add_benchmark_size_arguments(parser)
+@experiment_command("python -m pyro_moe.experiments.ood", OoDSettings, benchmark_sizes=True)
+def main(parser: argparse.ArgumentParser) -> Callable[..., OoDResults]:
+    """OoD detection (AUROC, AUPRC, ROC curves) of max-probability, entropy, mutual information and router-logit
+    variance for the deterministic model, temperature scaling and Bayesian guide families, test against near_ood
+    and far_ood of the embedded benchmark."""
     parser.add_argument(
         "--examples", type=int, default=None, help="questions per in-distribution and OoD split (default all)"
     )
     parser.add_argument(
         "--ood-splits", nargs="+", default=["near_ood", "far_ood"], help="OoD splits (default near_ood far_ood)"
     )
-    args = parser.parse_args(argv)
-    try:  # the settings first: a bad number is refused before the benchmark is loaded
-        fitting = fit_settings(args)
-        settings = OoDSettings(
-            num_samples=args.samples,
-            ood_splits=args.ood_splits,
-            examples=args.examples,
-            batch_size=args.batch_size,
-            seed=args.seed,
-        )
-        results = run_on_benchmark(run_ood, args.families, settings, fitting, benchmark_extension(args))
-    except PyroMoEError as error:  # bad input: a one-line reason, exit code 2
-        parser.error(str(error))
-    paths = write_results(results, args.out)
-    print(results.to_markdown())
-    print("written:", paths["metrics"], paths["report"], *paths["plots"])
+    return run_ood
 
 
 if __name__ == "__main__":

@@ -461,6 +461,8 @@ def run_recipe_study(inputs: BenchmarkInputs, settings: RecipeStudySettings = Re
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the study on the embedded benchmark and write its files."""
+    from pyro_moe.experiments.runner import parse_settings  # the shared parse, settings and exit-2 refusal
+
     defaults = RecipeStudySettings()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/recipes"), help="folder of the results")
@@ -481,17 +483,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="selection objectives, each recipe run once per objective, side by side (default raw)",
     )
     add_benchmark_size_arguments(parser)
-    args = parser.parse_args(argv)
-    settings = RecipeStudySettings(
-        recipes=args.recipes,
-        fit_examples=args.fit_examples,
-        calibration_examples=args.calibration_examples,
-        test_examples=args.test_examples,
-        steps=args.steps,
-        num_samples=args.samples,
-        seed=args.seed,
-        selections=args.selections,
-    )
+    args, settings = parse_settings(parser, RecipeStudySettings, argv)
     study = run_recipe_study(benchmark_inputs(benchmark_extension(args)), settings)
     written = study.write(args.out)
     print(markdown_table(study.table, COLUMNS))

@@ -28,7 +28,7 @@ Example::
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from pyro_moe.core.handlers import at_prior_mean
 from pyro_moe.core.routing_context import PARTICLE_DIM, PredictiveMode, routing_context
 from pyro_moe.data import MCQAExample
-from pyro_moe.errors import ConfigurationError, PyroMoEError
+from pyro_moe.errors import ConfigurationError
 from pyro_moe.evaluation.plots import plot_stability_violins
 from pyro_moe.evaluation.stability import (
     DEFAULT_GAMMA,
@@ -55,20 +55,17 @@ from pyro_moe.experiments.evaluation import (
     DETERMINISTIC,
     MODES,
     FitSettings,
-    add_common_arguments,
     check_count,
     check_posteriors,
     check_splits,
     default_answer_token_ids,
     fit_named_families,
-    fit_settings,
     markdown_table,
     posterior_modes,
-    run_on_benchmark,
     slug,
     split_batches,
-    write_results,
 )
+from pyro_moe.experiments.runner import experiment_command
 from pyro_moe.inference.presets import FamilySpec
 from pyro_moe.validation import check_integer, check_number
 
@@ -328,14 +325,10 @@ def run_stability(
     return stability_experiment(model, tokenizer, splits, posteriors, settings)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: measure routing stability on the embedded benchmark and write the report."""
-    parser = argparse.ArgumentParser(
-        prog="python -m pyro_moe.experiments.stability",
-        description="Per-layer Jaccard stability of the Top-K experts under router-input noise for the deterministic "
-        "model and Bayesian guide families, and the susceptible layers, on the embedded benchmark.",
-    )
-    add_common_arguments(parser, families=DEFAULT_FAMILIES, steps=200)
+@experiment_command("python -m pyro_moe.experiments.stability", StabilitySettings)
+def main(parser: argparse.ArgumentParser) -> Callable[..., StabilityResults]:
+    """Per-layer Jaccard stability of the Top-K experts under router-input noise for the deterministic model and
+    Bayesian guide families, and the susceptible layers, on the embedded benchmark."""
     parser.add_argument("--split", default="calibration", help="split to measure (default calibration)")
     parser.add_argument("--examples", type=int, default=200, help="questions of the split (default 200)")
     parser.add_argument(
@@ -344,25 +337,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     selection = parser.add_mutually_exclusive_group()
     selection.add_argument("--threshold", type=float, default=None, help="susceptible: mean Jaccard below this")
     selection.add_argument("--k", type=int, default=None, help="susceptible: the k least stable layers (default 1)")
-    args = parser.parse_args(argv)
-    try:  # the settings first: a bad number is refused before the benchmark is loaded
-        fitting = fit_settings(args)
-        settings = StabilitySettings(
-            split=args.split,
-            examples=args.examples,
-            gamma=args.gamma,
-            threshold=args.threshold,
-            k=args.k,
-            num_samples=args.samples,
-            batch_size=args.batch_size,
-            seed=args.seed,
-        )
-        results = run_on_benchmark(run_stability, args.families, settings, fitting)
-    except PyroMoEError as error:  # bad input: a one-line reason, exit code 2
-        parser.error(str(error))
-    paths = write_results(results, args.out)
-    print(results.to_markdown())
-    print("written:", paths["metrics"], paths["report"], *paths["plots"])
+    return run_stability
 
 
 if __name__ == "__main__":
