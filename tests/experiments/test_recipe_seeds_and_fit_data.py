@@ -252,3 +252,34 @@ def _check_rows_and_fit_data_comparison(study: RecipeStudy) -> None:
     assert "**Which data should a fit use?**" in report
     assert study.fit_data_comparison[HALF_A, "model-average"]["nll"].format() in report
     assert len(study.to_json()["fit_data_comparison"]) == 4 * len(study.fit_data_comparison)
+
+
+def test_cli_takes_fit_seeds_and_fit_data_and_measures_5000_questions_by_default(monkeypatch, tmp_path):
+    from pyro_moe.experiments import recipes
+
+    given = {}
+
+    def loaded(extend_to):  # the benchmark itself: tested in test_benchmark
+        given["extend_to"] = extend_to
+        return "inputs"
+
+    def study(inputs, settings):  # the study itself: tested above
+        given["settings"] = settings
+        raise ConfigurationError("stopped after receiving the settings")
+
+    monkeypatch.setattr(recipes, "benchmark_inputs", loaded)
+    monkeypatch.setattr(recipes, "run_recipe_study", study)
+    with pytest.raises(ConfigurationError):
+        recipes.main(
+            ["--out", str(tmp_path), "--fit-seeds", "0", "1", "2", "--fit-data", "train", "calibration-halves"]
+        )
+    assert given["settings"].fit_seeds == (0, 1, 2)
+    assert given["settings"].fit_data == ("train", "calibration-halves")
+    assert given["extend_to"] == {"test": 5000, "near_ood": 5000, "far_ood": 5000}
+    with pytest.raises(ConfigurationError):
+        recipes.main(["--out", str(tmp_path), "--seed", "4", "--test-size", "1000", "--ood-size", "1000"])
+    assert given["settings"].fit_seeds == (4,) and given["settings"].fit_data == ("train",)
+    assert given["extend_to"] == {"test": 1000, "near_ood": 1000, "far_ood": 1000}
+    with pytest.raises(SystemExit) as exit_info:
+        recipes.main(["--out", str(tmp_path), "--fit-data", "test"])
+    assert exit_info.value.code == 2
