@@ -388,16 +388,16 @@ class RecipeStudy:
     ood: OoDResults
     comparisons: dict[tuple[str, str], dict[str, PairedComparison]]
     fit_against_prior: dict[tuple[str, str], dict[str, PairedComparison]]
-    seed_names: dict[str, dict[int, str]] = field(default_factory=dict)
-    seed_spread: dict[tuple[str, str], dict[str, SeedSpread]] = field(default_factory=dict)
-    fit_data_comparison: dict[tuple[str, str], dict[str, PairedComparison]] = field(default_factory=dict)
+    seed_names: dict[str, dict[int, str]]
+    seed_spread: dict[tuple[str, str], dict[str, SeedSpread]]
+    fit_data_comparison: dict[tuple[str, str], dict[str, PairedComparison]]
 
     def _row(self, method: str, mode: str) -> dict[str, Any]:
         return next(row for row in self.table if row["method"] == method and row["mode"] == mode)
 
     def _recipe_rows(self) -> dict[tuple[str, str], dict[str, PairedComparison]]:
         """The comparisons of the calibrated recipe rows of the table (the first fit seed's)."""
-        first = [name for name, seeds in self.seed_names.items() if name in self.fits]
+        first = [name for name in self.seed_names if name in self.fits]
         return {key: found for key, found in self.comparisons.items() if key[0] in first}
 
     @property
@@ -448,7 +448,7 @@ class RecipeStudy:
         return f"This does not hold for every fit seed ({listed}): " + "; ".join(changed) + "."
 
     def to_json(self) -> dict[str, Any]:
-        shown = {row["method"] for row in self.table}
+        measured = _merged_rows(self.calibration, self.ood)  # every fit seed's rows
         return {
             "settings": asdict(self.settings),
             "table": self.table,
@@ -472,8 +472,8 @@ class RecipeStudy:
                 {**row, "row": name, "fit_seed": seed}
                 for name, seeds in self.seed_names.items()
                 for seed, seed_name in seeds.items()
-                for row in _merged_rows(self.calibration, self.ood)
-                if row["method"] == seed_name and name in shown
+                for row in measured
+                if row["method"] == seed_name
             ],
             "seed_spread": [
                 {"method": method, "mode": mode, **spread.to_json()}
