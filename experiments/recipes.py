@@ -77,7 +77,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from pyro_moe.errors import ConfigurationError
+from pyro_moe.errors import ConfigurationError, PyroMoEError
 from pyro_moe.evaluation.bootstrap import BootstrapSettings, PairedComparison
 from pyro_moe.experiments.calibration import CalibrationResults, CalibrationSettings, calibration_experiment
 from pyro_moe.experiments.evaluation import (
@@ -838,18 +838,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     add_benchmark_size_arguments(parser, test_size=DEFAULT_TEST_SIZE, ood_size=DEFAULT_OOD_SIZE)
     args = parser.parse_args(argv)
-    settings = RecipeStudySettings(
-        recipes=args.recipes,
-        fit_examples=args.fit_examples,
-        calibration_examples=args.calibration_examples,
-        test_examples=args.test_examples,
-        steps=args.steps,
-        num_samples=args.samples,
-        seed=args.seed,
-        selections=args.selections,
-        fit_seeds=args.fit_seeds,
-        fit_data=args.fit_data,
-    )
+    try:  # the settings first: a bad number is refused before the benchmark is loaded
+        settings = RecipeStudySettings(
+            recipes=args.recipes,
+            fit_examples=args.fit_examples,
+            calibration_examples=args.calibration_examples,
+            test_examples=args.test_examples,
+            steps=args.steps,
+            num_samples=args.samples,
+            seed=args.seed,
+            selections=args.selections,
+            fit_seeds=args.fit_seeds,
+            fit_data=args.fit_data,
+        )
+    except PyroMoEError as error:  # bad input: a one-line reason, exit code 2
+        parser.error(str(error))
     study = run_recipe_study(benchmark_inputs(benchmark_extension(args)), settings)
     written = study.write(args.out)
     print(markdown_table(study.table, COLUMNS))

@@ -254,7 +254,7 @@ def _check_rows_and_fit_data_comparison(study: RecipeStudy) -> None:
     assert len(study.to_json()["fit_data_comparison"]) == 4 * len(study.fit_data_comparison)
 
 
-def test_cli_takes_fit_seeds_and_fit_data_and_measures_5000_questions_by_default(monkeypatch, tmp_path):
+def test_cli_takes_fit_seeds_and_fit_data_and_measures_5000_questions_by_default(monkeypatch, capsys, tmp_path):
     from pyro_moe.experiments import recipes
 
     given = {}
@@ -283,3 +283,8 @@ def test_cli_takes_fit_seeds_and_fit_data_and_measures_5000_questions_by_default
     with pytest.raises(SystemExit) as exit_info:
         recipes.main(["--out", str(tmp_path), "--fit-data", "test"])
     assert exit_info.value.code == 2
+    given.clear()
+    with pytest.raises(SystemExit) as exit_info:
+        recipes.main(["--out", str(tmp_path), "--fit-seeds", "0", "0"])
+    assert exit_info.value.code == 2 and "fit_seeds must be distinct" in capsys.readouterr().err
+    assert given == {}  # refused before the benchmark loaded
