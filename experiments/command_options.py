@@ -63,21 +63,26 @@ def add_common_arguments(
     parser.add_argument("--seed", type=int, default=0, help="seed of the fits and the sampling (default 0)")
 
 
-def add_benchmark_size_arguments(parser: argparse.ArgumentParser) -> None:
+def add_benchmark_size_arguments(
+    parser: argparse.ArgumentParser, *, test_size: int | None = None, ood_size: int | None = None
+) -> None:
     """``--test-size`` and ``--ood-size``: the embedded benchmark's evaluation splits enlarged with fresh
-    questions (:func:`benchmark_extension`); default: the splits as shipped (1000 questions each)."""
+    questions (:func:`benchmark_extension`); ``test_size`` and ``ood_size`` are the experiment's defaults
+    (``None``: the splits as shipped, 1000 questions each)."""
     parser.add_argument(
         "--test-size",
         type=int,
-        default=None,
+        default=test_size,
         help="enlarge the benchmark's test split to this many questions (fresh ones appended after its 1000, "
-        "disjoint from train and calibration; 1000 + a multiple of 5); default: the 1000 as shipped",
+        "disjoint from train and calibration; 1000 + a multiple of 5); default: "
+        + ("the 1000 as shipped" if test_size is None else str(test_size)),
     )
     parser.add_argument(
         "--ood-size",
         type=int,
-        default=None,
-        help="enlarge near_ood and far_ood to this many questions each (1000 + a multiple of 20); default 1000",
+        default=ood_size,
+        help="enlarge near_ood and far_ood to this many questions each (1000 + a multiple of 20); default "
+        + ("1000" if ood_size is None else str(ood_size)),
     )
 
 

@@ -12,10 +12,20 @@ The deterministic model has the last one, from HF's own ``model.generate`` (gree
 AUROC and AUPRC (OoD the positive class) as in :mod:`pyro_moe.experiments.ood`; one ROC figure per OoD
 split and method.
 
+The per-question scores are kept (:attr:`GenerationResults.scores`, and ``scores`` in ``metrics.json``).
+Every AUROC carries its bootstrap 95% interval (``auroc_low``, ``auroc_high``;
+:func:`pyro_moe.evaluation.bootstrap.bootstrap_interval`: the in-distribution and the OoD questions
+resampled separately, the AUROC recomputed on every resample), and every AUROC but the baseline's its
+difference from the AUROC of the deterministic model's mean predictive entropy on the same questions with
+the paired bootstrap interval of that difference (:func:`pyro_moe.evaluation.bootstrap.compare_auroc`, as
+:mod:`pyro_moe.experiments.ood` does); the report's verdict lines say "beats", "ties" or "loses" from
+those intervals.
+
 Example::
 
     results = generation_experiment(model, tokenizer, benchmark.splits, {"mfvr": fitted_mfvr})
     results.auroc("mfvr", "model-average", "far_ood", "mean mutual information")
+    results.comparisons["far_ood", "mfvr", "model-average", "mean mutual information"].format()
     write_results(results, "runs/generation")
 
     python -m pyro_moe.experiments.generation --out runs/generation      # on the embedded benchmark
@@ -25,7 +35,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import pyro
@@ -36,6 +46,13 @@ from tqdm.auto import tqdm
 from pyro_moe.core.routing_context import PredictiveMode
 from pyro_moe.data import MCQAExample
 from pyro_moe.errors import ConfigurationError
+from pyro_moe.evaluation.bootstrap import (
+    BootstrapSettings,
+    PairedComparison,
+    auroc_statistic,
+    bootstrap_interval,
+    compare_auroc,
+)
 from pyro_moe.evaluation.metrics import ood_auprc, ood_auroc
 from pyro_moe.experiments.evaluation import (
     DEFAULT_FAMILIES,
@@ -46,9 +63,11 @@ from pyro_moe.experiments.evaluation import (
     check_splits,
     default_answer_token_ids,
     fit_named_families,
+    interval_note,
     markdown_table,
     posterior_modes,
     split_batches,
+    verdict_line,
 )
 from pyro_moe.experiments.ood import RocResults
 from pyro_moe.experiments.runner import experiment_command
@@ -73,6 +92,10 @@ SCORES = ("mean mutual information", "max mutual information", "mean predictive 
 
 COLUMNS = ("ood_split", "method", "mode", "score", "auroc", "auprc", "in_examples", "ood_examples")
 BASELINE_MODE = "any"
+BASELINE = (DETERMINISTIC, BASELINE_MODE, "mean predictive entropy")
+"""The row every AUROC is compared with: the deterministic model's mean predictive entropy."""
+AGAINST_BASELINE = f"against {DETERMINISTIC}, mean predictive entropy"
+"""The report's column of the paired intervals against :data:`BASELINE`."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,6 +108,7 @@ class GenerationSettings(PredictionSettings):
         ood_splits: the OoD splits (at least one, not ``in_split``), a tuple once built.
         examples: use the first this many questions of each split (``None``: all).
         max_new_tokens: tokens generated after each question at most.
+        bootstrap: resamples, level and seed of the AUROCs' intervals and of the paired intervals.
     """
 
     num_samples: int = 8
@@ -92,6 +116,7 @@ class GenerationSettings(PredictionSettings):
     ood_splits: Sequence[str] = ("near_ood", "far_ood")
     examples: int | None = None
     max_new_tokens: int = 8
+    bootstrap: BootstrapSettings = field(default_factory=BootstrapSettings)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -104,6 +129,8 @@ class GenerationSettings(PredictionSettings):
         object.__setattr__(self, "ood_splits", ood_splits)
         check_count("examples", self.examples)
         check_integer("max_new_tokens", self.max_new_tokens)
+        if not isinstance(self.bootstrap, BootstrapSettings):
+            raise ConfigurationError(f"bootstrap must be BootstrapSettings, got {type(self.bootstrap).__name__}.")
 
 
 def sequence_scores(generation: Generation) -> dict[str, Tensor]:
@@ -147,21 +174,28 @@ class GenerationResults(RocResults):
     """What :func:`generation_experiment` returns.
 
     Attributes:
-        rows: one per OoD split, method, mode and score (``COLUMNS``).
-        scores: ``{split: {(method, mode): {score: (examples,)}}}`` (for the ROC curves; not written to JSON).
+        rows: one per OoD split, method, mode and score (``COLUMNS``, with ``auroc_low`` and ``auroc_high``,
+            the AUROC's bootstrap interval).
+        scores: ``{split: {(method, mode): {score: (examples,)}}}``: the per-question scores (ROC curves,
+            intervals; ``scores`` in the JSON).
         in_split: the in-distribution split.
         num_samples: S per generation.
         max_new_tokens: tokens generated per question at most.
+        comparisons: ``{(ood split, method, mode, score): PairedComparison}`` of every row's AUROC but the
+            baseline's (:data:`BASELINE`) against the baseline's AUROC on the same questions.
+        bootstrap: the settings of the intervals.
     """
 
     num_samples: int
     max_new_tokens: int
+    comparisons: dict[tuple[str, str, str, str], PairedComparison] = field(default_factory=dict)
+    bootstrap: BootstrapSettings = field(default_factory=BootstrapSettings)
 
     roc_prefix: ClassVar[str] = "generation_roc"
     roc_title: ClassVar[str] = "OoD detection from generations"
 
     def to_json(self) -> dict[str, Any]:
-        """Settings and rows."""
+        """Settings, rows, the paired comparisons and the per-question scores."""
         return {
             "experiment": "generation",
             "in_split": self.in_split,
@@ -169,23 +203,63 @@ class GenerationResults(RocResults):
             "num_samples": self.num_samples,
             "max_new_tokens": self.max_new_tokens,
             "rows": self.rows,
+            "baseline": {"method": BASELINE[0], "score": BASELINE[2]},
+            "bootstrap": {
+                "resamples": self.bootstrap.resamples,
+                "level": self.bootstrap.level,
+                "seed": self.bootstrap.seed,
+            },
+            "comparisons": [
+                {"ood_split": split, "method": method, "mode": mode, "score": score, **comparison.to_json()}
+                for (split, method, mode, score), comparison in self.comparisons.items()
+            ],
+            "scores": {
+                split: [
+                    {"method": method, "mode": mode, "score": score, "values": values.tolist()}
+                    for (method, mode), found in by_method.items()
+                    for score, values in found.items()
+                ]
+                for split, by_method in self.scores.items()
+            },
+        }
+
+    def _cells(self, row: dict[str, Any]) -> dict[str, Any]:
+        """``row`` with its AUROC as ``'0.892 [0.870, 0.912]'`` and its paired interval against the baseline."""
+        key = (row["ood_split"], row["method"], row["mode"], row["score"])
+        found = self.comparisons.get(key)
+        against = "" if found is None else f"{found.difference:+.3f} [{found.low:+.3f}, {found.high:+.3f}]"
+        return {**row, "auroc": f"{row['auroc']:.3f} [{row['auroc_low']:.3f}, {row['auroc_high']:.3f}]"} | {
+            AGAINST_BASELINE: against
         }
 
     def to_markdown(self) -> str:
-        """One table per OoD split; the best AUROC of each split is named under it."""
+        """One table per OoD split with the AUROCs' intervals and verdict lines; the best AUROC of each split
+        is named under it."""
+        columns = (*COLUMNS[:5], AGAINST_BASELINE, *COLUMNS[5:])
         lines = [
             "# OoD detection from generated answers",
             "",
             f"In-distribution split `{self.in_split}`; OoD is the positive class; greedy generation of up to "
             f"{self.max_new_tokens} tokens after each question; S = {self.num_samples}. Scores over each generated "
-            "sequence: mean and max mutual information (model-average only), mean predictive entropy.",
+            "sequence: mean and max mutual information (model-average only), mean predictive entropy. Each AUROC "
+            f"shows its bootstrap {self.bootstrap.level:.0%} interval ({self.bootstrap.resamples} resamples). "
+            + interval_note(
+                f"{BASELINE[0]}, {BASELINE[2]}",
+                self.bootstrap,
+                f"{self.in_split} and OoD questions (each group resampled on its own)",
+            ),
             "",
         ]
         for split in self.ood_splits:
             rows = [row for row in self.rows if row["ood_split"] == split]
             best = max(rows, key=lambda row: row["auroc"])
-            lines += [f"## {split}", "", markdown_table(rows, COLUMNS)]
+            lines += [f"## {split}", "", markdown_table([self._cells(row) for row in rows], columns)]
             lines += [f"Best AUROC: {best['auroc']:.3f} ({best['method']}, {best['mode']}, {best['score']}).", ""]
+            lines += [
+                f"- {verdict_line(f'{method} ({mode}), {score}', {'auroc': comparison})}"
+                for (row_split, method, mode, score), comparison in self.comparisons.items()
+                if row_split == split
+            ] + [""]
             lines += [
                 f"![ROC {split} {method} {mode}]({self._roc_name(split, method, mode)})"
                 for method, mode in self.scores[split]
@@ -238,25 +312,45 @@ def generation_experiment(
                     for score, value in sequence_scores(generation).items():
                         parts.setdefault(score, []).append(value)
                 scores[split][name, mode] = {score: torch.cat(values) for score, values in parts.items()}
-    rows = []
+    rows, comparisons = [], {}
     for split in ood_splits:
+        baseline = tuple(scores[part][BASELINE[:2]][BASELINE[2]] for part in (in_split, split))
         for (method, mode), ood_scores in scores[split].items():
             in_scores = scores[in_split][method, mode]
             for score in SCORES:
-                if score in ood_scores:
-                    rows.append(
-                        {
-                            "ood_split": split,
-                            "method": method,
-                            "mode": mode,
-                            "score": score,
-                            "auroc": ood_auroc(in_scores[score], ood_scores[score]),
-                            "auprc": ood_auprc(in_scores[score], ood_scores[score]),
-                            "in_examples": len(in_scores[score]),
-                            "ood_examples": len(ood_scores[score]),
-                        }
+                if score not in ood_scores:
+                    continue
+                pair = (in_scores[score], ood_scores[score])
+                _, low, high = bootstrap_interval(
+                    auroc_statistic(*pair), [len(pair[0]), len(pair[1])], settings=settings.bootstrap
+                )
+                rows.append(
+                    {
+                        "ood_split": split,
+                        "method": method,
+                        "mode": mode,
+                        "score": score,
+                        "auroc": ood_auroc(*pair),
+                        "auroc_low": low,
+                        "auroc_high": high,
+                        "auprc": ood_auprc(*pair),
+                        "in_examples": len(pair[0]),
+                        "ood_examples": len(pair[1]),
+                    }
+                )
+                if (method, mode, score) != BASELINE:
+                    comparisons[split, method, mode, score] = compare_auroc(
+                        pair, baseline, baseline=f"{BASELINE[0]}, {BASELINE[2]}", settings=settings.bootstrap
                     )
-    return GenerationResults(rows, scores, in_split, settings.num_samples, settings.max_new_tokens)
+    return GenerationResults(
+        rows,
+        scores,
+        in_split,
+        settings.num_samples,
+        settings.max_new_tokens,
+        comparisons=comparisons,
+        bootstrap=settings.bootstrap,
+    )
 
 
 def run_generation(

@@ -95,6 +95,7 @@ def experiment_command(
     steps: int = 200,
     fit_examples: int = 512,
     benchmark_sizes: bool = False,
+    test_size: int | None = None,
 ) -> Callable[[CommandDeclaration], Callable[[Sequence[str] | None], None]]:
     """Turn an experiment's command declaration into its ``main(argv=None)``, which parses ``argv`` (the shared
     options of :func:`~pyro_moe.experiments.command_options.add_common_arguments`, ``--test-size`` and
@@ -111,6 +112,7 @@ def experiment_command(
         fit_examples: the default ``--fit-examples``.
         benchmark_sizes: the command takes ``--test-size`` and ``--ood-size`` (the benchmark's evaluation
             splits enlarged with fresh questions).
+        test_size: the default ``--test-size`` (``None``: the test split as shipped).
     """
 
     def command(declaration: CommandDeclaration) -> Callable[[Sequence[str] | None], None]:
@@ -118,7 +120,7 @@ def experiment_command(
             parser = argparse.ArgumentParser(prog=prog, description=inspect.getdoc(declaration))
             add_common_arguments(parser, families=DEFAULT_FAMILIES, steps=steps, fit_examples=fit_examples)
             if benchmark_sizes:
-                add_benchmark_size_arguments(parser)
+                add_benchmark_size_arguments(parser, test_size=test_size)
             run = declaration(parser)
             args = parser.parse_args(argv)
             try:  # the settings first: a bad number is refused before the benchmark is loaded

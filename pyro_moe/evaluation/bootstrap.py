@@ -30,6 +30,11 @@ Example::
     found["nll"].verdict          # "beats", "ties" or "loses", from the interval
     found["nll"].format()         # '0.526 (-0.016 [-0.024, -0.009])'
     compare_auroc((mi_in, mi_ood), (entropy_in, entropy_ood), baseline="temperature scaling").format()
+    bootstrap_interval(auroc_statistic(mi_in, mi_ood), [len(mi_in), len(mi_ood)])   # (AUROC, low, high)
+
+One metric's own interval (:func:`bootstrap_interval`) is the paired bootstrap against a statistic that is
+0 on every resample: the same resamples, so the same seed and sizes give the intervals of the metric and
+of its differences from the same questions.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ __all__ = [
     "PairedComparison",
     "Statistic",
     "auroc_statistic",
+    "bootstrap_interval",
     "compare_auroc",
     "compare_calibration",
     "expected_calibration_error_statistic",
@@ -220,6 +226,30 @@ def paired_bootstrap(
         level=settings.level,
         resamples=settings.resamples,
     )
+
+
+def bootstrap_interval(
+    statistic: Statistic, sizes: Sequence[int], *, settings: BootstrapSettings = BootstrapSettings()
+) -> tuple[float, float, float]:
+    """``(estimate, low, high)``: a statistic on the questions as they are and its percentile interval, on the
+    resamples :func:`paired_bootstrap` draws with the same ``sizes`` and ``settings`` (it is that bootstrap
+    against a statistic that is 0 on every resample).
+
+    Args:
+        statistic: a :data:`Statistic` of the questions, e.g. :func:`auroc_statistic`.
+        sizes: the sizes of the groups resampled separately (``(n,)``; ``(n_in, n_ood)`` for AUROC).
+        settings: resamples, level and seed.
+    """
+    found = paired_bootstrap(
+        statistic,
+        lambda counts: counts.new_zeros(counts.shape[0]),
+        sizes,
+        metric="statistic",
+        baseline_name="0",
+        higher_is_better=True,
+        settings=settings,
+    )
+    return found.estimate, found.low, found.high
 
 
 # ---------------------------------------------------------------------------------------------- statistics

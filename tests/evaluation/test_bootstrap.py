@@ -15,6 +15,7 @@ from pyro_moe.evaluation.bootstrap import (
     BootstrapSettings,
     PairedComparison,
     auroc_statistic,
+    bootstrap_interval,
     compare_auroc,
     compare_calibration,
     expected_calibration_error_statistic,
@@ -86,6 +87,23 @@ def test_interval_matches_scipy_paired_percentile_bootstrap() -> None:
     width = reference.high - reference.low
     assert found.low == pytest.approx(reference.low, abs=0.04 * width)
     assert found.high == pytest.approx(reference.high, abs=0.04 * width)
+
+
+def test_one_statistics_interval_matches_scipy_and_the_closed_form() -> None:
+    rng = np.random.default_rng(5)
+    n = 3000
+    values = rng.normal(0.4, 1.5, n)
+    settings = BootstrapSettings(resamples=4000, seed=2)
+    estimate, low, high = bootstrap_interval(mean_statistic(torch.from_numpy(values)), [n], settings=settings)
+    standard_error = values.std(ddof=1) / np.sqrt(n)
+    assert estimate == pytest.approx(values.mean())
+    assert low == pytest.approx(values.mean() - 1.96 * standard_error, abs=0.1 * standard_error)
+    assert high == pytest.approx(values.mean() + 1.96 * standard_error, abs=0.1 * standard_error)
+    reference = stats.bootstrap(
+        (values,), np.mean, method="percentile", n_resamples=4000, random_state=np.random.default_rng(1)
+    ).confidence_interval
+    width = reference.high - reference.low
+    assert (low, high) == pytest.approx((reference.low, reference.high), abs=0.04 * width)
 
 
 def test_ece_interval_matches_scipy_with_the_metric_recomputed_per_resample() -> None:

@@ -251,6 +251,29 @@ def test_cli_test_size_enlarges_the_benchmark_test_split_with_fresh_questions(mo
     assert not seen & {example.question for example in given["test"]}
 
 
+def test_cli_measures_5000_test_questions_by_default_and_the_ood_cli_keeps_the_shipped_1000(monkeypatch, tmp_path):
+    from pyro_moe.experiments import ood
+
+    given = {}
+
+    def measured(model, tokenizer, splits, families, **options):  # the experiment itself: tested above
+        given.update(splits)
+        raise ConfigurationError("stopped after receiving the splits")
+
+    monkeypatch.setattr(calibration, "run_calibration", measured)
+    monkeypatch.setattr(ood, "run_ood", measured)
+    with pytest.raises(SystemExit):
+        calibration.main(["--out", str(tmp_path)])
+    assert len(given["test"]) == calibration.DEFAULT_TEST_SIZE == 5000
+    assert len(given["far_ood"]) == 1000  # the calibration experiment reads no OoD split
+    with pytest.raises(SystemExit):
+        calibration.main(["--out", str(tmp_path), "--test-size", "1000"])
+    assert len(given["test"]) == 1000
+    with pytest.raises(SystemExit):
+        ood.main(["--out", str(tmp_path)])
+    assert len(given["test"]) == len(given["far_ood"]) == 1000
+
+
 def test_cli_writes_metrics_report_and_plots_on_the_benchmark(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         calibration.main(["--help"])
