@@ -1,0 +1,61 @@
+"""The ``public-api`` directive: the API reference of a package, from ``__all__``.
+
+``.. public-api:: pyro_moe.inference`` documents the names in the package's ``__all__``; a package
+whose ``__all__`` is empty or missing is documented through its submodules' ``__all__`` (found by
+walking the package, so that splitting or adding a module needs no change to the docs).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from types import ModuleType
+
+from docutils import nodes
+from docutils.statemachine import StringList
+from sphinx.application import Sphinx
+from sphinx.util.docutils import SphinxDirective
+from sphinx.util.nodes import nested_parse_with_titles
+
+
+def exports(module: ModuleType) -> list[str]:
+    """The public names of ``module``: its ``__all__`` (empty when it has none)."""
+    return list(getattr(module, "__all__", None) or [])
+
+
+def documented_modules(name: str) -> list[ModuleType]:
+    """``name`` itself when it exports names, else every public submodule (recursively) that does."""
+    package = importlib.import_module(name)
+    if exports(package) or not hasattr(package, "__path__"):
+        return [package]
+    found = []
+    for info in pkgutil.walk_packages(package.__path__, prefix=f"{name}."):
+        if any(part.startswith("_") for part in info.name.split(".")):
+            continue
+        module = importlib.import_module(info.name)
+        if exports(module):
+            found.append(module)
+    return sorted(found, key=lambda module: module.__name__)
+
+
+class PublicAPI(SphinxDirective):
+    """Autodoc of a package's public names, one section per documented module."""
+
+    required_arguments = 1
+
+    def run(self) -> list[nodes.Node]:
+        modules = documented_modules(self.arguments[0])
+        lines: list[str] = []
+        for module in modules:
+            if module.__name__ != self.arguments[0]:
+                title = f"``{module.__name__}``"
+                lines += [title, "-" * len(title), ""]
+            lines += [f".. automodule:: {module.__name__}", "   :members:", "   :undoc-members:", ""]
+        container = nodes.section() if len(modules) > 1 else nodes.container()
+        nested_parse_with_titles(self.state, StringList(lines, source=f"public-api {self.arguments[0]}"), container)
+        return list(container.children)
+
+
+def setup(app: Sphinx) -> dict[str, object]:
+    app.add_directive("public-api", PublicAPI)
+    return {"parallel_read_safe": True, "version": "1"}
