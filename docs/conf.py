@@ -36,7 +36,6 @@ napoleon_numpy_docstring = False
 napoleon_use_ivar = True
 
 myst_heading_anchors = 3
-suppress_warnings = ["myst.xref_missing"]
 
 html_theme = "alabaster"
 html_title = "pyro-moe"

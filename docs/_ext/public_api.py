@@ -8,12 +8,16 @@ walking the package, so that splitting or adding a module needs no change to the
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
+import sys
 from types import ModuleType
 
 from docutils import nodes
 from docutils.statemachine import StringList
 from sphinx.application import Sphinx
+from sphinx.errors import PycodeError
+from sphinx.pycode import ModuleAnalyzer
 from sphinx.util.docutils import SphinxDirective
 from sphinx.util.nodes import nested_parse_with_titles
 
@@ -38,6 +42,45 @@ def documented_modules(name: str) -> list[ModuleType]:
     return sorted(found, key=lambda module: module.__name__)
 
 
+def attribute_docs(module_name: str) -> dict[str, list[str]]:
+    """The docstrings of ``module_name``'s module-level names (``NAME = ...`` then a string)."""
+    try:
+        docs = ModuleAnalyzer.for_module(module_name).find_attr_docs()
+    except PycodeError:
+        return {}
+    return {name: list(lines) for (scope, name), lines in docs.items() if scope == ""}
+
+
+def data_directives(module: ModuleType) -> list[str]:
+    """``py:data`` entries for the exported constants autodoc leaves out.
+
+    Autodoc documents a module's data only where that module's source gives them a docstring; a
+    constant re-exported from another module (``pyro_moe.FAMILIES``) or written without one is
+    skipped. Each gets an entry here, with the docstring of the module that defines it if it has one,
+    else its type (and its value when short).
+    """
+    own = attribute_docs(module.__name__)
+    lines: list[str] = []
+    for name in exports(module):
+        value = getattr(module, name)
+        if name in own or inspect.isclass(value) or inspect.isroutine(value) or inspect.ismodule(value):
+            continue
+        doc: list[str] = []
+        for other in sorted(sys.modules):
+            source = sys.modules[other]
+            if other.startswith("pyro_moe.") and getattr(source, name, None) is value:
+                doc = attribute_docs(other).get(name, [])
+                if doc:
+                    break
+        kind = type(value)
+        qualified = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        lines += [f".. py:data:: {name}", f"   :type: {qualified}"]
+        if len(repr(value)) <= 80:
+            lines.append(f"   :value: {value!r}")
+        lines += ["", *(f"   {line}" for line in doc), ""]
+    return lines
+
+
 class PublicAPI(SphinxDirective):
     """Autodoc of a package's public names, one section per documented module."""
 
@@ -51,6 +94,7 @@ class PublicAPI(SphinxDirective):
                 title = f"``{module.__name__}``"
                 lines += [title, "-" * len(title), ""]
             lines += [f".. automodule:: {module.__name__}", "   :members:", "   :undoc-members:", ""]
+            lines += data_directives(module)
         container = nodes.section() if len(modules) > 1 else nodes.container()
         nested_parse_with_titles(self.state, StringList(lines, source=f"public-api {self.arguments[0]}"), container)
         return list(container.children)
