@@ -37,15 +37,15 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def public_names(package: str) -> set[str]:
-    """The full names of ``package``'s public names: its ``__all__``, or every public submodule's."""
+    """The full names of ``package``'s public names: its ``__all__``, else its public submodules' (a
+    subpackage with an ``__all__`` of its own standing for its modules)."""
     module = importlib.import_module(package)
     names = {f"{package}.{name}" for name in getattr(module, "__all__", None) or []}
-    if names:
+    if names or not hasattr(module, "__path__"):
         return names
-    for info in pkgutil.walk_packages(module.__path__, prefix=f"{package}."):
-        if not any(part.startswith("_") for part in info.name.split(".")):
-            submodule = importlib.import_module(info.name)
-            names |= {f"{info.name}.{name}" for name in getattr(submodule, "__all__", None) or []}
+    for info in pkgutil.iter_modules(module.__path__, prefix=f"{package}."):
+        if not info.name.rpartition(".")[2].startswith("_"):
+            names |= public_names(info.name)
     return names
 
 

@@ -28,17 +28,18 @@ def exports(module: ModuleType) -> list[str]:
 
 
 def documented_modules(name: str) -> list[ModuleType]:
-    """``name`` itself when it exports names, else every public submodule (recursively) that does."""
+    """``name`` itself when it exports names, else its public submodules that do.
+
+    The search descends into a subpackage only where the subpackage exports nothing itself: a package
+    with an ``__all__`` stands for its modules (as ``pyro_moe.models`` does).
+    """
     package = importlib.import_module(name)
     if exports(package) or not hasattr(package, "__path__"):
         return [package]
     found = []
-    for info in pkgutil.walk_packages(package.__path__, prefix=f"{name}."):
-        if any(part.startswith("_") for part in info.name.split(".")):
-            continue
-        module = importlib.import_module(info.name)
-        if exports(module):
-            found.append(module)
+    for info in pkgutil.iter_modules(package.__path__, prefix=f"{name}."):
+        if not info.name.rpartition(".")[2].startswith("_"):
+            found += [module for module in documented_modules(info.name) if exports(module)]
     return sorted(found, key=lambda module: module.__name__)
 
 
