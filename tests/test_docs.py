@@ -80,3 +80,8 @@ def test_the_readme_links_only_to_pages_that_exist() -> None:
     targets = re.findall(r"\]\((docs/[^)#]+)", readme.read_text())
     assert len(targets) >= 10
     assert [target for target in targets if not (DOCS.parent / target).is_file()] == []
+
+
+def test_the_readme_stays_short() -> None:
+    """The README is what a visitor needs; the manual is the docs (issue 27: under 250 lines)."""
+    assert len((DOCS.parent / "README.md").read_text().splitlines()) < 250
