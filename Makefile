@@ -1,4 +1,5 @@
 # Quick start: `make demo` runs the main job, `make test` the tests. Both create .venv on first use.
+# `make docs` builds the documentation (Sphinx) offline into docs/_build/html.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,7 +8,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test bench lint
+.PHONY: demo test bench lint docs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +17,7 @@ $(BIN)/python:
 # The CPU build of torch goes in first, so that nothing later pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[test,lm-eval]'
+	$(BIN)/python -m pip install --quiet -e '.[test,lm-eval,docs]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -37,6 +38,11 @@ bench: $(STAMP)
 	$(BENCH_MALLOC) $(BIN)/python benchmarks/bench_laplace.py
 	$(BENCH_MALLOC) $(BIN)/python benchmarks/bench_distributed.py
 	$(BENCH_MALLOC) OMP_NUM_THREADS=2 $(BIN)/python benchmarks/bench_scale.py --threads 2
+
+# -W: a warning (a broken reference, a docstring Sphinx cannot read) fails the build, as in tests/test_docs.py.
+docs: $(STAMP)
+	$(BIN)/python -m sphinx -b html -W --keep-going -q docs docs/_build/html
+	@echo "docs/_build/html/index.html"
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -7,24 +7,24 @@ per-token sites) and may override the hooks of :class:`PosteriorPart`, each with
 does what plain SVI needs, so that ``fit``, ``FittedPosterior`` and the experiments never ask
 which family they hold:
 
-=================  ================================================================================
-stage              hook
-=================  ================================================================================
-built from a patch ``GuideFamily.build(target, **options)``, then :meth:`PosteriorPart.bind` (patch)
-trained by SVI     :attr:`~PosteriorPart.trains`, :meth:`~PosteriorPart.check_fit`,
-                   :meth:`~PosteriorPart.after_step` (SWAG's snapshots), ``train()``/``eval()`` modes
-fitted post hoc    :attr:`~PosteriorPart.post_hoc` (0 SVI steps allowed), :meth:`~PosteriorPart.finish_fit`
-                   returns the fitted part (Laplace: the Gaussian at the mode); next to per-token parts
-                   the SVI steps train those, the post-hoc part held at its starting point, and
-                   ``finish_fit`` sees every per-token site at its prior mean
-predicts, exports  every part is a Pyro guide: drawn under the predictive's plate of joint samples;
-                   :meth:`~PosteriorPart.normal_marginal` offers a site's diagonal-Normal marginal
-                   (mean-field), with which routing-average draws logits by local reparameterisation
-saved, loaded      its parameters and buffers; a post-hoc part adds :meth:`~PosteriorPart.fitted_metadata`
-                   and its unfitted part rebuilds it, :meth:`~PosteriorPart.restore_fitted`
-set up by name     ``GuideFamily.preset(steps)``: sites, selection, fit options for the experiments;
-                   ``GuideFamily.check_options(options, steps)`` refuses bad options before any fit
-=================  ================================================================================
+==================  ================================================================================
+stage               hook
+==================  ================================================================================
+built from a patch  ``GuideFamily.build(target, **options)``, then :meth:`PosteriorPart.bind` (patch)
+trained by SVI      :attr:`~PosteriorPart.trains`, :meth:`~PosteriorPart.check_fit`,
+                    :meth:`~PosteriorPart.after_step` (SWAG's snapshots), ``train()``/``eval()`` modes
+fitted post hoc     :attr:`~PosteriorPart.post_hoc` (0 SVI steps allowed), :meth:`~PosteriorPart.finish_fit`
+                    returns the fitted part (Laplace: the Gaussian at the mode); next to per-token parts
+                    the SVI steps train those, the post-hoc part held at its starting point, and
+                    ``finish_fit`` sees every per-token site at its prior mean
+predicts, exports   every part is a Pyro guide: drawn under the predictive's plate of joint samples;
+                    :meth:`~PosteriorPart.normal_marginal` offers a site's diagonal-Normal marginal
+                    (mean-field), with which routing-average draws logits by local reparameterisation
+saved, loaded       its parameters and buffers; a post-hoc part adds :meth:`~PosteriorPart.fitted_metadata`
+                    and its unfitted part rebuilds it, :meth:`~PosteriorPart.restore_fitted`
+set up by name      ``GuideFamily.preset(steps)``: sites, selection, fit options for the experiments;
+                    ``GuideFamily.check_options(options, steps)`` refuses bad options before any fit
+==================  ================================================================================
 
 A new family is one module (its part and its :class:`GuideFamily`) and one registration line::
 

@@ -5,17 +5,17 @@ plain text (:func:`load_text`: one document per line; :func:`text_batches`, see 
 split), an iterable of row mappings (a Hugging Face ``datasets.Dataset`` is one), or a ``datasets``
 name (needs the optional ``datasets`` package). It recognises these schemas by their columns:
 
-=============  ===============================================================================
-schema         columns
-=============  ===============================================================================
+==============  ===============================================================================
+schema          columns
+==============  ===============================================================================
 ``openbookqa``  ``question_stem``, ``choices {text, label}``, ``answerKey`` (optional ``fact1``)
-``arc``        ``question``, ``choices {text, label}``, ``answerKey`` (labels ``A-D`` or ``1-4``);
-               also AI2's original ``question {stem, choices}`` rows (ARC and OpenBookQA files)
-``sciq``       ``question``, ``correct_answer``, ``distractor1..3`` (optional ``support``)
-``medmcqa``    ``question``, ``opa..opd``, ``cop``
-``mmlu``       ``question``, ``subject``, ``choices`` (list), ``answer`` (index)
-``generic``    ``question``, ``choices`` (list), ``answer`` (index or letter), optional ``context``
-=============  ===============================================================================
+``arc``         ``question``, ``choices {text, label}``, ``answerKey`` (labels ``A-D`` or ``1-4``);
+                also AI2's original ``question {stem, choices}`` rows (ARC and OpenBookQA files)
+``sciq``        ``question``, ``correct_answer``, ``distractor1..3`` (optional ``support``)
+``medmcqa``     ``question``, ``opa..opd``, ``cop``
+``mmlu``        ``question``, ``subject``, ``choices`` (list), ``answer`` (index)
+``generic``     ``question``, ``choices`` (list), ``answer`` (index or letter), optional ``context``
+==============  ===============================================================================
 
 Rows that do not fit (wrong number of choices, missing answer, ...) and records that cannot be read
 (a JSON line that is not valid JSON or not UTF-8 text, a CSV record with the wrong number of fields)

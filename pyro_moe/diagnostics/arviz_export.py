@@ -3,35 +3,35 @@
 :func:`to_inference_data` turns one :class:`~pyro_moe.inference.fitting.FittedPosterior`, or several
 independent fits of the same model (the chains), into an ``arviz.InferenceData``:
 
-=======================  ==================================================================
-group                    content
-=======================  ==================================================================
-``posterior``            draws of every global site from the guide, stacked over layers:
-                         ``weight`` ``(chain, draw, layer, expert, hidden)``, expert
-                         ``down_proj`` ``(..., layer, expert, hidden, intermediate)``, ``bias``
-                         ``(..., layer, expert)``, ``temperature`` ``(..., layer)`` or
-                         ``(..., layer, expert)``, hierarchical prior scales
-                         ``<kind>_prior_scale``; with ``batches``, per-token sites summarised
-                         per layer and draw over the held-out real tokens:
-                         ``<kind>_scale`` (mean predicted standard deviation) and
-                         ``<kind>_shift_spread`` (standard deviation across tokens of the
-                         guide's mean minus the prior's mean, averaged over experts), or with
-                         ``per_token=True`` the drawn values ``<kind>`` ``(..., layer, token,
-                         expert)`` (the real tokens of the batches, in order)
-``prior``                draws of the same global sites from their priors
-``log_likelihood``       ``answer`` ``(chain, draw, example)``: ``log p(y_i | draw s)``, the
-                         per-sample answer probabilities of ``model-average`` predictions with
-                         the global sites at the posterior draws
-``posterior_predictive`` ``answer`` (a drawn answer index) and ``answer_probs``
-                         ``(chain, draw, example, choice)``
-``observed_data``        ``answer`` ``(example,)``: the labels
-``sample_stats``         the ELBO trace ``loss``, ``nll``, ``kl``, ``beta`` ``(chain, step)``
-                         (NaN past a chain's last step); for models without per-token sites
-                         and with ``batches``, ``lp`` ``(chain, draw)``, the log joint
-                         ``log p(theta_s) + sum_i log p(y_i | theta_s)`` over the batches,
-                         and ``log_q``, the guide's ``log q(theta_s)``: the importance ratios of
-                         :func:`loo` with ``importance_corrected=True``
-=======================  ==================================================================
+========================  ==================================================================
+group                     content
+========================  ==================================================================
+``posterior``             draws of every global site from the guide, stacked over layers:
+                          ``weight`` ``(chain, draw, layer, expert, hidden)``, expert
+                          ``down_proj`` ``(..., layer, expert, hidden, intermediate)``, ``bias``
+                          ``(..., layer, expert)``, ``temperature`` ``(..., layer)`` or
+                          ``(..., layer, expert)``, hierarchical prior scales
+                          ``<kind>_prior_scale``; with ``batches``, per-token sites summarised
+                          per layer and draw over the held-out real tokens:
+                          ``<kind>_scale`` (mean predicted standard deviation) and
+                          ``<kind>_shift_spread`` (standard deviation across tokens of the
+                          guide's mean minus the prior's mean, averaged over experts), or with
+                          ``per_token=True`` the drawn values ``<kind>`` ``(..., layer, token,
+                          expert)`` (the real tokens of the batches, in order)
+``prior``                 draws of the same global sites from their priors
+``log_likelihood``        ``answer`` ``(chain, draw, example)``: ``log p(y_i | draw s)``, the
+                          per-sample answer probabilities of ``model-average`` predictions with
+                          the global sites at the posterior draws
+``posterior_predictive``  ``answer`` (a drawn answer index) and ``answer_probs``
+                          ``(chain, draw, example, choice)``
+``observed_data``         ``answer`` ``(example,)``: the labels
+``sample_stats``          the ELBO trace ``loss``, ``nll``, ``kl``, ``beta`` ``(chain, step)``
+                          (NaN past a chain's last step); for models without per-token sites
+                          and with ``batches``, ``lp`` ``(chain, draw)``, the log joint
+                          ``log p(theta_s) + sum_i log p(y_i | theta_s)`` over the batches,
+                          and ``log_q``, the guide's ``log q(theta_s)``: the importance ratios of
+                          :func:`loo` with ``importance_corrected=True``
+========================  ==================================================================
 
 Coordinates: ``layer`` holds the decoder-layer indices, ``expert``, ``hidden``, ``intermediate``,
 ``example``, ``choice``, ``token`` and ``step`` count from 0; every dim is named (none is left to

@@ -125,7 +125,7 @@ def predict(
         share_prefix: model-average only: run the layers before the first Bayesian layer once.
         max_samples_per_pass: model-average only: fold at most this many joint samples into one pass
             (default all S). Activation memory grows with the folded batch; on CPU, HF's expert
-            kernels also run faster on cache-sized batches (see the README's speed table).
+            kernels also run faster on cache-sized batches (see the speed table in docs/speed.md).
         guide: a fitted posterior (:mod:`pyro_moe.guides`); default the priors.
         return_samples: also return the per-sample answer probabilities.
         return_router_logits: also return every Bayesian router's sampled logits.

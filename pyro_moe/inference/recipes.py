@@ -9,10 +9,10 @@ batches, patch the logit sites with learned scales starting there, fit keeping t
 calibration NLL, calibrate every predictive mode.
 
 Why these steps: the plain ELBO keeps an amortized logit guide at its prior, the per-example ``iwae``
-bound with learned scales does not (README, the objective study); learned scales move slowly from a
+bound with learned scales does not (docs/experiments.md, the objective study); learned scales move slowly from a
 poor start (0.3 to 0.8-1.1 in 300 steps at Adam 0.05), so a recipe starts them at the scale the
 unfitted prior does best with on held-out questions; on the embedded benchmark they then keep
-drifting upwards past it (README, "Recipes"), so the fit keeps the step whose calibration NLL is
+drifting upwards past it (docs/user-guide/fitting.md, "Recipes"), so the fit keeps the step whose calibration NLL is
 best; and a temperature on the averaged predictive gives at least what temperature scaling gives.
 
 This module imports no torch: the command line checks ``--recipe`` names at parsing.
@@ -46,7 +46,7 @@ DEFAULT_SCALE_GRID = (0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 
 RECIPE_TRAINING = TrainingOptions(steps=300, objective="iwae", num_particles=4, lr=0.02)
 """The recipes' training: per-example ``iwae`` (``alpha = 0``), ``K = 4``, Adam 0.02, 300 steps (the
-README shows the scales' trajectories on the embedded benchmark)."""
+docs/user-guide/fitting.md shows the scales' trajectories on the embedded benchmark)."""
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ on a tie).
 
 Why the unfitted prior and not a fit per candidate: it costs one ``S``-draw prediction of the
 calibration batches per candidate, against a fit each, and on the embedded benchmark the unfitted
-logit prior at the scale chosen this way did as well as an ``iwae`` fit with learned scales (README,
+logit prior at the scale chosen this way did as well as an ``iwae`` fit with learned scales (docs/experiments.md,
 the objective study). The selection then serves as the *starting point* of a fit with learned scales
 (:mod:`pyro_moe.inference.recipes`), whose steps only have to move the scales from there.
 

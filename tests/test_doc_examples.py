@@ -1,4 +1,5 @@
-"""Every ```python block of README.md runs as written, in order, against tiny stand-ins built in code.
+"""Every ```python block of README.md and of the documentation's pages (docs/**/*.md) runs as written,
+against tiny stand-ins built in code.
 
 Each block runs in a namespace of its own (in a temporary working directory, since blocks write
 ``runs/...``) holding the names the README leaves to the reader, bound to tiny objects: ``model``
@@ -26,14 +27,20 @@ from tests.experiments.tiny_evaluation import tiny_splits
 from tests.helpers import mcqa_batches
 from tests.tiny_models import tiny_model, tiny_tokenizer
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = re.findall(r"^```python\n(.*?)^```$", README.read_text(), flags=re.S | re.M)
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+BLOCKS = [
+    (f"{page.relative_to(ROOT)} python block {number + 1}", code)
+    for page in PAGES
+    for number, code in enumerate(re.findall(r"^```python\n(.*?)^```$", page.read_text(), flags=re.S | re.M))
+]
+"""(where, code) of every block, README first, then the pages in path order."""
 ROUTER_FAMILY = "deepseek_v2"
 EXPERTS_FAMILY = "qwen2_moe"
 TEXT = "the sky is blue\n\nwhat colour is the sky ?\nyes , the sky is blue\nwhich is true ? the sky is blue\n"
 """The text of every file a block reads with ``load_text`` (words of the tiny tokenizer)."""
 FEW_STEPS = 10
-"""Every ``steps=N`` of the README above this is cut to it: enough for SWAG's default schedule (rank 5
+"""Every ``steps=N`` of the examples above this is cut to it: enough for SWAG's default schedule (rank 5
 needs 5 snapshots)."""
 
 
@@ -70,16 +77,18 @@ def stand_ins(code: str) -> dict[str, Any]:
     return names
 
 
-def test_the_readme_has_python_blocks() -> None:
-    assert len(BLOCKS) >= 5
+def test_the_readme_and_the_docs_have_python_blocks() -> None:
+    assert any(where.startswith("README.md") for where, _ in BLOCKS)
+    assert sum(where.startswith("docs") for where, _ in BLOCKS) >= 5
 
 
-@pytest.mark.parametrize("number", range(len(BLOCKS)), ids=lambda number: f"block{number + 1}")
-def test_readme_python_block_runs(number: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("number", range(len(BLOCKS)), ids=lambda number: BLOCKS[number][0].replace(" python ", ":"))
+def test_python_block_runs(number: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    where, code = BLOCKS[number]
     monkeypatch.chdir(tmp_path)
-    for name in re.findall(r"load_text\(\"([^\"]+)\"\)", BLOCKS[number]):
+    for name in re.findall(r"load_text\(\"([^\"]+)\"\)", code):
         Path(name).write_text(TEXT)
-    code = re.sub(r"\bsteps=(\d+)", lambda match: f"steps={min(int(match[1]), FEW_STEPS)}", BLOCKS[number])
-    namespace = {"__name__": f"readme_block{number + 1}", **stand_ins(code)}
+    code = re.sub(r"\bsteps=(\d+)", lambda match: f"steps={min(int(match[1]), FEW_STEPS)}", code)
+    namespace = {"__name__": f"doc_block{number + 1}", **stand_ins(code)}
     torch.manual_seed(0)
-    exec(compile(code, f"README.md python block {number + 1}", "exec"), namespace)
+    exec(compile(code, where, "exec"), namespace)
