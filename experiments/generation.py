@@ -69,7 +69,7 @@ from pyro_moe.experiments.evaluation import (
     split_batches,
     verdict_line,
 )
-from pyro_moe.experiments.ood import RocResults
+from pyro_moe.experiments.ood import RocResults, comparisons_json
 from pyro_moe.experiments.runner import experiment_command
 from pyro_moe.inference.fitting import FittedPosterior
 from pyro_moe.inference.generation import Generation
@@ -204,15 +204,7 @@ class GenerationResults(RocResults):
             "max_new_tokens": self.max_new_tokens,
             "rows": self.rows,
             "baseline": {"method": BASELINE[0], "score": BASELINE[2]},
-            "bootstrap": {
-                "resamples": self.bootstrap.resamples,
-                "level": self.bootstrap.level,
-                "seed": self.bootstrap.seed,
-            },
-            "comparisons": [
-                {"ood_split": split, "method": method, "mode": mode, "score": score, **comparison.to_json()}
-                for (split, method, mode, score), comparison in self.comparisons.items()
-            ],
+            **comparisons_json(self.comparisons, self.bootstrap),
             "scores": {
                 split: [
                     {"method": method, "mode": mode, "score": score, "values": values.tolist()}

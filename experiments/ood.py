@@ -79,6 +79,7 @@ __all__ = [
     "OoDResults",
     "OoDSettings",
     "RocResults",
+    "comparisons_json",
     "main",
     "ood_experiment",
     "run_ood",
@@ -150,6 +151,20 @@ class OoDSettings(MCQAPredictionSettings):
             )
         if not isinstance(self.bootstrap, BootstrapSettings):
             raise ConfigurationError(f"bootstrap must be BootstrapSettings, got {type(self.bootstrap).__name__}.")
+
+
+def comparisons_json(
+    comparisons: Mapping[tuple[str, str, str, str], PairedComparison], bootstrap: BootstrapSettings
+) -> dict[str, Any]:
+    """``bootstrap`` (how the intervals resampled) and ``comparisons`` (every row's paired AUROC interval against
+    the baseline, keyed ``(ood split, method, mode, score)``) for the OoD experiments' ``to_json``."""
+    return {
+        "bootstrap": {"resamples": bootstrap.resamples, "level": bootstrap.level, "seed": bootstrap.seed},
+        "comparisons": [
+            {"ood_split": split, "method": method, "mode": mode, "score": score, **comparison.to_json()}
+            for (split, method, mode, score), comparison in comparisons.items()
+        ],
+    }
 
 
 @dataclass
@@ -240,15 +255,7 @@ class OoDResults(RocResults):
             "num_samples": self.num_samples,
             "rows": self.rows,
             "baseline": {"method": self.baseline[0], "score": self.baseline[1]},
-            "bootstrap": {
-                "resamples": self.bootstrap.resamples,
-                "level": self.bootstrap.level,
-                "seed": self.bootstrap.seed,
-            },
-            "comparisons": [
-                {"ood_split": split, "method": method, "mode": mode, "score": score, **comparison.to_json()}
-                for (split, method, mode, score), comparison in self.comparisons.items()
-            ],
+            **comparisons_json(self.comparisons, self.bootstrap),
         }
 
     @staticmethod
