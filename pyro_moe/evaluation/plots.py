@@ -20,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import ScalarFormatter
+from matplotlib.ticker import FuncFormatter
 from sklearn.metrics import roc_curve
 from torch import Tensor
 
@@ -70,6 +71,11 @@ def _save(figure: Figure, path: Path) -> Path:
     FigureCanvasAgg(figure)
     write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=DPI))
     return path
+
+
+def _wrapped(title: str, width: float) -> str:
+    """``title`` broken between words into lines that fit ``width`` inches at the ``"medium"`` font size."""
+    return textwrap.fill(title, width=max(20, int(width * 11)), break_on_hyphens=False, break_long_words=False)
 
 
 def _non_empty(mapping: Mapping, what: str) -> None:
@@ -265,20 +271,24 @@ def plot_roc_curves(
         false_positive, true_positive, _ = roc_curve(labels, np.r_[in_scores, ood_scores])
         curves.append((name, false_positive, true_positive, ood_auroc(pair[0], pair[1])))
 
-    figure = Figure(figsize=(6.4, 6.0), layout="constrained")
+    width = 6.4
+    figure = Figure(figsize=(width, 5.6 + 0.25 * len(curves)), layout="constrained")
     axis = figure.subplots()
-    for name, false_positive, true_positive, auroc in curves:
-        axis.plot(false_positive, true_positive, label=f"{name} (AUROC {auroc:.3f})")
+    for number, (name, false_positive, true_positive, auroc) in enumerate(curves):
+        axis.plot(
+            false_positive, true_positive, color=_colour(number, len(curves)), label=f"{name} (AUROC {auroc:.3f})"
+        )
     axis.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance (AUROC 0.5)")
     axis.set(
         xlim=(0, 1),
         ylim=(0, 1.01),
+        aspect="equal",
         xlabel="false positive rate (in-distribution flagged as OoD)",
         ylabel="true positive rate (OoD detected)",
-        title=title,
     )
+    axis.set_title(_wrapped(title, width), fontsize="medium")
     axis.grid(alpha=0.3)
-    axis.legend(loc="lower right")
+    figure.legend(loc="outside lower center", ncols=2 if len(curves) > 3 else 1, fontsize="small")  # off the curves
     return _save(figure, path)
 
 
@@ -330,6 +340,18 @@ def plot_efficiency_bars(
     return _save(figure, path)
 
 
+def _minor_log_labels(decades: float) -> FuncFormatter:
+    """Labels of the minor ticks (2, 3, ..., 9 times a power of ten) of a log axis spanning ``decades``:
+    all of them below half a decade, those at 2, 3 and 5 below two decades, none beyond (they would crowd)."""
+    shown = set(range(2, 10)) if decades < 0.5 else {2, 3, 5} if decades < 2 else set()
+
+    def label(value: float, _: int) -> str:
+        leading = round(value / 10 ** math.floor(math.log10(value) + 1e-9))
+        return f"{value:g}" if leading in shown else ""
+
+    return FuncFormatter(label)
+
+
 def plot_scale_trajectories(
     trajectories: Mapping[str, Mapping[int, float | Sequence[float]]],
     path: str | Path,
@@ -357,7 +379,7 @@ def plot_scale_trajectories(
         if values.ndim != 2 or not np.isfinite(values).all() or (values <= 0).any():
             raise ConfigurationError(f"the scales of {label!r} must be positive finite numbers of one shape per step.")
         series[label] = (np.array(steps), values)
-    figure = Figure(figsize=(7.5, 4.8), layout="constrained")
+    figure = Figure(figsize=(7.5, 4.8 + 0.2 * len(series)), layout="constrained")
     axis = figure.subplots()
     for number, (label, (steps, values)) in enumerate(series.items()):
         colour = _colour(number, len(series))
@@ -365,9 +387,11 @@ def plot_scale_trajectories(
         for column in range(values.shape[1]):
             axis.plot(steps, values[:, column], color=colour, linewidth=width, label=label if column == 0 else None)
     axis.set_yscale("log")
-    axis.yaxis.set_major_formatter(ScalarFormatter())  # plain numbers (1.5, 2) on the log axis
-    axis.yaxis.set_minor_formatter(ScalarFormatter())
-    axis.set(xlabel="training step", ylabel="prior scale (log scale)", title=title)
+    low, high = axis.get_ylim()
+    axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))  # plain numbers on the log axis
+    axis.yaxis.set_minor_formatter(_minor_log_labels(math.log10(high / low)))
+    axis.set(xlabel="training step", ylabel="prior scale (log scale)")
+    axis.set_title(_wrapped(title, 7.5), fontsize="medium")
     axis.grid(alpha=0.3, which="both")
-    axis.legend(fontsize="small")
+    figure.legend(loc="outside lower center", ncols=2 if len(series) > 3 else 1, fontsize="small")  # off the lines
     return _save(figure, path)
