@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import matplotlib
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.legend import Legend
 from matplotlib.text import Text
@@ -37,8 +38,11 @@ def capture_figures(monkeypatch: pytest.MonkeyPatch) -> list[Figure]:
 
 
 def _renderer(figure: Figure):
-    figure.canvas.draw()  # lays out (constrained layout) as savefig did
-    return figure.canvas.get_renderer()
+    """A renderer of ``figure`` laid out (constrained layout) as it was saved."""
+    canvas = figure.canvas if isinstance(figure.canvas, FigureCanvasAgg) else FigureCanvasAgg(figure)
+    if figure.stale:
+        canvas.draw()
+    return canvas.get_renderer()
 
 
 def data_axes(figure: Figure) -> list:
@@ -65,9 +69,16 @@ def clipped_texts(figure: Figure) -> list[str]:
     reach beyond the figure's canvas."""
     renderer = _renderer(figure)
     canvas = figure.bbox
+    undrawn = set()  # the labels of ticks outside the view limits exist but are not drawn
+    for axis in figure.axes:
+        for scale in (axis.xaxis, axis.yaxis):
+            low, high = sorted(scale.get_view_interval())
+            for tick in (*scale.get_major_ticks(), *scale.get_minor_ticks()):
+                if not low - 1e-9 * abs(high - low) <= tick.get_loc() <= high + 1e-9 * abs(high - low):
+                    undrawn.update((tick.label1, tick.label2))
     clipped = []
     for text in figure.findobj(Text):
-        if not text.get_visible() or not text.get_text().strip():
+        if text in undrawn or not text.get_visible() or not text.get_text().strip():
             continue
         box = text.get_window_extent(renderer)
         if box.x0 < canvas.x0 - 1 or box.y0 < canvas.y0 - 1 or box.x1 > canvas.x1 + 1 or box.y1 > canvas.y1 + 1:

@@ -48,7 +48,7 @@ def test_reliability_diagram(tmp_path: Path) -> None:
     _assert_png(plots.plot_reliability_diagram(diagrams["method 0"], tmp_path / "one.png"))
 
 
-@pytest.mark.parametrize("methods", [1, 3, 10])
+@pytest.mark.parametrize("methods", [1, 3, 6])  # one panel, one row, two rows (the second partial)
 def test_reliability_diagram_is_small_multiples_with_references_and_counts(methods, tmp_path, monkeypatch):
     figures = capture_figures(monkeypatch)
     diagrams = _diagrams(methods)
@@ -148,3 +148,37 @@ def test_scale_trajectories(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match=r"must end in \.png"):
         plots.plot_scale_trajectories(trajectories, tmp_path / "scales.pdf")
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_legends_sit_off_the_data_and_no_text_is_clipped(tmp_path, monkeypatch):
+    """Every plot of this module on inputs with many series and long names: its legends overlap no
+    axes and every title, label and tick label lies on the canvas."""
+    figures = capture_figures(monkeypatch)
+    generator = torch.Generator().manual_seed(3)
+    scores = {
+        name: (torch.randn(80, generator=generator), torch.randn(50, generator=generator) + 0.1)
+        for name in ("max probability", "predictive entropy", "mutual information", "router-logit variance")
+    }
+    long_title = "OoD detection: ROC curves, test vs far_ood: mfvr-iwae-layer, model-average, a long method name"
+    plots.plot_roc_curves(scores, tmp_path / "roc.png", title=long_title)
+    steps = range(0, 101, 20)
+    trajectories = {f"model.layers.{layer}.mlp.gate.logits": {s: 1.0 + s / 400 for s in steps} for layer in range(5)}
+    trajectories["per expert"] = {s: [1.0 + s / 100, 1.0 / (1 + s / 100)] for s in steps}
+    plots.plot_scale_trajectories(trajectories, tmp_path / "scales.png", title=long_title)
+    plots.plot_stability_violins(_stability(layers=24), tmp_path / "violins.png", threshold=0.5)
+    methods = [f"family {i}, routing-average" for i in range(8)]
+    figures_per_method = {
+        m: {"latency (ms per batch)": 10.0 + i, "peak memory (MiB)": 300.0} for i, m in enumerate(methods)
+    }
+    plots.plot_efficiency_bars(figures_per_method, tmp_path / "efficiency.png", baseline=methods[0], title=long_title)
+    assert len(figures) == 4  # the reliability diagram: its own test
+    for figure in figures:
+        title = figure.get_suptitle() or figure.axes[0].get_title()
+        assert not legends_over_axes(figure), title
+        assert not clipped_texts(figure), title
+    roc, scales = figures[0], figures[1]
+    assert roc.legends and len(roc.legends[0].get_texts()) == len(scores) + 1  # every score and chance
+    assert scales.legends and len(scales.legends[0].get_texts()) == len(trajectories)
+    assert "\n" in roc.axes[0].get_title()  # the long title wrapped, not cut at the edge
+    minor = [label.get_text() for label in scales.axes[0].yaxis.get_minorticklabels() if label.get_text()]
+    assert len(minor) <= 6  # a log axis spanning a decade labels a few minor ticks, not all of them
