@@ -340,14 +340,24 @@ def plot_efficiency_bars(
     return _save(figure, path)
 
 
-def _minor_log_labels(decades: float) -> FuncFormatter:
-    """Labels of the minor ticks (2, 3, ..., 9 times a power of ten) of a log axis spanning ``decades``:
-    all of them below half a decade, those at 2, 3 and 5 below two decades, none beyond (they would crowd)."""
-    shown = set(range(2, 10)) if decades < 0.5 else {2, 3, 5} if decades < 2 else set()
+MINOR_LABELS = 6
+"""At most this many minor ticks are labelled on a log axis with fewer than three major ticks in view."""
+
+
+def _minor_log_labels(axis: Any) -> FuncFormatter:
+    """Plain-number labels of the minor ticks of ``axis``'s log y axis where its major ticks are too
+    few to read values from (fewer than three in view, as over a narrow range), thinned to at most
+    :data:`MINOR_LABELS`; none otherwise."""
 
     def label(value: float, _: int) -> str:
-        leading = round(value / 10 ** math.floor(math.log10(value) + 1e-9))
-        return f"{value:g}" if leading in shown else ""
+        low, high = axis.get_ylim()
+        if sum(low <= tick <= high for tick in axis.get_yticks()) >= 3:
+            return ""
+        in_view = [tick for tick in axis.yaxis.get_minorticklocs() if low <= tick <= high]
+        if not in_view:
+            return ""
+        index = int(np.argmin(np.abs(np.array(in_view) - value)))
+        return f"{value:g}" if index % math.ceil(len(in_view) / MINOR_LABELS) == 0 else ""
 
     return FuncFormatter(label)
 
@@ -387,9 +397,8 @@ def plot_scale_trajectories(
         for column in range(values.shape[1]):
             axis.plot(steps, values[:, column], color=colour, linewidth=width, label=label if column == 0 else None)
     axis.set_yscale("log")
-    low, high = axis.get_ylim()
     axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))  # plain numbers on the log axis
-    axis.yaxis.set_minor_formatter(_minor_log_labels(math.log10(high / low)))
+    axis.yaxis.set_minor_formatter(_minor_log_labels(axis))
     axis.set(xlabel="training step", ylabel="prior scale (log scale)")
     axis.set_title(_wrapped(title, 7.5), fontsize="medium")
     axis.grid(alpha=0.3, which="both")
