@@ -5,7 +5,7 @@ The deterministic model is the model with every router at its prior mean; temper
 divides its answer logits by one temperature fitted on the calibration split
 (:mod:`pyro_moe.evaluation.temperature_scaling`). Both are independent of the predictive mode and appear in
 the table of each mode beside the families. Figures come from :func:`pyro_moe.evaluation.metrics.calibration_report`
-(equal-width bins); one reliability diagram per mode.
+(equal-width bins); one reliability diagram per mode (small multiples: a panel per method).
 
 Every other row carries, for accuracy, NLL, ECE and Brier, its difference from a named baseline
 (``settings.baseline``, temperature scaling by default) on the same test questions and the paired
@@ -238,12 +238,14 @@ class CalibrationResults:
         return "\n".join(lines)
 
     def plot(self, folder: str | Path) -> list[Path]:
-        """``reliability_<mode>.png`` per mode."""
+        """``reliability_<mode>.png`` per mode: one panel per method with its per-bin counts, the
+        deterministic model and temperature scaling drawn faintly in each."""
         return [
             plot_reliability_diagram(
                 diagrams,
                 Path(folder) / f"reliability_{slug(mode)}.png",
                 title=f"Reliability diagram, {self.test_split} split, {mode}",
+                references=[name for name in (DETERMINISTIC, TEMPERATURE_SCALING) if name in diagrams],
             )
             for mode, diagrams in self.diagrams.items()
         ]

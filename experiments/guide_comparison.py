@@ -145,15 +145,15 @@ def plot_elbo_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], pat
         raise ConfigurationError(f"the ELBO plot is written as PNG: the path must end in .png, got {str(path)!r}.")
     if not histories:
         raise ConfigurationError("no ELBO trace to plot.")
-    figure = Figure(figsize=(8, 5))
+    figure = Figure(figsize=(8, 5 + 0.2 * len(histories)), layout="constrained")
     axis = figure.add_subplot()
     for name, history in histories.items():
         axis.plot([record["step"] for record in history], [-record["loss"] for record in history], label=name)
     axis.set_title("ELBO during training (iwae cases: their bound)")
     axis.set_xlabel("SVI step")
     axis.set_ylabel("ELBO (nats, full-data estimate)")
-    axis.legend(loc="lower right")
-    figure.tight_layout()
+    axis.grid(alpha=0.3)
+    figure.legend(loc="outside lower center", ncols=min(len(histories), 3))  # below the axes, off the curves
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(figure)
     write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=120))

@@ -489,12 +489,16 @@ def plot_forest(idatas: Mapping[str, az.InferenceData], path: str | Path, var_na
         missing = [var for var in var_names if var not in idata.posterior.data_vars]
         if missing:
             raise UnknownSiteError(f"{name!r} has no posterior variable(s) {missing}.")
-    figure = Figure(figsize=(8, 6))
+    figure = Figure(figsize=(8, 6.5), layout="constrained")
     axis = figure.add_subplot()
     az.plot_forest(list(idatas.values()), model_names=list(idatas), var_names=list(var_names), combined=True, ax=axis)
     axis.set_title(title)
     axis.set_xlabel("value (94 % HDI)")
-    figure.tight_layout()
+    legend = axis.get_legend()  # ArviZ puts it over the top intervals: below the axes instead
+    if legend is not None:
+        handles, labels = legend.legend_handles, [text.get_text() for text in legend.get_texts()]
+        legend.remove()
+        figure.legend(handles[::-1], labels[::-1], loc="outside lower center", ncols=min(len(labels), 3))
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=120))
     return path

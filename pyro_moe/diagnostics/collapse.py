@@ -164,32 +164,35 @@ class CollapseReport:
         status = np.where(
             table["deterministic"],
             "deterministic",
-            np.where(table["prior_collapse"], "collapsed to the prior", "neither"),
+            np.where(table["prior_collapse"], "collapsed to the prior", "not collapsed"),
         )
-        colours = {"deterministic": "tab:red", "collapsed to the prior": "tab:orange", "neither": "tab:blue"}
-        figure = Figure(figsize=(11, 0.35 * len(table) + 2.5))
+        colours = {"deterministic": "tab:red", "collapsed to the prior": "tab:orange", "not collapsed": "tab:blue"}
+        figure = Figure(figsize=(11, 0.35 * len(table) + 3.0), layout="constrained")
         figure.suptitle("Posterior collapse per site (rows: variable, layer, chain)")
         panels = figure.subplots(1, 2, sharey=True)
         columns = (
-            ("sd_ratio", "posterior / prior standard deviation"),
-            ("kl_per_dimension", "KL(q || p) per dimension"),
+            ("sd_ratio", "posterior / prior standard deviation", "deterministic below"),
+            ("kl_per_dimension", "KL(q || p) per dimension", "collapsed to the prior below"),
         )
         lines = (self.thresholds.deterministic_ratio, self.thresholds.prior_kl_per_dimension)
-        for axis, (column, title), line in zip(panels, columns, lines, strict=True):
+        for axis, (column, title, meaning), line in zip(panels, columns, lines, strict=True):
             values = table[column].to_numpy(dtype=float)
             shown = np.clip(np.nan_to_num(values, nan=np.nan, posinf=1e6), 1e-12, 1e6)
             for name, colour in colours.items():
                 chosen = status == name
                 if chosen.any():
                     axis.barh(positions[chosen], shown[chosen], color=colour, label=name)
-            axis.axvline(line, color="black", linestyle="--", label=f"threshold {line:g}")
+            axis.axvline(line, color="black", linestyle="--", label="threshold")
             axis.set_xscale("log")
-            axis.set_title(title)
+            axis.set_title(f"{title}\n({meaning} {line:g})", fontsize="medium")
             axis.set_xlabel(f"{column} (log scale)")
-            axis.legend(loc="best", fontsize="small", framealpha=0.9)
         panels[0].set_yticks(positions, labels)
         panels[0].set_ylabel("site")
-        figure.tight_layout()
+        handles = {}
+        for axis in panels:  # each status once, below the panels where it covers no bar
+            for handle, label in zip(*axis.get_legend_handles_labels(), strict=True):
+                handles.setdefault(label, handle)
+        figure.legend(handles.values(), handles.keys(), loc="outside lower center", ncols=len(handles))
         path.parent.mkdir(parents=True, exist_ok=True)
         FigureCanvasAgg(figure)
         write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=120))

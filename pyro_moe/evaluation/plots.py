@@ -3,12 +3,13 @@ efficiency bars and the trajectories of learned prior scales.
 
 Figures are drawn on matplotlib's Agg canvas without pyplot, so nothing opens a window and the
 global backend is left alone. Every function writes one PNG (creating its folder), with a title,
-axis labels and a legend, and returns its path.
+axis labels and a legend outside the data, and returns its path.
 
 Example::
 
     from pyro_moe.evaluation import metrics, plots
-    plots.plot_reliability_diagram({"deterministic": metrics.reliability_diagram_data(p, y)}, "out/reliability.png")
+    diagrams = {"deterministic": metrics.reliability_diagram_data(p, y), "MFVR": metrics.reliability_diagram_data(q, y)}
+    plots.plot_reliability_diagram(diagrams, "out/reliability.png", references=["deterministic"])
     plots.plot_stability_violins(stability, "out/stability.png", threshold=0.9)
     plots.plot_roc_curves({"mutual information": (mi_in, mi_ood)}, "out/roc.png")
     plots.plot_efficiency_bars({"deterministic": {"latency (ms)": 12.0}, "MFVR": {"latency (ms)": 30.0}},
@@ -19,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import ScalarFormatter
+from matplotlib.ticker import FuncFormatter
 from sklearn.metrics import roc_curve
 from torch import Tensor
 
@@ -47,6 +49,15 @@ __all__ = [
 DPI = 120
 """Resolution of the written PNGs."""
 
+RELIABILITY_COLUMNS = 4
+"""Panels per row of the reliability diagram."""
+
+METHOD_COLOUR = "C0"
+"""The colour of each panel's own method in the reliability diagram."""
+
+REFERENCE_COLOURS = ("black", "C1", "C2", "C4")
+"""The colours of the faint reference methods in the reliability diagram, in order."""
+
 
 def _png_path(path: str | Path) -> Path:
     path = Path(path)
@@ -62,6 +73,11 @@ def _save(figure: Figure, path: Path) -> Path:
     return path
 
 
+def _wrapped(title: str, width: float) -> str:
+    """``title`` broken between words into lines that fit ``width`` inches at the ``"medium"`` font size."""
+    return textwrap.fill(title, width=max(20, int(width * 11)), break_on_hyphens=False, break_long_words=False)
+
+
 def _non_empty(mapping: Mapping, what: str) -> None:
     if not isinstance(mapping, Mapping) or not mapping:
         raise ConfigurationError(f"{what} must be a non-empty mapping from names to values.")
@@ -72,15 +88,20 @@ def plot_reliability_diagram(
     path: str | Path,
     *,
     title: str = "Reliability diagram",
+    references: Sequence[str] = (),
 ) -> Path:
-    """Accuracy against confidence per bin, one line per method, over the diagonal of perfect
-    calibration, with the share of examples per bin underneath; the legend gives each ECE.
+    """Small multiples: one panel per method (shared axes) of accuracy against confidence per bin over
+    the diagonal of perfect calibration, its ECE in the panel's title, the ``references`` drawn faintly
+    in every other panel, and under each panel a strip of the number of examples per bin (written on
+    the bars). One legend below the panels.
 
     Args:
         diagrams: ``{method: ReliabilityDiagram}`` (from :func:`pyro_moe.evaluation.metrics.reliability_diagram_data`),
             or one diagram; all with the same bins.
         path: the ``.png`` to write.
         title: the figure title.
+        references: methods among ``diagrams`` drawn faintly in every panel (e.g. the deterministic
+            model and temperature scaling).
     """
     path = _png_path(path)
     if isinstance(diagrams, ReliabilityDiagram):
@@ -90,33 +111,69 @@ def plot_reliability_diagram(
     for name, diagram in diagrams.items():
         if not isinstance(diagram, ReliabilityDiagram) or diagram.edges.shape != edges.shape:
             raise ConfigurationError(f"diagram {name!r} must be a ReliabilityDiagram with {len(edges) - 1} bins.")
+    unknown = [name for name in references if name not in diagrams]
+    if isinstance(references, str) or unknown:
+        raise ConfigurationError(
+            f"references must be a sequence of methods among {list(diagrams)}, got {references!r}."
+        )
     edges = edges.double().cpu().numpy()
-    widths = np.diff(edges)
+    curves = {name: _reliability_curve(diagram) for name, diagram in diagrams.items()}
+    reference_colours = dict(zip(references, REFERENCE_COLOURS, strict=False))
+    largest = max(int(diagram.count.max()) for diagram in diagrams.values())
 
-    many = len(diagrams) > 3  # the legend goes beside the axes, where it covers no line
-    figure = Figure(figsize=(9.6 if many else 6.4, 6.4), layout="constrained")
-    top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=(3, 1))
-    top.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
-    bar_width = widths / (len(diagrams) + 1)
+    columns = min(len(diagrams), RELIABILITY_COLUMNS)
+    rows = math.ceil(len(diagrams) / columns)
+    figure = Figure(figsize=(0.6 + 3.0 * columns, 0.9 + 3.9 * rows), layout="constrained")
+    grid = figure.add_gridspec(2 * rows, columns, height_ratios=(3, 1) * rows)
+    panels: list[Any] = []
+    strips: list[Any] = []
     for number, (name, diagram) in enumerate(diagrams.items()):
-        colour = _colour(number, len(diagrams))
-        count = diagram.count.double().cpu().numpy()
-        accuracy = diagram.accuracy.double().cpu().numpy()
-        confidence = diagram.confidence.double().cpu().numpy()
-        filled = count > 0
-        ece = diagram.expected_calibration_error
-        label = f"{name} (ECE {ece:.3f})"
-        top.plot(confidence[filled], accuracy[filled], marker="o", color=colour, label=label)
-        offset = edges[:-1] + (number + 0.5) * bar_width
-        bottom.bar(offset, count / count.sum(), width=bar_width, align="edge", color=colour)
-    top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=title)
-    if many:
-        top.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
-    else:
-        top.legend(loc="upper left")
-    top.grid(alpha=0.3)
-    bottom.set(xlabel="confidence (top-label probability)", ylabel="share of examples")
+        row, column = divmod(number, columns)
+        first_panel, first_strip = (panels[0], strips[0]) if panels else (None, None)
+        panel = figure.add_subplot(grid[2 * row, column], sharex=first_panel, sharey=first_panel)
+        strip = figure.add_subplot(grid[2 * row + 1, column], sharex=panel, sharey=first_strip)
+        panels.append(panel)
+        strips.append(strip)
+        panel.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="perfect calibration")
+        for reference, colour in reference_colours.items():
+            if reference != name:
+                panel.plot(
+                    *curves[reference], color=colour, alpha=0.45, linewidth=1.2, label=f"{reference} (reference)"
+                )
+        panel.plot(
+            *curves[name], marker="o", markersize=4, color=METHOD_COLOUR, linewidth=2, label="the panel's method"
+        )
+        panel.set_title(f"{name}\nECE {diagram.expected_calibration_error:.3f}", fontsize="medium")
+        panel.grid(alpha=0.3)
+        panel.tick_params(labelbottom=False)
+        count = diagram.count.cpu().numpy()
+        bars = strip.bar(edges[:-1], count, width=np.diff(edges), align="edge", color="0.6", label="examples per bin")
+        strip.bar_label(bars, labels=[str(c) if c else "" for c in count], fontsize=6, padding=1)
+        strip.set_xlabel("confidence" if number + columns >= len(diagrams) else "")
+        if column == 0:
+            panel.set_ylabel("accuracy")
+            strip.set_ylabel("examples")
+        else:
+            panel.tick_params(labelleft=False)
+            strip.tick_params(labelleft=False)
+    panels[0].set(xlim=(0, 1), ylim=(0, 1))
+    strips[0].set_ylim(0, 1.35 * max(largest, 1))  # room for the counts written above the bars
+    handles = {}
+    for axis in (*panels, strips[0]):  # each label once
+        for handle, label in zip(*axis.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    order = ["the panel's method", *(f"{name} (reference)" for name in references), "perfect calibration"]
+    handles = {label: handles[label] for label in [*order, "examples per bin"] if label in handles}
+    figure.legend(handles.values(), handles.keys(), loc="outside lower center", ncols=min(len(handles), columns, 3))
+    figure.suptitle(title)
     return _save(figure, path)
+
+
+def _reliability_curve(diagram: ReliabilityDiagram) -> tuple[np.ndarray, np.ndarray]:
+    """Mean confidence and accuracy ``(filled bins,)`` of the non-empty bins."""
+    filled = (diagram.count > 0).cpu().numpy()
+    confidence = diagram.confidence.double().cpu().numpy()[filled]
+    return confidence, diagram.accuracy.double().cpu().numpy()[filled]
 
 
 def _colour(number: int, total: int) -> Any:
@@ -214,20 +271,24 @@ def plot_roc_curves(
         false_positive, true_positive, _ = roc_curve(labels, np.r_[in_scores, ood_scores])
         curves.append((name, false_positive, true_positive, ood_auroc(pair[0], pair[1])))
 
-    figure = Figure(figsize=(6.4, 6.0), layout="constrained")
+    width = 6.4
+    figure = Figure(figsize=(width, 5.6 + 0.25 * len(curves)), layout="constrained")
     axis = figure.subplots()
-    for name, false_positive, true_positive, auroc in curves:
-        axis.plot(false_positive, true_positive, label=f"{name} (AUROC {auroc:.3f})")
+    for number, (name, false_positive, true_positive, auroc) in enumerate(curves):
+        axis.plot(
+            false_positive, true_positive, color=_colour(number, len(curves)), label=f"{name} (AUROC {auroc:.3f})"
+        )
     axis.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance (AUROC 0.5)")
     axis.set(
         xlim=(0, 1),
         ylim=(0, 1.01),
+        aspect="equal",
         xlabel="false positive rate (in-distribution flagged as OoD)",
         ylabel="true positive rate (OoD detected)",
-        title=title,
     )
+    axis.set_title(_wrapped(title, width), fontsize="medium")
     axis.grid(alpha=0.3)
-    axis.legend(loc="lower right")
+    figure.legend(loc="outside lower center", ncols=2 if len(curves) > 3 else 1, fontsize="small")  # off the curves
     return _save(figure, path)
 
 
@@ -279,6 +340,28 @@ def plot_efficiency_bars(
     return _save(figure, path)
 
 
+MINOR_LABELS = 6
+"""At most this many minor ticks are labelled on a log axis with fewer than three major ticks in view."""
+
+
+def _minor_log_labels(axis: Any) -> FuncFormatter:
+    """Plain-number labels of the minor ticks of ``axis``'s log y axis where its major ticks are too
+    few to read values from (fewer than three in view, as over a narrow range), thinned to at most
+    :data:`MINOR_LABELS`; none otherwise."""
+
+    def label(value: float, _: int) -> str:
+        low, high = axis.get_ylim()
+        if sum(low <= tick <= high for tick in axis.get_yticks()) >= 3:
+            return ""
+        in_view = [tick for tick in axis.yaxis.get_minorticklocs() if low <= tick <= high]
+        if not in_view:
+            return ""
+        index = int(np.argmin(np.abs(np.array(in_view) - value)))
+        return f"{value:g}" if index % math.ceil(len(in_view) / MINOR_LABELS) == 0 else ""
+
+    return FuncFormatter(label)
+
+
 def plot_scale_trajectories(
     trajectories: Mapping[str, Mapping[int, float | Sequence[float]]],
     path: str | Path,
@@ -306,7 +389,7 @@ def plot_scale_trajectories(
         if values.ndim != 2 or not np.isfinite(values).all() or (values <= 0).any():
             raise ConfigurationError(f"the scales of {label!r} must be positive finite numbers of one shape per step.")
         series[label] = (np.array(steps), values)
-    figure = Figure(figsize=(7.5, 4.8), layout="constrained")
+    figure = Figure(figsize=(7.5, 4.8 + 0.2 * len(series)), layout="constrained")
     axis = figure.subplots()
     for number, (label, (steps, values)) in enumerate(series.items()):
         colour = _colour(number, len(series))
@@ -314,9 +397,10 @@ def plot_scale_trajectories(
         for column in range(values.shape[1]):
             axis.plot(steps, values[:, column], color=colour, linewidth=width, label=label if column == 0 else None)
     axis.set_yscale("log")
-    axis.yaxis.set_major_formatter(ScalarFormatter())  # plain numbers (1.5, 2) on the log axis
-    axis.yaxis.set_minor_formatter(ScalarFormatter())
-    axis.set(xlabel="training step", ylabel="prior scale (log scale)", title=title)
+    axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))  # plain numbers on the log axis
+    axis.yaxis.set_minor_formatter(_minor_log_labels(axis))
+    axis.set(xlabel="training step", ylabel="prior scale (log scale)")
+    axis.set_title(_wrapped(title, 7.5), fontsize="medium")
     axis.grid(alpha=0.3, which="both")
-    axis.legend(fontsize="small")
+    figure.legend(loc="outside lower center", ncols=2 if len(series) > 3 else 1, fontsize="small")  # off the lines
     return _save(figure, path)

@@ -194,35 +194,43 @@ def write_html(texts: Sequence[GeneratedText], path: str | Path, *, threshold: f
 
 
 def plot_token_uncertainty(texts: Sequence[GeneratedText], path: str | Path) -> Path:
-    """Predictive and expected entropy (left axis) and mutual information (right axis, its own scale)
-    against the generated position, one panel per sequence (the first :data:`MAX_PLOTTED`), written as a PNG."""
+    """Per sequence (the first :data:`MAX_PLOTTED`), a panel of the predictive and expected entropy and,
+    under it on the same positions, a panel of the mutual information (on its own scale: often orders
+    of magnitude below the entropies), against the generated position; one legend below; written as a PNG."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ConfigurationError(f"plots are written as PNG: the path must end in .png, got {str(path)!r}.")
     if not texts:
         raise ConfigurationError("no generated text to plot.")
     shown = list(texts[:MAX_PLOTTED])
-    figure = Figure(figsize=(7.5, 1.2 + 2.0 * len(shown)), layout="constrained")
-    axes = np.atleast_1d(figure.subplots(len(shown), 1, squeeze=False)[:, 0])
-    for number, (axis, text) in enumerate(zip(axes, shown, strict=True)):
+    figure = Figure(figsize=(7.5, 1.6 + 3.0 * len(shown)), layout="constrained")
+    axes = figure.subplots(2 * len(shown), 1, height_ratios=(2, 1) * len(shown), squeeze=False)[:, 0]
+    for number, text in enumerate(shown):
+        entropies, information = axes[2 * number], axes[2 * number + 1]
+        information.sharex(entropies)
         positions = np.arange(len(text.pieces))
-        axis.plot(positions, text.predictive_entropy, marker=".", color="C0", label="predictive entropy")
-        axis.plot(positions, text.expected_entropy, marker=".", linestyle="--", color="C1", label="expected entropy")
-        information = axis.twinx()  # on its own scale: often orders of magnitude below the entropies
+        entropies.plot(positions, text.predictive_entropy, marker=".", color="C0", label="predictive entropy")
+        entropies.plot(
+            positions, text.expected_entropy, marker=".", linestyle="--", color="C1", label="expected entropy"
+        )
         information.plot(positions, text.mutual_information, marker=".", color="C3", label="mutual information")
-        information.set_ylabel("MI (nats)", color="C3")
-        information.tick_params(axis="y", colors="C3")
         prompt = text.prompt if len(text.prompt) <= 60 else text.prompt[:57] + "..."
-        axis.set(ylabel="entropy (nats)", title=f"{number}: {prompt}")
-        axis.title.set_fontsize("small")
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axis.grid(alpha=0.3)
-        if number == 0:
-            lines = axis.get_lines() + information.get_lines()
-            axis.legend(lines, [line.get_label() for line in lines], fontsize="small")
-    axes[-1].set_xlabel("generated position")
+        entropies.set(ylabel="entropy (nats)", title=f"{number}: {prompt}")
+        entropies.title.set_fontsize("small")
+        entropies.tick_params(labelbottom=False)
+        information.set(ylabel="MI (nats)", xlabel="generated position")
+        for axis in (entropies, information):
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+            axis.grid(alpha=0.3)
+    figure.legend(*_legend_entries(axes[:2]), loc="outside lower center", ncols=3, fontsize="small")
     more = f" (first {MAX_PLOTTED} of {len(texts)})" if len(texts) > MAX_PLOTTED else ""
     figure.suptitle(f"Uncertainty along each generated sequence{more}")
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(figure)
     return write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=DPI))
+
+
+def _legend_entries(axes: Sequence[Any]) -> tuple[list[Any], list[str]]:
+    """The lines and labels of ``axes``, in order."""
+    lines = [line for axis in axes for line in axis.get_lines()]
+    return lines, [line.get_label() for line in lines]

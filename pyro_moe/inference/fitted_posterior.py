@@ -276,7 +276,7 @@ class FittedPosterior:
                     value = None if callback is None else callback(self, self.engine.step_count)
                     if value is not None:
                         record[callback.name] = float(value)
-                    bar.set_postfix(loss=f"{record['loss']:.3g}", kl=f"{record['kl']:.3g}", nll=f"{record['nll']:.3f}")
+                    bar.set_postfix(self.engine.progress_terms(record))  # the terms its objective has
                     if checkpointer is not None:
                         checkpointer.after_step(self.engine.step_count)
             if callback is not None:

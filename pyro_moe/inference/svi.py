@@ -45,7 +45,14 @@ from pyro_moe.inference.options import OPTIMIZERS, Objective, TrainingOptions
 from pyro_moe.random_streams import RandomState
 from pyro_moe.validation import check_integer, check_number
 
-__all__ = ["DifferentiableRenyiELBO", "KLWeight", "NonFiniteError", "SVIEngine", "make_elbo"]
+__all__ = ["OBJECTIVE_TERMS", "DifferentiableRenyiELBO", "KLWeight", "NonFiniteError", "SVIEngine", "make_elbo"]
+
+OBJECTIVE_TERMS: dict[Objective, tuple[str, ...]] = {
+    Objective.ELBO: ("loss", "kl", "nll"),
+    Objective.IWAE: ("loss", "nll"),
+}
+"""The terms of a step's record each objective has (what the progress bar shows): the iwae bound has
+no KL term (its record's ``kl`` is NaN)."""
 
 
 class DifferentiableRenyiELBO(RenyiELBO):
@@ -385,10 +392,15 @@ class SVIEngine:
         record = {"step": self.step_count, "loss": loss_value, "nll": nll, "beta": beta}
         batch_size = len(batch["input_ids"]) if "input_ids" in batch else 1
         scale = batch.get("num_examples") or batch_size
-        record["kl"] = (loss_value - scale * nll) / beta if self.objective is Objective.ELBO else math.nan
+        record["kl"] = (loss_value - scale * nll) / beta if "kl" in OBJECTIVE_TERMS[self.objective] else math.nan
         self.history.append(record)
         self.step_count += 1
         return record
+
+    def progress_terms(self, record: Mapping[str, float]) -> dict[str, str]:
+        """The terms of ``record`` (from :meth:`step`) that this engine's objective has
+        (:data:`OBJECTIVE_TERMS`), formatted for a progress bar's postfix."""
+        return {name: f"{record[name]:.3g}" for name in OBJECTIVE_TERMS[self.objective]}
 
     def state_tensors(self) -> dict[str, Tensor]:
         """Parameters (unconstrained, by name: bit-exact on reload), optimiser state and RNG, as flat tensors."""

@@ -14,6 +14,7 @@ from pyro_moe import ConfigurationError, fit, patch_routers
 from pyro_moe.diagnostics.arviz_export import UnknownSiteError
 from pyro_moe.diagnostics.collapse import FLAGS, CollapseThresholds, collapse_report
 from tests.helpers import ANSWERS, mcqa_batches
+from tests.plot_checks import capture_figures, clipped_texts, legends_over_axes
 from tests.tiny_models import tiny_model
 
 ROUTER = "model.layers.{}.block_sparse_moe.router"
@@ -57,12 +58,18 @@ def test_a_healthy_fit_is_flagged_neither_way(healthy_report):
     assert table.loc[table["scope"] == "per-token", "active_fraction"].between(0, 1).all()
 
 
-def test_summary_has_r_hat_and_ess_across_chains_and_the_plot_is_a_png(healthy_report, tmp_path):
+def test_summary_has_r_hat_and_ess_across_chains_and_the_plot_is_a_png(healthy_report, tmp_path, monkeypatch):
     summary = healthy_report.summary
     assert {"ess_bulk", "ess_tail", "r_hat"} <= set(summary.columns)
     assert np.isfinite(summary.filter(like="weight", axis=0)["r_hat"]).all()
+    figures = capture_figures(monkeypatch)
     path = healthy_report.plot(tmp_path / "collapse.png")
     assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size > 10_000
+    (figure,) = figures
+    panels = figure.axes
+    assert len(panels) == 2 and panels[1].get_shared_y_axes().joined(panels[0], panels[1])
+    assert all(len(axis.patches) == len(healthy_report.table) for axis in panels)  # a bar per site and chain
+    assert len(figure.legends) == 1 and not legends_over_axes(figure) and not clipped_texts(figure)
 
 
 def test_global_kl_matches_the_normal_closed_form(healthy, healthy_report):

@@ -12,6 +12,7 @@ from matplotlib.image import imread
 from pyro_moe.errors import ConfigurationError
 from pyro_moe.evaluation import metrics, plots
 from pyro_moe.evaluation.stability import DEFAULT_GAMMA, RoutingStability
+from tests.plot_checks import capture_figures, clipped_texts, legends_over_axes
 
 
 def _assert_png(path: Path) -> None:
@@ -29,18 +30,58 @@ def _stability(layers: int = 4, tokens: int = 30) -> RoutingStability:
     )
 
 
-def test_reliability_diagram(tmp_path: Path) -> None:
+def _diagrams(methods: int, n_bins: int = 10) -> dict[str, metrics.ReliabilityDiagram]:
     generator = torch.Generator().manual_seed(1)
     logits = 3 * torch.randn(200, 4, generator=generator)
     labels = torch.randint(0, 4, (200,), generator=generator)
-    diagrams = {
-        "deterministic": metrics.reliability_diagram_data(logits.softmax(-1), labels),
-        "tempered": metrics.reliability_diagram_data((logits / 3).softmax(-1), labels),
+    return {
+        f"method {i}": metrics.reliability_diagram_data((logits / (1 + i)).softmax(-1), labels, n_bins)
+        for i in range(methods)
     }
+
+
+def test_reliability_diagram(tmp_path: Path) -> None:
+    diagrams = _diagrams(2)
     path = plots.plot_reliability_diagram(diagrams, tmp_path / "nested" / "reliability.png")
     assert path == tmp_path / "nested" / "reliability.png"
     _assert_png(path)
-    _assert_png(plots.plot_reliability_diagram(diagrams["deterministic"], tmp_path / "one.png"))
+    _assert_png(plots.plot_reliability_diagram(diagrams["method 0"], tmp_path / "one.png"))
+
+
+@pytest.mark.parametrize("methods", [1, 3, 6])  # one panel, one row, two rows (the second partial)
+def test_reliability_diagram_is_small_multiples_with_references_and_counts(methods, tmp_path, monkeypatch):
+    figures = capture_figures(monkeypatch)
+    diagrams = _diagrams(methods)
+    references = list(diagrams)[:2]
+    plots.plot_reliability_diagram(diagrams, tmp_path / "r.png", references=references)
+    (figure,) = figures
+    panels = [axis for axis in figure.axes if axis.get_ylabel() == "accuracy" or axis.lines]
+    strips = [axis for axis in figure.axes if axis not in panels]
+    assert len(panels) == len(strips) == methods  # one panel and one count strip per method
+    for axis in panels[1:]:  # shared axes
+        assert axis.get_shared_x_axes().joined(panels[0], axis) and axis.get_shared_y_axes().joined(panels[0], axis)
+    for axis in strips[1:]:
+        assert axis.get_shared_y_axes().joined(strips[0], axis)
+    for (name, diagram), panel, strip in zip(diagrams.items(), panels, strips, strict=True):
+        assert name in panel.get_title() and f"ECE {diagram.expected_calibration_error:.3f}" in panel.get_title()
+        filled = diagram.count > 0
+        own = [line for line in panel.lines if line.get_label() == "the panel's method"]
+        (line,) = own
+        np.testing.assert_allclose(line.get_xdata(), diagram.confidence[filled].double().numpy())
+        np.testing.assert_allclose(line.get_ydata(), diagram.accuracy[filled].double().numpy())
+        faint = {line.get_label(): line for line in panel.lines if line.get_label().endswith("(reference)")}
+        assert set(faint) == {f"{r} (reference)" for r in references if r != name}
+        assert all(line.get_alpha() < 1 for line in faint.values())
+        bars = strip.patches
+        assert [bar.get_height() for bar in bars] == diagram.count.tolist()  # the counts are drawn
+        written = [text.get_text() for text in strip.texts]
+        assert written == [str(c) if c else "" for c in diagram.count.tolist()]  # and written on the bars
+    assert not legends_over_axes(figure) and len(figure.legends) == 1
+    assert not clipped_texts(figure)
+    labels = [text.get_text() for text in figure.legends[0].get_texts()]
+    assert labels[0] == "the panel's method" and "examples per bin" in labels
+    drawn = [f"{r} (reference)" for r in references] if methods > 1 else []  # a lone panel has no other method
+    assert [label for label in labels if label.endswith("(reference)")] == drawn
 
 
 def test_stability_violins(tmp_path: Path) -> None:
@@ -87,6 +128,8 @@ def test_bad_input_raises(tmp_path: Path) -> None:
     other = metrics.reliability_diagram_data(torch.tensor([[0.7, 0.3]]), torch.tensor([0]), n_bins=10)
     with pytest.raises(ConfigurationError, match="with 5 bins"):
         plots.plot_reliability_diagram({"a": diagram, "b": other}, tmp_path / "r.png")
+    with pytest.raises(ConfigurationError, match=r"references must be a sequence of methods among \['a'\]"):
+        plots.plot_reliability_diagram({"a": diagram}, tmp_path / "r.png", references=["deterministic"])
     assert not list(tmp_path.iterdir())  # nothing was written
 
 
@@ -105,3 +148,39 @@ def test_scale_trajectories(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match=r"must end in \.png"):
         plots.plot_scale_trajectories(trajectories, tmp_path / "scales.pdf")
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_legends_sit_off_the_data_and_no_text_is_clipped(tmp_path, monkeypatch):
+    """Every plot of this module on inputs with many series and long names: its legends overlap no
+    axes and every title, label and tick label lies on the canvas."""
+    figures = capture_figures(monkeypatch)
+    generator = torch.Generator().manual_seed(3)
+    scores = {
+        name: (torch.randn(80, generator=generator), torch.randn(50, generator=generator) + 0.1)
+        for name in ("max probability", "predictive entropy", "mutual information", "router-logit variance")
+    }
+    long_title = "OoD detection: ROC curves, test vs far_ood: mfvr-iwae-layer, model-average, a long method name"
+    plots.plot_roc_curves(scores, tmp_path / "roc.png", title=long_title)
+    steps = range(0, 101, 20)
+    trajectories = {f"model.layers.{layer}.mlp.gate.logits": {s: 1.0 + s / 400 for s in steps} for layer in range(5)}
+    trajectories["per expert"] = {s: [1.0 + s / 100, 1.0 / (1 + s / 100)] for s in steps}
+    plots.plot_scale_trajectories(trajectories, tmp_path / "scales.png", title=long_title)
+    plots.plot_stability_violins(_stability(layers=24), tmp_path / "violins.png", threshold=0.5)
+    methods = [f"family {i}, routing-average" for i in range(8)]
+    figures_per_method = {
+        m: {"latency (ms per batch)": 10.0 + i, "peak memory (MiB)": 300.0} for i, m in enumerate(methods)
+    }
+    plots.plot_efficiency_bars(figures_per_method, tmp_path / "efficiency.png", baseline=methods[0], title=long_title)
+    assert len(figures) == 4  # the reliability diagram: its own test
+    for figure in figures:
+        title = figure.get_suptitle() or figure.axes[0].get_title()
+        assert not legends_over_axes(figure), title
+        assert not clipped_texts(figure), title
+    roc, scales = figures[0], figures[1]
+    assert roc.legends and len(roc.legends[0].get_texts()) == len(scores) + 1  # every score and chance
+    assert scales.legends and len(scales.legends[0].get_texts()) == len(trajectories)
+    assert "\n" in roc.axes[0].get_title()  # the long title wrapped, not cut at the edge
+    low, high = scales.axes[0].get_ylim()
+    ticks = scales.axes[0].yaxis.get_minor_ticks()
+    minor = [tick.label1.get_text() for tick in ticks if low <= tick.get_loc() <= high and tick.label1.get_text()]
+    assert 0 < len(minor) <= plots.MINOR_LABELS  # over less than a decade, a few minor ticks carry values

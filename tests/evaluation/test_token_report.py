@@ -17,6 +17,7 @@ from pyro_moe.evaluation.token_report import (
     write_html,
     write_jsonl,
 )
+from tests.plot_checks import capture_figures, clipped_texts, legends_over_axes
 
 
 def example(prompt: str = "Say <b> & 'x':") -> GeneratedText:
@@ -102,3 +103,19 @@ def test_jsonl_and_png(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ConfigurationError, match=r"\.png"):
         plot_token_uncertainty(texts, tmp_path / "generations.svg")
+
+
+def test_the_plot_gives_mutual_information_its_own_panel_and_a_legend_off_the_data(tmp_path, monkeypatch):
+    figures = capture_figures(monkeypatch)
+    texts = [example(), example("a prompt much longer than sixty characters, which the title shortens with dots")]
+    plot_token_uncertainty(texts, tmp_path / "generations.png")
+    (figure,) = figures
+    panels = [axis for axis in figure.axes if axis.lines]
+    assert len(panels) == 2 * len(texts)  # entropies and, under them, the mutual information
+    for number, text in enumerate(texts):
+        entropies, information = panels[2 * number], panels[2 * number + 1]
+        assert [line.get_label() for line in entropies.lines] == ["predictive entropy", "expected entropy"]
+        (line,) = information.lines
+        assert list(line.get_ydata()) == text.mutual_information
+        assert information.get_shared_x_axes().joined(entropies, information)
+    assert not legends_over_axes(figure) and not clipped_texts(figure)

@@ -16,6 +16,7 @@ from pyro_moe.diagnostics.arviz_export import compare, loo
 from pyro_moe.evaluation.bootstrap import compare_calibration
 from pyro_moe.experiments.guide_comparison import GuideCase, compare_guides
 from tests.helpers import ANSWERS, mcqa_batches
+from tests.plot_checks import capture_figures, clipped_texts, legends_over_axes
 from tests.tiny_models import tiny_model
 
 PRIOR_SD, DRAWS = 3.0, 4000
@@ -92,7 +93,7 @@ def test_loo_refuses_what_it_cannot_compute():
         compare({"one": loo(no_stats)})
 
 
-def test_compare_guides_on_a_tiny_moe_writes_table_ranking_and_figures(tmp_path):
+def test_compare_guides_on_a_tiny_moe_writes_table_ranking_and_figures(tmp_path, monkeypatch):
     sites = {"weight": 0.2, "temperature": {"per": "expert", "scale": 0.3}}
     cases = [
         GuideCase("mean-field, normal", sites, "mean-field"),
@@ -139,9 +140,15 @@ def test_compare_guides_on_a_tiny_moe_writes_table_ranking_and_figures(tmp_path)
             assert found[metric].low == pytest.approx(expected[metric].low, abs=1e-5)
             assert found[metric].high == pytest.approx(expected[metric].high, abs=1e-5)
             assert table.loc[name, f"{metric} vs deterministic"] == found[metric].format()
+    figures = capture_figures(monkeypatch)
     paths = comparison.write(tmp_path, forest_variables=["temperature"])
     for name in ("forest", "elbo"):
         assert paths[name].read_bytes()[:4] == b"\x89PNG"
+    for figure in figures:  # the forest plot and the ELBO curves: one legend, off the data, naming every case
+        (legend,) = figure.legends
+        assert not legends_over_axes(figure) and not clipped_texts(figure)
+        assert [text.get_text() for text in legend.get_texts()] == [case.name for case in cases]
+    assert len(figures) == 2
     with pytest.raises(ConfigurationError, match="at least two cases with distinct names"):
         compare_guides(lambda: tiny_model("granitemoe"), cases[:1], [], [], answer_token_ids=ANSWERS)
     with pytest.raises(ConfigurationError, match="num_draws must be a positive integer, got 0"):  # before any fit
