@@ -394,7 +394,9 @@ def _readme(metrics: dict[str, Any]) -> str:
         f"Seed {metrics['seed']}; {training['steps']} AdamW steps of batch {training['batch_size']} in "
         f"{training['seconds']} s ({training['cpu_seconds']} s of CPU time) on {training['threads']} CPU threads "
         f"(torch {metrics['versions']['torch']}, transformers {metrics['versions']['transformers']}); the weights",
-        "are bitwise the same on every run with the same thread count. Then the end-of-text token",
+        "are bitwise the same on every run with the same thread count and these versions (another transformers "
+        "version may initialise or reduce differently and train another model from the same seed). "
+        "Then the end-of-text token",
         f"`{END_OF_TEXT}` (id {metrics['end_of_text']['token_id']}, the BOS and EOS token) had its embedding row "
         "trained alone, every other weight frozen: it is the most probable next token right after the correct answer "
         f"on {metrics['end_of_text']['test']['after_answer']:.1%} of the test questions and before the answer on "
