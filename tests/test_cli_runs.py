@@ -76,8 +76,12 @@ def _fit_argv(saved, out: Path, *extra: str) -> list[str]:
 def _interrupt_at(argv: list[str], step: int) -> tuple[int, str]:
     """Run ``pyro-moe argv`` (each step slowed down) and send it SIGINT once its progress bar shows ``step``
     steps done; returns the exit code and stderr."""
-    child = subprocess.Popen(
-        [sys.executable, "-c", SLOW_STEPS, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV
+    child = subprocess.Popen(  # SIGINT as a terminal gives it, even when the tests run with it ignored (nohup)
+        [sys.executable, "-c", SLOW_STEPS, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ENV,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     chunks: list[bytes] = []
     reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: child.stderr.read1(4096), b"")))

@@ -35,6 +35,15 @@ SHORT_SCHEDULES = {"swag": {"guide_options": {"swag": {"rank": 2, "burn_in": 2, 
 """Fit options of the families whose defaults need more than :data:`STEPS` steps."""
 
 
+@pytest.fixture(autouse=True)
+def sigint_as_a_terminal_gives_it():
+    """Python's own SIGINT handler during each test, even when the tests run with SIGINT ignored (nohup,
+    a background job), where a fit deliberately keeps it ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 class _Crash(TrainingCallback):
     """Raises after step ``at`` (a crash: the process would die there)."""
 
