@@ -260,8 +260,9 @@ def train_end_of_text(
     settings: EndOfTextSettings | None = None,
 ) -> dict[str, float]:
     """Grow ``model``'s vocabulary by :data:`END_OF_TEXT` (the tokenizer's last id) and train its embedding row
-    alone, every other weight frozen: maximise ``log p(end | prompt, correct letter) + log(1 - p(end | prompt))``
-    over ``examples``, so that the model ends its answer with the token and never puts it before the answer.
+    alone, every other weight frozen: maximise ``log p(end | prompt, correct letter) + w log(1 - p(end | prompt))``
+    (``w``: ``settings.before_answer_weight``) over ``examples``, so that the model ends its answer with the token
+    and never puts it before the answer.
 
     The other rows, and so every answer-letter figure, are unchanged. Returns the final mean loss and the
     fractions of ``examples`` where the token is the most probable next token after the answer and at the
@@ -342,9 +343,9 @@ def train_benchmark_model(
         optimizer.step()
         scheduler.step()
         progress.set_postfix(loss=f"{loss.item():.3f}")
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - started_cpu  # the answer letters
     model.eval()
     end_of_text = train_end_of_text(model, tokenizer, benchmark.splits["train"], end_of_text_settings)
-    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - started_cpu
     metrics = {
         "command": f"python -m pyro_moe.experiments.benchmark_model train --seed {seed} --out {out}",
         "seed": seed,
