@@ -72,7 +72,7 @@ class RecipeStudySettings:
     batch_size: int = 32
     seed: int = 0
     bootstrap: BootstrapSettings = field(default_factory=BootstrapSettings)
-    selections: Sequence[str] = ("raw",)
+    selections: Sequence[str] = ("calibrated",)
     fit_seeds: Sequence[int] | None = None
     fit_data: Sequence[str] = ("train",)
 

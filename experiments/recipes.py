@@ -310,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         nargs="+",
         choices=("raw", "calibrated"),
         default=list(defaults.selections),
-        help="selection objectives, each recipe run once per objective, side by side (default raw)",
+        help="selection objectives, each recipe run once per objective, side by side (default calibrated)",
     )
     parser.add_argument(
         "--fit-seeds",

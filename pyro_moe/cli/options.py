@@ -182,7 +182,7 @@ def _add_recipe_options(group: argparse._ArgumentGroup) -> None:
         choices=("raw", "calibrated"),
         default=None,
         help="--recipe: choose the starting scale by the unfitted prior's plain calibration NLL (raw) or by "
-        "its NLL after a cross-fitted temperature (calibrated); default: the recipe's (raw)",
+        "its NLL after a cross-fitted temperature (calibrated); default: the recipe's (calibrated)",
     )
 
 

@@ -71,8 +71,10 @@ class Recipe:
         calibration_samples: ``S`` draws per prediction when the temperatures are fitted.
         calibrate: fit a temperature for every predictive mode of the posterior after the fit.
         selection: what the starting scale is chosen by (:func:`pyro_moe.inference.selection.select_prior`'s
-            ``objective``): ``"raw"``, the unfitted prior's plain calibration NLL, or ``"calibrated"``, its
-            NLL after a cross-fitted temperature (the predictive a calibrating recipe ends with).
+            ``objective``): ``"calibrated"`` (default), the unfitted prior's NLL after a cross-fitted temperature
+            (the predictive a calibrating recipe ends with), or ``"raw"``, its plain calibration NLL. The recipe
+            study on 5,000 test questions chose the calibrated one: it beats temperature scaling on NLL and
+            ECE at equal accuracy, the raw one loses a point of accuracy (docs/experiments.md).
     """
 
     name: str
@@ -86,7 +88,7 @@ class Recipe:
     evaluate_every: int = 25
     calibration_samples: int = 16
     calibrate: bool = True
-    selection: str = "raw"
+    selection: str = "calibrated"
 
     def __post_init__(self) -> None:
         for name in ("name", "guide", "description"):

@@ -105,7 +105,7 @@ def test_a_recipe_is_the_selection_then_a_learned_scale_fit_from_there_then_cali
     reference = copy.deepcopy(model)
     result = run_recipe(model, recipe, TRAIN, CALIBRATION, answer_token_ids=ANSWERS, layer_candidates=["all", [1]])
 
-    # 1. the selection is select_prior on the calibration batches with the recipe's grid, draws and seed
+    # 1. the selection is select_prior on the calibration batches with the recipe's grid, draws, seed and objective
     expected = select_prior(
         reference,
         CALIBRATION,
@@ -114,6 +114,7 @@ def test_a_recipe_is_the_selection_then_a_learned_scale_fit_from_there_then_cali
         layer_sets=["all", [1]],
         num_samples=recipe.selection_samples,
         seed=recipe.training.seed,
+        objective=recipe.selection,
     )
     assert result.selection.scores == expected.scores and result.selection.chosen == expected.chosen
     chosen = expected.chosen
