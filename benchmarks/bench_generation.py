@@ -22,11 +22,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from bench_routing import best_seconds  # the benchmarks run as scripts from their folder
 from transformers import GraniteMoeConfig, GraniteMoeForCausalLM
 
 from pyro_moe import generate, patch_routers
@@ -51,18 +50,6 @@ def build_model() -> GraniteMoeForCausalLM:
         attn_implementation="sdpa",
     )
     return GraniteMoeForCausalLM(config).eval()
-
-
-def best_seconds(cases: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Fastest wall time of every case over ``repeats`` rounds, interleaved round-robin after a warm-up round."""
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for round_index in range(repeats + 1):
-        for name, run in cases.items():
-            start = time.perf_counter()
-            run()
-            if round_index:
-                times[name].append(time.perf_counter() - start)
-    return {name: min(values) for name, values in times.items()}
 
 
 @torch.no_grad()

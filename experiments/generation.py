@@ -49,11 +49,7 @@ from pyro_moe.errors import ConfigurationError
 from pyro_moe.evaluation.bootstrap import (
     BootstrapSettings,
     PairedComparison,
-    auroc_statistic,
-    bootstrap_interval,
-    compare_auroc,
 )
-from pyro_moe.evaluation.metrics import ood_auprc, ood_auroc
 from pyro_moe.experiments.evaluation import (
     DEFAULT_FAMILIES,
     DETERMINISTIC,
@@ -69,7 +65,7 @@ from pyro_moe.experiments.evaluation import (
     split_batches,
     verdict_line,
 )
-from pyro_moe.experiments.ood import RocResults, comparisons_json
+from pyro_moe.experiments.ood import RocResults, auroc_rows, comparisons_json
 from pyro_moe.experiments.runner import experiment_command
 from pyro_moe.inference.fitting import FittedPosterior
 from pyro_moe.inference.generation import Generation
@@ -304,36 +300,7 @@ def generation_experiment(
                     for score, value in sequence_scores(generation).items():
                         parts.setdefault(score, []).append(value)
                 scores[split][name, mode] = {score: torch.cat(values) for score, values in parts.items()}
-    rows, comparisons = [], {}
-    for split in ood_splits:
-        baseline = tuple(scores[part][BASELINE[:2]][BASELINE[2]] for part in (in_split, split))
-        for (method, mode), ood_scores in scores[split].items():
-            in_scores = scores[in_split][method, mode]
-            for score in SCORES:
-                if score not in ood_scores:
-                    continue
-                pair = (in_scores[score], ood_scores[score])
-                _, low, high = bootstrap_interval(
-                    auroc_statistic(*pair), [len(pair[0]), len(pair[1])], settings=settings.bootstrap
-                )
-                rows.append(
-                    {
-                        "ood_split": split,
-                        "method": method,
-                        "mode": mode,
-                        "score": score,
-                        "auroc": ood_auroc(*pair),
-                        "auroc_low": low,
-                        "auroc_high": high,
-                        "auprc": ood_auprc(*pair),
-                        "in_examples": len(pair[0]),
-                        "ood_examples": len(pair[1]),
-                    }
-                )
-                if (method, mode, score) != BASELINE:
-                    comparisons[split, method, mode, score] = compare_auroc(
-                        pair, baseline, baseline=f"{BASELINE[0]}, {BASELINE[2]}", settings=settings.bootstrap
-                    )
+    rows, comparisons = auroc_rows(scores, in_split, ood_splits, SCORES, BASELINE, settings.bootstrap, intervals=True)
     return GenerationResults(
         rows,
         scores,

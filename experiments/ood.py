@@ -44,7 +44,13 @@ from torch import Tensor, nn
 
 from pyro_moe.data import MCQAExample
 from pyro_moe.errors import ConfigurationError
-from pyro_moe.evaluation.bootstrap import BootstrapSettings, PairedComparison, compare_auroc
+from pyro_moe.evaluation.bootstrap import (
+    BootstrapSettings,
+    PairedComparison,
+    auroc_statistic,
+    bootstrap_interval,
+    compare_auroc,
+)
 from pyro_moe.evaluation.metrics import ood_auprc, ood_auroc, predictive_entropy
 from pyro_moe.evaluation.plots import plot_roc_curves
 from pyro_moe.experiments.evaluation import (
@@ -79,6 +85,7 @@ __all__ = [
     "OoDResults",
     "OoDSettings",
     "RocResults",
+    "auroc_rows",
     "comparisons_json",
     "main",
     "ood_experiment",
@@ -165,6 +172,53 @@ def comparisons_json(
             for (split, method, mode, score), comparison in comparisons.items()
         ],
     }
+
+
+def auroc_rows(
+    scores: Mapping[str, Mapping[tuple[str, str], Mapping[str, Tensor]]],
+    in_split: str,
+    ood_splits: Sequence[str],
+    score_names: Sequence[str],
+    baseline: tuple[str, str, str],
+    bootstrap: BootstrapSettings,
+    *,
+    intervals: bool = False,
+) -> tuple[list[dict[str, Any]], dict[tuple[str, str, str, str], PairedComparison]]:
+    """The OoD experiments' AUROC rows and paired comparisons from per-question scores.
+
+    Args:
+        scores: ``{split: {(method, mode): {score: (examples,)}}}`` of ``in_split`` and every OoD split.
+        score_names: the scores, in row order (a method lacking one has no row for it).
+        baseline: ``(method, mode, score)`` every other row's AUROC is compared with, on the same questions.
+        intervals: also each AUROC's own bootstrap interval (``auroc_low``, ``auroc_high``).
+
+    Returns:
+        One row per OoD split, method, mode and score (AUROC, AUPRC, example counts), and
+        ``{(ood split, method, mode, score): PairedComparison}`` of every row but the baseline's.
+    """
+    rows, comparisons = [], {}
+    label = f"{baseline[0]}, {baseline[2]}"
+    for split in ood_splits:
+        reference = tuple(scores[part][baseline[:2]][baseline[2]] for part in (in_split, split))
+        for (method, mode), ood_scores in scores[split].items():
+            in_scores = scores[in_split][method, mode]
+            for score in score_names:
+                if score not in ood_scores:
+                    continue
+                pair = (in_scores[score], ood_scores[score])
+                row = {"ood_split": split, "method": method, "mode": mode, "score": score, "auroc": ood_auroc(*pair)}
+                if intervals:
+                    _, row["auroc_low"], row["auroc_high"] = bootstrap_interval(
+                        auroc_statistic(*pair), [len(pair[0]), len(pair[1])], settings=bootstrap
+                    )
+                rows.append(
+                    {**row, "auprc": ood_auprc(*pair), "in_examples": len(pair[0]), "ood_examples": len(pair[1])}
+                )
+                if (method, mode, score) != baseline:
+                    comparisons[split, method, mode, score] = compare_auroc(
+                        pair, reference, baseline=label, settings=bootstrap
+                    )
+    return rows, comparisons
 
 
 @dataclass
@@ -354,41 +408,10 @@ def ood_experiment(
                 )
                 scores[split][name, mode] = uncertainty_scores(predictions)
 
-    rows = []
-    for split in ood_splits:
-        for (method, mode), ood_scores in scores[split].items():
-            in_scores = scores[in_split][method, mode]
-            for score in SCORES:
-                if score not in ood_scores:
-                    continue
-                rows.append(
-                    {
-                        "ood_split": split,
-                        "method": method,
-                        "mode": mode,
-                        "score": score,
-                        "auroc": ood_auroc(in_scores[score], ood_scores[score]),
-                        "auprc": ood_auprc(in_scores[score], ood_scores[score]),
-                        "in_examples": len(in_scores[score]),
-                        "ood_examples": len(ood_scores[score]),
-                    }
-                )
     baseline = (settings.baseline, settings.baseline_score)
-    comparisons = {}
-    for split in ood_splits:
-        reference = tuple(scores[part][baseline[0], BASELINE_MODE][baseline[1]] for part in (in_split, split))
-        for row in rows:
-            key = (row["ood_split"], row["method"], row["mode"], row["score"])
-            if row["ood_split"] != split or (row["method"], row["mode"], row["score"]) == (
-                *baseline[:1],
-                BASELINE_MODE,
-                baseline[1],
-            ):
-                continue
-            found = tuple(scores[part][row["method"], row["mode"]][row["score"]] for part in (in_split, split))
-            comparisons[key] = compare_auroc(
-                found, reference, baseline=f"{baseline[0]}, {baseline[1]}", settings=settings.bootstrap
-            )
+    rows, comparisons = auroc_rows(
+        scores, in_split, ood_splits, SCORES, (baseline[0], BASELINE_MODE, baseline[1]), settings.bootstrap
+    )
     return OoDResults(
         rows,
         scores,
