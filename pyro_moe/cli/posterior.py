@@ -77,7 +77,8 @@ def check_guides(names: Sequence[str]) -> list[str]:
 
 
 def deterministic_stability(inputs: Inputs, data: DataOptions, k: int, seed: int) -> StabilityResults:
-    """The deterministic model's routing stability on the first ``--examples`` test questions and
+    """The deterministic model's routing stability on the first ``--examples`` calibration questions (the
+    layer choice is a modelling choice, which the test split must not make) and
     its ``k`` (``--susceptible-k``) susceptible layers, by the library's rule at its default noise level
     (:func:`pyro_moe.evaluation.stability.susceptible_layers`,
     :data:`~pyro_moe.evaluation.stability.DEFAULT_GAMMA`): what ``stability`` reports and

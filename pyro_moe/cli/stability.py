@@ -15,7 +15,8 @@ __all__ = ["StabilityOptions", "add_parser", "run_stability"]
 
 @dataclass(frozen=True)
 class StabilityOptions:
-    """``stability``: the model, the test questions and ``--susceptible-k`` least stable layers reported."""
+    """``stability``: the model, the calibration questions measured and ``--susceptible-k`` least stable layers
+    reported."""
 
     run: RunOptions
     model: ModelOptions
